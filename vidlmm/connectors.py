@@ -1,0 +1,403 @@
+"""Connectors: visual features [B, T, P, Dv] -> visual tokens [B, Q, D] for the language model.
+
+Every resampler here shares one Perceiver implementation (`PerceiverResampler`); they differ only in how
+they split the visual tokens into groups and where the sinusoidal position encoding goes:
+
+============== =================================== ====================== ==========================
+name            groups (what one query set sees)    queries                position encoding
+============== =================================== ====================== ==========================
+naiveresampler  one group: all T*P tokens           num_queries            added to the input tokens
+groupresampler  `group` contiguous chunks of T*P    num_queries // group   added to the output tokens
+resampler       one group per frame (image-level)   num_queries per frame  none
+mlp2x_gelu      no compression (baseline)           T*P                    none
+============== =================================== ====================== ==========================
+
+State-dict keys equal the reference's (`latents`, `linear`, `layers.{i}.0.to_q`, ...), so a published
+checkpoint loads with no renaming below the `connector._connector.` prefix.
+
+Each forward can also return the query-to-token attention of every layer and head (`output_attentions`)
+together with which group each output token belongs to and which span of visual tokens each group saw,
+so analysis needs no hooks and no second pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+CONNECTORS: dict[str, type["ConnectorModule"]] = {}
+# Older checkpoints (before the reference renamed the module) call the naive resampler `resamplerwithpe`.
+CONNECTOR_ALIASES = {"resamplerwithpe": "naiveresampler"}
+
+
+def register_connector(name: str):
+    def wrap(cls):
+        CONNECTORS[name] = cls
+        cls.registry_name = name
+        return cls
+
+    return wrap
+
+
+def resolve_connector_name(connector_type: str) -> str:
+    """Map a config's `connector_type` to a registry name (case-insensitive; legacy names accepted)."""
+    name = connector_type.lower()
+    name = CONNECTOR_ALIASES.get(name, name)
+    if name not in CONNECTORS:
+        known = ", ".join(sorted([*CONNECTORS, *CONNECTOR_ALIASES]))
+        raise ValueError(f"Unknown connector type '{connector_type}' (known: {known}).")
+    return name
+
+
+def create_connector(connector_type: str, *, vision_hidden_size: int, hidden_size: int, **kwargs) -> "ConnectorModule":
+    """Build a connector from its checkpoint name, e.g. ``create_connector("groupresampler", ...)``."""
+    cls = CONNECTORS[resolve_connector_name(connector_type)]
+    return cls(vision_hidden_size=vision_hidden_size, hidden_size=hidden_size, **kwargs)
+
+
+def sinusoidal_position_encoding(seq_len: int, dim: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
+    """The reference's sinusoid [1, seq_len, dim]: sin in even channels, cos in odd ones.
+
+    The reference stores it in a float16 buffer, so the values are rounded through fp16 before the cast to
+    `dtype`; we do the same to reproduce its outputs exactly.
+    """
+    position = torch.arange(seq_len, dtype=torch.float32, device=device).unsqueeze(1)
+    div_term = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32, device=device) * -(math.log(10000.0) / dim))
+    pe = torch.zeros(seq_len, dim, dtype=torch.float16, device=device)
+    pe[:, 0::2] = torch.sin(position * div_term)
+    pe[:, 1::2] = torch.cos(position * div_term)
+    return pe.unsqueeze(0).to(dtype)
+
+
+def group_sizes(num_tokens: int, groups: int) -> list[int]:
+    """The reference's split of N tokens into `groups` contiguous chunks: the first N mod G are one longer."""
+    avg, rem = divmod(num_tokens, groups)
+    return [avg + 1] * rem + [avg] * (groups - rem)
+
+
+@dataclass
+class LayerAttention:
+    """Attention of one Perceiver layer, softmax over [visual tokens of the query's group; its latents].
+
+    media:   [B, H, Q, N] over all N visual tokens; exactly 0 outside the query's own group.
+    latents: [B, H, Q, L] over the L latents that share the query's group (L = queries per group).
+    Each row of media and latents together sums to 1.
+    """
+
+    media: torch.Tensor
+    latents: torch.Tensor
+
+
+@dataclass
+class ConnectorOutput:
+    """tokens: [B, Q, D] visual tokens for the LLM.
+
+    query_groups: [Q] group index of each output token (all 0 for the naive resampler, the frame for
+    image-level). group_spans: per group, the [start, end) range of flat visual-token indices it attends to.
+    attentions: one LayerAttention per layer when asked for, else None.
+    """
+
+    tokens: torch.Tensor
+    query_groups: torch.Tensor
+    group_spans: list[tuple[int, int]]
+    attentions: list[LayerAttention] | None = None
+
+
+class ConnectorModule(nn.Module):
+    """Base for connectors. Subclasses implement ``forward(x [B, T, P, Dv], output_attentions=False)``."""
+
+    registry_name = ""
+
+    def num_output_tokens(self, num_frames: int, tokens_per_frame: int) -> int:
+        raise NotImplementedError
+
+
+class PerceiverAttention(nn.Module):
+    """Flamingo cross-attention: queries from the latents, keys/values over [media; latents]."""
+
+    def __init__(self, dim: int, dim_head: int = 64, heads: int = 8):
+        super().__init__()
+        self.scale = dim_head**-0.5
+        self.heads = heads
+        inner = dim_head * heads
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x, latents, media_mask=None):
+        """x: [B, N, D] media, latents: [B, L, D], media_mask: [B, N] bool (False = padding) or None.
+
+        Returns (out [B, L, D], attn [B, H, L, N + L]).
+        """
+        x = self.norm_media(x)
+        latents = self.norm_latents(latents)
+        b, n_media, n_lat, h = x.shape[0], x.shape[1], latents.shape[1], self.heads
+        q = self.to_q(latents)
+        k, v = self.to_kv(torch.cat([x, latents], dim=1)).chunk(2, dim=-1)
+        q, k, v = (t.reshape(b, t.shape[1], h, -1).transpose(1, 2) for t in (q, k, v))
+        sim = (q * self.scale) @ k.transpose(-1, -2)  # [B, H, L, N + L]
+        if media_mask is not None:
+            keep = torch.cat([media_mask, media_mask.new_ones(b, n_lat)], dim=1)
+            sim = sim.masked_fill(~keep[:, None, None, :], float("-inf"))
+        sim = sim - sim.amax(dim=-1, keepdim=True).detach()
+        attn = sim.softmax(dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(b, n_lat, -1)
+        return self.to_out(out), attn
+
+
+def feed_forward(dim: int, mult: int = 4) -> nn.Sequential:
+    inner = int(dim * mult)
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(), nn.Linear(inner, dim, bias=False))
+
+
+class PerceiverResampler(ConnectorModule):
+    """Shared Perceiver: `linear` (Dv -> D), `depth` x [attention, feed-forward], final `norm`.
+
+    Parameters (reference key names): latents [L, D], linear, layers.{i}.{0: attn, 1: ff}, norm.
+    """
+
+    def __init__(self, *, vision_hidden_size: int, hidden_size: int, num_latents: int, depth: int = 3,
+                 dim_head: int = 64, heads: int = 8, ff_mult: int = 4):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.latents = nn.Parameter(torch.randn(num_latents, hidden_size))
+        self.linear = nn.Linear(vision_hidden_size, hidden_size)
+        self.layers = nn.ModuleList(
+            [nn.ModuleList([PerceiverAttention(hidden_size, dim_head, heads), feed_forward(hidden_size, ff_mult)])
+             for _ in range(depth)]
+        )
+        self.norm = nn.LayerNorm(hidden_size)
+
+    def resample(self, x, media_mask=None, output_attentions=False):
+        """x: [B, N, D] (already projected) -> ([B, L, D], list of [B, H, L, N + L] or None)."""
+        latents = self.latents.unsqueeze(0).expand(x.shape[0], -1, -1)
+        attentions = [] if output_attentions else None
+        for attn, ff in self.layers:
+            out, weights = attn(x, latents, media_mask)
+            latents = out + latents
+            latents = ff(latents) + latents
+            if output_attentions:
+                attentions.append(weights)
+        return self.norm(latents), attentions
+
+
+@register_connector("naiveresampler")
+class NaiveResampler(PerceiverResampler):
+    """Video-level resampler: num_queries latents attend to every token of every frame.
+
+    The position encoding is added to the T*P input tokens (frame-major flat index).
+    """
+
+    def __init__(self, *, vision_hidden_size: int, hidden_size: int, num_queries: int = 512,
+                 num_resampler_layers: int = 3, **_):
+        super().__init__(vision_hidden_size=vision_hidden_size, hidden_size=hidden_size, num_latents=num_queries,
+                         depth=num_resampler_layers)
+        self.num_queries = num_queries
+
+    def num_output_tokens(self, num_frames: int, tokens_per_frame: int) -> int:
+        return self.num_queries
+
+    def forward(self, x, output_attentions: bool = False) -> ConnectorOutput:
+        b, t, p, _ = x.shape
+        x = self.linear(x.reshape(b, t * p, -1))
+        x = x + sinusoidal_position_encoding(t * p, self.hidden_size, dtype=x.dtype, device=x.device)
+        tokens, attn = self.resample(x, output_attentions=output_attentions)
+        layers = None
+        if attn is not None:
+            layers = [LayerAttention(media=a[..., : t * p], latents=a[..., t * p:]) for a in attn]
+        groups = torch.zeros(self.num_queries, dtype=torch.long)
+        return ConnectorOutput(tokens, groups, [(0, t * p)], layers)
+
+
+class _ChunkedResampler(PerceiverResampler):
+    """Runs the shared latents over several contiguous chunks of the flat token sequence in one batched pass.
+
+    Chunks of unequal length are right-padded to the longest and the padding is masked out of the softmax,
+    which is mathematically the reference's per-chunk loop.
+    """
+
+    def _chunks(self, num_frames: int, tokens_per_frame: int) -> list[int]:
+        raise NotImplementedError
+
+    def run_chunks(self, x, sizes: list[int], output_attentions: bool):
+        """x: [B, N, D] -> tokens [B, G*L, D], spans, attentions."""
+        b, n, d = x.shape
+        g, longest, lat = len(sizes), max(sizes), self.latents.shape[0]
+        starts = [sum(sizes[:i]) for i in range(g)]
+        spans = [(s, s + size) for s, size in zip(starts, sizes)]
+        if all(size == longest for size in sizes):
+            chunks, mask = x.reshape(b * g, longest, d), None
+        else:
+            # index [G, longest] into the flat sequence; padded slots point at token 0 and are masked
+            offsets = torch.arange(longest, device=x.device)
+            start_t = torch.tensor(starts, device=x.device)
+            size_t = torch.tensor(sizes, device=x.device)
+            valid = offsets[None, :] < size_t[:, None]
+            index = torch.where(valid, start_t[:, None] + offsets[None, :], torch.zeros_like(offsets)[None, :])
+            chunks = x[:, index.reshape(-1)].reshape(b * g, longest, d)
+            mask = valid.repeat(b, 1)
+        tokens, attn = self.resample(chunks, media_mask=mask, output_attentions=output_attentions)
+        tokens = tokens.reshape(b, g * lat, d)
+        layers = None
+        if attn is not None:
+            layers = [self._scatter_attention(a, b, n, sizes, starts, longest) for a in attn]
+        return tokens, spans, layers
+
+    def _scatter_attention(self, a, b, n, sizes, starts, longest) -> LayerAttention:
+        """[B*G, H, L, longest + L] per-chunk weights -> LayerAttention over the full flat sequence."""
+        g, lat = len(sizes), self.latents.shape[0]
+        h = a.shape[1]
+        a = a.reshape(b, g, h, lat, longest + lat)
+        media = a.new_zeros(b, g, h, lat, n)
+        for gi, (start, size) in enumerate(zip(starts, sizes)):  # a copy, not compute: cheap
+            media[:, gi, :, :, start:start + size] = a[:, gi, :, :, :size]
+        media = media.permute(0, 2, 1, 3, 4).reshape(b, h, g * lat, n)
+        latents = a[..., longest:].permute(0, 2, 1, 3, 4).reshape(b, h, g * lat, lat)
+        return LayerAttention(media=media, latents=latents)
+
+
+@register_connector("groupresampler")
+class GroupResampler(_ChunkedResampler):
+    """Video-level group resampler: the flat T*P sequence is cut into `group` contiguous chunks (ignoring frame
+    boundaries; the first N mod G chunks one token longer); the same num_queries // group latents summarise
+    each chunk; the position encoding is added to the G * L output tokens.
+    """
+
+    def __init__(self, *, vision_hidden_size: int, hidden_size: int, num_queries: int = 512, group: int = 16,
+                 num_resampler_layers: int = 3, **_):
+        super().__init__(vision_hidden_size=vision_hidden_size, hidden_size=hidden_size,
+                         num_latents=int(num_queries / group), depth=num_resampler_layers)
+        self.group = group
+        self.queries_per_group = int(num_queries / group)
+
+    def num_output_tokens(self, num_frames: int, tokens_per_frame: int) -> int:
+        return self.group * self.queries_per_group
+
+    def forward(self, x, output_attentions: bool = False) -> ConnectorOutput:
+        b, t, p, _ = x.shape
+        x = self.linear(x.reshape(b, t * p, -1))
+        tokens, spans, layers = self.run_chunks(x, group_sizes(t * p, self.group), output_attentions)
+        tokens = tokens + sinusoidal_position_encoding(tokens.shape[1], self.hidden_size, dtype=tokens.dtype,
+                                                       device=tokens.device)
+        groups = torch.arange(self.group).repeat_interleave(self.queries_per_group)
+        return ConnectorOutput(tokens, groups, spans, layers)
+
+
+@register_connector("resampler")
+class ImageResampler(_ChunkedResampler):
+    """Image-level resampler: each frame is summarised on its own by `num_queries` shared latents (the
+    TinyLLaVA Factory's per-image `resampler`, no position encoding). T frames give T * num_queries tokens.
+
+    Note `num_queries` is per frame here, as in the Factory; the token budget is frames x num_queries.
+    """
+
+    def __init__(self, *, vision_hidden_size: int, hidden_size: int, num_queries: int = 32,
+                 num_resampler_layers: int = 3, **_):
+        super().__init__(vision_hidden_size=vision_hidden_size, hidden_size=hidden_size, num_latents=num_queries,
+                         depth=num_resampler_layers)
+        self.num_queries = num_queries
+
+    def num_output_tokens(self, num_frames: int, tokens_per_frame: int) -> int:
+        return num_frames * self.num_queries
+
+    def forward(self, x, output_attentions: bool = False) -> ConnectorOutput:
+        b, t, p, _ = x.shape
+        x = self.linear(x.reshape(b, t * p, -1))
+        tokens, spans, layers = self.run_chunks(x, [p] * t, output_attentions)
+        groups = torch.arange(t).repeat_interleave(self.num_queries)
+        return ConnectorOutput(tokens, groups, spans, layers)
+
+
+@register_connector("mlp2x_gelu")
+class MLPConnector(ConnectorModule):
+    """Baseline with no compression: Linear -> GELU -> Linear on every visual token (T*P tokens out)."""
+
+    def __init__(self, *, vision_hidden_size: int, hidden_size: int, **_):
+        super().__init__()
+        # registered as "0" / "2" so the keys match the Factory's bare Sequential (`_connector.0.weight`)
+        self.add_module("0", nn.Linear(vision_hidden_size, hidden_size))
+        self.add_module("1", nn.GELU())
+        self.add_module("2", nn.Linear(hidden_size, hidden_size))
+
+    def num_output_tokens(self, num_frames: int, tokens_per_frame: int) -> int:
+        return num_frames * tokens_per_frame
+
+    def forward(self, x, output_attentions: bool = False) -> ConnectorOutput:
+        b, t, p, _ = x.shape
+        tokens = x.reshape(b, t * p, -1)
+        for layer in self.children():
+            tokens = layer(tokens)
+        groups = torch.arange(t).repeat_interleave(p)  # token i comes from frame i // P: no attention to report
+        return ConnectorOutput(tokens, groups, [(f * p, (f + 1) * p) for f in range(t)], None)
+
+
+class Connector(nn.Module):
+    """Holds the real module as `_connector`, so state-dict keys read `connector._connector.*` as published."""
+
+    def __init__(self, module: ConnectorModule):
+        super().__init__()
+        self._connector = module
+
+    def forward(self, x, output_attentions: bool = False) -> ConnectorOutput:
+        return self._connector(x, output_attentions=output_attentions)
+
+
+@dataclass
+class TokenLayout:
+    """Where each flat visual token (frame-major, index i in [0, T*P)) came from.
+
+    frame[i], row[i], col[i] (row = col = -1 for a token that is not a patch, e.g. a CLIP class token);
+    grid = (rows, cols) of the tower's patch grid. `first_cell` is the grid cell of a frame's first kept token:
+    1 for SigLIP with the `patch` strategy (the reference drops token 0, which is a real patch there).
+    """
+
+    num_frames: int
+    tokens_per_frame: int
+    grid: tuple[int, int]
+    first_cell: int
+    frame: torch.Tensor = field(init=False)
+    row: torch.Tensor = field(init=False)
+    col: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        i = torch.arange(self.num_frames * self.tokens_per_frame)
+        cell = i % self.tokens_per_frame + self.first_cell
+        inside = cell >= 0
+        self.frame = i // self.tokens_per_frame
+        self.row = torch.where(inside, cell // self.grid[1], -1)
+        self.col = torch.where(inside, cell % self.grid[1], -1)
+
+    def to_grid(self, values: torch.Tensor, fill: float = float("nan")) -> torch.Tensor:
+        """Per-token values [..., T*P] -> per-frame maps [..., T, rows, cols]; cells with no token get `fill`."""
+        rows, cols = self.grid
+        out = values.new_full((*values.shape[:-1], self.num_frames, rows * cols), fill)
+        keep = self.row >= 0
+        cell = (self.row * cols + self.col)[keep]
+        out[..., self.frame[keep], cell] = values[..., keep]
+        return out.reshape(*values.shape[:-1], self.num_frames, rows, cols)
+
+
+def group_span_frames(spans: list[tuple[int, int]], tokens_per_frame: int) -> list[tuple[float, float]]:
+    """[start, end) token spans -> the same spans in fractional frames (for marking group boundaries)."""
+    return [(s / tokens_per_frame, e / tokens_per_frame) for s, e in spans]
+
+
+def connector_kwargs_from_config(config) -> dict:
+    """The constructor arguments a TinyLLaVA config implies for its connector."""
+    kwargs = dict(vision_hidden_size=config.vision_hidden_size, hidden_size=config.hidden_size,
+                  num_queries=config.num_queries, num_resampler_layers=config.num_resampler_layers)
+    if config.group is not None:
+        kwargs["group"] = config.group
+    return kwargs
+
+
+__all__ = [
+    "CONNECTORS", "Connector", "ConnectorModule", "ConnectorOutput", "GroupResampler", "ImageResampler",
+    "LayerAttention", "MLPConnector", "NaiveResampler", "PerceiverResampler", "TokenLayout", "create_connector",
+    "group_sizes", "register_connector", "resolve_connector_name", "sinusoidal_position_encoding",
+]

@@ -1,0 +1,165 @@
+"""The composed video LMM: vision tower -> connector -> visual tokens spliced into a causal LM.
+
+Module names (`language_model`, `vision_tower._vision_tower`, `connector._connector`) are the published
+checkpoints' key prefixes, so loading is a straight state-dict copy (see `checkpoint.py`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+from torch import nn
+
+from .config import TinyLlavaConfig
+from .connectors import Connector, ConnectorOutput, TokenLayout, connector_kwargs_from_config, create_connector
+from .conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from .vision import VisionTower, build_transformers_config, tower_type_for
+
+log = logging.getLogger(__name__)
+
+
+def choose_attn_implementation(device: torch.device | str, need_weights: bool = False) -> str:
+    """flash-attention 2 when installed on CUDA, else sdpa; eager only when attention weights are wanted."""
+    if need_weights:
+        return "eager"
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+class TinyLlavaVideo(nn.Module):
+    """A TinyLLaVA-Video model. `tokenizer` is attached by the loader (it is not a module)."""
+
+    def __init__(self, config: TinyLlavaConfig, attn_implementation: str = "sdpa"):
+        super().__init__()
+        from transformers import AutoModelForCausalLM
+
+        self.config = config
+        text_config = dict(config.text_config, model_type=config.llm_type)
+        self.language_model = AutoModelForCausalLM.from_config(
+            build_transformers_config("text", text_config), attn_implementation=attn_implementation)
+        self.tower_type = tower_type_for(config.vision_config, config.vision_model_name_or_path)
+        self.vision_tower = VisionTower(config.vision_config, tower_type=self.tower_type,
+                                        feature_layer=config.vision_feature_layer,
+                                        select_strategy=config.vision_feature_select_strategy)
+        self.connector = Connector(create_connector(config.connector_type, **connector_kwargs_from_config(config)))
+        self.tokenizer = None
+
+    # ---- shapes and maps -------------------------------------------------------------------------------
+    @property
+    def image_processor(self):
+        return self.vision_tower.image_processor
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.connector.parameters()).dtype
+
+    def num_visual_tokens(self, num_frames: int) -> int:
+        return self.connector._connector.num_output_tokens(num_frames, self.vision_tower.tokens_per_frame)
+
+    def token_layout(self, num_frames: int) -> TokenLayout:
+        """Map from flat visual-token index to (frame, patch row, patch col) for a clip of `num_frames`."""
+        return TokenLayout(num_frames, self.vision_tower.tokens_per_frame, self.vision_tower.grid,
+                           self.vision_tower.first_cell)
+
+    # ---- vision ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_frames(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [T, 3, S, S] -> vision features [T, P, Dv] (all frames batched, chunked for memory)."""
+        return self.vision_tower(pixel_values)
+
+    def connect(self, features: torch.Tensor, output_attentions: bool = False) -> ConnectorOutput:
+        """features [T, P, Dv] or [B, T, P, Dv] -> ConnectorOutput with tokens [B, Q, D]."""
+        if features.dim() == 3:
+            features = features.unsqueeze(0)
+        features = features.to(device=self.device, dtype=self.dtype)
+        return self.connector(features, output_attentions=output_attentions)
+
+    # ---- splicing --------------------------------------------------------------------------------------
+    def embed_with_visual_tokens(self, input_ids: list[int], visual_tokens: torch.Tensor | None,
+                                 labels: list[int] | None = None):
+        """Insert visual_tokens [Q, D] at the single IMAGE_TOKEN_INDEX position of `input_ids`.
+
+        Returns (embeds [L, D], labels [L] or None); visual positions get IGNORE_INDEX labels. The sequence is
+        cut to tokenizer_model_max_length, counting the visual tokens, as the reference does.
+        """
+        embed = self.language_model.get_input_embeddings()
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        lab = torch.as_tensor(labels, dtype=torch.long) if labels is not None else None
+        slots = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
+        if visual_tokens is not None and len(slots) != 1:
+            raise ValueError(f"The prompt must contain exactly one video placeholder, found {len(slots)}.")
+        if visual_tokens is None and slots:
+            raise ValueError("The prompt has a video placeholder but no video was given.")
+        device = embed.weight.device
+        if not slots:
+            embeds = embed(ids.to(device))
+        else:
+            s = slots[0]
+            pieces = [embed(ids[:s].to(device)), visual_tokens.to(device=device, dtype=embed.weight.dtype),
+                      embed(ids[s + 1:].to(device))]
+            embeds = torch.cat(pieces)
+            if lab is not None:
+                ignore = torch.full((visual_tokens.shape[0],), IGNORE_INDEX, dtype=torch.long)
+                lab = torch.cat([lab[:s], ignore, lab[s + 1:]])
+        limit = self.config.tokenizer_model_max_length
+        if embeds.shape[0] > limit:
+            log.warning("Sequence of %d tokens (visual included) cut to %d.", embeds.shape[0], limit)
+            embeds, lab = embeds[:limit], (lab[:limit] if lab is not None else None)
+        return embeds, lab
+
+    def build_inputs(self, batch_ids: list[list[int]], batch_visual: list[torch.Tensor | None],
+                     batch_labels: list[list[int]] | None = None, padding_side: str = "left"):
+        """Pad spliced sequences into a batch: (inputs_embeds [B, L, D], attention_mask [B, L], labels or None).
+
+        Padding uses zero embeddings (label IGNORE_INDEX). Left padding for generation, right for training.
+        """
+        rows = [self.embed_with_visual_tokens(ids, vis, batch_labels[i] if batch_labels else None)
+                for i, (ids, vis) in enumerate(zip(batch_ids, batch_visual))]
+        longest = max(e.shape[0] for e, _ in rows)
+        d = rows[0][0].shape[1]
+        embeds = rows[0][0].new_zeros(len(rows), longest, d)
+        mask = torch.zeros(len(rows), longest, dtype=torch.long, device=embeds.device)
+        labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long) if batch_labels else None
+        for i, (e, lab) in enumerate(rows):
+            n = e.shape[0]
+            sl = slice(longest - n, longest) if padding_side == "left" else slice(0, n)
+            embeds[i, sl], mask[i, sl] = e, 1
+            if labels is not None:
+                labels[i, sl] = lab
+        return embeds, mask, (labels.to(embeds.device) if labels is not None else None)
+
+    # ---- language model --------------------------------------------------------------------------------
+    def forward(self, inputs_embeds, attention_mask=None, labels=None, **kwargs):
+        """Training / scoring pass on spliced embeddings (see `build_inputs`). Returns the LLM's output."""
+        position_ids = None
+        if attention_mask is not None:  # right- or left-padded rows count positions from their first token
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                   position_ids=position_ids, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, inputs_embeds, attention_mask, *, max_new_tokens: int = 512, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, streamer=None, **kwargs) -> torch.Tensor:
+        """Generate from spliced embeddings; returns only the new token ids [B, K] (EOS included if hit)."""
+        eos = self.config.eos_token_id
+        pad = self.config.pad_token_id if self.config.pad_token_id is not None else eos
+        gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos, pad_token_id=pad,
+                   use_cache=True, streamer=streamer)
+        if do_sample:
+            gen.update(temperature=temperature, top_p=top_p)
+        else:  # keep the LLM's own generation_config from switching greedy decoding into sampling
+            gen.update(temperature=None, top_p=None, top_k=None)
+        gen.update(kwargs)
+        return self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **gen)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per part: vision_tower, connector, language_model (tied weights counted once)."""
+        return {name: sum(p.numel() for p in dict.fromkeys(getattr(self, name).parameters()))
+                for name in ("vision_tower", "connector", "language_model")}

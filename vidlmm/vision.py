@@ -1,0 +1,123 @@
+"""Vision towers (SigLIP by default, CLIP, DINOv2) through transformers, built from a config dict.
+
+`VisionTower` keeps the transformers model as `_vision_tower`, so its state-dict keys read
+`vision_tower._vision_tower.*` like the published checkpoints (which add one more `vision_model.` level for
+SigLIP and CLIP; `checkpoint.py` maps that level).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .preprocess import ImageProcessor
+
+
+@dataclass(frozen=True)
+class TowerSpec:
+    """How one family of towers is built and read.
+
+    config_type: transformers `model_type` of its config. has_cls: whether token 0 is a class token (not a
+    patch). published_level: the extra key level published checkpoints have under `_vision_tower.`.
+    """
+
+    name: str
+    config_type: str
+    model_class: str
+    has_cls: bool
+    published_level: str
+    # parameters the features never use (they sit after layer -2); a checkpoint may omit them
+    unused_prefixes: tuple[str, ...] = ()
+
+
+TOWERS = {
+    "siglip": TowerSpec("siglip", "siglip_vision_model", "SiglipVisionModel", has_cls=False,
+                        published_level="vision_model.", unused_prefixes=("head.", "post_layernorm.")),
+    "clip": TowerSpec("clip", "clip_vision_model", "CLIPVisionModel", has_cls=True, published_level="vision_model.",
+                      unused_prefixes=("post_layernorm.",)),
+    "dinov2": TowerSpec("dinov2", "dinov2", "Dinov2Model", has_cls=True, published_level="",
+                        unused_prefixes=("layernorm.",)),
+}
+
+
+def tower_type_for(vision_config: dict, model_name_or_path: str = "") -> str:
+    """Registry name from a vision config's model_type, else from the tower's hub name (as the reference does)."""
+    model_type = str(vision_config.get("model_type", "")).lower()
+    for name, spec in TOWERS.items():
+        if model_type == spec.config_type or model_type == name:
+            return name
+    hint = f"{model_type} {model_name_or_path}".lower()
+    for name in ("siglip", "clip", "dinov2"):
+        if name in hint:
+            return name
+    raise ValueError(f"Unknown vision tower (model_type '{model_type}', name '{model_name_or_path}').")
+
+
+def build_transformers_config(kind: str, config: dict):
+    """A transformers config object for a tower or LLM from a plain dict (no download)."""
+    from transformers import AutoConfig
+
+    config = dict(config)
+    model_type = config.pop("model_type")
+    for key in ("architectures", "transformers_version", "_name_or_path", "model_name_or_path"):
+        config.pop(key, None)
+    return AutoConfig.for_model(model_type, **config)
+
+
+class VisionTower(nn.Module):
+    """pixel_values [T, 3, S, S] -> features [T, P, Dv] from hidden layer `feature_layer`.
+
+    select_strategy "patch" drops token 0 (for SigLIP that is a real patch, dropped as in the reference;
+    for CLIP/DINOv2 it is the class token); "cls_patch" keeps every token.
+    """
+
+    def __init__(self, vision_config: dict, *, tower_type: str, feature_layer: int = -2,
+                 select_strategy: str = "patch"):
+        super().__init__()
+        import transformers
+
+        if select_strategy not in ("patch", "cls_patch"):
+            raise ValueError(f"Unknown vision_feature_select_strategy '{select_strategy}' (patch or cls_patch).")
+        self.spec = TOWERS[tower_type]
+        cfg = dict(vision_config)
+        cfg["model_type"] = self.spec.config_type
+        self.config = build_transformers_config("vision", cfg)
+        self._vision_tower = getattr(transformers, self.spec.model_class)(self.config)
+        self.feature_layer = feature_layer
+        self.select_strategy = select_strategy
+        self.image_processor = ImageProcessor.for_tower(tower_type, self.config.image_size)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.config.image_size // self.config.patch_size
+        return side, side
+
+    @property
+    def tokens_per_frame(self) -> int:
+        rows, cols = self.grid
+        dropped = 1 if self.select_strategy == "patch" else 0
+        registers = getattr(self.config, "num_register_tokens", 0) or 0
+        return rows * cols + int(self.spec.has_cls) + registers - dropped
+
+    @property
+    def first_cell(self) -> int:
+        """Grid cell of a frame's first kept token (-1: it is a class token, not a cell)."""
+        extra = int(self.spec.has_cls) + (getattr(self.config, "num_register_tokens", 0) or 0)
+        dropped = 1 if self.select_strategy == "patch" else 0
+        return dropped - extra
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    def forward(self, pixel_values: torch.Tensor, chunk_size: int = 32) -> torch.Tensor:
+        param = next(self._vision_tower.parameters())
+        features = []
+        for chunk in pixel_values.split(chunk_size):  # bounded activation memory for long clips
+            out = self._vision_tower(pixel_values=chunk.to(device=param.device, dtype=param.dtype),
+                                     output_hidden_states=True)
+            hidden = out.hidden_states[self.feature_layer]
+            features.append(hidden[:, 1:] if self.select_strategy == "patch" else hidden)
+        return torch.cat(features)
