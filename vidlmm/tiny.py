@@ -81,7 +81,7 @@ def init_weights(model: TinyLlavaVideo, seed: int, initializer_range: float = 0.
 
 
 def build_tiny_model(connector_type: str = "groupresampler", *, seed: int = 0, tokenizer=None,
-                     **config_kwargs) -> TinyLlavaVideo:
+                     initializer_range: float = 0.02, **config_kwargs) -> TinyLlavaVideo:
     """A random tiny model with a real (tiny, offline-trained) tokenizer attached."""
     if tokenizer is None:
         from .tokenizer import build_bpe_tokenizer
@@ -89,7 +89,7 @@ def build_tiny_model(connector_type: str = "groupresampler", *, seed: int = 0, t
         tokenizer = build_bpe_tokenizer(None, vocab_size=400)
     config = tiny_config(connector_type, vocab_size=len(tokenizer), **config_kwargs)
     model = TinyLlavaVideo(config)
-    init_weights(model, seed)
+    init_weights(model, seed, initializer_range)
     model.tokenizer = tokenizer
     return model.eval()
 
@@ -97,14 +97,17 @@ def build_tiny_model(connector_type: str = "groupresampler", *, seed: int = 0, t
 def write_tiny_checkpoint(folder: str | os.PathLike, connector_type: str = "groupresampler", *, seed: int = 0,
                           layout: str = "published", dtype: torch.dtype = torch.float32,
                           max_shard_bytes: int | None = None, tokenizer_layout: str = "hub",
-                          **config_kwargs) -> Path:
-    """Write a tiny checkpoint. layout: "published" (safetensors; sharded when `max_shard_bytes` is small)
+                          initializer_range: float = 0.02, **config_kwargs) -> Path:
+    """Write a tiny checkpoint (a larger `initializer_range` gives less uniform, more varied greedy output).
+
+    layout: "published" (safetensors; sharded when `max_shard_bytes` is small)
     or "split" (the reference's stage-1 sub-folders). The tokenizer is written in the hub's file layout."""
     from .tokenizer import build_bpe_tokenizer
 
     folder = Path(folder)
     tokenizer = build_bpe_tokenizer(None, vocab_size=400, out_dir=folder, layout=tokenizer_layout)
-    model = build_tiny_model(connector_type, seed=seed, tokenizer=tokenizer, **config_kwargs)
+    model = build_tiny_model(connector_type, seed=seed, tokenizer=tokenizer, initializer_range=initializer_range,
+                             **config_kwargs)
     model.tokenizer = None  # the tokenizer files are already in the folder, in the hub layout
     if layout == "split":
         return save_split_layout(model, folder)

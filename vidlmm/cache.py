@@ -1,0 +1,77 @@
+"""A byte-bounded LRU cache keyed by content, owned by whoever creates it (a session, a benchmark run)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import OrderedDict
+
+import torch
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes: the same video uploaded twice under two names hits the same entry."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def nbytes(value) -> int:
+    """Approximate memory held by a value made of tensors / numpy arrays / dataclasses / containers."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if hasattr(value, "nbytes") and isinstance(getattr(value, "nbytes"), int):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(nbytes(v) for v in value)
+    if hasattr(value, "__dataclass_fields__"):
+        return sum(nbytes(getattr(value, name)) for name in value.__dataclass_fields__)
+    return 0
+
+
+class ByteLRU:
+    """Least-recently-used mapping that evicts until the total size is at most `max_bytes`.
+
+    An item larger than the whole budget is not stored (it would evict everything and still not fit).
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self._items: OrderedDict[str, tuple[object, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self._items.values())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: str):
+        with self._lock:
+            if key not in self._items:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return self._items[key][0]
+
+    def put(self, key: str, value) -> None:
+        size = nbytes(value)
+        with self._lock:
+            self._items.pop(key, None)
+            if size > self.max_bytes:
+                return
+            self._items[key] = (value, size)
+            while self.total_bytes > self.max_bytes:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()

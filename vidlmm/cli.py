@@ -1,0 +1,142 @@
+"""Command line: `python -m vidlmm ask|info ...`.
+
+A contract other tools rely on: with `--json`, `ask` prints one JSON object; a user error (bad video, bad
+model path, bad option) exits with status 2 and exactly one line `error: ...` on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+
+from .errors import VidlmmError
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own usage dump would be more than one line
+        raise VidlmmError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="python -m vidlmm", description="TinyLLaVA-Video models on your videos.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
+
+    def model_args(p):
+        p.add_argument("--model", help="checkpoint folder or hub id (default: the embedded model)")
+        p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        p.add_argument("--quantization", choices=["8bit", "4bit"], help="bitsandbytes, language model only")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    ask = sub.add_parser("ask", help="answer a question about a video")
+    model_args(ask)
+    ask.add_argument("--video", required=True)
+    ask.add_argument("--question", required=True)
+    frames = ask.add_mutually_exclusive_group()
+    frames.add_argument("--num-frames", type=int, help="uniform sampling of N frames")
+    frames.add_argument("--fps", action="store_true", help="reference fps mode: floor(duration) frames, capped")
+    frames.add_argument("--rate", type=float, help="one frame every 1/RATE seconds, capped")
+    ask.add_argument("--max-frames", type=int, default=64, help="cap for --fps / --rate")
+    ask.add_argument("--max-new-tokens", type=int, default=512)
+    ask.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    ask.add_argument("--temperature", type=float, default=0.2)
+    ask.add_argument("--top-p", type=float, default=1.0)
+    ask.add_argument("--seed", type=int)
+
+    info = sub.add_parser("info", help="describe a checkpoint: connector, queries, groups, frames, parameters")
+    model_args(info)
+    return parser
+
+
+def _load(args):
+    from .checkpoint import load_model
+    from .defaults import default_model
+
+    source, trained = (args.model, True) if args.model else default_model()
+    if not trained:
+        print("note: using a tiny random-weight stand-in model (the embedded trained models are not built yet); "
+              "its answers are meaningless.", file=sys.stderr)
+    return load_model(source, dtype=args.dtype, device=args.device, quantization=args.quantization)
+
+
+def _sampling(args, model):
+    from .pipeline import default_sampling
+    from .video import FrameSampling
+
+    if args.num_frames is not None:
+        return FrameSampling.uniform(args.num_frames)
+    if args.fps:
+        return FrameSampling.fps(args.max_frames)
+    if args.rate is not None:
+        return FrameSampling.at_rate(args.rate, args.max_frames)
+    return default_sampling(model)
+
+
+def cmd_ask(args) -> int:
+    from .pipeline import GenerationSettings, VideoLMM
+
+    if not os.path.exists(args.video):  # fail before the model load
+        raise VidlmmError(f"Cannot read video '{os.path.basename(args.video)}': no such file.")
+    model = _load(args)
+    lmm = VideoLMM(model, sampling=_sampling(args, model))
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                                  temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    answer = lmm.ask(args.video, args.question, generation=settings)
+    if args.json:
+        print(json.dumps(answer.to_json()))
+    else:
+        print(answer.text)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .pipeline import default_sampling
+
+    model = _load(args)
+    cfg, tower = model.config, model.vision_tower
+    sampling = default_sampling(model)
+    frames = sampling.num_frames if sampling.mode == "uniform" else None
+    info = {
+        "source": model.source,
+        "connector": model.connector._connector.registry_name,
+        "connector_type": cfg.connector_type,
+        "num_queries": cfg.num_queries,
+        "groups": cfg.group,
+        "frames": sampling.describe(),
+        "visual_tokens": model.num_visual_tokens(frames or 16) if frames else model.num_visual_tokens(16),
+        "vision_tower": model.tower_type,
+        "patch_grid": list(tower.grid),
+        "tokens_per_frame": tower.tokens_per_frame,
+        "vision_feature_layer": cfg.vision_feature_layer,
+        "select_strategy": cfg.vision_feature_select_strategy,
+        "llm": cfg.llm_type,
+        "hidden_size": cfg.hidden_size,
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "parameters": model.parameter_counts(),
+    }
+    if args.json:
+        print(json.dumps(info))
+    else:
+        width = max(map(len, info))
+        for key, value in info.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        args = build_parser().parse_args(argv)
+        return {"ask": cmd_ask, "info": cmd_info}[args.command](args)
+    except VidlmmError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
