@@ -49,8 +49,11 @@ class ImageProcessor:
         if self.mode == "squash":
             return image.resize((self.size, self.size), Image.BICUBIC)
         w, h = image.size
-        scale = self.resize_to / min(w, h)
-        new_w, new_h = max(1, int(round(w * scale))), max(1, int(round(h * scale)))
+        # the shortest edge becomes resize_to; the other is truncated, as transformers computes it
+        if w <= h:
+            new_w, new_h = self.resize_to, int(self.resize_to * h / w)
+        else:
+            new_w, new_h = int(self.resize_to * w / h), self.resize_to
         image = image.resize((new_w, new_h), Image.BICUBIC)
         left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
         return image.crop((left, top, left + self.size, top + self.size))

@@ -1,0 +1,70 @@
+"""Other vision towers (CLIP, DINOv2), feature strategies, and other LLM families (Phi, Gemma)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vidlmm.checkpoint import load_model
+from vidlmm.pipeline import GenerationSettings, VideoLMM
+from vidlmm.preprocess import ImageProcessor
+from vidlmm.tiny import write_tiny_checkpoint
+
+
+@pytest.mark.parametrize("tower,llm,strategy,tokens", [
+    ("clip", "qwen2", "patch", 16),        # CLIP: class token dropped, 16 patches left
+    ("clip", "qwen2", "cls_patch", 17),
+    ("dinov2", "qwen2", "patch", 16),
+    ("siglip", "qwen2", "cls_patch", 16),  # SigLIP has no class token: keeps the whole 4x4 grid
+    ("siglip", "phi", "patch", 15),
+    ("siglip", "gemma", "patch", 15),
+])
+def test_build_save_load_and_answer(tmp_path, small_video, tower, llm, strategy, tokens):
+    folder = write_tiny_checkpoint(tmp_path / f"{tower}-{llm}", "groupresampler", num_queries=16, group=4,
+                                   tower=tower, llm=llm, select_strategy=strategy, initializer_range=0.3)
+    model = load_model(folder)
+    assert model.vision_tower.tokens_per_frame == tokens
+    features = model.encode_frames(torch.randn(3, 3, 56, 56))
+    assert features.shape == (3, tokens, 32)
+    layout = model.token_layout(3)
+    if strategy == "cls_patch" and tower != "siglip":
+        assert layout.row[0].item() == -1  # the class token has no cell
+    assert (layout.row >= 0).sum().item() == 3 * min(tokens, 16)
+    answer = VideoLMM(model).ask(small_video, "What moves?", generation=GenerationSettings(max_new_tokens=4))
+    assert answer.num_visual_tokens == 16 and 1 <= len(answer.token_ids) <= 4
+
+
+def test_phi_keeps_an_untied_lm_head(tmp_path):
+    folder = write_tiny_checkpoint(tmp_path / "phi", "naiveresampler", num_queries=8, llm="phi")
+    from vidlmm.checkpoint import read_state_dict
+
+    assert "language_model.lm_head.weight" in read_state_dict(folder)
+    model = load_model(folder)
+    lm = model.language_model
+    assert lm.lm_head.weight.data_ptr() != lm.get_input_embeddings().weight.data_ptr()
+
+
+def _pil_processor(kind, size):
+    if kind == "clip":
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as P
+
+        return P(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, resample=3)
+    from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil as P
+
+    return P(size={"shortest_edge": round(size * 256 / 224)}, crop_size={"height": size, "width": size}, resample=3,
+             image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], do_convert_rgb=True)
+
+
+@pytest.mark.parametrize("kind", ["clip", "dinov2"])
+@pytest.mark.parametrize("shape", [(90, 120), (121, 70)])
+def test_clip_and_dinov2_preprocessing_follow_their_processors(kind, shape):
+    frames = np.random.default_rng(0).integers(0, 256, size=(2, *shape, 3), dtype=np.uint8)
+    ours = ImageProcessor.for_tower(kind, 56)(frames)
+    try:
+        processor = _pil_processor(kind, 56)
+    except ImportError as err:
+        pytest.skip(f"transformers has no PIL processor here: {err}")
+    theirs = torch.as_tensor(np.asarray(processor(list(frames), return_tensors="np")["pixel_values"]))
+    assert ours.shape == theirs.shape == (2, 3, 56, 56)
+    assert (ours - theirs).abs().max().item() < 1e-5
