@@ -267,3 +267,57 @@ def save_split_layout(model: TinyLlavaVideo, folder: str | os.PathLike) -> Path:
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(folder)
     return folder
+
+
+# ---- composing a new model from pretrained parts (training stage 1) --------------------------------------
+def _local_folder(path_or_id: str) -> Path:
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(path_or_id), allow_patterns=WEIGHT_PATTERNS,
+                                      local_files_only=os.environ.get("HF_HUB_OFFLINE", "0") in ("1", "true")))
+    except Exception as err:
+        raise CheckpointError(f"Cannot find '{path_or_id}' locally or on the hub: {type(err).__name__}.") from None
+
+
+def build_from_parts(llm: str, vision_tower: str, *, connector_type: str = "groupresampler", num_queries: int = 512,
+                     group: int | None = 16, num_resampler_layers: int = 3, vision_feature_layer: int = -2,
+                     select_strategy: str = "patch", video_sampling: dict | None = None, seed: int = 0,
+                     conv_version: str = "qwen2_base") -> TinyLlavaVideo:
+    """A new TinyLLaVA-Video model from a pretrained causal LM folder (with its tokenizer) and a vision tower
+    folder (a SiglipModel / SiglipVisionModel / CLIP / DINOv2 checkpoint), with a freshly initialised connector.
+    This is how stage 1 starts, as in the reference's `load_llm` / `load_vision_tower`."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from .model import init_connector_weights
+    from .tokenizer import load_tokenizer
+
+    llm_dir, vision_dir = _local_folder(llm), _local_folder(vision_tower)
+    text_config = AutoConfig.from_pretrained(llm_dir).to_dict()
+    vision_cfg = AutoConfig.from_pretrained(vision_dir)
+    vision_cfg = getattr(vision_cfg, "vision_config", vision_cfg)
+    vision_config = vision_cfg.to_dict()
+    config = TinyLlavaConfig(
+        text_config=text_config, vision_config=vision_config, hidden_size=text_config["hidden_size"],
+        vision_hidden_size=vision_config["hidden_size"], connector_type=connector_type, num_queries=num_queries,
+        group=group if connector_type == "groupresampler" else None, num_resampler_layers=num_resampler_layers,
+        vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=select_strategy,
+        llm_model_name_or_path=str(llm), vision_model_name_or_path=str(vision_tower), tokenizer_name_or_path=str(llm),
+        pad_token_id=text_config.get("pad_token_id", text_config.get("eos_token_id")),
+        video_sampling=video_sampling, conv_version=conv_version)
+    model = TinyLlavaVideo(config)
+    lm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
+    model.language_model.load_state_dict(lm.state_dict())
+    tower = AutoModel.from_pretrained(vision_dir, dtype=torch.float32)
+    tower = getattr(tower, "vision_model", tower)  # a full SiglipModel: keep its vision half
+    missing, unexpected = model.vision_tower._vision_tower.load_state_dict(tower.state_dict(), strict=False)
+    if unexpected or [k for k in missing if not k.startswith(model.vision_tower.spec.unused_prefixes)]:
+        raise CheckpointError(f"Vision tower '{vision_tower}' does not fit: missing {_few(missing)}, "
+                              f"unexpected {_few(unexpected)}.")
+    init_connector_weights(model, seed)
+    model.tokenizer = load_tokenizer(llm_dir)
+    model.language_model.tie_weights()
+    return model

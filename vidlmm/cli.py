@@ -21,6 +21,15 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise VidlmmError(message)
 
 
+def add_sampling_arguments(parser) -> None:
+    """--num-frames N | --fps | --rate R, with --max-frames: shared by every command that reads videos."""
+    frames = parser.add_mutually_exclusive_group()
+    frames.add_argument("--num-frames", type=int, help="uniform sampling of N frames")
+    frames.add_argument("--fps", action="store_true", help="reference fps mode: floor(duration) frames, capped")
+    frames.add_argument("--rate", type=float, help="one frame every 1/RATE seconds, capped")
+    parser.add_argument("--max-frames", type=int, default=64, help="cap for --fps / --rate")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(prog="python -m vidlmm", description="TinyLLaVA-Video models on your videos.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
@@ -36,11 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(ask)
     ask.add_argument("--video", required=True)
     ask.add_argument("--question", required=True)
-    frames = ask.add_mutually_exclusive_group()
-    frames.add_argument("--num-frames", type=int, help="uniform sampling of N frames")
-    frames.add_argument("--fps", action="store_true", help="reference fps mode: floor(duration) frames, capped")
-    frames.add_argument("--rate", type=float, help="one frame every 1/RATE seconds, capped")
-    ask.add_argument("--max-frames", type=int, default=64, help="cap for --fps / --rate")
+    add_sampling_arguments(ask)
     ask.add_argument("--max-new-tokens", type=int, default=512)
     ask.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     ask.add_argument("--temperature", type=float, default=0.2)
@@ -49,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="describe a checkpoint: connector, queries, groups, frames, parameters")
     model_args(info)
+
+    from .evaluate import add_eval_arguments
+
+    evaluation = sub.add_parser("eval", help="multiple-choice video QA accuracy (MVBench / Video-MME style JSON)")
+    model_args(evaluation)
+    add_eval_arguments(evaluation)
     return parser
 
 
@@ -79,8 +90,9 @@ def _sampling(args, model):
 def cmd_ask(args) -> int:
     from .pipeline import GenerationSettings, VideoLMM
 
-    if not os.path.exists(args.video):  # fail before the model load
-        raise VidlmmError(f"Cannot read video '{os.path.basename(args.video)}': no such file.")
+    from .video import check_video_path
+
+    check_video_path(args.video)  # fail before the model load
     model = _load(args)
     lmm = VideoLMM(model, sampling=_sampling(args, model))
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
@@ -99,7 +111,7 @@ def cmd_info(args) -> int:
     model = _load(args)
     cfg, tower = model.config, model.vision_tower
     sampling = default_sampling(model)
-    frames = sampling.num_frames if sampling.mode == "uniform" else None
+    frames = sampling.num_frames if sampling.mode == "uniform" else 16
     info = {
         "source": model.source,
         "connector": model.connector._connector.registry_name,
@@ -107,7 +119,7 @@ def cmd_info(args) -> int:
         "num_queries": cfg.num_queries,
         "groups": cfg.group,
         "frames": sampling.describe(),
-        "visual_tokens": model.num_visual_tokens(frames or 16) if frames else model.num_visual_tokens(16),
+        f"visual_tokens_at_{frames}_frames": model.num_visual_tokens(frames),
         "vision_tower": model.tower_type,
         "patch_grid": list(tower.grid),
         "tokens_per_frame": tower.tokens_per_frame,
@@ -127,13 +139,20 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .evaluate import load_eval_items, run_eval_cli
+
+    items = load_eval_items(args)  # a missing data file or video fails before the model load
+    return run_eval_cli(args, _load(args), items)
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         args = build_parser().parse_args(argv)
-        return {"ask": cmd_ask, "info": cmd_info}[args.command](args)
+        return {"ask": cmd_ask, "info": cmd_info, "eval": cmd_eval}[args.command](args)
     except VidlmmError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

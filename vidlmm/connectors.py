@@ -241,12 +241,29 @@ class _ChunkedResampler(PerceiverResampler):
             index = torch.where(valid, start_t[:, None] + offsets[None, :], torch.zeros_like(offsets)[None, :])
             chunks = x[:, index.reshape(-1)].reshape(b * g, longest, d)
             mask = valid.repeat(b, 1)
-        tokens, attn = self.resample(chunks, media_mask=mask, output_attentions=output_attentions)
+        if output_attentions or x.device.type != "cpu":
+            tokens, attn = self.resample(chunks, media_mask=mask, output_attentions=output_attentions)
+        else:
+            tokens, attn = self._resample_in_slices(chunks, mask, longest), None
         tokens = tokens.reshape(b, g * lat, d)
         layers = None
         if attn is not None:
             layers = [self._scatter_attention(a, b, n, sizes, starts, longest) for a in attn]
         return tokens, spans, layers
+
+    # On CPU one pass over all groups builds intermediates G times larger than one group's; past a few MB
+    # the page faults cost more than the Python loop saves (benchmarks/bench_connectors.py), so the groups go
+    # through in slices of about this many bytes of key/value activations.
+    cpu_slice_bytes = 16 * 1024**2
+
+    def _resample_in_slices(self, chunks, mask, longest):
+        inner = self.layers[0][0].to_kv.out_features
+        per_slice = max(1, self.cpu_slice_bytes // (longest * inner * chunks.element_size()))
+        outs = []
+        for start in range(0, chunks.shape[0], per_slice):
+            part_mask = None if mask is None else mask[start:start + per_slice]
+            outs.append(self.resample(chunks[start:start + per_slice], media_mask=part_mask)[0])
+        return torch.cat(outs)
 
     def _scatter_attention(self, a, b, n, sizes, starts, longest) -> LayerAttention:
         """[B*G, H, L, longest + L] per-chunk weights -> LayerAttention over the full flat sequence."""

@@ -38,7 +38,11 @@ def tiny_random_model() -> Path:
     try:
         write_tiny_checkpoint(tmp, "groupresampler", seed=0, num_queries=64, group=4,
                               video_sampling={"mode": "uniform", "num_frames": 16})
-        os.replace(tmp, folder) if not folder.exists() else None
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process won the race and wrote the same files
+            if not (folder / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

@@ -163,3 +163,23 @@ class TinyLlavaVideo(nn.Module):
         """Parameters per part: vision_tower, connector, language_model (tied weights counted once)."""
         return {name: sum(p.numel() for p in dict.fromkeys(getattr(self, name).parameters()))
                 for name in ("vision_tower", "connector", "language_model")}
+
+
+def init_connector_weights(model: TinyLlavaVideo, seed: int = 0, initializer_range: float | None = None) -> None:
+    """The reference's initialisation of a new connector: Linear ~ N(0, initializer_range) with zero bias,
+    latents ~ N(0, 1), LayerNorms at weight 1 / bias 0. initializer_range defaults to the LLM's (0.02 for Qwen2.5)."""
+    std = initializer_range if initializer_range is not None else model.config.text_config.get("initializer_range",
+                                                                                              0.02)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.connector.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * std)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+        for name, param in model.connector.named_parameters():
+            if name.endswith("latents"):
+                param.copy_(torch.randn(param.shape, generator=gen))

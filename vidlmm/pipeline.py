@@ -16,7 +16,7 @@ import torch
 from .cache import ByteLRU, file_digest
 from .connectors import ConnectorOutput
 from .conversation import build_prompt, clean_answer, tokenizer_image_token
-from .video import FrameSampling, VideoClip, read_video
+from .video import FrameSampling, VideoClip, check_video_path, read_video
 
 
 @dataclass
@@ -89,6 +89,7 @@ class VideoLMM:
     def prepare(self, video: str, sampling: FrameSampling | None = None) -> tuple[PreparedVideo, bool]:
         """Decode and encode a video, or fetch it from the cache. Returns (prepared, was_cached)."""
         sampling = sampling or self.sampling
+        check_video_path(video)  # before hashing: a directory or a FIFO must fail with one sentence, not hang
         key = f"{file_digest(video)}|{sampling}|{getattr(self.model, 'source', id(self.model))}|{self.model.dtype}"
         hit = self.cache.get(key)
         if hit is not None:

@@ -112,3 +112,25 @@ def write_tiny_checkpoint(folder: str | os.PathLike, connector_type: str = "grou
     if layout == "split":
         return save_split_layout(model, folder)
     return save_model(model, folder, dtype=dtype, max_shard_bytes=max_shard_bytes or 2 * 1024**3)
+
+
+def write_tiny_parts(folder: str | os.PathLike, *, seed: int = 0, llm: str = "qwen2",
+                     tower: str = "siglip") -> tuple[Path, Path]:
+    """Pretrained-style backbone folders (what stage 1 starts from): an LLM with its tokenizer, and a tower.
+    Returns (llm_dir, vision_dir), both loadable with transformers' from_pretrained."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .tokenizer import build_bpe_tokenizer
+    from .vision import TOWERS
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    llm_dir, vision_dir = folder / "llm", folder / "vision"
+    tokenizer = build_bpe_tokenizer(None, vocab_size=400, out_dir=llm_dir)
+    text = tiny_text_config(len(tokenizer), llm=llm)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**text)).save_pretrained(llm_dir)
+    vision = tiny_vision_config(tower)
+    model_class = getattr(transformers, TOWERS[tower].model_class)
+    model_class(AutoConfig.for_model(**vision)).save_pretrained(vision_dir)
+    return llm_dir, vision_dir

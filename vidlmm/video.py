@@ -333,7 +333,7 @@ class _OpenCV:
 _CLASSES = {"decord": _Decord, "pyav": _PyAV, "opencv": _OpenCV}
 
 
-def _check_file(path: str) -> str:
+def check_video_path(path: str) -> str:
     """Stat the path before any decoder sees it (a FIFO would block a decoder forever); returns basename."""
     name = os.path.basename(os.path.normpath(path)) or path
     head = f"Cannot read video '{name}':"
@@ -406,7 +406,7 @@ def probe_video(path, *, backend: str = "auto") -> tuple[int, float, str]:
     (A backend that opens a file can still fail to decode it; :func:`read_video` then falls back.)
     """
     path = os.fspath(path)
-    name, fails = _check_file(path), []
+    name, fails = check_video_path(path), []
     reader = _open(path, backend, None, fails)
     if reader is None:
         _raise_best(path, name, fails)
@@ -425,7 +425,7 @@ def read_video(path, sampling: FrameSampling = FrameSampling(), *, backend: str 
     from metadata before decoding. Raises :class:`VideoReadError` for anything wrong with the file.
     """
     path = os.fspath(path)
-    name = _check_file(path)
+    name = check_video_path(path)
     if size is not None:
         size = (int(size[0]), int(size[1]))
         if min(size) < 1:

@@ -1,0 +1,1 @@
+"""Training: recipes, data, the trainer and the synthetic video world (``train.world``)."""

@@ -1,0 +1,108 @@
+"""Training data in the reference's annotation format, read with the same frame sampler as inference.
+
+An annotation file is a JSON list of `{"id", "video": relative path, "conversations": [{"from": "human"|"gpt",
+"value": ...}, ...]}`. `<video>` placeholders and user/assistant roles are normalised (with a warning). A video
+that cannot be read is skipped, counted and logged with its path: it never stops a run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vidlmm.conversation import make_training_example, normalize_conversations
+from vidlmm.errors import VideoReadError
+from vidlmm.video import FrameSampling, read_video
+
+log = logging.getLogger(__name__)
+
+
+def sampling_from_dict(spec: dict) -> FrameSampling:
+    """Recipe sampling dict -> FrameSampling. fps mode with max_frames 0 is the reference's uncapped training."""
+    mode = spec.get("mode", "uniform")
+    if mode == "uniform":
+        return FrameSampling.uniform(int(spec.get("num_frames", 16)))
+    cap = int(spec.get("max_frames", 0)) or 10**6
+    if mode == "fps":
+        return FrameSampling.fps(cap)
+    return FrameSampling.at_rate(float(spec.get("rate", 1.0)), cap)
+
+
+@dataclass
+class Sample:
+    id: str
+    video: Path
+    conversations: list
+
+
+def load_annotations(files: list[str | Path], video_roots: list[str | Path]) -> tuple[list[Sample], Counter]:
+    """Read annotation files; resolve each video against the roots (first that has it). Returns samples and
+    a Counter of problems (malformed entries, missing videos, normalisation warnings)."""
+    samples, problems = [], Counter()
+    roots = [Path(r) for r in video_roots] or [Path(".")]
+    for file in files:
+        file = Path(file)
+        items = json.loads(file.read_text())
+        for n, item in enumerate(items):
+            try:
+                _, warnings = normalize_conversations(item["conversations"])
+                for w in warnings:
+                    problems[f"normalised: {w.split(';')[0]}"] += 1
+            except (KeyError, ValueError, TypeError) as err:
+                problems["malformed entry"] += 1
+                log.warning("%s item %d skipped: %s", file.name, n, err)
+                continue
+            rel = item.get("video")
+            path = next((r / rel for r in [*roots, file.parent] if rel and (r / rel).is_file()), None)
+            if path is None:
+                problems["missing video"] += 1
+                log.warning("%s item %d: video '%s' not found under the video roots; skipped", file.name, n, rel)
+                continue
+            samples.append(Sample(str(item.get("id", n)), path, item["conversations"]))
+    return samples, problems
+
+
+class VideoConversationDataset(torch.utils.data.Dataset):
+    """Items: {"pixel_values" [T,3,S,S], "input_ids", "labels", "skipped"}.
+
+    A video that fails to decode is logged and replaced by the next readable sample, so every process of a
+    distributed run still does the same number of steps (a process skipping a step would hang the others).
+    """
+
+    def __init__(self, samples: list[Sample], *, tokenizer, image_processor, template: str,
+                 sampling: FrameSampling, num_visual_tokens: int, max_length: int = 3072):
+        self.samples = samples
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.template, self.sampling = template, sampling
+        self.num_visual_tokens, self.max_length = num_visual_tokens, max_length
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        for skipped in range(min(len(self.samples), 16)):
+            sample = self.samples[(index + skipped) % len(self.samples)]
+            try:
+                clip = read_video(sample.video, self.sampling)
+                break
+            except VideoReadError as err:
+                log.warning("skipping unreadable video %s: %s", sample.video, err)
+        else:
+            return None
+        example = make_training_example(self.template, sample.conversations, self.tokenizer,
+                                        max_length=self.max_length, num_visual_tokens=self.num_visual_tokens)
+        return {"pixel_values": self.image_processor(clip.frames), "input_ids": example.input_ids,
+                "labels": example.labels, "id": sample.id, "skipped": skipped}
+
+
+def collate(batch: list) -> dict:
+    """Keep lists (clips may have different frame counts in fps mode); count skipped videos."""
+    kept = [b for b in batch if b is not None]
+    return {"pixel_values": [b["pixel_values"] for b in kept], "input_ids": [b["input_ids"] for b in kept],
+            "labels": [b["labels"] for b in kept], "ids": [b["id"] for b in kept],
+            "skipped": len(batch) - len(kept) + sum(b["skipped"] for b in kept)}

@@ -1,0 +1,89 @@
+"""The dry run: what a recipe will do (steps, accumulation, tokens, trainable parameters per part), no training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .recipe import PARTS, Recipe
+
+
+def _meta_model(recipe: Recipe):
+    """The model's structure on the meta device: from `init`'s config, or from the recipe's backbone shapes."""
+    from vidlmm.config import TinyLlavaConfig
+    from vidlmm.model import TinyLlavaVideo
+
+    if recipe.init and (Path(recipe.init) / "config.json").is_file():
+        config = TinyLlavaConfig.from_json_file(Path(recipe.init) / "config.json")
+    elif recipe.llm_shape and recipe.vision_shape:
+        config = TinyLlavaConfig(text_config=dict(recipe.llm_shape), vision_config=dict(recipe.vision_shape),
+                                 hidden_size=recipe.llm_shape["hidden_size"],
+                                 vision_hidden_size=recipe.vision_shape["hidden_size"],
+                                 connector_type=recipe.connector_type, num_queries=recipe.num_queries,
+                                 group=recipe.group, num_resampler_layers=recipe.num_resampler_layers)
+    else:
+        from transformers import AutoConfig
+
+        text = AutoConfig.from_pretrained(recipe.llm).to_dict()
+        vision = AutoConfig.from_pretrained(recipe.vision_tower)
+        vision = getattr(vision, "vision_config", vision).to_dict()
+        config = TinyLlavaConfig(text_config=text, vision_config=vision, hidden_size=text["hidden_size"],
+                                 vision_hidden_size=vision["hidden_size"], connector_type=recipe.connector_type,
+                                 num_queries=recipe.num_queries, group=recipe.group,
+                                 num_resampler_layers=recipe.num_resampler_layers)
+    config.connector_type, config.num_queries = recipe.connector_type, recipe.num_queries
+    config.group = recipe.group if recipe.connector_type == "groupresampler" else None
+    with torch.device("meta"):
+        return TinyLlavaVideo(config)
+
+
+def count_samples(recipe: Recipe) -> tuple[int, str]:
+    files = [Path(f) for f in recipe.annotations]
+    if files and all(f.is_file() for f in files):
+        return sum(len(json.loads(f.read_text())) for f in files), "annotation files"
+    if recipe.expected_num_samples:
+        return recipe.expected_num_samples, "expected_num_samples (data not on this machine)"
+    raise ValueError("The annotation files are not here and the recipe gives no expected_num_samples.")
+
+
+def make_plan(recipe: Recipe) -> dict:
+    model = _meta_model(recipe)
+    per_part = {}
+    for part in PARTS:
+        params = sum(p.numel() for p in dict.fromkeys(getattr(model, part).parameters()))
+        per_part[part] = {"parameters": params, "trainable": params if recipe.tune[part] == "full" else 0}
+    samples, source = count_samples(recipe)
+    steps = recipe.optimizer_steps(samples)
+    frames = recipe.sampling.get("num_frames", 16) if recipe.sampling.get("mode") == "uniform" else 16
+    visual = model.connector._connector.num_output_tokens(frames, model.vision_tower.tokens_per_frame)
+    return {
+        "name": recipe.name, "stage": recipe.stage, "template": recipe.template, "samples": samples,
+        "samples_from": source, "epochs": recipe.epochs, "global_batch_size": recipe.global_batch_size,
+        "per_device_batch_size": recipe.per_device_batch_size, "num_processes": recipe.num_processes,
+        "gradient_accumulation_steps": recipe.gradient_accumulation_steps, "optimizer_steps": steps,
+        "warmup_steps": recipe.warmup_steps(samples), "learning_rate": recipe.learning_rate,
+        "lr_scheduler": recipe.lr_scheduler, "warmup_ratio": recipe.warmup_ratio,
+        "weight_decay": recipe.weight_decay, "mixed_precision": recipe.mixed_precision,
+        "gradient_checkpointing": recipe.gradient_checkpointing, "sampling": recipe.sampling,
+        "connector_type": recipe.connector_type, "num_queries": recipe.num_queries, "group": recipe.group,
+        "visual_tokens_per_sample": visual, "max_length": recipe.max_length,
+        "visual_tokens_total": visual * samples * recipe.epochs,
+        "parts": per_part, "trainable_parameters": sum(p["trainable"] for p in per_part.values()),
+    }
+
+
+def format_plan(plan: dict) -> str:
+    lines = [f"plan for {plan['name']} ({plan['stage']}, template {plan['template']})"]
+    for key in ("samples", "samples_from", "epochs", "global_batch_size", "per_device_batch_size", "num_processes",
+                "gradient_accumulation_steps", "optimizer_steps", "warmup_steps", "learning_rate", "lr_scheduler",
+                "warmup_ratio", "weight_decay", "mixed_precision", "gradient_checkpointing", "sampling",
+                "connector_type", "num_queries", "group", "visual_tokens_per_sample", "visual_tokens_total",
+                "max_length"):
+        lines.append(f"  {key:<28} {plan[key]}")
+    lines.append("  parameters (trainable / total):")
+    for part, p in plan["parts"].items():
+        lines.append(f"    {part:<26} {p['trainable']:>15,} / {p['parameters']:,}")
+    lines.append(f"  {'trainable_parameters':<28} {plan['trainable_parameters']:,}")
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""The two-stage TinyLLaVA-Video recipe as configuration, and the plan it implies.
+
+A recipe is a YAML file under `train/configs/` (the paper's A100 stages, and the toy stages that train the
+embedded models), overridable from the command line with `key=value` pairs (dotted keys for nested fields):
+
+    python -m train plan train/configs/a100_stage1.yaml num_processes=4
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+PARTS = ("language_model", "vision_tower", "connector")
+
+
+@dataclass
+class Recipe:
+    """One training stage. `tune` says, per part, `full` (trained) or `frozen`.
+
+    global_batch_size = per_device_batch_size x num_processes x gradient accumulation; the accumulation is
+    derived, so the global batch holds whatever the number of processes.
+    """
+
+    name: str = "stage"
+    stage: str = "pretrain"                    # pretrain (stage 1) | finetune (stage 2)
+    template: str = "pretrain"                 # pretrain | qwen2_base
+    tune: dict = field(default_factory=lambda: {"language_model": "frozen", "vision_tower": "frozen",
+                                                "connector": "full"})
+    learning_rate: float = 1e-4
+    global_batch_size: int = 128
+    per_device_batch_size: int = 8
+    num_processes: int = 1
+    epochs: float = 1.0
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    mixed_precision: str = "bf16"              # bf16 | fp16 | no
+    gradient_checkpointing: bool = True
+    max_length: int = 3072                     # counts the visual tokens
+    sampling: dict = field(default_factory=lambda: {"mode": "fps", "max_frames": 0})  # 0: uncapped, as the reference
+    connector_type: str = "groupresampler"
+    num_queries: int = 512
+    group: int | None = 16
+    num_resampler_layers: int = 3
+    # where the model comes from: `init` is a TinyLLaVA checkpoint (stage 2 starts from stage 1's output);
+    # otherwise `llm` and `vision_tower` name pretrained folders or hub ids
+    init: str | None = None
+    llm: str | None = None
+    vision_tower: str | None = None
+    annotations: list = field(default_factory=list)
+    video_roots: list = field(default_factory=list)
+    expected_num_samples: int | None = None    # for planning when the data is not on this machine
+    output_dir: str = "runs/stage"
+    save_every_steps: int = 500
+    log_every_steps: int = 1
+    seed: int = 0
+    dataloader_workers: int = 0
+    # shapes of the named backbones, for planning without downloading them
+    llm_shape: dict | None = None
+    vision_shape: dict | None = None
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        per_step = self.per_device_batch_size * self.num_processes
+        if self.global_batch_size % per_step:
+            raise ValueError(f"global batch {self.global_batch_size} is not a multiple of per-device batch "
+                             f"{self.per_device_batch_size} x {self.num_processes} processes.")
+        return self.global_batch_size // per_step
+
+    def optimizer_steps(self, num_samples: int) -> int:
+        return max(1, math.ceil(num_samples * self.epochs / self.global_batch_size))
+
+    def warmup_steps(self, num_samples: int) -> int:
+        return math.ceil(self.optimizer_steps(num_samples) * self.warmup_ratio)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _coerce(value: str):
+    return yaml.safe_load(value)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
+    """Read a YAML recipe and apply `key=value` overrides (values parsed as YAML: 1e-4, true, [a, b])."""
+    path = Path(path)
+    if not path.exists() and (CONFIG_DIR / path).exists():
+        path = CONFIG_DIR / path
+    data = yaml.safe_load(path.read_text()) or {}
+    known = {f.name for f in fields(Recipe)}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"Override '{item}' is not key=value.")
+        key, value = item.split("=", 1)
+        target, *rest = key.split(".")
+        if target not in known:
+            raise ValueError(f"Unknown recipe field '{target}'.")
+        if rest:
+            data.setdefault(target, {})
+            node = data[target]
+            for part in rest[:-1]:
+                node = node.setdefault(part, {})
+            node[rest[-1]] = _coerce(value)
+        else:
+            data[target] = _coerce(value)
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"Unknown recipe field(s) in {path.name}: {', '.join(sorted(unknown))}.")
+    recipe = Recipe(**data)
+    if set(recipe.tune) != set(PARTS) or not set(recipe.tune.values()) <= {"full", "frozen"}:
+        raise ValueError(f"tune must give full|frozen for each of {', '.join(PARTS)}.")
+    recipe.gradient_accumulation_steps  # validates the batch arithmetic
+    return recipe

@@ -1,0 +1,421 @@
+"""Multiple-choice video QA evaluation (MVBench / Video-MME style), deterministic end to end.
+
+    items = load_mc_items("mvbench_subset.json", video_root="videos/")
+    result = evaluate(VideoLMM(model), items)
+    print(result.to_markdown())
+
+What it does like the reference (spec section 8): the prompt patterns (`build_mc_question`), greedy decoding,
+an MMMU-style answer parser, the micro average over questions.
+
+Where it differs, on purpose:
+
+* **No random fallback.** The reference's parser picks `random.choice(letters)` when nothing matches (and
+  crashes on an empty reply). `parse_choice` returns ``None`` instead; such an item counts as wrong and is
+  reported in ``EvalResult.unparsable``. Scores are therefore reproducible, and can be slightly lower than
+  the reference's (which gets ``1/len(options)`` of the unparsable items right by luck, on average).
+* **First-letter rule.** The reference returns the first character whenever it is a valid letter, so
+  "Because ..." parses as "B". We only accept it when the next character is not a letter ("B", "B. x", "B) x").
+* **Case.** Letters are upper-case only, like the reference ("a" is an English word), except when the whole
+  reply is one letter, possibly in brackets ("b", "(b)") which we read as that letter.
+* **Option text.** The reference only searches for an option's text in replies of more than 5 words; we do it
+  for any reply (a short reply that repeats an option, "a red car", is still an answer). Option texts are
+  compared without a trailing period and case-insensitively.
+* **One decode per video.** Items are grouped by video; each video is read and encoded once
+  (`VideoLMM.prepare`) and every question about it reuses the features (reference issue #5).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import string
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import VidlmmError
+
+LETTERS = string.ascii_uppercase
+SUFFIX = "Answer with the option's letter from the given choices directly."
+STYLES = ("mvbench", "videomme")
+_STRIP_CHARS = ",.!?;:'"
+# "A. text", "A) text", "A: text", "(A) text", "(A). text"; a plain "A cat" has no prefix.
+_PREFIX = re.compile(r"^\s*(?:\(([A-Za-z])\)[.:]?|([A-Z])[.):])\s*(.*)$", re.S)
+
+
+@dataclass
+class MCItem:
+    """One multiple-choice question, normalised: `options` are bare texts, `letters[i]` labels `options[i]`."""
+
+    id: str
+    video: str
+    question: str
+    options: list[str]
+    letters: list[str]
+    answer_letter: str
+    category: str = "all"
+
+    @property
+    def answer_text(self) -> str:
+        return self.options[self.letters.index(self.answer_letter)]
+
+
+# ---- loading ----------------------------------------------------------------------------------------------
+
+def _split_prefixed(options: list) -> tuple[list[str], list[str]]:
+    """Options given as a list: prefixed ("A. x", "(A) x") when all of them are, with distinct letters."""
+    texts = [str(o) for o in options]
+    matches = [_PREFIX.match(t) for t in texts]
+    if all(matches):
+        letters = [(m.group(1) or m.group(2)).upper() for m in matches]
+        if len(set(letters)) == len(letters):
+            return [m.group(3).strip() for m in matches], letters
+    return [t.strip() for t in texts], list(LETTERS[:len(texts)])
+
+
+def _dict_options(options: dict, where: str) -> tuple[list[str], list[str]]:
+    pairs = []
+    for key, text in options.items():
+        letter = str(key).strip().strip("().:").strip().upper()
+        if len(letter) != 1 or letter not in LETTERS:
+            raise VidlmmError(f"{where}: option key {key!r} is not a single letter A-Z.")
+        pairs.append((letter, str(text).strip()))
+    pairs.sort()
+    if len({p[0] for p in pairs}) != len(pairs):
+        raise VidlmmError(f"{where}: the same option letter appears twice.")
+    return [p[1] for p in pairs], [p[0] for p in pairs]
+
+
+def _norm_text(text: str) -> str:
+    return " ".join(str(text).lower().split()).rstrip(".").strip()
+
+
+def _resolve_answer(answer, texts: list[str], letters: list[str], where: str) -> str:
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(letters):
+        return letters[answer]  # an option index (some datasets)
+    if not isinstance(answer, str) or not answer.strip():
+        raise VidlmmError(f"{where}: 'answer' must be an option letter or an option's text, got {answer!r}.")
+    raw = answer.strip()
+    bare = raw.strip("().: ").upper()
+    if len(bare) == 1 and bare in letters and raw.upper() == raw:  # "A", "(A)", "A."
+        return bare
+    m = _PREFIX.match(raw)  # "A. text" / "(A) text"
+    if m and (m.group(1) or m.group(2)).upper() in letters:
+        letter = (m.group(1) or m.group(2)).upper()
+        if not m.group(3).strip() or _norm_text(m.group(3)) == _norm_text(texts[letters.index(letter)]):
+            return letter
+    hits = [letter for letter, text in zip(letters, texts) if _norm_text(text) == _norm_text(raw)]
+    if len(hits) == 1:
+        return hits[0]
+    if len(bare) == 1 and bare in letters:  # a lone lower-case letter, when no option's text is that letter
+        return bare
+    why = "matches several options" if hits else "is neither an option letter nor an option's text"
+    raise VidlmmError(f"{where}: answer {raw[:60]!r} {why}.")
+
+
+def _read_json_items(path: Path) -> list:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise VidlmmError(f"Cannot read data file '{path}': no such file.") from None
+    except IsADirectoryError:
+        raise VidlmmError(f"Cannot read data file '{path}': it is a directory.") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise VidlmmError(f"Cannot read data file '{path}': {err}.") from None
+    try:
+        if path.suffix.lower() == ".jsonl":
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise VidlmmError(f"Data file '{path.name}' is not valid JSON: {err}.") from None
+    if isinstance(data, dict) and isinstance(data.get("items"), list):
+        data = data["items"]
+    if not isinstance(data, list):
+        raise VidlmmError(f"Data file '{path.name}' must hold a JSON list of questions.")
+    return data
+
+
+def load_mc_items(path, video_root=None, *, check_videos: bool = True) -> list[MCItem]:
+    """Read a JSON list (or .jsonl) of multiple-choice questions.
+
+    Each item: ``video`` (relative to `video_root`, else to the JSON file's folder; absolute paths kept),
+    ``question``, ``options`` (alias ``candidates``: a list of "A. x" / "(A) x" / plain texts, or a dict
+    {"A": x}), ``answer`` (a letter, an option's text, or "A. x"), optional ``category`` (alias ``task_type``,
+    default "all") and ``id`` (default: the item's index). A malformed item raises a one-line
+    :class:`VidlmmError` naming its index; so does a missing video when `check_videos`.
+    """
+    path = Path(path)
+    data = _read_json_items(path)
+    base = Path(video_root) if video_root is not None else path.parent
+    if video_root is not None and not base.is_dir():
+        raise VidlmmError(f"Video root '{video_root}' is not a folder.")
+    items: list[MCItem] = []
+    for index, raw in enumerate(data):
+        where = f"Item {index} of '{path.name}'"
+        if not isinstance(raw, dict):
+            raise VidlmmError(f"{where} is not a JSON object.")
+        video, question = raw.get("video"), raw.get("question")
+        options = raw.get("options", raw.get("candidates"))
+        if not isinstance(video, str) or not video.strip():
+            raise VidlmmError(f"{where}: missing 'video' (a path).")
+        if not isinstance(question, str) or not question.strip():
+            raise VidlmmError(f"{where}: missing 'question' (a string).")
+        if isinstance(options, dict):
+            texts, letters = _dict_options(options, where)
+        elif isinstance(options, list) and all(isinstance(o, (str, int, float)) for o in options):
+            texts, letters = _split_prefixed(options)
+        else:
+            raise VidlmmError(f"{where}: 'options' must be a list of strings or a dict letter -> text.")
+        if not 2 <= len(texts) <= len(LETTERS):
+            raise VidlmmError(f"{where}: needs 2 to 26 options, got {len(texts)}.")
+        if any(not t for t in texts):
+            raise VidlmmError(f"{where}: an option's text is empty.")
+        if "answer" not in raw:
+            raise VidlmmError(f"{where}: missing 'answer'.")
+        answer = _resolve_answer(raw["answer"], texts, letters, where)
+        video_path = Path(os.path.expanduser(video.strip()))
+        if not video_path.is_absolute():
+            video_path = base / video_path
+        if check_videos and not video_path.is_file():
+            raise VidlmmError(f"{where}: video '{video}' not found under '{base}'.")
+        category = raw.get("category", raw.get("task_type", "all"))
+        items.append(MCItem(id=str(raw.get("id", index)), video=str(video_path), question=question.strip(),
+                            options=texts, letters=letters, answer_letter=answer,
+                            category=str(category) if category not in (None, "") else "all"))
+    return items
+
+
+# ---- prompting and parsing ----------------------------------------------------------------------------------
+
+def build_mc_question(item: MCItem, style: str = "mvbench") -> str:
+    """The reference's prompt (without `<image>`, which the pipeline puts first).
+
+    mvbench (also MLVU): ``question\\n(A) x\\n(B) y\\n<suffix>``;
+    videomme (also MMVU): ``question\\nA. x\\nB. y\\n<suffix>``.
+    """
+    if style == "mvbench":
+        lines = [f"({letter}) {text}" for letter, text in zip(item.letters, item.options)]
+    elif style == "videomme":
+        lines = [f"{letter}. {text}" for letter, text in zip(item.letters, item.options)]
+    else:
+        raise VidlmmError(f"Unknown prompt style '{style}' (use {' or '.join(STYLES)}).")
+    return item.question + "\n" + "\n".join(lines) + "\n" + SUFFIX
+
+
+def parse_choice(response: str, options_texts: list[str], letters: list[str] | None = None) -> str | None:
+    """The letter a reply chooses, or None (never a random guess). See the module docstring for the rules.
+
+    Order: first character (a valid letter not followed by a letter) -> "(X)" -> " X " -> an option's text
+    (case-insensitive substring). Several matches of one kind: the one appearing last in the reply wins.
+    """
+    letters = list(letters) if letters is not None else list(LETTERS[:len(options_texts)])
+    text = (response or "").strip().strip(_STRIP_CHARS).strip()
+    if not text:
+        return None
+    valid = set(letters)
+    # a whole reply of one letter, in any case, possibly bracketed: "b", "(B)", "[c]"
+    bare = text.strip("()[]{} ").upper()
+    if len(bare) == 1 and bare in valid:
+        return bare
+    if text[0] in valid and (len(text) == 1 or not text[1].isalpha()):
+        return text[0]
+    padded = f" {text} "
+    for pattern in ("({})", " {} "):
+        found = {c: padded.rfind(pattern.format(c)) for c in letters if pattern.format(c) in padded}
+        if found:
+            return max(found, key=found.get)  # the last one, like the reference's rfind + argmax
+    lower = " " + " ".join(text.lower().split()) + " "
+    found = {}
+    for letter, option in zip(letters, options_texts):
+        needle = _norm_text(option)
+        if needle and needle in lower:
+            found[letter] = lower.rfind(needle)
+    if found:
+        return max(found, key=found.get)
+    return None
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ItemRecord:
+    id: str
+    video: str
+    category: str
+    question: str
+    answer: str
+    response: str
+    parsed: str | None
+    correct: bool
+    num_options: int
+
+
+@dataclass
+class EvalResult:
+    """accuracy: micro average (correct / n); macro_accuracy: mean over categories (MLVU's average).
+
+    per_category: {category: {"n", "correct", "accuracy", "chance", "unparsable"}}; chance: the mean of
+    1/len(options). Unparsable replies count as wrong.
+    """
+
+    n: int
+    correct: int
+    accuracy: float
+    macro_accuracy: float
+    chance: float
+    unparsable: int
+    per_category: dict[str, dict]
+    items: list[ItemRecord]
+    seconds: float
+    style: str = "mvbench"
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"accuracy": self.accuracy, "macro_accuracy": self.macro_accuracy, "n": self.n,
+                "correct": self.correct, "chance": self.chance, "unparsable": self.unparsable,
+                "per_category": self.per_category, "seconds": round(self.seconds, 3), "style": self.style,
+                **self.extra, "items": [asdict(r) for r in self.items]}
+
+    def to_markdown(self) -> str:
+        rows = ["| category | n | accuracy | chance |", "|---|---:|---:|---:|"]
+        for name, cat in self.per_category.items():
+            rows.append(f"| {name} | {cat['n']} | {100 * cat['accuracy']:.1f} | {100 * cat['chance']:.1f} |")
+        rows.append(f"| **overall** | {self.n} | {100 * self.accuracy:.1f} | {100 * self.chance:.1f} |")
+        notes = [f"unparsable replies: {self.unparsable} (counted as wrong)"]
+        if len(self.per_category) > 1:
+            notes.append(f"macro accuracy: {100 * self.macro_accuracy:.1f}")
+        notes.append(f"time: {self.seconds:.1f} s")
+        return "\n".join(rows) + "\n\n" + "; ".join(notes)
+
+
+def summarize(records: list[ItemRecord], seconds: float = 0.0, style: str = "mvbench") -> EvalResult:
+    """Aggregate per-item records (categories in order of first appearance)."""
+    def stats(rs):
+        n = len(rs)
+        correct = sum(r.correct for r in rs)
+        return {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0,
+                "chance": sum(1 / r.num_options for r in rs) / n if n else 0.0,
+                "unparsable": sum(r.parsed is None for r in rs)}
+
+    groups: dict[str, list[ItemRecord]] = {}
+    for r in records:
+        groups.setdefault(r.category, []).append(r)
+    per_category = {name: stats(rs) for name, rs in groups.items()}
+    total = stats(records)
+    macro = sum(c["accuracy"] for c in per_category.values()) / len(per_category) if per_category else 0.0
+    return EvalResult(n=total["n"], correct=total["correct"], accuracy=total["accuracy"], macro_accuracy=macro,
+                      chance=total["chance"], unparsable=total["unparsable"], per_category=per_category,
+                      items=list(records), seconds=seconds, style=style)
+
+
+def evaluate(lmm, items: list[MCItem], *, generation=None, style: str = "mvbench", sampling=None,
+             progress: bool = False) -> EvalResult:
+    """Answer every item with `lmm` (a VideoLMM) and score it; greedy, 16 new tokens unless `generation`.
+
+    Items are grouped by video (first-appearance order): each video is decoded and encoded once, then all of
+    its questions reuse the features. Records come back in the items' order.
+    """
+    from .pipeline import GenerationSettings
+
+    if style not in STYLES:
+        raise VidlmmError(f"Unknown prompt style '{style}' (use {' or '.join(STYLES)}).")
+    generation = generation or GenerationSettings(max_new_tokens=16, do_sample=False)
+    by_video: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        by_video.setdefault(item.video, []).append(i)
+    records: list[ItemRecord | None] = [None] * len(items)
+    t0 = time.perf_counter()
+    done = 0
+    for video, indices in by_video.items():
+        prepared, _ = lmm.prepare(video, sampling)
+        for i in indices:
+            item = items[i]
+            answer = lmm.ask(prepared, build_mc_question(item, style), generation=generation)
+            parsed = parse_choice(answer.text, item.options, item.letters)
+            records[i] = ItemRecord(id=item.id, video=item.video, category=item.category, question=item.question,
+                                    answer=item.answer_letter, response=answer.text, parsed=parsed,
+                                    correct=parsed == item.answer_letter, num_options=len(item.options))
+            done += 1
+            if progress:
+                mark = "ok" if records[i].correct else ("??" if parsed is None else "no")
+                print(f"[{done}/{len(items)}] {mark} {item.id}: {answer.text[:60]!r}", file=sys.stderr, flush=True)
+        del prepared
+    return summarize(records, time.perf_counter() - t0, style)
+
+
+# ---- command line -------------------------------------------------------------------------------------------
+
+def add_eval_arguments(parser) -> None:
+    """Add the `eval` sub-command's options to an argparse (sub)parser.
+
+    --model and --json are added only when the parser does not have them yet (cli.py's shared model options).
+    """
+    have = getattr(parser, "_option_string_actions", {})
+    if "--model" not in have:
+        parser.add_argument("--model", help="checkpoint folder or hub id")
+    if "--json" not in have:
+        parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--data", required=True, help="JSON list of multiple-choice questions")
+    parser.add_argument("--video-root", help="folder the items' video paths are relative to "
+                                            "(default: the data file's folder)")
+    from .cli import add_sampling_arguments
+
+    add_sampling_arguments(parser)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--limit", type=int, help="evaluate only the first N questions")
+    parser.add_argument("--style", choices=list(STYLES), default="mvbench",
+                        help="prompt: mvbench '(A) x' lines or videomme 'A. x' lines")
+    parser.add_argument("--progress", action="store_true", help="one line per question on stderr")
+
+
+def load_eval_items(args) -> list[MCItem]:
+    """The items the CLI arguments select (checks the data file and every video: call before loading a model)."""
+    if getattr(args, "limit", None) is not None and args.limit < 1:
+        raise VidlmmError("--limit must be at least 1.")
+    items = load_mc_items(args.data, getattr(args, "video_root", None))
+    if not items:
+        raise VidlmmError(f"Data file '{Path(args.data).name}' holds no questions.")
+    return items[: args.limit] if getattr(args, "limit", None) else items
+
+
+def _sampling_from_args(args, model):
+    from .pipeline import default_sampling
+    from .video import FrameSampling
+
+    try:
+        if getattr(args, "num_frames", None) is not None:
+            return FrameSampling.uniform(args.num_frames)
+        if getattr(args, "fps", False):
+            return FrameSampling.fps(args.max_frames)
+        if getattr(args, "rate", None) is not None:
+            return FrameSampling.at_rate(args.rate, args.max_frames)
+    except ValueError as err:
+        raise VidlmmError(str(err)) from None
+    return default_sampling(model)
+
+
+def run_eval_cli(args, model, items: list[MCItem] | None = None) -> int:
+    """Run `eval` with an already loaded model; prints one JSON object (--json) or a markdown table."""
+    from .pipeline import GenerationSettings, VideoLMM
+
+    if items is None:
+        items = load_eval_items(args)
+    if args.max_new_tokens < 1:
+        raise VidlmmError("--max-new-tokens must be at least 1.")
+    lmm = VideoLMM(model, sampling=_sampling_from_args(args, model))
+    result = evaluate(lmm, items, generation=GenerationSettings(max_new_tokens=args.max_new_tokens),
+                      style=args.style, progress=getattr(args, "progress", False))
+    if getattr(args, "json", False):
+        payload = result.to_json()
+        payload["sampling"] = lmm.sampling.describe()
+        print(json.dumps(payload))
+    else:
+        print(result.to_markdown())
+    return 0
+
+
+__all__ = ["EvalResult", "ItemRecord", "MCItem", "add_eval_arguments", "build_mc_question", "evaluate",
+           "load_eval_items", "load_mc_items", "parse_choice", "run_eval_cli", "summarize"]
