@@ -1,0 +1,115 @@
+"""Stage 0 on a small world in smoke mode: the LLM folder is a causal LM with its tokenizer, the tower folder composes
+with it through build_from_parts into a model that answers about a world video, training lowers the losses, and the
+same seed gives the same weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from train import stage0 as S
+from train.world import WorldConfig, generate_world, load_clips, render_clip, timeline
+from vidlmm.conversation import IMAGE_TOKEN_INDEX, build_prompt, tokenizer_image_token
+from vidlmm.preprocess import ImageProcessor
+from vidlmm.tokenizer import EOS_TOKEN, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("s0world")
+    generate_world(root, WorldConfig(num_train=24, num_eval=8))
+    return root
+
+
+@pytest.fixture(scope="module")
+def stage0(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("s0")
+    stats = S.run_stage0(world, out, budget="smoke", seed=0, progress=False)
+    return out, stats
+
+
+def test_llm_folder_is_a_causal_lm_with_its_tokenizer(stage0):
+    from transformers import AutoModelForCausalLM
+
+    out, stats = stage0
+    lm = AutoModelForCausalLM.from_pretrained(out / "llm")
+    tok = load_tokenizer(out / "llm")
+    eos = tok.convert_tokens_to_ids(EOS_TOKEN)
+    assert lm.config.model_type == "qwen2" and lm.config.tie_word_embeddings
+    assert lm.config.vocab_size == len(tok) == stats["llm"]["vocab"]
+    assert lm.config.eos_token_id == lm.config.pad_token_id == tok.eos_token_id == tok.pad_token_id == eos
+    assert lm.config.max_position_embeddings == 1024
+    assert (out / "stage0.json").is_file() and json.loads((out / "stage0.json").read_text())["budget"] == "smoke"
+
+
+def test_losses_go_down(stage0):
+    _, stats = stage0
+    lm, vi = stats["llm"], stats["vision"]
+    assert lm["final_loss"] < lm["first_loss"] - 0.5
+    assert lm["val_loss"] < lm["val_loss_init"]
+    assert vi["final_loss"] < vi["first_loss"]
+    assert 0.0 <= vi["retrieval"]["image_to_text_top1"] <= 1.0
+
+
+def test_composes_into_a_model_that_answers(stage0, world):
+    from vidlmm.checkpoint import build_from_parts
+    from vidlmm.pipeline import GenerationSettings, VideoLMM
+
+    out, _ = stage0
+    model = build_from_parts(str(out / "llm"), str(out / "vision"), connector_type="groupresampler",
+                             num_queries=16, group=4).eval()
+    assert model.config.vision_config["image_size"] == S.BUDGETS["smoke"]["vision"]["image_size"]
+    video = sorted((world / "videos").glob("train_*"))[0]
+    answer = VideoLMM(model).ask(str(video), "What colour is the circle?",
+                                 generation=GenerationSettings(max_new_tokens=4))
+    assert isinstance(answer.text, str) and 1 <= len(answer.token_ids) <= 4
+    assert answer.num_visual_tokens == 16
+    # the whole SiglipModel (vision + text tower) is a valid tower folder too
+    build_from_parts(str(out / "llm"), str(out / "siglip"), connector_type="groupresampler", num_queries=16, group=4)
+
+
+def test_same_seed_same_weights(stage0, world, tmp_path):
+    out, _ = stage0
+    S.run_stage0(world, tmp_path, budget="smoke", seed=0, progress=False)
+    for part in ("llm", "vision"):
+        a, b = load_file(out / part / "model.safetensors"), load_file(tmp_path / part / "model.safetensors")
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    for name in ("vocab.json", "merges.txt"):
+        assert (out / "llm" / name).read_bytes() == (tmp_path / "llm" / name).read_bytes()
+
+
+def test_text_is_rendered_like_stage_two_without_the_video(stage0, world):
+    out, _ = stage0
+    tok = load_tokenizer(out / "llm")
+    pairs = [("<image>\nWhat colour is the circle?", "Red."), ("How many objects are there?", "Two.")]
+    with_video = tokenizer_image_token(build_prompt("qwen2_base", pairs, add_generation_prompt=False), tok)
+    ids = S.conversation_ids(pairs, tok)
+    assert IMAGE_TOKEN_INDEX in with_video and ids == [i for i in with_video if i != IMAGE_TOKEN_INDEX]
+    assert ids[-1] == tok.eos_token_id and "<image>" not in tok.decode(ids)
+    # MC prompts come from training clips only, with letter answers
+    clips = load_clips(world)
+    convs = S.mc_conversations(clips["train"][:4], seed=0)
+    assert convs and all(c[0][0].endswith(S.SUFFIX) and c[0][1][0] in "ABCD(" for c in convs)
+    # template strings are compact
+    report = S.tokenizer_report(tok)
+    assert report[" ASSISTANT:"] <= 3 and report["eos"] == 1
+
+
+def test_frame_descriptions_and_pixels_match_the_ground_truth(world):
+    spec = load_clips(world)["train"][0]
+    tl, frames = timeline(spec), render_clip(spec)
+    for t in (0, spec.frames // 2, spec.frames - 1):
+        text = S.frame_description(spec, tl, t)
+        n = int(tl.visible[:, t].sum())
+        assert text.startswith(("zero", "one", "two", "three")[n] + " object")
+        for i in np.flatnonzero(tl.visible[:, t]):
+            assert f"{tl.colour_name(i, t)} {spec.objects[i].shape}" in text
+    fs = S.FrameSet([spec], 32, frames_per_clip=4)
+    idx = np.arange(4)
+    t_idx = np.linspace(0, spec.frames - 1, 4).astype(np.int64)
+    assert torch.equal(fs.pixels(idx), ImageProcessor.for_tower("siglip", 32)(frames[t_idx]))
