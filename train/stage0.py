@@ -566,9 +566,12 @@ def pretrain_vision(world_dir, out_dir, *, image_size: int = 64, patch_size: int
     with torch.no_grad():  # the paper's init: t' = log 10, b = -10
         model.logit_scale.fill_(math.log(10.0))
         model.logit_bias.fill_(-10.0)
+    t1 = time.perf_counter()
     probe_init = _probe(model.vision_model, train, evals, 2000, 1000, seed) if (probe and evals) else None
+    eval_s = time.perf_counter() - t1
 
     model.train()
+    t1 = time.perf_counter()
     opt, sched = _optimizer(model, lr, weight_decay, steps)
     rng = np.random.default_rng([seed, 2])
     per_clip = [np.flatnonzero(train.clip_of == c) for c in range(train.num_clips)]
@@ -593,8 +596,11 @@ def pretrain_vision(world_dir, out_dir, *, image_size: int = 64, patch_size: int
         if progress and step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
     model.eval()
+    train_s = time.perf_counter() - t1
+    t1 = time.perf_counter()
     retrieval = _retrieval(model, evals, min(64, evals.num_clips), seed) if evals else None
     probe_final = _probe(model.vision_model, train, evals, 2000, 1000, seed) if (probe and evals) else None
+    eval_s += time.perf_counter() - t1
 
     out = Path(out_dir)
     tower = model.vision_model  # a SiglipVisionModel in transformers 5
@@ -607,7 +613,8 @@ def pretrain_vision(world_dir, out_dir, *, image_size: int = 64, patch_size: int
     return {"params": _count_params(tower), "tokens_per_frame": (image_size // patch_size) ** 2 - 1,
             "train_frames": len(train.texts), "steps": steps, "batch_size": bsz, "first_loss": losses[0],
             "final_loss": float(np.mean(losses[-tail:])), "retrieval": retrieval, "probe_init": probe_init,
-            "probe": probe_final, "data_seconds": data_s, "seconds": time.perf_counter() - t0}
+            "probe": probe_final, "data_seconds": data_s, "train_seconds": train_s, "eval_seconds": eval_s,
+            "seconds": time.perf_counter() - t0}
 
 
 # ---------------------------------------------------------------------------------------------- driver
