@@ -21,7 +21,9 @@ them, so stage 0 makes small real ones for the world (``train/world.py``), in th
    description) pairs: random frames of training clips rendered with :func:`train.world.render_clip` and resized
    exactly like inference (:class:`vidlmm.preprocess.ImageProcessor`, PIL bicubic squash), described from
    :func:`train.world.timeline` ("two objects: a red circle at the top left and a blue square in the centre").
-   Pairs whose descriptions are equal count as positives, so identical scenes in one batch are not negatives.
+   Pairs whose descriptions are equal count as positives, so identical scenes in one batch are not negatives, and
+   every frame adds a one-change hard-negative text (another shape, colour or cell for one object, one object more
+   or less), which makes the tower bind shape, colour and place per object.
    The vision half is saved as a ``SiglipVisionModel`` folder (the whole ``SiglipModel``, with the description
    vocabulary, goes to ``siglip/`` for zero-shot use). Its report: image->text top-1 retrieval among frames of
    eval clips and linear probes of static facts (count, colours, shapes, occupied grid cells) on the
@@ -63,7 +65,7 @@ HOLDOUT_EVERY = 20  # every 20th training clip is held out of LM training for th
 # "full" takes about 10 minutes on 2 CPU cores; "smoke" a few seconds (tests).
 BUDGETS = {
     "full": dict(
-        vocab_size=512,
+        vocab_size=1024,  # the world has ~110 distinct words: BPE stops at ~650 ids, one token per word
         llm=dict(hidden_size=128, layers=4, heads=4, kv_heads=2, intermediate=384, steps=1400, batch_size=32,
                  lr=2e-3, variants=3),
         vision=dict(image_size=64, patch_size=8, hidden_size=96, layers=4, heads=4, intermediate=256, steps=1000,
@@ -71,6 +73,7 @@ BUDGETS = {
     ),
     "smoke": dict(
         vocab_size=320,
+        threads=1,  # tiny matrices: one thread is as fast, and robust when other jobs share the cores
         llm=dict(hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate=64, steps=30, batch_size=8, lr=5e-3,
                  variants=0),
         vision=dict(image_size=32, patch_size=8, hidden_size=32, layers=2, heads=2, intermediate=64, steps=12,
@@ -265,6 +268,23 @@ def _lm_eval_loss(model, seqs: list[list[int]], pad_id: int, batch_size: int = 3
     return total / max(count, 1)
 
 
+@torch.no_grad()
+def _mc_check(model, tokenizer, convs: list, limit: int = 200) -> dict:
+    """Held-out MC prompts (generation prompt, no video): how often the greedy first answer token is an option
+    letter (the format), and how often it is the right one (text priors only: near chance, 0.25, is expected)."""
+    fmt = right = n = 0
+    for conv in convs[:limit]:
+        (question, answer), = conv
+        ids = [i for i in tokenizer_image_token(build_prompt(TEMPLATE, [(question, None)]), tokenizer)
+               if i != IMAGE_TOKEN_INDEX]
+        first = tokenizer.decode([int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())]).strip()
+        letter = first.lstrip("(")[:1]
+        fmt += letter in ("A", "B", "C", "D")
+        right += letter == answer.lstrip("(")[:1]
+        n += 1
+    return {"letter_rate": fmt / max(n, 1), "accuracy_no_video": right / max(n, 1), "items": n}
+
+
 def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, layers: int = 4, heads: int = 4,
                  kv_heads: int = 2, intermediate: int = 384, steps: int = 1400, batch_size: int = 32,
                  lr: float = 2e-3, seed: int = 0, variants: int = 3, weight_decay: float = 0.05,
@@ -310,6 +330,7 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
     model.eval()
     val_after = _lm_eval_loss(model, val, eos) if val else float("nan")
+    mc = _mc_check(model, tokenizer, mc_conversations(held, seed + 1))
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -321,7 +342,7 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
     return {"params": _count_params(model), "vocab": len(tokenizer), "steps": steps, "batch_size": batch_size,
             "train_sequences": len(train), "train_tokens": int(sum(map(len, train))),
             "first_loss": losses[0], "final_loss": float(np.mean(losses[-tail:])),
-            "val_loss_init": val_before, "val_loss": val_after, "seconds": time.perf_counter() - t0}
+            "val_loss_init": val_before, "val_loss": val_after, "mc_check": mc, "seconds": time.perf_counter() - t0}
 
 
 # ---------------------------------------------------------------------------------------------- vision
@@ -623,7 +644,16 @@ def run_stage0(world_dir, out_dir, *, budget: str = "full", seed: int = 0, progr
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, not {budget!r}")
     b = BUDGETS[budget]
-    out = Path(out_dir)
+    threads = torch.get_num_threads()
+    if b.get("threads"):
+        torch.set_num_threads(b["threads"])
+    try:
+        return _run_stage0(world_dir, Path(out_dir), b, budget, seed, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_stage0(world_dir, out: Path, b: dict, budget: str, seed: int, progress: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     tok = build_tokenizer(world_dir, out / "tokenizer", b["vocab_size"], seed=seed)
@@ -649,7 +679,9 @@ def format_summary(stats: dict) -> str:
         f"({tk['seconds']:.1f} s)",
         f"llm: {lm['params'] / 1e6:.2f} M params, {lm['steps']} steps x {lm['batch_size']} seqs "
         f"({lm['train_sequences']} sequences, {lm['train_tokens'] / 1e6:.2f} M tokens), loss {lm['first_loss']:.3f} -> "
-        f"{lm['final_loss']:.3f}, held-out {lm['val_loss_init']:.3f} -> {lm['val_loss']:.3f} ({lm['seconds']:.0f} s)",
+        f"{lm['final_loss']:.3f}, held-out {lm['val_loss_init']:.3f} -> {lm['val_loss']:.3f} ({lm['seconds']:.0f} s); "
+        f"held-out MC prompts without video: letter answers {lm['mc_check']['letter_rate']:.2f}, right "
+        f"{lm['mc_check']['accuracy_no_video']:.2f} (chance 0.25)",
         f"vision: {vi['params'] / 1e6:.2f} M params, {vi['tokens_per_frame']} tokens/frame, {vi['steps']} steps x "
         f"{vi['batch_size']} frames, sigmoid loss {vi['first_loss']:.3f} -> {vi['final_loss']:.3f} "
         f"({vi['seconds']:.0f} s, data {vi['data_seconds']:.0f} s)",
@@ -675,6 +707,10 @@ def main(argv: Iterable[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(None if argv is None else list(argv))
+    if a.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     stats = run_stage0(a.world, a.out, budget="smoke" if a.smoke else "full", seed=a.seed, progress=not a.quiet)
     print(format_summary(stats))
     return 0
