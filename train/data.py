@@ -22,15 +22,21 @@ from vidlmm.video import FrameSampling, read_video
 log = logging.getLogger(__name__)
 
 
-def sampling_from_dict(spec: dict) -> FrameSampling:
-    """Recipe sampling dict -> FrameSampling. fps mode with max_frames 0 is the reference's uncapped training."""
-    mode = spec.get("mode", "uniform")
-    if mode == "uniform":
-        return FrameSampling.uniform(int(spec.get("num_frames", 16)))
-    cap = int(spec.get("max_frames", 0)) or 10**6
-    if mode == "fps":
-        return FrameSampling.fps(cap)
-    return FrameSampling.at_rate(float(spec.get("rate", 1.0)), cap)
+@dataclass(frozen=True)
+class VisualTokenCount:
+    """frames -> visual tokens a connector makes: fixed + per_frame x frames. A plain picklable value (not the
+    model) so DataLoader workers can carry it."""
+
+    fixed: int
+    per_frame: int
+
+    @classmethod
+    def of(cls, model) -> "VisualTokenCount":
+        one, two = model.num_visual_tokens(1), model.num_visual_tokens(2)
+        return cls(fixed=2 * one - two, per_frame=two - one)
+
+    def __call__(self, frames: int) -> int:
+        return self.fixed + self.per_frame * frames
 
 
 @dataclass
@@ -75,11 +81,12 @@ class VideoConversationDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, samples: list[Sample], *, tokenizer, image_processor, template: str,
-                 sampling: FrameSampling, num_visual_tokens: int, max_length: int = 3072):
+                 sampling: FrameSampling, visual_tokens_for, max_length: int = 3072):
         self.samples = samples
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.template, self.sampling = template, sampling
-        self.num_visual_tokens, self.max_length = num_visual_tokens, max_length
+        # frames -> visual tokens the connector makes (the image-level resampler's grow with the frame count)
+        self.visual_tokens_for, self.max_length = visual_tokens_for, max_length
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -94,10 +101,12 @@ class VideoConversationDataset(torch.utils.data.Dataset):
                 log.warning("skipping unreadable video %s: %s", sample.video, err)
         else:
             return None
+        num_visual = self.visual_tokens_for(len(clip.indices))
         example = make_training_example(self.template, sample.conversations, self.tokenizer,
-                                        max_length=self.max_length, num_visual_tokens=self.num_visual_tokens)
+                                        max_length=self.max_length, num_visual_tokens=num_visual)
         return {"pixel_values": self.image_processor(clip.frames), "input_ids": example.input_ids,
-                "labels": example.labels, "id": sample.id, "skipped": skipped}
+                "labels": example.labels, "id": sample.id, "skipped": skipped,
+                "num_visual_tokens": num_visual}
 
 
 def collate(batch: list) -> dict:
@@ -105,4 +114,5 @@ def collate(batch: list) -> dict:
     kept = [b for b in batch if b is not None]
     return {"pixel_values": [b["pixel_values"] for b in kept], "input_ids": [b["input_ids"] for b in kept],
             "labels": [b["labels"] for b in kept], "ids": [b["id"] for b in kept],
+            "visual_tokens": sum(b["num_visual_tokens"] for b in kept),
             "skipped": len(batch) - len(kept) + sum(b["skipped"] for b in kept)}

@@ -15,26 +15,19 @@ def _meta_model(recipe: Recipe):
     from vidlmm.config import TinyLlavaConfig
     from vidlmm.model import TinyLlavaVideo
 
+    connector = dict(connector_type=recipe.connector_type, num_queries=recipe.num_queries, group=recipe.group,
+                     num_resampler_layers=recipe.num_resampler_layers)
     if recipe.init and (Path(recipe.init) / "config.json").is_file():
-        config = TinyLlavaConfig.from_json_file(Path(recipe.init) / "config.json")
+        saved = TinyLlavaConfig.from_json_file(Path(recipe.init) / "config.json")
+        config = TinyLlavaConfig.compose(saved.text_config, saved.vision_config, **connector)
     elif recipe.llm_shape and recipe.vision_shape:
-        config = TinyLlavaConfig(text_config=dict(recipe.llm_shape), vision_config=dict(recipe.vision_shape),
-                                 hidden_size=recipe.llm_shape["hidden_size"],
-                                 vision_hidden_size=recipe.vision_shape["hidden_size"],
-                                 connector_type=recipe.connector_type, num_queries=recipe.num_queries,
-                                 group=recipe.group, num_resampler_layers=recipe.num_resampler_layers)
+        config = TinyLlavaConfig.compose(recipe.llm_shape, recipe.vision_shape, **connector)
     else:
         from transformers import AutoConfig
 
         text = AutoConfig.from_pretrained(recipe.llm).to_dict()
         vision = AutoConfig.from_pretrained(recipe.vision_tower)
-        vision = getattr(vision, "vision_config", vision).to_dict()
-        config = TinyLlavaConfig(text_config=text, vision_config=vision, hidden_size=text["hidden_size"],
-                                 vision_hidden_size=vision["hidden_size"], connector_type=recipe.connector_type,
-                                 num_queries=recipe.num_queries, group=recipe.group,
-                                 num_resampler_layers=recipe.num_resampler_layers)
-    config.connector_type, config.num_queries = recipe.connector_type, recipe.num_queries
-    config.group = recipe.group if recipe.connector_type == "groupresampler" else None
+        config = TinyLlavaConfig.compose(text, getattr(vision, "vision_config", vision).to_dict(), **connector)
     with torch.device("meta"):
         return TinyLlavaVideo(config)
 

@@ -91,16 +91,31 @@ def _cosine(step: int, total: int, warmup: int) -> float:
 
 
 def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float, steps: int, warmup_ratio: float = 0.05):
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.dim() < 2 or "norm" in name.lower() or name.endswith("bias") else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-8)
+    from .trainer import optimizer_groups
+
+    opt = torch.optim.AdamW(optimizer_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-8)
     warmup = max(1, int(steps * warmup_ratio))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, warmup))
     return opt, sched
+
+
+def _fit(model: torch.nn.Module, next_loss, *, steps: int, lr: float, weight_decay: float, desc: str,
+         progress: bool) -> list[float]:
+    """The shared loop of both stage-0 models: `next_loss()` gives the next batch's loss; returns all losses."""
+    opt, sched = _optimizer(model, lr, weight_decay, steps)
+    losses = []
+    bar = _progress(range(steps), desc, progress)
+    for step in bar:
+        loss = next_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if progress and step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    return losses
 
 
 def _progress(iterable, desc: str, enabled: bool):
@@ -308,26 +323,19 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
                          pad_token_id=eos, use_sliding_window=False)
     model = Qwen2ForCausalLM(config)
     model.train()
-    opt, sched = _optimizer(model, lr, weight_decay, steps)
     rng = np.random.default_rng([seed, 1])
     order: list[int] = []
-    losses = []
     val_before = _lm_eval_loss(model, val, eos) if val else float("nan")
-    bar = _progress(range(steps), "llm", progress)
-    for step in bar:
+
+    def next_loss():
+        nonlocal order
         if len(order) < batch_size:
             order += rng.permutation(len(train)).tolist()
         batch, order = [train[i] for i in order[:batch_size]], order[batch_size:]
         ids, mask, labels = _lm_batch(batch, eos)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if progress and step % 20 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    losses = _fit(model, next_loss, steps=steps, lr=lr, weight_decay=weight_decay, desc="llm", progress=progress)
     model.eval()
     val_after = _lm_eval_loss(model, val, eos) if val else float("nan")
     mc = _mc_check(model, tokenizer, mc_conversations(held, seed + 1))
@@ -593,29 +601,23 @@ def pretrain_vision(world_dir, out_dir, *, image_size: int = 64, patch_size: int
 
     model.train()
     t1 = time.perf_counter()
-    opt, sched = _optimizer(model, lr, weight_decay, steps)
     rng = np.random.default_rng([seed, 2])
     per_clip = [np.flatnonzero(train.clip_of == c) for c in range(train.num_clips)]
     clip_order: list[int] = []
     bsz = min(batch_size, train.num_clips)
-    losses = []
-    bar = _progress(range(steps), "vision", progress)
-    for step in bar:
+
+    def next_loss():
+        nonlocal clip_order
         if len(clip_order) < bsz:
             clip_order += rng.permutation(train.num_clips).tolist()
         chosen, clip_order = clip_order[:bsz], clip_order[bsz:]
         idx = np.array([per_clip[c][rng.integers(len(per_clip[c]))] for c in chosen])
         ids, texts = train.batch_texts(idx, rng if hard_negatives else None)
         out = model(input_ids=ids, pixel_values=train.pixels(idx))
-        loss = _siglip_loss(out.logits_per_text, train.positives(idx, texts))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if progress and step % 20 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        return _siglip_loss(out.logits_per_text, train.positives(idx, texts))
+
+    losses = _fit(model, next_loss, steps=steps, lr=lr, weight_decay=weight_decay, desc="vision",
+                  progress=progress)
     model.eval()
     train_s = time.perf_counter() - t1
     t1 = time.perf_counter()

@@ -20,7 +20,9 @@ from torch import nn
 
 from vidlmm.checkpoint import build_from_parts, load_model, save_model, save_split_layout
 
-from .data import VideoConversationDataset, collate, load_annotations, sampling_from_dict
+from vidlmm.video import FrameSampling
+
+from .data import VideoConversationDataset, VisualTokenCount, collate, load_annotations
 from .recipe import PARTS, Recipe
 
 log = logging.getLogger(__name__)
@@ -142,10 +144,9 @@ def run(recipe: Recipe, *, max_steps: int | None = None, progress: bool = True) 
     samples, problems = load_annotations(recipe.annotations, recipe.video_roots)
     if not samples:
         raise ValueError("No usable training samples (check annotations and video_roots).")
-    num_visual = model.num_visual_tokens(16)
     dataset = VideoConversationDataset(samples, tokenizer=model.tokenizer, image_processor=model.image_processor,
-                                       template=recipe.template, sampling=sampling_from_dict(recipe.sampling),
-                                       num_visual_tokens=num_visual, max_length=recipe.max_length)
+                                       template=recipe.template, sampling=FrameSampling.from_dict(recipe.sampling),
+                                       visual_tokens_for=VisualTokenCount.of(model), max_length=recipe.max_length)
     total_steps = recipe.optimizer_steps(len(samples))
     optimizer = torch.optim.AdamW(optimizer_groups(model, recipe.weight_decay), lr=recipe.learning_rate)
     schedule = get_cosine_schedule_with_warmup if recipe.lr_scheduler == "cosine" else \
@@ -195,7 +196,7 @@ def run(recipe: Recipe, *, max_steps: int | None = None, progress: bool = True) 
             losses.append(loss.detach().float().item())
             n = len(batch["input_ids"]) * accelerator.num_processes
             window_samples += n
-            window_tokens += n * num_visual
+            window_tokens += batch["visual_tokens"] * accelerator.num_processes
             state["samples"] += n
             if not accelerator.sync_gradients:
                 continue

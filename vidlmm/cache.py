@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import threading
@@ -10,8 +11,17 @@ from collections import OrderedDict
 import torch
 
 
-def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's bytes: the same video uploaded twice under two names hits the same entry."""
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes: the same video uploaded twice under two names hits the same entry.
+
+    Remembered per (path, size, mtime) so a follow-up question does not re-read a long video to hash it.
+    """
+    st = os.stat(path)
+    return _digest(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)  # bounded: a few hundred bytes an entry
+def _digest(path: str, size: int, mtime_ns: int, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

@@ -45,14 +45,19 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
     name = str(path_or_id)
     if path.exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise CheckpointError(f"Model '{name}' is neither a checkpoint folder nor a hub id like 'org/name'.")
+    return _download(name)
+
+
+def _download(repo_id: str) -> Path:
+    """A hub snapshot (weights, configs, tokenizer files); only the local cache when HF_HUB_OFFLINE is set."""
     from huggingface_hub import snapshot_download
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
-        return Path(snapshot_download(name, allow_patterns=WEIGHT_PATTERNS, local_files_only=offline))
+        return Path(snapshot_download(repo_id, allow_patterns=WEIGHT_PATTERNS, local_files_only=offline))
     except Exception as err:  # network, auth or not-in-cache: one sentence for the user
         where = "in the local Hugging Face cache (offline mode)" if offline else "on the Hugging Face Hub"
-        raise CheckpointError(f"Model '{name}' could not be found {where}: {type(err).__name__}.") from None
+        raise CheckpointError(f"Model '{repo_id}' could not be found {where}: {type(err).__name__}.") from None
 
 
 def read_state_dict(folder: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -76,11 +81,14 @@ def read_state_dict(folder: Path, device: str | torch.device = "cpu") -> dict[st
                           "or language_model/ + vision_tower/ + connector/ sub-folders.")
 
 
+# the reference's stage-1 sub-folders and the published-key prefix each one's keys sit under
+SPLIT_PREFIXES = {"language_model": "language_model.", "vision_tower": TOWER_PREFIX, "connector": "connector."}
+
+
 def read_split_layout(folder: Path, device="cpu") -> dict[str, torch.Tensor]:
     """The reference's stage-1 output: three sub-folders with pytorch_model.bin (read with weights_only)."""
     state = {}
-    prefixes = {"language_model": "language_model.", "vision_tower": TOWER_PREFIX, "connector": "connector."}
-    for sub, prefix in prefixes.items():
+    for sub, prefix in SPLIT_PREFIXES.items():
         file = folder / sub / "pytorch_model.bin"
         if not file.is_file():
             continue
@@ -255,14 +263,11 @@ def save_model(model: TinyLlavaVideo, folder: str | os.PathLike, *, max_shard_by
 def save_split_layout(model: TinyLlavaVideo, folder: str | os.PathLike) -> Path:
     """Write the reference's stage-1 layout (three sub-folders of pytorch_model.bin)."""
     folder = Path(folder)
-    parts = {"language_model": model.language_model.state_dict(),
-             "vision_tower": {k[len("_vision_tower."):]: v for k, v in model.vision_tower.state_dict().items()},
-             "connector": model.connector.state_dict()}
-    level = TOWERS[model.tower_type].published_level
-    parts["vision_tower"] = {level + k: v for k, v in parts["vision_tower"].items()}
-    for sub, state in parts.items():
+    published = module_to_published_keys(model.state_dict(), model.tower_type)
+    for sub, prefix in SPLIT_PREFIXES.items():
+        part = {k[len(prefix):]: v.detach().cpu() for k, v in published.items() if k.startswith(prefix)}
         (folder / sub).mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.detach().cpu() for k, v in state.items()}, folder / sub / "pytorch_model.bin")
+        torch.save(part, folder / sub / "pytorch_model.bin")
     model.config.save(folder)
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(folder)
@@ -272,15 +277,7 @@ def save_split_layout(model: TinyLlavaVideo, folder: str | os.PathLike) -> Path:
 # ---- composing a new model from pretrained parts (training stage 1) --------------------------------------
 def _local_folder(path_or_id: str) -> Path:
     path = Path(path_or_id).expanduser()
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(str(path_or_id), allow_patterns=WEIGHT_PATTERNS,
-                                      local_files_only=os.environ.get("HF_HUB_OFFLINE", "0") in ("1", "true")))
-    except Exception as err:
-        raise CheckpointError(f"Cannot find '{path_or_id}' locally or on the hub: {type(err).__name__}.") from None
+    return path if path.is_dir() else _download(str(path_or_id))
 
 
 def build_from_parts(llm: str, vision_tower: str, *, connector_type: str = "groupresampler", num_queries: int = 512,
@@ -300,13 +297,11 @@ def build_from_parts(llm: str, vision_tower: str, *, connector_type: str = "grou
     vision_cfg = AutoConfig.from_pretrained(vision_dir)
     vision_cfg = getattr(vision_cfg, "vision_config", vision_cfg)
     vision_config = vision_cfg.to_dict()
-    config = TinyLlavaConfig(
-        text_config=text_config, vision_config=vision_config, hidden_size=text_config["hidden_size"],
-        vision_hidden_size=vision_config["hidden_size"], connector_type=connector_type, num_queries=num_queries,
-        group=group if connector_type == "groupresampler" else None, num_resampler_layers=num_resampler_layers,
-        vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=select_strategy,
-        llm_model_name_or_path=str(llm), vision_model_name_or_path=str(vision_tower), tokenizer_name_or_path=str(llm),
-        pad_token_id=text_config.get("pad_token_id", text_config.get("eos_token_id")),
+    config = TinyLlavaConfig.compose(
+        text_config, vision_config, connector_type=connector_type, group=group, num_queries=num_queries,
+        num_resampler_layers=num_resampler_layers, vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy=select_strategy, llm_model_name_or_path=str(llm),
+        vision_model_name_or_path=str(vision_tower), tokenizer_name_or_path=str(llm),
         video_sampling=video_sampling, conv_version=conv_version)
     model = TinyLlavaVideo(config)
     lm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)

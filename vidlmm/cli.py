@@ -74,16 +74,20 @@ def _load(args):
     return load_model(source, dtype=args.dtype, device=args.device, quantization=args.quantization)
 
 
-def _sampling(args, model):
+def sampling_from_args(args, model):
+    """--num-frames / --fps / --rate (see add_sampling_arguments), else the checkpoint's own sampling."""
     from .pipeline import default_sampling
     from .video import FrameSampling
 
-    if args.num_frames is not None:
-        return FrameSampling.uniform(args.num_frames)
-    if args.fps:
-        return FrameSampling.fps(args.max_frames)
-    if args.rate is not None:
-        return FrameSampling.at_rate(args.rate, args.max_frames)
+    try:
+        if getattr(args, "num_frames", None) is not None:
+            return FrameSampling.uniform(args.num_frames)
+        if getattr(args, "fps", False):
+            return FrameSampling.fps(args.max_frames)
+        if getattr(args, "rate", None) is not None:
+            return FrameSampling.at_rate(args.rate, args.max_frames)
+    except ValueError as err:  # e.g. --num-frames 0: a user error, one line
+        raise VidlmmError(str(err)) from None
     return default_sampling(model)
 
 
@@ -94,7 +98,7 @@ def cmd_ask(args) -> int:
 
     check_video_path(args.video)  # fail before the model load
     model = _load(args)
-    lmm = VideoLMM(model, sampling=_sampling(args, model))
+    lmm = VideoLMM(model, sampling=sampling_from_args(args, model))
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                                   temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     answer = lmm.ask(args.video, args.question, generation=settings)

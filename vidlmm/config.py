@@ -77,6 +77,17 @@ class TinyLlavaConfig:
         return cls(**known, extra=data)
 
     @classmethod
+    def compose(cls, text_config: dict, vision_config: dict, *, connector_type: str = "groupresampler",
+                group: int | None = None, **fields) -> "TinyLlavaConfig":
+        """A config for a new model from its LLM and tower config dicts: widths are read from them, pad defaults
+        to eos, and `group` is kept only for the group resampler."""
+        fields.setdefault("pad_token_id", text_config.get("pad_token_id", text_config.get("eos_token_id")))
+        return cls(text_config=dict(text_config), vision_config=dict(vision_config),
+                   hidden_size=text_config["hidden_size"], vision_hidden_size=vision_config["hidden_size"],
+                   connector_type=connector_type, group=group if connector_type == "groupresampler" else None,
+                   **fields)
+
+    @classmethod
     def from_json_file(cls, path: str | Path) -> "TinyLlavaConfig":
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))

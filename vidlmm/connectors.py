@@ -399,11 +399,6 @@ class TokenLayout:
         return out.reshape(*values.shape[:-1], self.num_frames, rows, cols)
 
 
-def group_span_frames(spans: list[tuple[int, int]], tokens_per_frame: int) -> list[tuple[float, float]]:
-    """[start, end) token spans -> the same spans in fractional frames (for marking group boundaries)."""
-    return [(s / tokens_per_frame, e / tokens_per_frame) for s, e in spans]
-
-
 def connector_kwargs_from_config(config) -> dict:
     """The constructor arguments a TinyLLaVA config implies for its connector."""
     kwargs = dict(vision_hidden_size=config.vision_hidden_size, hidden_size=config.hidden_size,

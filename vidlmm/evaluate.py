@@ -381,22 +381,6 @@ def load_eval_items(args) -> list[MCItem]:
     return items[: args.limit] if getattr(args, "limit", None) else items
 
 
-def _sampling_from_args(args, model):
-    from .pipeline import default_sampling
-    from .video import FrameSampling
-
-    try:
-        if getattr(args, "num_frames", None) is not None:
-            return FrameSampling.uniform(args.num_frames)
-        if getattr(args, "fps", False):
-            return FrameSampling.fps(args.max_frames)
-        if getattr(args, "rate", None) is not None:
-            return FrameSampling.at_rate(args.rate, args.max_frames)
-    except ValueError as err:
-        raise VidlmmError(str(err)) from None
-    return default_sampling(model)
-
-
 def run_eval_cli(args, model, items: list[MCItem] | None = None) -> int:
     """Run `eval` with an already loaded model; prints one JSON object (--json) or a markdown table."""
     from .pipeline import GenerationSettings, VideoLMM
@@ -405,7 +389,9 @@ def run_eval_cli(args, model, items: list[MCItem] | None = None) -> int:
         items = load_eval_items(args)
     if args.max_new_tokens < 1:
         raise VidlmmError("--max-new-tokens must be at least 1.")
-    lmm = VideoLMM(model, sampling=_sampling_from_args(args, model))
+    from .cli import sampling_from_args
+
+    lmm = VideoLMM(model, sampling=sampling_from_args(args, model))
     result = evaluate(lmm, items, generation=GenerationSettings(max_new_tokens=args.max_new_tokens),
                       style=args.style, progress=getattr(args, "progress", False))
     if getattr(args, "json", False):

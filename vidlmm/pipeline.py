@@ -212,12 +212,7 @@ class VideoLMM:
 
 def default_sampling(model) -> FrameSampling:
     """The sampling a checkpoint was trained with when its config says so (ours do), else uniform 16."""
-    spec = getattr(model.config, "video_sampling", None) or {}
-    if spec.get("mode") == "fps":
-        return FrameSampling.fps(int(spec.get("max_frames", 64)))
-    if spec.get("mode") == "rate":
-        return FrameSampling.at_rate(float(spec.get("rate", 1.0)), int(spec.get("max_frames", 64)))
-    return FrameSampling.uniform(int(spec.get("num_frames", 16)))
+    return FrameSampling.from_dict(getattr(model.config, "video_sampling", None))
 
 
 __all__ = ["Answer", "GenerationSettings", "PreparedVideo", "VideoLMM", "default_sampling"]

@@ -52,14 +52,12 @@ def tiny_config(connector_type: str = "groupresampler", *, vocab_size: int, num_
     """A complete TinyLLaVA config at toy size. Hub names are the published ones: nothing resolves them."""
     text = tiny_text_config(vocab_size, llm=llm)
     vision = tiny_vision_config(tower, image_size=image_size)
-    return TinyLlavaConfig(
-        text_config=text, vision_config=vision, hidden_size=text["hidden_size"],
-        vision_hidden_size=vision["hidden_size"], connector_type=connector_type, num_queries=num_queries,
-        group=group if connector_type == "groupresampler" else None,
+    return TinyLlavaConfig.compose(
+        text, vision, connector_type=connector_type, group=group, num_queries=num_queries,
         vision_feature_select_strategy=select_strategy,
         llm_model_name_or_path="Qwen/Qwen2.5-3B", tokenizer_name_or_path="Qwen/Qwen2.5-3B",
         vision_model_name_or_path="google/siglip-so400m-patch14-384", pad_token="<|endoftext|>",
-        pad_token_id=text["eos_token_id"], video_sampling=video_sampling,
+        video_sampling=video_sampling,
         extra={"resampler_hidden_size": 768, "cache_dir": None, "use_cache": True, "tokenizer_use_fast": False},
     )
 

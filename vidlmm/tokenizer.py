@@ -199,6 +199,12 @@ def _train_backend(texts: list[str], vocab_size: int):
     return tok
 
 
+def _added_tokens_decoder(eos_id: int) -> dict:
+    """tokenizer_config.json's entry for the one special token, `<|endoftext|>` (eos = pad)."""
+    return {str(eos_id): {"content": EOS_TOKEN, "lstrip": False, "normalized": False, "rstrip": False,
+                          "single_word": False, "special": True}}
+
+
 def _write_hub_layout(tok, out: Path, model_max_length: int) -> None:
     vocab = tok.get_vocab(with_added_tokens=False)
     eos_id = tok.token_to_id(EOS_TOKEN)
@@ -206,19 +212,9 @@ def _write_hub_layout(tok, out: Path, model_max_length: int) -> None:
     assert {Path(p).name for p in model_files} == {"vocab.json", "merges.txt"}, model_files
     with open(out / "vocab.json", "w", encoding="utf-8") as f:  # rewrite sorted by id, like the hub files
         json.dump(dict(sorted(vocab.items(), key=lambda kv: kv[1])), f, ensure_ascii=False)
-    added = {
-        str(eos_id): {
-            "content": EOS_TOKEN,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": True,
-        }
-    }
     config = {
         "add_prefix_space": False,
-        "added_tokens_decoder": added,
+        "added_tokens_decoder": _added_tokens_decoder(eos_id),
         "additional_special_tokens": [],
         "bos_token": None,
         "clean_up_tokenization_spaces": False,
@@ -244,16 +240,7 @@ def _write_fast_layout(tok, out: Path, model_max_length: int) -> None:
     tok.save(str(out / "tokenizer.json"))
     eos_id = tok.token_to_id(EOS_TOKEN)
     config = {
-        "added_tokens_decoder": {
-            str(eos_id): {
-                "content": EOS_TOKEN,
-                "lstrip": False,
-                "normalized": False,
-                "rstrip": False,
-                "single_word": False,
-                "special": True,
-            }
-        },
+        "added_tokens_decoder": _added_tokens_decoder(eos_id),
         "bos_token": None,
         "clean_up_tokenization_spaces": False,
         "eos_token": EOS_TOKEN,

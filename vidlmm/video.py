@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import importlib
 import math
 import os
 import stat
@@ -60,6 +61,19 @@ class FrameSampling:
     @classmethod
     def at_rate(cls, rate: float = 1.0, max_frames: int = 64) -> "FrameSampling":
         return cls(mode="rate", rate=float(rate), max_frames=max_frames)
+
+    @classmethod
+    def from_dict(cls, spec: dict | None) -> "FrameSampling":
+        """From a config dict like {"mode": "fps", "max_frames": 64} (a checkpoint's `video_sampling`, a training
+        recipe's `sampling`). max_frames 0 means uncapped, as the reference trains in fps mode."""
+        spec = spec or {}
+        mode = spec.get("mode", "uniform")
+        if mode == "uniform":
+            return cls.uniform(int(spec.get("num_frames", 16)))
+        cap = int(spec.get("max_frames", 64)) or 10**6
+        if mode == "fps":
+            return cls.fps(cap)
+        return cls.at_rate(float(spec.get("rate", 1.0)), cap)
 
     @classmethod
     def from_reference(cls, num_frame: int, max_frame: int = 64) -> "FrameSampling":
@@ -167,14 +181,19 @@ def _sane_fps(fps) -> bool:
     return fps is not None and math.isfinite(float(fps)) and 0 < float(fps) <= 1000
 
 
+def _import_decoder(module: str, label: str):
+    """Decoder libraries load lazily; a missing one is a backend failure like any other (the next is tried)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise _Fail("not_a_video", f"{label} is not installed") from exc
+
+
 class _Decord:
     name = "decord"
 
     def __init__(self, path: str, size):
-        try:
-            import decord
-        except ImportError as exc:
-            raise _Fail("not_a_video", "decord is not installed") from exc
+        decord = _import_decoder("decord", "decord")
         w, h = size if size else (-1, -1)
         try:
             self.vr = decord.VideoReader(path, ctx=decord.cpu(0), width=w, height=h)
@@ -202,10 +221,7 @@ class _PyAV:
     name = "pyav"
 
     def __init__(self, path: str, size):
-        try:
-            import av
-        except ImportError as exc:
-            raise _Fail("not_a_video", "PyAV is not installed") from exc
+        av = _import_decoder("av", "PyAV")
         self.av, self.size = av, size
         try:
             self.container = av.open(path)
@@ -295,10 +311,7 @@ class _OpenCV:
     name = "opencv"
 
     def __init__(self, path: str, size):
-        try:
-            import cv2
-        except ImportError as exc:
-            raise _Fail("not_a_video", "OpenCV is not installed") from exc
+        cv2 = _import_decoder("cv2", "OpenCV")
         self.cv2, self.size = cv2, size
         self.cap = cv2.VideoCapture(path)
         if not self.cap.isOpened():
