@@ -113,3 +113,24 @@ def test_frame_descriptions_and_pixels_match_the_ground_truth(world):
     idx = np.arange(4)
     t_idx = np.linspace(0, spec.frames - 1, 4).astype(np.int64)
     assert torch.equal(fs.pixels(idx), ImageProcessor.for_tower("siglip", 32)(frames[t_idx]))
+
+
+def test_mc_training_annotations_cover_training_clips_only(world, tmp_path):
+    from train.stage0 import write_mc_annotations
+    from train.world import option_text
+    from vidlmm.conversation import normalize_conversations
+
+    path = write_mc_annotations(world, tmp_path / "mc.json", seed=0, per_clip=3)
+    records = json.loads(path.read_text())
+    train_ids = {s.id for s in load_clips(world)["train"]}
+    assert {r["id"].rsplit("_mc", 1)[0] for r in records} == train_ids
+    assert (world / records[0]["video"]).is_file()
+    for r in records:
+        normalize_conversations(r["conversations"])  # the reference format, no warnings needed
+        human, gpt = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        assert human.startswith("<image>\n") and human.rstrip().endswith("directly.")
+        letter = gpt.strip("()")[0]
+        assert letter in "ABCD" and (f"{letter}. " in human or f"({letter})" in human)
+        if ". " in gpt:  # "B. Red": the option text must be that letter's option
+            assert option_text(gpt) in human
+    assert write_mc_annotations(world, tmp_path / "again.json", seed=0, per_clip=3).read_text() == path.read_text()

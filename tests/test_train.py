@@ -173,3 +173,19 @@ def test_two_cpu_processes_match_one(tmp_path, tiny_world):
     start = read_state_dict(tmp_path / "one" / "model")  # sanity: training moved the weights
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
     assert start
+
+
+def test_feature_cache_changes_nothing_but_the_work(tmp_path, tiny_world):
+    """A frozen tower's features cached per clip: the trained weights are identical to a run without the cache,
+    and the second epoch reads every readable clip from the cache instead of decoding it again."""
+    from train.data import shared_feature_cache
+    from train.trainer import run
+
+    plain = run(load_recipe(stage1_recipe(tmp_path, tiny_world, "plain")), progress=False)
+    cached_recipe = load_recipe(stage1_recipe(tmp_path, tiny_world, "cached"), ["feature_cache_mb=7"])
+    cached = run(cached_recipe, progress=False)
+    cache = shared_feature_cache(7 << 20)
+    assert cache.hits >= 7  # epoch 2: the 7 readable clips (the corrupt one is never cached)
+    a = torch.load(plain / "connector" / "pytorch_model.bin", weights_only=True)
+    b = torch.load(cached / "connector" / "pytorch_model.bin", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

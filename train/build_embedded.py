@@ -37,7 +37,7 @@ def build(out: Path, work: Path, *, seed: int = 0, smoke: bool = False, connecto
     from vidlmm.evaluate import evaluate, load_mc_items
     from vidlmm.pipeline import VideoLMM
 
-    from .stage0 import run_stage0
+    from .stage0 import run_stage0, write_mc_annotations
     from .trainer import run
     from .world import WorldConfig, generate_world
 
@@ -50,6 +50,7 @@ def build(out: Path, work: Path, *, seed: int = 0, smoke: bool = False, connecto
     timings["world"] = time.perf_counter() - t
     t = time.perf_counter()
     run_stage0(world, work / "stage0", budget="smoke" if smoke else "full", seed=seed)
+    mc_train = write_mc_annotations(world, world / "mc_train.json", seed=seed)
     timings["stage0"] = time.perf_counter() - t
     common = [f"seed={seed}", f"video_roots=[{json.dumps(str(world))}]"]
     if smoke:
@@ -64,7 +65,7 @@ def build(out: Path, work: Path, *, seed: int = 0, smoke: bool = False, connecto
                                                  f"output_dir={work / name / 'stage1'}"])
         stage1_out = run(stage1, progress=progress)
         stage2 = load_recipe("toy_stage2.yaml", [*common, f"name={name}-stage2", f"init={stage1_out}",
-                                                 f"annotations=[{json.dumps(str(world / 'qa.json'))}]",
+                                                 f"annotations={json.dumps([str(world / 'qa.json'), str(mc_train)])}",
                                                  f"output_dir={work / name / 'stage2'}"])
         model_dir = run(stage2, progress=progress)
         timings[f"train_{name}"] = time.perf_counter() - t

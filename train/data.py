@@ -73,16 +73,62 @@ def load_annotations(files: list[str | Path], video_roots: list[str | Path]) -> 
     return samples, problems
 
 
+class FeatureCache:
+    """Vision-tower features per video, for runs where the tower is frozen: its output for a clip never changes,
+    so each clip is decoded and encoded once per process instead of once per epoch (and, in one process, once
+    for every stage and connector trained on the same tower). Keys hold the tower's weight fingerprint and the
+    sampling, so a different tower or sampling never reads another's features. Bounded in bytes (LRU)."""
+
+    def __init__(self, max_bytes: int = 2 << 30):
+        from vidlmm.cache import ByteLRU
+
+        self._lru = ByteLRU(max_bytes)
+        self.scope = ""
+
+    def bind(self, tower: torch.nn.Module, sampling: FrameSampling) -> None:
+        import hashlib
+
+        digest = hashlib.sha1()
+        for p in tower.parameters():
+            digest.update(p.detach().cpu().float().numpy().tobytes())
+        self.scope = f"{digest.hexdigest()}|{sampling}"
+
+    def key(self, video: Path) -> str:
+        return f"{self.scope}|{video}"
+
+    def get(self, key: str):
+        return self._lru.get(key)
+
+    def put(self, key: str, features: torch.Tensor) -> None:
+        self._lru.put(key, features.detach())
+
+    @property
+    def hits(self) -> int:
+        return self._lru.hits
+
+
+_SHARED_CACHES: dict[int, FeatureCache] = {}
+
+
+def shared_feature_cache(max_bytes: int) -> FeatureCache:
+    """One cache per process and size, reused by every run() in it (build_embedded trains 3 connectors x 2 stages
+    on the same frozen tower in one process)."""
+    return _SHARED_CACHES.setdefault(max_bytes, FeatureCache(max_bytes))
+
+
 class VideoConversationDataset(torch.utils.data.Dataset):
-    """Items: {"pixel_values" [T,3,S,S], "input_ids", "labels", "skipped"}.
+    """Items: {"pixel_values" [T,3,S,S] or None, "features" [T,N,C] or None, "cache_key", "input_ids", "labels",
+    "skipped"}. With a feature cache that already holds a clip, the clip is not decoded at all.
 
     A video that fails to decode is logged and replaced by the next readable sample, so every process of a
     distributed run still does the same number of steps (a process skipping a step would hang the others).
     """
 
     def __init__(self, samples: list[Sample], *, tokenizer, image_processor, template: str,
-                 sampling: FrameSampling, visual_tokens_for, max_length: int = 3072):
+                 sampling: FrameSampling, visual_tokens_for, max_length: int = 3072,
+                 feature_cache: FeatureCache | None = None):
         self.samples = samples
+        self.feature_cache = feature_cache
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.template, self.sampling = template, sampling
         # frames -> visual tokens the connector makes (the image-level resampler's grow with the frame count)
@@ -92,27 +138,34 @@ class VideoConversationDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
+        pixels = features = key = None
         for skipped in range(min(len(self.samples), 16)):
             sample = self.samples[(index + skipped) % len(self.samples)]
+            if self.feature_cache is not None:
+                key = self.feature_cache.key(sample.video)
+                features = self.feature_cache.get(key)
+                if features is not None:
+                    break
             try:
-                clip = read_video(sample.video, self.sampling)
+                pixels = self.image_processor(read_video(sample.video, self.sampling).frames)
                 break
             except VideoReadError as err:
                 log.warning("skipping unreadable video %s: %s", sample.video, err)
         else:
             return None
-        num_visual = self.visual_tokens_for(len(clip.indices))
+        frames = len(features if features is not None else pixels)
+        num_visual = self.visual_tokens_for(frames)
         example = make_training_example(self.template, sample.conversations, self.tokenizer,
                                         max_length=self.max_length, num_visual_tokens=num_visual)
-        return {"pixel_values": self.image_processor(clip.frames), "input_ids": example.input_ids,
-                "labels": example.labels, "id": sample.id, "skipped": skipped,
-                "num_visual_tokens": num_visual}
+        return {"pixel_values": pixels, "features": features, "cache_key": key, "input_ids": example.input_ids,
+                "labels": example.labels, "id": sample.id, "skipped": skipped, "num_visual_tokens": num_visual}
 
 
 def collate(batch: list) -> dict:
     """Keep lists (clips may have different frame counts in fps mode); count skipped videos."""
     kept = [b for b in batch if b is not None]
-    return {"pixel_values": [b["pixel_values"] for b in kept], "input_ids": [b["input_ids"] for b in kept],
+    return {"pixel_values": [b["pixel_values"] for b in kept], "features": [b.get("features") for b in kept],
+            "cache_keys": [b.get("cache_key") for b in kept], "input_ids": [b["input_ids"] for b in kept],
             "labels": [b["labels"] for b in kept], "ids": [b["id"] for b in kept],
             "visual_tokens": sum(b["num_visual_tokens"] for b in kept),
             "skipped": len(batch) - len(kept) + sum(b["skipped"] for b in kept)}

@@ -60,6 +60,8 @@ class Recipe:
     log_every_steps: int = 1
     seed: int = 0
     dataloader_workers: int = 0
+    # frozen tower: keep its features per clip in memory (MiB; 0 = off) so a clip is decoded and encoded once
+    feature_cache_mb: int = 0
     # shapes of the named backbones, for planning without downloading them
     llm_shape: dict | None = None
     vision_shape: dict | None = None

@@ -187,6 +187,23 @@ def mc_conversations(specs: Iterable, seed: int, *, per_clip: int = 2) -> list[l
     return convs
 
 
+def write_mc_annotations(world_dir, out_file, *, seed: int = 0, per_clip: int = 3) -> Path:
+    """Multiple-choice QA on every TRAINING clip in the reference annotation format (``<image>`` first), for
+    stage 2: the paper's mix has multiple-choice QA beside open-ended QA, and the held-out set is multiple-choice."""
+    train = W.load_clips(world_dir)["train"]
+    records = []
+    for n, spec in enumerate(train):
+        # a seed per clip (not the LM's: these draws are new questions and letter orders for the same clips)
+        for k, ((question, answer),) in enumerate(mc_conversations([spec], seed=1_000_003 * (seed + 1) + n,
+                                                                  per_clip=per_clip)):
+            records.append({"id": f"{spec.id}_mc{k}", "video": f"videos/{spec.id}.mp4",
+                            "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"},
+                                              {"from": "gpt", "value": answer}]})
+    out_file = Path(out_file)
+    out_file.write_text(json.dumps(records, indent=1))
+    return out_file
+
+
 def _record_pairs(record: dict) -> list[tuple[str, str]]:
     conv = record["conversations"]
     return [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv), 2)]

@@ -22,7 +22,7 @@ from vidlmm.checkpoint import build_from_parts, load_model, save_model, save_spl
 
 from vidlmm.video import FrameSampling
 
-from .data import VideoConversationDataset, VisualTokenCount, collate, load_annotations
+from .data import VideoConversationDataset, VisualTokenCount, collate, load_annotations, shared_feature_cache
 from .recipe import PARTS, Recipe
 
 log = logging.getLogger(__name__)
@@ -32,17 +32,23 @@ class TrainingStep(nn.Module):
     """Wraps the model so one forward = the whole step (vision -> connector -> LLM loss); the distributed wrapper
     then sees every trainable parameter used inside its own forward."""
 
-    def __init__(self, model):
+    def __init__(self, model, feature_cache=None):
         super().__init__()
         self.model = model
+        self.feature_cache = feature_cache  # only when the tower is frozen
 
-    def forward(self, pixel_values: list, input_ids: list, labels: list):
+    def forward(self, pixel_values: list, input_ids: list, labels: list, features: list | None = None,
+                cache_keys: list | None = None):
         m = self.model
         visual = []
-        for pixels in pixel_values:
-            with torch.set_grad_enabled(m.vision_tower.training and torch.is_grad_enabled()):
-                feats = m.vision_tower(pixels.to(m.device))
-            visual.append(m.connector(feats.unsqueeze(0).to(m.dtype)).tokens[0])
+        for i, pixels in enumerate(pixel_values):
+            feats = features[i] if features else None
+            if feats is None:
+                with torch.set_grad_enabled(m.vision_tower.training and torch.is_grad_enabled()):
+                    feats = m.vision_tower(pixels.to(m.device))
+                if self.feature_cache is not None and cache_keys and cache_keys[i]:
+                    self.feature_cache.put(cache_keys[i], feats.cpu())
+            visual.append(m.connector(feats.unsqueeze(0).to(device=m.device, dtype=m.dtype)).tokens[0])
         embeds, mask, lab = m.build_inputs(input_ids, visual, labels, padding_side="right")
         return m(embeds, mask, labels=lab).loss
 
@@ -144,15 +150,21 @@ def run(recipe: Recipe, *, max_steps: int | None = None, progress: bool = True) 
     samples, problems = load_annotations(recipe.annotations, recipe.video_roots)
     if not samples:
         raise ValueError("No usable training samples (check annotations and video_roots).")
+    sampling = FrameSampling.from_dict(recipe.sampling)
+    cache = None
+    if recipe.feature_cache_mb and recipe.tune["vision_tower"] == "frozen" and recipe.dataloader_workers == 0:
+        cache = shared_feature_cache(recipe.feature_cache_mb << 20)
+        cache.bind(model.vision_tower, sampling)
     dataset = VideoConversationDataset(samples, tokenizer=model.tokenizer, image_processor=model.image_processor,
-                                       template=recipe.template, sampling=FrameSampling.from_dict(recipe.sampling),
-                                       visual_tokens_for=VisualTokenCount.of(model), max_length=recipe.max_length)
+                                       template=recipe.template, sampling=sampling,
+                                       visual_tokens_for=VisualTokenCount.of(model), max_length=recipe.max_length,
+                                       feature_cache=cache)
     total_steps = recipe.optimizer_steps(len(samples))
     optimizer = torch.optim.AdamW(optimizer_groups(model, recipe.weight_decay), lr=recipe.learning_rate)
     schedule = get_cosine_schedule_with_warmup if recipe.lr_scheduler == "cosine" else \
         get_linear_schedule_with_warmup
     scheduler = schedule(optimizer, recipe.warmup_steps(len(samples)), total_steps)
-    step_module = TrainingStep(model)
+    step_module = TrainingStep(model, cache)
     step_module, optimizer, scheduler = accelerator.prepare(step_module, optimizer, scheduler)
 
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples": 0, "skipped_videos": 0}
@@ -185,7 +197,8 @@ def run(recipe: Recipe, *, max_steps: int | None = None, progress: bool = True) 
             if not batch["input_ids"]:
                 continue
             with accelerator.accumulate(step_module):
-                loss = step_module(batch["pixel_values"], batch["input_ids"], batch["labels"])
+                loss = step_module(batch["pixel_values"], batch["input_ids"], batch["labels"], batch["features"],
+                                   batch["cache_keys"])
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(step_module.parameters(), 1.0)
