@@ -1,0 +1,273 @@
+"""`python -m visualizations attention|redundancy|budget`: figures and the numbers behind them, into --out.
+
+    python -m visualizations attention  --model M --video V --out DIR [--layer -1] [--head H] [--scale log]
+    python -m visualizations redundancy --model M [--model M2 ...] --video V [--question Q] --out DIR
+    python -m visualizations redundancy --model M [--model M2 ...] --mc items.json [--video-root D] --out DIR
+    python -m visualizations budget     [--model M ...] [--with-connectors] [--frames 1 2 4 ...] --out DIR
+
+Each figure is written in every --formats (png, svg, pdf) at --dpi, with its numbers beside it as JSON and CSV.
+--model takes a checkpoint folder (or hub id) and defaults to the embedded model. The written paths are printed,
+one per line. A user error exits with status 2 and one line `error: ...` on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from vidlmm.errors import VidlmmError
+
+FORMATS = ("png", "svg", "pdf")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like `python -m vidlmm`
+        raise VidlmmError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vidlmm.analysis import FRACTIONS, STRATEGIES
+    from vidlmm.cli import add_sampling_arguments
+    from vidlmm.evaluate import STYLES
+
+    parser = _Parser(prog="python -m visualizations", description="Attention, redundancy and token-budget figures.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def common(p, video: str):
+        p.add_argument("--model", action="append", help="checkpoint folder or hub id; repeat to compare "
+                                                       "(default: the embedded model)")
+        if video == "required":
+            p.add_argument("--video", required=True, help="video file")
+        elif video == "optional":
+            p.add_argument("--video", help="video file")
+        p.add_argument("--out", required=True, help="output folder")
+        p.add_argument("--formats", nargs="+", choices=FORMATS, default=["png"], help="figure formats")
+        p.add_argument("--dpi", type=int, default=150)
+        p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        if video != "none":
+            add_sampling_arguments(p)
+
+    att = sub.add_parser("attention", help="connector attention: heatmap, frame overlays, temporal profile, "
+                                           "redundancy statistics")
+    common(att, "required")
+    att.add_argument("--layer", type=int, default=-1, help="connector layer (default: the last)")
+    att.add_argument("--head", type=int, help="one head (default: mean of heads)")
+    att.add_argument("--scale", choices=["linear", "log"], default="linear")
+    which = att.add_mutually_exclusive_group()
+    which.add_argument("--query", type=int, help="frame overlays for one query")
+    which.add_argument("--group", type=int, help="frame overlays for one query group")
+    att.add_argument("--frames-shown", type=int, default=16, help="frames drawn in the overlay figure")
+
+    red = sub.add_parser("redundancy", help="query-zeroing curves on one video or a multiple-choice set")
+    common(red, "optional")
+    red.add_argument("--question", default="Describe what happens in the video.",
+                     help="question for the single-video curve")
+    red.add_argument("--mc", help="multiple-choice JSON (MVBench / Video-MME style): accuracy curves")
+    red.add_argument("--video-root", help="folder the --mc videos are relative to (default: the JSON's folder)")
+    red.add_argument("--limit", type=int, help="only the first N --mc questions")
+    red.add_argument("--style", choices=list(STYLES), default="mvbench", help="--mc prompt style")
+    red.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS), help="shares of tokens kept")
+    red.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES))
+    red.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    red.add_argument("--metric", help="metric to plot (default: relative likelihood / relative accuracy)")
+    red.add_argument("--max-new-tokens", type=int, help="answer length (default 64, or 16 with --mc)")
+
+    bud = sub.add_parser("budget", help="visual tokens and LLM prefill cost vs frames")
+    common(bud, "none")
+    bud.add_argument("--frames", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    bud.add_argument("--text-tokens", type=int, default=64, help="text tokens added to each prompt")
+    bud.add_argument("--with-connectors", action="store_true",
+                     help="add naive / group / image-level / MLP variants of the first model's backbone")
+    return parser
+
+
+# ---- helpers ------------------------------------------------------------------------------------------------
+
+def _sources(args) -> list[tuple[str, str]]:
+    """(label, folder or hub id) per --model; labels are folder names, made unique."""
+    from vidlmm.defaults import default_model
+
+    models = args.model
+    if not models:
+        source, trained = default_model()
+        if not trained:
+            print("note: using a tiny random-weight stand-in model (the embedded trained models are not built "
+                  "yet); its numbers are meaningless.", file=sys.stderr)
+        models = [source]
+    out, seen = [], {}
+    for source in models:
+        label = Path(str(source).rstrip("/")).name or str(source)
+        seen[label] = seen.get(label, 0) + 1
+        out.append((label if seen[label] == 1 else f"{label}-{seen[label]}", source))
+    return out
+
+
+def _load(source: str, args):
+    from vidlmm.checkpoint import load_model
+
+    return load_model(source, dtype=args.dtype, device=args.device)
+
+
+def _lmm(model, args):
+    from vidlmm.cli import sampling_from_args
+    from vidlmm.pipeline import VideoLMM
+
+    return VideoLMM(model, sampling=sampling_from_args(args, model))
+
+
+class _Writer:
+    """Writes figures in every requested format and data as JSON + CSV into one folder; remembers the paths."""
+
+    def __init__(self, args):
+        self.out = Path(args.out)
+        if self.out.exists() and not self.out.is_dir():
+            raise VidlmmError(f"--out '{args.out}' exists and is not a folder.")
+        self.formats, self.dpi, self.written = args.formats, args.dpi, []
+
+    def figure(self, fig, stem: str):
+        from visualizations import save_figure
+
+        for fmt in self.formats:
+            self.written.append(save_figure(fig, self.out / f"{stem}.{fmt}", dpi=self.dpi))
+        fig.clf()
+
+    def data(self, obj, stem: str, csv_rows=None):
+        from visualizations import write_data
+
+        self.written.append(write_data(obj, self.out / f"{stem}.json"))
+        self.table(obj if csv_rows is None else csv_rows, stem)
+
+    def table(self, rows, stem: str):
+        from visualizations import write_data
+
+        self.written.append(write_data(rows, self.out / f"{stem}.csv"))
+
+
+# ---- commands -----------------------------------------------------------------------------------------------
+
+def cmd_attention(args, writer: _Writer) -> None:
+    import numpy as np
+
+    from vidlmm.analysis import attention_maps, redundancy_stats
+    from vidlmm.video import check_video_path
+    from visualizations import (plot_attention_heatmap, plot_frame_overlays, plot_redundancy_stats,
+                                plot_temporal_profile)
+
+    check_video_path(args.video)
+    sources = _sources(args)
+    for label, source in sources:
+        prefix = f"{label}_" if len(sources) > 1 else ""
+        lmm = _lmm(_load(source, args), args)
+        maps = attention_maps(lmm, args.video)
+        layer, head = args.layer, args.head
+        writer.figure(plot_attention_heatmap(maps, layer, head, scale=args.scale), f"{prefix}attention_heatmap")
+        writer.figure(plot_frame_overlays(maps, layer, head, query=args.query, group=args.group,
+                                          max_frames=args.frames_shown), f"{prefix}attention_frames")
+        writer.figure(plot_temporal_profile(maps, layer, head), f"{prefix}attention_temporal")
+        writer.data(maps, f"{prefix}attention", csv_rows=maps.rows(layer, head))
+        stats = redundancy_stats(maps, layer)
+        writer.figure(plot_redundancy_stats(stats), f"{prefix}attention_redundancy")
+        writer.data(stats, f"{prefix}attention_redundancy")
+        full = writer.out / f"{prefix}attention.npz"  # the full arrays, too big for JSON
+        np.savez_compressed(full, media=maps.media, latents=maps.latents, query_groups=maps.query_groups,
+                            tokens=maps.tokens, frame_indices=np.asarray(maps.frame_indices),
+                            timestamps=np.asarray(maps.timestamps))
+        writer.written.append(full)
+        del lmm, maps
+        gc.collect()
+
+
+def cmd_redundancy(args, writer: _Writer) -> None:
+    from vidlmm.analysis import zeroing_curve, zeroing_mc_curve
+    from vidlmm.evaluate import load_mc_items
+    from vidlmm.video import check_video_path
+    from visualizations import plot_zeroing
+
+    if args.mc and args.video:
+        raise VidlmmError("Give either --video (one video and --question) or --mc (a question set), not both.")
+    if not args.mc and not args.video:
+        raise VidlmmError("Give --video (with --question) or --mc (a multiple-choice JSON).")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise VidlmmError("--max-new-tokens must be at least 1.")
+    items = None
+    if args.mc:
+        if args.limit is not None and args.limit < 1:
+            raise VidlmmError("--limit must be at least 1.")
+        items = load_mc_items(args.mc, args.video_root)[: args.limit]
+        if not items:
+            raise VidlmmError(f"'{Path(args.mc).name}' holds no questions.")
+    else:
+        check_video_path(args.video)
+
+    def progress(done, total, message):
+        if sys.stderr.isatty():
+            print(f"\r{message}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+        elif done == total:
+            print(message, file=sys.stderr, flush=True)
+
+    results = []
+    for label, source in _sources(args):
+        lmm = _lmm(_load(source, args), args)
+        common = dict(fractions=args.fractions, strategies=args.strategies, seeds=args.seeds, name=label,
+                      progress=progress)
+        if items is not None:
+            results.append(zeroing_mc_curve(lmm, items, style=args.style, max_new_tokens=args.max_new_tokens or 16,
+                                            **common))
+        else:
+            results.append(zeroing_curve(lmm, args.video, args.question, max_new_tokens=args.max_new_tokens or 64,
+                                         **common))
+        del lmm
+        gc.collect()
+    metric = args.metric
+    if metric is not None and metric not in results[0].metrics:
+        raise VidlmmError(f"Unknown metric '{metric}' (use {', '.join(results[0].metrics)}).")
+    writer.figure(plot_zeroing(results, metric), "zeroing")
+    writer.data({"results": results}, "zeroing", csv_rows=[row for r in results for row in r.rows()])
+    writer.table([row for r in results for row in r.summary()], "zeroing_summary")
+
+
+def cmd_budget(args, writer: _Writer) -> None:
+    from vidlmm.analysis import model_config, connector_variants, token_budget
+    from visualizations import plot_token_budget
+
+    if args.text_tokens < 0:
+        raise VidlmmError("--text-tokens cannot be negative.")
+    models = dict(_sources(args))
+    if args.with_connectors:
+        base = model_config(next(iter(models.values())))
+        for name, config in connector_variants(base).items():
+            models[name if name not in models else f"{name} (variant)"] = config
+    budget = token_budget(models, frames=args.frames, text_tokens=args.text_tokens)
+    writer.figure(plot_token_budget(budget), "budget")
+    writer.data(budget, "budget")
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        args = build_parser().parse_args(argv)
+        if args.dpi < 10:
+            raise VidlmmError("--dpi must be at least 10.")
+        writer = _Writer(args)
+        {"attention": cmd_attention, "redundancy": cmd_redundancy, "budget": cmd_budget}[args.command](args, writer)
+    except VidlmmError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    for path in writer.written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
