@@ -1,0 +1,517 @@
+"""What the app does, without Gradio: preview a video, answer (streamed), attention, redundancy and comparison.
+
+Every method takes plain values (paths, strings, numbers, dataclasses) and returns plain values, so the UI in
+`app/ui.py` is thin glue and these are testable directly. Errors a user can cause are `UserError` (or a
+`VidlmmError`) carrying one sentence.
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import functools
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from vidlmm.errors import VidlmmError, VideoReadError
+
+from .budget import TokenBudget, describe_limits, token_counts
+from .config import AppConfig
+from .exports import export_data, export_figure, slug
+from .gpu import across, gpu, peak_memory, reset_peak_memory
+from .models import ModelPool, discover_models
+from .session import Session, SessionCache
+
+Progress = Callable[[float, str], None]
+TIMING_ORDER = ("decode", "preprocess", "vision", "connector", "prefill", "generation")
+THUMB_HEIGHT = 96
+MAX_THUMBS = 64
+
+
+class UserError(VidlmmError):
+    """A request the app refuses, in one sentence (bad setting, video too long, unknown model...)."""
+
+
+def _no_progress(fraction: float, text: str) -> None:
+    pass
+
+
+def one_sentence(err: BaseException) -> str:
+    """The message a user sees for any error: ours verbatim, anything else named but without a traceback."""
+    if isinstance(err, VidlmmError):
+        return str(err)
+    if isinstance(err, (ValueError, FileNotFoundError)):
+        return " ".join(str(err).split()) or type(err).__name__
+    return f"Something went wrong ({type(err).__name__}: {' '.join(str(err).split())[:200]})."
+
+
+# ---- settings from plain values ------------------------------------------------------------------------------
+def make_sampling(mode: str = "uniform", num_frames: int = 16, max_frames: int = 64, rate: float = 1.0,
+                  limit: int = 128):
+    """uniform: num_frames evenly spread. fps: `rate` frames per second capped at max_frames; rate 1 is the
+    reference's "1fps" mode (floor(duration) frames evenly spread)."""
+    from vidlmm.video import FrameSampling
+
+    mode = (mode or "uniform").lower()
+    try:
+        if mode == "uniform":
+            n = int(num_frames)
+            if not 1 <= n <= limit:
+                raise UserError(f"Frames must be between 1 and {limit}.")
+            return FrameSampling.uniform(n)
+        if mode == "fps":
+            cap = int(max_frames)
+            if not 1 <= cap <= limit:
+                raise UserError(f"Max frames must be between 1 and {limit}.")
+            rate = float(rate)
+            return FrameSampling.fps(cap) if abs(rate - 1.0) < 1e-9 else FrameSampling.at_rate(rate, cap)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    raise UserError(f"Unknown frame sampling '{mode}' (use uniform or fps).")
+
+
+def make_generation(max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 0.2,
+                    top_p: float = 0.9, seed: int | None = None):
+    from vidlmm.pipeline import GenerationSettings
+
+    if not 1 <= int(max_new_tokens) <= 2048:
+        raise UserError("Max new tokens must be between 1 and 2048.")
+    if do_sample and not (float(temperature) > 0 and 0 < float(top_p) <= 1):
+        raise UserError("Sampling needs a temperature above 0 and a top-p in (0, 1].")
+    seed = None if seed in (None, "", -1) else int(seed)
+    return GenerationSettings(max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample),
+                              temperature=float(temperature), top_p=float(top_p), seed=seed)
+
+
+def make_budget(groups: int | None = 0, queries: int | None = 0, active_fraction: float = 1.0,
+                strategy: str = "random", seed: int = 0) -> TokenBudget:
+    fraction = float(active_fraction if active_fraction not in (None, "") else 1.0)
+    if not 0 < fraction <= 1:
+        raise UserError("The active fraction must be above 0 and at most 1.")
+    return TokenBudget(groups=int(groups or 0) or None, queries=int(queries or 0) or None, active_fraction=fraction,
+                       strategy=strategy or "random", seed=int(seed or 0))
+
+
+def parse_fractions(text) -> list[float]:
+    """'1, 0.5, 25%' or a list -> [1.0, 0.5, 0.25] (each in (0, 1])."""
+    items = text if isinstance(text, (list, tuple)) else str(text).replace(";", ",").split(",")
+    out = []
+    for item in items:
+        item = str(item).strip()
+        if not item:
+            continue
+        try:
+            value = float(item[:-1]) / 100 if item.endswith("%") else float(item)
+        except ValueError:
+            raise UserError(f"'{item}' is not a fraction (write e.g. 1, 0.5, 0.25 or 50%).") from None
+        if not 0 < value <= 1:
+            raise UserError(f"Fraction {item} is not in (0, 1].")
+        out.append(value)
+    if not out:
+        raise UserError("Give at least one active fraction.")
+    return sorted(set(out), reverse=True)
+
+
+def format_timings(timings: dict, memory: dict | None = None) -> str:
+    parts = [f"{k} {timings[k] * 1000:.0f} ms" for k in TIMING_ORDER if k in timings]
+    if "tokens_per_s" in timings:
+        parts.append(f"{timings['tokens_per_s']:.1f} tokens/s")
+    for key, label in (("peak_rss_mb", "peak RSS"), ("peak_gpu_mb", "peak GPU")):
+        if memory and key in memory:
+            parts.append(f"{label} {memory[key]:.0f} MiB")
+    return " · ".join(parts)
+
+
+# ---- results ----------------------------------------------------------------------------------------------------
+@dataclass
+class Preview:
+    frames: list[tuple[np.ndarray, str]]  # thumbnails [h, w, 3] uint8 with "#index · t s" captions
+    num_frames: int
+    visual_tokens: int
+    active_tokens: int
+    details: dict
+    summary: str
+
+
+@dataclass
+class AskResult:
+    answer: str
+    details: dict
+    summary: str
+
+
+@dataclass
+class FigureSet:
+    images: dict[str, Path] | list[tuple[str, Path]]  # name -> PNG to show (a list when names may repeat)
+    data: dict                              # numbers behind the figures
+    downloads: list[Path] = field(default_factory=list)
+
+
+class Service:
+    """Owns the model pool, the shared byte-bounded feature cache and a temporary folder for downloads."""
+
+    def __init__(self, config: AppConfig):
+        from vidlmm.cache import ByteLRU
+
+        self.config = config
+        source, trained = (config.model, True) if config.model else _default_model()
+        self.default_source, self.default_trained = source, trained
+        self.choices = discover_models(config.models_dir, source, trained)
+        self.models = ModelPool(self.choices, max_loaded=config.max_loaded_models, dtype=config.dtype,
+                                device=config.device, quantization=config.quantization,
+                                allow_custom=config.allow_custom_models, default_trained=trained)
+        self.features = ByteLRU(config.cache_mb * 1024**2)
+        self.files_root = Path(tempfile.mkdtemp(prefix="vidlmm-app-"))
+        atexit.register(shutil.rmtree, self.files_root, ignore_errors=True)
+
+    # ---- models and videos -------------------------------------------------------------------------------------
+    def lmm(self, session: Session, model: str | None):
+        """(LoadedModel, VideoLMM view whose cache is this session's)."""
+        loaded = self.models.get(model)
+        view = copy.copy(loaded.lmm)  # shares the model and its generate lock
+        view.cache = SessionCache(self.features, session.id)
+        return loaded, view
+
+    def check_video(self, video) -> tuple[str, float]:
+        """A readable video within the limits -> (path, duration s); otherwise a one-sentence error."""
+        if not video:
+            raise UserError("Upload a video (or pick an example) first.")
+        path = _video_path(video)
+        from vidlmm.video import check_video_path
+
+        name = check_video_path(path)
+        st = os.stat(path)
+        if st.st_size > self.config.max_upload_bytes:
+            raise VideoReadError("too_long", f"Cannot read video '{name}': it is {st.st_size / 1024**2:.0f} MiB, "
+                                 f"over the {self.config.max_upload_mb} MiB upload limit.", path)
+        total, fps = _probe(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+        duration = total / fps
+        if duration > self.config.max_duration_s:
+            raise VideoReadError("too_long", f"Cannot read video '{name}': it lasts {duration:.0f} s, longer than "
+                                 f"the {self.config.max_duration_s:g} s limit.", path)
+        return path, duration
+
+    def budget_info(self, model: str | None) -> dict:
+        loaded = self.models.get(model)
+        module = loaded.lmm.model.connector._connector
+        return {"connector": loaded.connector, **describe_limits(module),
+                "latents": int(module.latents.shape[0]) if hasattr(module, "latents") else 0,
+                "sampling": loaded.lmm.sampling}
+
+    # ---- before running ------------------------------------------------------------------------------------------
+    def preview(self, video, model: str | None, sampling, budget: TokenBudget) -> Preview:
+        """The frames the model will see (thumbnails with timestamps) and how many visual tokens the LLM gets.
+        CPU only: decodes the sampled frames, never runs the model."""
+        from vidlmm.video import read_video
+
+        path, duration = self.check_video(video)
+        clip = read_video(path, sampling)
+        loaded = self.models.get(model)
+        model_obj = loaded.lmm.model
+        t = len(clip.indices)
+        per_frame = model_obj.vision_tower.tokens_per_frame
+        try:
+            tokens, active = token_counts(model_obj.connector._connector, budget, t, per_frame)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        default = model_obj.num_visual_tokens(t)
+        frames = [(_thumbnail(frame), f"#{int(i)} · {ts:.2f} s")
+                  for frame, i, ts in list(zip(clip.frames, clip.indices, clip.timestamps))[:MAX_THUMBS]]
+        untrained = budget.overrides_connector()
+        details = {"video": os.path.basename(path), "duration_s": round(duration, 3), "source_fps": round(clip.fps, 3),
+                   "frames": t, "frame_indices": clip.indices.tolist(),
+                   "timestamps": [round(float(x), 3) for x in clip.timestamps], "tokens_per_frame_in": per_frame,
+                   "visual_tokens": tokens, "active_tokens": active, "checkpoint_tokens": default,
+                   "connector": loaded.connector, "untrained_setting": bool(untrained)}
+        summary = (f"**{t} frames** ({sampling.describe()}) of a {duration:.1f} s video → {t} × {per_frame} patch "
+                   f"features → **{tokens} visual tokens** to the LLM ({loaded.connector})")
+        if active < tokens:
+            summary += f", **{active} active** after zeroing"
+        if untrained:
+            summary += f"; the checkpoint was trained with {default} (this setting is untrained)"
+        if not loaded.trained:
+            summary += ". Note: this model is a random stand-in; its answers are meaningless"
+        return Preview(frames, t, tokens, active, details, summary + ".")
+
+    # ---- chat -------------------------------------------------------------------------------------------------------
+    def ask(self, session: Session, video, question: str, *, model: str | None = None, sampling=None,
+            budget: TokenBudget | None = None, generation=None, history: list | None = None,
+            progress: Progress = _no_progress) -> Iterator[str | AskResult]:
+        """Stream the answer: text pieces, then one AskResult. history: earlier (question, answer) pairs (None:
+        the session's conversation, which this answer extends)."""
+        question = (question or "").strip()
+        if not question:
+            raise UserError("Type a question first.")
+        path, _ = self.check_video(video)
+        budget = budget or TokenBudget()
+        progress(0.05, "loading model")
+        loaded, lmm = self.lmm(session, model)
+        sampling = sampling or lmm.sampling
+        turns = list(session.history if history is None else history)
+        pieces: list[str] = []
+        result = None
+        for item in _ask_gpu(lmm, path, question, turns, sampling, budget, generation, across(progress)):
+            if isinstance(item, str):
+                pieces.append(item)
+                yield item
+            else:
+                result = item
+        answer, connector_s, active, prepared_timings, cached, memory = result
+        timings = dict(answer.timings)
+        timings.update({k: (0.0 if cached else v) for k, v in prepared_timings.items()})
+        timings["connector"] = connector_s
+        details = {"model": loaded.name, "connector": loaded.connector, "answer": answer.text,
+                   "question": question, "turn": len(turns) + 1, "frames": len(answer.frame_indices),
+                   "frame_indices": answer.frame_indices, "timestamps": [round(t, 3) for t in answer.timestamps],
+                   "visual_tokens": answer.num_visual_tokens, "active_tokens": active, "cached_video": cached,
+                   "new_tokens": max(0, len(answer.token_ids) - 1),
+                   "timings_s": {k: round(v, 4) for k, v in timings.items()}, "memory": memory,
+                   "budget": {"groups": budget.groups, "queries": budget.queries,
+                              "active_fraction": budget.active_fraction, "strategy": budget.strategy},
+                   "trained_model": loaded.trained}
+        if history is None:
+            session.history.append((question, answer.text))
+        summary = f"{answer.num_visual_tokens} visual tokens"
+        if active < answer.num_visual_tokens:
+            summary += f" ({active} active)"
+        summary += (" · vision features from cache" if cached else "") + " · " + format_timings(timings, memory)
+        yield AskResult(answer.text, details, summary)
+
+    # ---- analysis -------------------------------------------------------------------------------------------------
+    def attention(self, session: Session, video, *, model: str | None = None, sampling=None, layer: int = -1,
+                  head: int | None = None, log_scale: bool = False, query: int | None = None,
+                  group: int | None = None, fmt: str = "png", dpi: int = 150,
+                  progress: Progress = _no_progress) -> FigureSet:
+        """The connector's attention for this video: queries x tokens heatmap, per-frame overlays (all queries, one
+        query or one group), temporal profile per group, redundancy statistics."""
+        from vidlmm.analysis import to_jsonable
+        from visualizations import (plot_attention_heatmap, plot_frame_overlays, plot_redundancy_stats,
+                                    plot_temporal_profile)
+
+        path, _ = self.check_video(video)
+        progress(0.05, "loading model")
+        loaded, lmm = self.lmm(session, model)
+        progress(0.2, "running the connector with attention")
+        maps, stats = _attention_gpu(lmm, path, sampling or lmm.sampling, int(layer))
+        progress(0.7, "drawing")
+        folder = session.files_dir(self.files_root)
+        stem = f"{slug(loaded.name)}-{Path(path).stem}"
+        layer = int(layer)
+        figures = {
+            "heatmap": lambda: plot_attention_heatmap(maps, layer, head, "log" if log_scale else "linear"),
+            "overlays": lambda: plot_frame_overlays(maps, layer, head, query=query, group=group),
+            "temporal": lambda: plot_temporal_profile(maps, layer, head),
+            "redundancy_stats": lambda: plot_redundancy_stats(stats),
+        }
+        images, downloads = {}, []
+        for name, draw in figures.items():
+            shown, files = export_figure(draw(), folder, f"{stem}-{name}", fmt, dpi)
+            images[name] = shown
+            downloads += files
+        downloads += export_data({"model": loaded.name, "layer": layer, "head": head, "attention": maps.to_json()},
+                                 folder, f"{stem}-attention", csv_rows=maps.rows(layer, head))
+        downloads += export_data({"model": loaded.name, **stats}, folder, f"{stem}-redundancy",
+                                 csv_rows=stats["rows"])
+        progress(1.0, "done")
+        data = {"model": loaded.name, "connector": loaded.connector, "layer": stats["layer"],
+                "frames": maps.num_frames, "queries": maps.num_queries, "visual_tokens_in": int(maps.media.shape[-1]),
+                "heads": maps.num_heads, "layers": maps.num_layers, "summary": to_jsonable(stats["summary"])}
+        return FigureSet(images, data, downloads)
+
+    def redundancy(self, session: Session, video, question: str, *, models: list[str] | None = None,
+                   source: str = "video", fractions=(1, 0.75, 0.5, 0.25, 0.125, 0.0625),
+                   strategies=("random",), seeds: int = 3, sampling=None, max_items: int = 20, fmt: str = "png",
+                   dpi: int = 150, progress: Progress = _no_progress) -> FigureSet:
+        """Query-zeroing curves for several connectors on one plot: this video and question (source "video"), or
+        the first max_items questions of the held-out multiple-choice set (source "heldout")."""
+        from visualizations import plot_zeroing
+
+        fractions = parse_fractions(fractions)
+        strategies = list(strategies) or ["random"]
+        seeds = list(range(max(1, int(seeds))))
+        models = [m for m in (models or ["default"]) if m] or ["default"]
+        if source == "heldout":
+            items, root = self.heldout_items(max_items)
+        else:
+            path, _ = self.check_video(video)
+            if not (question or "").strip():
+                raise UserError("Type a question first: the curve measures how its answer changes.")
+        results = []
+        for k, name in enumerate(models):
+            def step(done, total, text="", k=k, name=name):  # vidlmm.analysis reports (done, total, text)
+                progress((k + min(max(done / max(total, 1), 0.0), 1.0)) / len(models), f"{name}: {text}")
+
+            step(0, 1, "loading model")
+            loaded, lmm = self.lmm(session, name)
+            if source == "heldout":
+                results.append(_zeroing_mc_gpu(lmm, items, root, fractions, strategies, seeds,
+                                               sampling or lmm.sampling, loaded.name, across(step)))
+            else:
+                results.append(_zeroing_gpu(lmm, path, question.strip(), fractions, strategies, seeds,
+                                            sampling or lmm.sampling, loaded.name, across(step)))
+        folder = session.files_dir(self.files_root)
+        stem = f"zeroing-{source}-{'-'.join(slug(m) for m in models)}"
+        shown, files = export_figure(plot_zeroing(results), folder, stem, fmt, dpi)
+        data = {"source": source, "results": [r.to_json() for r in results]}
+        rows = [row for r in results for row in r.rows()]
+        files += export_data(data, folder, stem, csv_rows=rows)
+        progress(1.0, "done")
+        from vidlmm.analysis import to_jsonable
+
+        def brief(point: dict) -> dict:  # mean and spread per metric; every seed's value is in the downloads
+            return {k: v for k, v in point.items() if not k.endswith(("_min", "_max")) and k != "model"}
+
+        summary = {"source": source, "models": [{"model": r.model, "connector": r.connector_type, "kind": r.kind,
+                                                  "tokens": r.num_tokens, "points": [brief(p) for p in r.summary()]}
+                                                 for r in results]}
+        return FigureSet({"zeroing": shown}, to_jsonable(summary), files)
+
+    def heldout_items(self, max_items: int = 20):
+        from vidlmm.evaluate import load_mc_items
+
+        path = self.config.eval_set or _find_heldout_set()
+        if not path:
+            raise UserError("No held-out multiple-choice set is installed (start the app with --eval-set FILE).")
+        return load_mc_items(path)[: max(1, int(max_items))], None
+
+    def compare(self, session: Session, video, question: str, *, models: list[str], sampling=None,
+                generation=None, layer: int = -1, fmt: str = "png", dpi: int = 150,
+                progress: Progress = _no_progress) -> FigureSet:
+        """The same video and question through 2-3 models: answers, attention heatmaps, token counts, timings."""
+        from visualizations import plot_attention_heatmap
+
+        models = [m for m in (models or []) if m]
+        if not 1 <= len(models) <= 3:
+            raise UserError("Pick one to three models to compare.")
+        path, _ = self.check_video(video)
+        question = (question or "").strip()
+        if not question:
+            raise UserError("Type a question first.")
+        folder = session.files_dir(self.files_root)
+        rows, images, downloads = [], [], []
+        for k, name in enumerate(models):
+            progress(k / len(models), f"{name}: answering")
+            own = Session(id=session.id)  # same cache, own (empty) conversation
+            result = None
+            for item in self.ask(own, path, question, model=name, sampling=sampling, generation=generation,
+                                 history=[]):
+                if isinstance(item, AskResult):
+                    result = item
+            progress((k + 0.6) / len(models), f"{name}: attention")
+            loaded, lmm = self.lmm(session, name)
+            maps, _ = _attention_gpu(lmm, path, sampling or lmm.sampling, int(layer), stats=False)
+            label = f"{k + 1}-{slug(loaded.name)}"
+            shown, files = export_figure(plot_attention_heatmap(maps, int(layer)), folder,
+                                         f"compare-{label}-heatmap", fmt, dpi)
+            images.append((f"{loaded.name} ({loaded.connector})", shown))
+            downloads += files
+            d = result.details
+            rows.append({"model": loaded.name, "connector": loaded.connector, "answer": d["answer"],
+                         "frames": d["frames"], "visual_tokens": d["visual_tokens"],
+                         **{(k if k == "tokens_per_s" else f"{k}_s"): v for k, v in d["timings_s"].items()},
+                         **{k: v for k, v in d["memory"].items()}})
+        downloads += export_data({"question": question, "video": os.path.basename(path), "rows": rows}, folder,
+                                 f"compare-{Path(path).stem}", csv_rows=rows)
+        progress(1.0, "done")
+        return FigureSet(images, {"question": question, "rows": rows}, downloads)
+
+
+# ---- GPU work (decorated for ZeroGPU; each returns CPU objects) --------------------------------------------------
+@gpu(duration=120)
+def _ask_gpu(lmm, path, question, history, sampling, budget, generation, progress):
+    from .budget import connect
+
+    reset_peak_memory()
+    progress(0.15, "reading video and running the vision tower")
+    prepared, cached = lmm.prepare(path, sampling)
+    progress(0.5, "connector")
+    t0 = time.perf_counter()
+    try:
+        out, active = connect(lmm.model, prepared.features, budget)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    visual = out.tokens[0]
+    connector_s = time.perf_counter() - t0
+    progress(0.6, "generating")
+    answer = None
+    for item in lmm.stream(prepared, question, history, generation, visual=visual):
+        if isinstance(item, str):
+            yield item
+        else:
+            answer = item
+    yield answer, connector_s, active, dict(prepared.timings), cached, peak_memory()
+
+
+@gpu(duration=120)
+def _attention_gpu(lmm, path, sampling, layer, stats: bool = True):
+    from vidlmm.analysis import attention_maps, redundancy_stats
+
+    prepared, _ = lmm.prepare(path, sampling)
+    maps = attention_maps(lmm, prepared, sampling=sampling)
+    return maps, (redundancy_stats(maps, layer=layer) if stats else None)
+
+
+@gpu(duration=300)
+def _zeroing_gpu(lmm, path, question, fractions, strategies, seeds, sampling, name, progress):
+    from vidlmm.analysis import zeroing_curve
+
+    return zeroing_curve(lmm, path, question, fractions=fractions, strategies=strategies, seeds=seeds,
+                         sampling=sampling, name=name, progress=progress)
+
+
+@gpu(duration=300)
+def _zeroing_mc_gpu(lmm, items, root, fractions, strategies, seeds, sampling, name, progress):
+    from vidlmm.analysis import zeroing_mc_curve
+
+    return zeroing_mc_curve(lmm, items, video_root=root, fractions=fractions, strategies=strategies, seeds=seeds,
+                            sampling=sampling, name=name, progress=progress)
+
+
+# ---- helpers -----------------------------------------------------------------------------------------------------
+def _default_model() -> tuple[str, bool]:
+    from vidlmm.defaults import default_model
+
+    return default_model()
+
+
+def _video_path(video) -> str:
+    """Gradio hands a path string; API callers may send a FileData-like dict."""
+    if isinstance(video, dict):
+        video = video.get("path") or video.get("video", {}).get("path")
+    if isinstance(video, (list, tuple)):
+        video = video[0] if video else None
+    return os.fspath(video) if video else ""
+
+
+@functools.lru_cache(maxsize=256)
+def _probe(path: str, size: int, mtime_ns: int) -> tuple[int, float]:
+    from vidlmm.video import probe_video
+
+    total, fps, _ = probe_video(path)
+    return total, fps
+
+
+def _thumbnail(frame: np.ndarray) -> np.ndarray:
+    from PIL import Image
+
+    h, w = frame.shape[:2]
+    if h <= THUMB_HEIGHT:
+        return frame
+    size = (max(1, round(w * THUMB_HEIGHT / h)), THUMB_HEIGHT)
+    return np.asarray(Image.fromarray(frame).resize(size, Image.BILINEAR))
+
+
+def _find_heldout_set() -> str | None:
+    from .config import ROOT
+
+    for candidate in ("assets/eval/eval_mc.json", "assets/heldout/eval_mc.json", "assets/models/eval_mc.json"):
+        if (ROOT / candidate).is_file():
+            return str(ROOT / candidate)
+    return None

@@ -1,0 +1,399 @@
+"""The Gradio layout and its callbacks: thin glue over `app.service.Service`.
+
+Named API endpoints (every feature is one; see `API_NAMES`): preview, ask (streamed), attention, redundancy,
+compare. They take plain values (a video file, strings, numbers) plus the caller's session, which gradio_client
+keeps per Client, so a follow-up from the same client reuses its cached vision features.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import re
+from pathlib import Path
+
+import gradio as gr
+
+from .budget import STRATEGIES
+from .config import EXAMPLES_DIR, AppConfig
+from .models import RESAMPLERS, distinct_models, matching_model
+from .service import (AskResult, Service, make_budget, make_generation, make_sampling, one_sentence)
+from .session import close_session, ensure_session
+
+log = logging.getLogger("vidlmm.app")
+API_NAMES = ("preview", "ask", "attention", "redundancy", "compare")
+VIDEO_TYPES = [".mp4", ".webm", ".mov", ".avi", ".mkv", ".gif"]
+DEFAULT_QUESTION = "What happens in the video?"
+CSS = """
+#frame-strip .thumbnail-item { min-width: 72px; }
+#token-count { font-size: 0.95em; }
+"""
+
+
+def user_error(err: BaseException) -> gr.Error:
+    """One readable sentence in the UI (and as the API error); unexpected errors are logged with their traceback."""
+    from vidlmm.errors import VidlmmError
+
+    if not isinstance(err, (VidlmmError, ValueError, FileNotFoundError)):
+        log.exception("request failed")
+    return gr.Error(html.escape(one_sentence(err), quote=False), print_exception=False)
+
+
+def _progress(progress):
+    return lambda fraction, text: progress(fraction, desc=text)
+
+
+def example_videos(folder: Path = EXAMPLES_DIR) -> list[str]:
+    if not folder.is_dir():
+        return []
+    return [str(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in VIDEO_TYPES]
+
+
+def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
+    choices = [(c.label, c.value) for c in service.choices]
+    default_choice = service.choices[0]
+    default_resampler = next((k for k, v in RESAMPLERS.items() if v == default_choice.connector), "group")
+    limit = config.max_frames
+    heavy = dict(concurrency_id="model", concurrency_limit=config.concurrency)
+    light = dict(concurrency_id="cpu", concurrency_limit=2)
+
+    # uploads and returned files in Gradio's cache are deleted once a session's files are an hour old
+    with gr.Blocks(title="vidlmm: watch a video LMM's connector", analytics_enabled=config.analytics,
+                   delete_cache=(900, config.session_ttl_s)) as demo:
+        session = gr.State(None, time_to_live=config.session_ttl_s, delete_callback=close_session)
+        gr.Markdown("## vidlmm · watch the connector of a video language model work\n"
+                    "Upload a video, pick a resampler, frames and token budget, then chat, and look at what the "
+                    "learned queries attend to. Every feature is also an API endpoint (see *Use via API* below).")
+        with gr.Row():
+            # ---- inputs -------------------------------------------------------------------------------------
+            with gr.Column(scale=4, min_width=320):
+                video = gr.File(label="Video (mp4, webm, mov, avi, mkv, gif)", file_types=VIDEO_TYPES,
+                                type="filepath", elem_id="video-upload")
+                examples = example_videos()
+                if examples:
+                    gr.Examples([[p] for p in examples], inputs=[video], label="Examples (offline)")
+                model = gr.Dropdown(choices, value=default_choice.value, label="Model",
+                                    allow_custom_value=config.allow_custom_models,
+                                    info="embedded checkpoints, published hub ids"
+                                         + (", or type a local checkpoint folder" if config.allow_custom_models
+                                            else ""))
+                local_folder = gr.Textbox(label="Local checkpoint folder", placeholder="/path/to/checkpoint",
+                                          visible=config.allow_custom_models, submit_btn="Use",
+                                          info="a folder in the published layout (config.json + safetensors)")
+                resampler = gr.Radio(list(RESAMPLERS), value=default_resampler, label="Resampler",
+                                     info="switching loads the matching checkpoint")
+                model_status = gr.Markdown(elem_id="model-status")
+                with gr.Accordion("Frames", open=True):
+                    mode = gr.Radio(["uniform", "fps"], value="uniform", label="Sampling",
+                                    info="uniform N frames, or frames per second with a cap")
+                    num_frames = gr.Slider(1, limit, value=min(16, limit), step=1, label="Frames (uniform)")
+                    fps = gr.Slider(0.25, 8, value=1.0, step=0.25, label="Frames per second (fps mode)",
+                                    info="1 = the reference's 1fps mode")
+                    max_frames = gr.Slider(1, limit, value=min(64, limit), step=1, label="Max frames (fps mode)")
+                with gr.Accordion("Token budget", open=False):
+                    groups = gr.Slider(0, 64, value=0, step=1, label="Groups (0 = checkpoint's)",
+                                       info="group resampler only")
+                    queries = gr.Slider(0, 512, value=0, step=1, label="Queries (0 = checkpoint's)")
+                    active_fraction = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Active fraction",
+                                                info="zero the other visual tokens before the LLM")
+                    strategy = gr.Dropdown(list(STRATEGIES), value="random", label="Zeroing strategy")
+                with gr.Accordion("Generation", open=False):
+                    do_sample = gr.Checkbox(False, label="Sample (off: greedy)")
+                    temperature = gr.Slider(0.05, 2.0, value=0.2, step=0.05, label="Temperature")
+                    top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
+                    max_new_tokens = gr.Slider(1, 1024, value=128, step=1, label="Max new tokens")
+                    seed = gr.Number(0, precision=0, label="Seed (sampling)")
+                with gr.Accordion("Downloads", open=False):
+                    fmt = gr.Radio(["png", "svg", "pdf"], value="png", label="Figure format")
+                    dpi = gr.Slider(72, 600, value=150, step=1, label="DPI")
+            # ---- outputs ------------------------------------------------------------------------------------
+            with gr.Column(scale=8):
+                strip = gr.Gallery(label="Frames the model sees", columns=8, height=190, object_fit="contain",
+                                   elem_id="frame-strip", allow_preview=True)
+                token_count = gr.Markdown("Upload a video to see its frames and visual-token count.",
+                                          elem_id="token-count")
+                with gr.Tabs():
+                    with gr.Tab("Chat", id="chat"):
+                        chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot")
+                        with gr.Row():
+                            question = gr.Textbox(placeholder="Ask about the video…", show_label=False, scale=6,
+                                                  elem_id="question", submit_btn=False)
+                            send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                            clear = gr.Button("New chat", scale=1)
+                        timings = gr.Markdown(elem_id="timings")
+                        with gr.Accordion("Answer details (JSON)", open=False):
+                            details = gr.JSON(label="details")
+                    with gr.Tab("Attention", id="attention", elem_id="attention-tab"):
+                        with gr.Row():
+                            layer = gr.Number(-1, precision=0, label="Layer (-1 = last)")
+                            head = gr.Number(-1, precision=0, label="Head (-1 = mean)")
+                            query = gr.Number(-1, precision=0, label="Query for overlays (-1 = all)")
+                            group = gr.Number(-1, precision=0, label="Group for overlays (-1 = all)")
+                            log_scale = gr.Checkbox(False, label="Log scale")
+                        attend = gr.Button("Show attention", variant="primary", elem_id="attend")
+                        heatmap = gr.Image(label="Queries × visual tokens", type="filepath", elem_id="heatmap")
+                        overlays = gr.Image(label="Per-frame overlays", type="filepath")
+                        with gr.Row():
+                            temporal = gr.Image(label="Temporal profile", type="filepath")
+                            stats_plot = gr.Image(label="Redundancy statistics", type="filepath")
+                        stats = gr.JSON(label="Redundancy statistics")
+                        attention_files = gr.File(label="Download figures and data", file_count="multiple")
+                    with gr.Tab("Redundancy", id="redundancy"):
+                        with gr.Row():
+                            red_models = gr.Dropdown(choices, value=[default_choice.value], multiselect=True,
+                                                     label="Connectors to overlay", max_choices=4)
+                            red_source = gr.Radio([("this video and question", "video"),
+                                                   ("held-out set", "heldout")], value="video", label="Measured on")
+                        red_question = gr.Textbox(DEFAULT_QUESTION, label="Question")
+                        with gr.Row():
+                            fractions = gr.Textbox("1, 0.75, 0.5, 0.25, 0.125, 0.0625", label="Active fractions")
+                            strategies = gr.CheckboxGroup(list(STRATEGIES), value=["random"], label="Strategies")
+                            seeds = gr.Slider(1, 5, value=3, step=1, label="Seeds (random)")
+                            max_items = gr.Slider(1, 200, value=20, step=1, label="Held-out questions")
+                        zero = gr.Button("Run query zeroing", variant="primary")
+                        zeroing_plot = gr.Image(label="Query-zeroing curve", type="filepath")
+                        zeroing_summary = gr.JSON(label="Summary")
+                        zeroing_files = gr.File(label="Download figure and data", file_count="multiple")
+                    with gr.Tab("Compare", id="compare"):
+                        cmp_models = gr.Dropdown(choices, value=distinct_models(service.choices),
+                                                 multiselect=True, max_choices=3, label="Models (2-3)")
+                        cmp_question = gr.Textbox(DEFAULT_QUESTION, label="Question")
+                        run_compare = gr.Button("Compare", variant="primary")
+                        cmp_table = gr.Markdown()
+                        cmp_maps = gr.Gallery(label="Attention (last layer, head mean)", columns=3, height=320,
+                                              object_fit="contain")
+                        cmp_data = gr.JSON(label="Comparison")
+                        cmp_files = gr.File(label="Download figures and data", file_count="multiple")
+        # API-only inputs and outputs (hidden): the chat history for stateless multi-turn calls, the answer text.
+        with gr.Column(visible=False):
+            api_history = gr.JSON([], label="history")
+            api_answer = gr.Textbox(label="answer")
+            api_details = gr.JSON(label="details")
+            api_trigger = gr.Button("ask")
+
+        sampling_inputs = [mode, num_frames, fps, max_frames]
+        budget_inputs = [groups, queries, active_fraction, strategy]
+        generation_inputs = [do_sample, temperature, top_p, max_new_tokens, seed]
+
+        # ---- callbacks --------------------------------------------------------------------------------------
+        def preview(video: str | None, model: str, mode: str, num_frames: int, fps: float, max_frames: int,
+                    groups: int, queries: int, active_fraction: float, strategy: str):
+            """Sampled frames with timestamps, and the visual-token count the LLM will receive."""
+            if not video:
+                return [], "Upload a video to see its frames and visual-token count."
+            try:
+                result = service.preview(video, model, make_sampling(mode, num_frames, max_frames, fps, limit),
+                                         make_budget(groups, queries, active_fraction, strategy))
+            except Exception as err:  # noqa: BLE001 - shown as one sentence
+                raise user_error(err) from None
+            return result.frames, result.summary
+
+        def on_model(model: str):
+            """Load the model (progress shown) and adapt the resampler switch and budget controls to it."""
+            try:
+                info = service.budget_info(model)
+            except Exception as err:  # noqa: BLE001
+                gr.Warning(html.escape(one_sentence(err), quote=False))
+                return gr.skip(), f"⚠ {html.escape(one_sentence(err), quote=False)}", gr.skip(), gr.skip()
+            short = next((k for k, v in RESAMPLERS.items() if v == info["connector"]), None)
+            status = f"Loaded **{html.escape(str(model))}** · connector `{info['connector']}`"
+            if info["groups"]:
+                status += f" · {info['groups']} groups × {info['queries']} queries"
+            elif info["queries"]:
+                status += f" · {info['queries']} queries {info['queries_unit']}"
+            status += f" · trained sampling: {info['sampling'].describe()}"
+            group_update = gr.update(value=0, interactive=bool(info["groups"]),
+                                     label=f"Groups (0 = checkpoint's {info['groups'] or '-'})")
+            query_update = gr.update(value=0, interactive=bool(info["queries"]), maximum=max(1, info["latents"]),
+                                     label=f"Queries {info['queries_unit'] or ''} (0 = checkpoint's "
+                                           f"{info['queries'] or '-'})")
+            return (gr.update(value=short) if short else gr.skip()), status, group_update, query_update
+
+        def on_resampler(resampler: str, model: str):
+            return gr.update(value=matching_model(service.choices, model, resampler))
+
+        def use_local_folder(folder: str):
+            folder = (folder or "").strip()
+            if not folder:
+                return gr.skip()
+            if not (Path(folder).expanduser() / "config.json").is_file():
+                gr.Warning(html.escape(f"'{folder}' is not a checkpoint folder (it has no config.json).", quote=False))
+                return gr.skip()
+            return gr.update(value=str(Path(folder).expanduser()))
+
+        def new_conversation(session):
+            session = ensure_session(session)
+            session.history.clear()
+            return session, [], "", None
+
+        def chat(session, video: str | None, question: str, messages: list, model: str, mode: str,
+                 num_frames: int, fps: float, max_frames: int, groups: int, queries: int, active_fraction: float,
+                 strategy: str, do_sample: bool, temperature: float, top_p: float, max_new_tokens: int, seed: int,
+                 progress=gr.Progress()):
+            session = ensure_session(session)
+            question = (question or "").strip()
+            if not question:
+                yield session, messages, question, gr.skip(), gr.skip()
+                return
+            messages = list(messages or []) + [{"role": "user", "content": question},
+                                               {"role": "assistant", "content": ""}]
+            yield session, messages, "", "…", gr.skip()
+            try:
+                stream = service.ask(session, video, question, model=model,
+                                     sampling=make_sampling(mode, num_frames, max_frames, fps, limit),
+                                     budget=make_budget(groups, queries, active_fraction, strategy),
+                                     generation=make_generation(max_new_tokens, do_sample, temperature, top_p, seed),
+                                     progress=_progress(progress))
+                for item in stream:
+                    if isinstance(item, AskResult):
+                        messages[-1] = {"role": "assistant", "content": item.answer}
+                        yield session, messages, "", item.summary, item.details
+                    else:
+                        messages[-1] = {"role": "assistant", "content": messages[-1]["content"] + item}
+                        yield session, messages, "", gr.skip(), gr.skip()
+            except Exception as err:  # noqa: BLE001 - the chat so far stays; the error is one sentence in it
+                sentence = one_sentence(err)
+                user_error(err)  # logs unexpected errors
+                gr.Warning(html.escape(sentence, quote=False))
+                messages[-1] = {"role": "assistant", "content": f"⚠️ {sentence}"}
+                yield session, messages, question, f"⚠️ {html.escape(sentence, quote=False)}", gr.skip()
+
+        def ask(session, video: str | None, question: str, model: str, mode: str, num_frames: int, fps: float,
+                max_frames: int, groups: int, queries: int, active_fraction: float, strategy: str, do_sample: bool,
+                temperature: float, top_p: float, max_new_tokens: int, seed: int, history: list | None,
+                progress=gr.Progress()):
+            """Answer a question about a video, streamed. history: earlier [question, answer] pairs.
+            Returns (answer so far, details with timings and memory once done)."""
+            session = ensure_session(session)
+            text = ""
+            try:
+                turns = history_pairs(history)
+                stream = service.ask(session, video, question, model=model,
+                                     sampling=make_sampling(mode, num_frames, max_frames, fps, limit),
+                                     budget=make_budget(groups, queries, active_fraction, strategy),
+                                     generation=make_generation(max_new_tokens, do_sample, temperature, top_p, seed),
+                                     history=turns, progress=_progress(progress))
+                for item in stream:
+                    if isinstance(item, AskResult):
+                        yield session, item.answer, item.details
+                    else:
+                        text += item
+                        yield session, text, None
+            except Exception as err:  # noqa: BLE001
+                raise user_error(err) from None
+
+        def attention(session, video: str | None, model: str, mode: str, num_frames: int, fps: float,
+                      max_frames: int, layer: int, head: int, query: int, group: int, log_scale: bool, fmt: str,
+                      dpi: int, progress=gr.Progress()):
+            """Connector attention: heatmap, per-frame overlays, temporal profile, redundancy statistics, files."""
+            session = ensure_session(session)
+            try:
+                out = service.attention(session, video, model=model,
+                                        sampling=make_sampling(mode, num_frames, max_frames, fps, limit),
+                                        layer=int(layer), head=None if head is None or int(head) < 0 else int(head),
+                                        query=None if query is None or int(query) < 0 else int(query),
+                                        group=None if group is None or int(group) < 0 else int(group),
+                                        log_scale=bool(log_scale), fmt=fmt, dpi=int(dpi),
+                                        progress=_progress(progress))
+            except Exception as err:  # noqa: BLE001
+                raise user_error(err) from None
+            im = out.images
+            return (session, str(im["heatmap"]), str(im["overlays"]), str(im["temporal"]),
+                    str(im["redundancy_stats"]), out.data, [str(p) for p in out.downloads])
+
+        def redundancy(session, video: str | None, question: str, models: list[str], source: str, fractions: str,
+                       strategies: list[str], seeds: int, max_items: int, mode: str, num_frames: int, fps: float,
+                       max_frames: int, fmt: str, dpi: int, progress=gr.Progress()):
+            """Query-zeroing curves (several connectors overlaid) on this video and question or the held-out set."""
+            session = ensure_session(session)
+            try:
+                out = service.redundancy(session, video, question, models=list(models or []), source=source,
+                                         fractions=fractions, strategies=list(strategies or []), seeds=int(seeds),
+                                         max_items=int(max_items),
+                                         sampling=make_sampling(mode, num_frames, max_frames, fps, limit),
+                                         fmt=fmt, dpi=int(dpi), progress=_progress(progress))
+            except Exception as err:  # noqa: BLE001
+                raise user_error(err) from None
+            return session, str(out.images["zeroing"]), out.data, [str(p) for p in out.downloads]
+
+        def compare(session, video: str | None, question: str, models: list[str], mode: str, num_frames: int,
+                    fps: float, max_frames: int, do_sample: bool, temperature: float, top_p: float,
+                    max_new_tokens: int, seed: int, fmt: str, dpi: int, progress=gr.Progress()):
+            """The same video and question through 1-3 models: answers, attention maps, token counts, timings."""
+            session = ensure_session(session)
+            try:
+                out = service.compare(session, video, question, models=list(models or []),
+                                      sampling=make_sampling(mode, num_frames, max_frames, fps, limit),
+                                      generation=make_generation(max_new_tokens, do_sample, temperature, top_p, seed),
+                                      fmt=fmt, dpi=int(dpi), progress=_progress(progress))
+            except Exception as err:  # noqa: BLE001
+                raise user_error(err) from None
+            return (session, compare_table(out.data["rows"]), [(str(p), name) for name, p in out.images],
+                    out.data, [str(p) for p in out.downloads])
+
+        # ---- wiring -----------------------------------------------------------------------------------------
+        preview_inputs = [video, model, *sampling_inputs, *budget_inputs]
+        # while a slider moves, only the latest value is previewed (always_last)
+        gr.on([c.change for c in (video, mode, num_frames, fps, max_frames, groups, queries, active_fraction,
+                                  strategy)],
+              preview, preview_inputs, [strip, token_count], api_name="preview", show_progress="minimal",
+              trigger_mode="always_last", **light)
+        video.change(new_conversation, [session], [session, chatbot, timings, details], api_visibility="private",
+                     queue=False)
+        clear.click(new_conversation, [session], [session, chatbot, timings, details], api_visibility="private",
+                    queue=False)
+        # a new model: load it, reset the budget controls to its own, then preview (never with the old budget)
+        model.change(on_model, [model], [resampler, model_status, groups, queries], api_visibility="private",
+                     **light).then(preview, preview_inputs, [strip, token_count], api_visibility="private",
+                                   show_progress="minimal", **light)
+        demo.load(on_model, [model], [resampler, model_status, groups, queries], api_visibility="private", **light)
+        local_folder.submit(use_local_folder, [local_folder], [model], api_visibility="private", queue=False)
+        resampler.input(on_resampler, [resampler, model], [model], api_visibility="private", queue=False)
+        chat_inputs = [session, video, question, chatbot, model, *sampling_inputs, *budget_inputs,
+                       *generation_inputs]
+        chat_outputs = [session, chatbot, question, timings, details]
+        gr.on([send.click, question.submit], chat, chat_inputs, chat_outputs, api_visibility="private",
+              show_progress="minimal", **heavy)
+        api_trigger.click(ask, [session, video, question, model, *sampling_inputs, *budget_inputs,
+                                *generation_inputs, api_history], [session, api_answer, api_details],
+                          api_name="ask", **heavy)
+        attend.click(attention, [session, video, model, *sampling_inputs, layer, head, query, group, log_scale, fmt,
+                                 dpi], [session, heatmap, overlays, temporal, stats_plot, stats, attention_files],
+                     api_name="attention", **heavy)
+        zero.click(redundancy, [session, video, red_question, red_models, red_source, fractions, strategies, seeds,
+                                max_items, *sampling_inputs, fmt, dpi],
+                   [session, zeroing_plot, zeroing_summary, zeroing_files], api_name="redundancy", **heavy)
+        run_compare.click(compare, [session, video, cmp_question, cmp_models, *sampling_inputs, *generation_inputs,
+                                    fmt, dpi], [session, cmp_table, cmp_maps, cmp_data, cmp_files],
+                          api_name="compare", **heavy)
+    return demo
+
+
+def history_pairs(history) -> list[tuple[str, str]]:
+    """An API caller's history ([[question, answer], ...]) as pairs; anything else is a one-sentence error."""
+    from .service import UserError
+
+    if history in (None, ""):
+        return []
+    if not isinstance(history, list) or not all(isinstance(t, (list, tuple)) and len(t) == 2 for t in history):
+        raise UserError("history must be a list of [question, answer] pairs.")
+    return [(str(q), str(a)) for q, a in history]
+
+
+def compare_table(rows: list[dict]) -> str:
+    """Markdown: one row of numbers per model, then each model's answer."""
+    if not rows:
+        return ""
+
+    def text(value) -> str:
+        value = "".join(ch if ch.isprintable() else " " for ch in str(value))[:400]
+        value = re.sub(r"([\\`*_~\[\]#|])", r"\\\1", value)  # shown as typed, not as markdown
+        return html.escape(value, quote=False)
+
+    lines = ["| model | connector | visual tokens | vision s | connector s | prefill s | tokens/s |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {text(r['model'])} | {r['connector']} | {r['visual_tokens']} | {r.get('vision_s', 0):.3f} | "
+              f"{r.get('connector_s', 0):.3f} | {r.get('prefill_s', 0):.3f} | {r.get('tokens_per_s', 0):.1f} |"
+              for r in rows]
+    lines += [""] + [f"**{text(r['model'])}**: {text(r['answer'])}  " for r in rows]
+    return "\n".join(lines)

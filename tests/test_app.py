@@ -1,0 +1,333 @@
+"""The Gradio app as its users and scripts see it: every named endpoint through gradio_client against a launched
+app (tiny checkpoints, in-process, one server for the module), concurrent clients, bad uploads, limits, and
+`python app.py` itself in a subprocess.
+
+Contract under test: each feature is a named endpoint (preview, ask, attention, redundancy, compare); a user error
+comes back as one readable sentence and the app keeps answering; a client's cache and chat are its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.videos import make_moving_square_frames, write_gif, write_video
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+QUESTION = "What is moving in the video?"
+MAX_DURATION_S = 5.0
+FAST = dict(max_new_tokens=6)  # the tiny models answer nonsense; a few tokens show everything
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def models_dir(tiny_checkpoints, tmp_path_factory):
+    """An embedded-models folder like assets/models: group, naive and image-level checkpoints."""
+    root = tmp_path_factory.mktemp("models")
+    for name in ("group", "naive", "image"):
+        (root / name).symlink_to(tiny_checkpoints[name], target_is_directory=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    """Four different short clips (sizes, lengths, containers), all under the duration limit."""
+    root = tmp_path_factory.mktemp("app-videos")
+    return {
+        "a": write_video(root / "a.mp4", make_moving_square_frames(30, 72, 96, seed=0), fps=10),
+        "b": write_video(root / "b.avi", make_moving_square_frames(24, 64, 64, seed=1), fps=8, fourcc="MJPG"),
+        "c": write_video(root / "c.webm", make_moving_square_frames(40, 48, 80, seed=2), fps=10, fourcc="VP80"),
+        "d": write_gif(root / "d.gif", make_moving_square_frames(12, 40, 40, seed=3), fps=6),
+    }
+
+
+@pytest.fixture(scope="module")
+def heldout(videos, tmp_path_factory):
+    """A two-question multiple-choice set (MVBench style) standing in for the embedded held-out set."""
+    path = tmp_path_factory.mktemp("heldout") / "eval_mc.json"
+    items = [{"video": videos["a"], "question": "What moves?", "options": ["A. a square", "B. a circle"],
+              "answer": "A"},
+             {"video": videos["b"], "question": "Which way?", "options": ["A. left", "B. right"], "answer": "B"}]
+    path.write_text(json.dumps(items))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(models_dir, tiny_checkpoints, heldout):
+    from app import build_app, launch
+    from app.config import AppConfig
+
+    config = AppConfig(model=str(tiny_checkpoints["group"]), models_dir=str(models_dir), host="127.0.0.1",
+                       port=free_port(), max_duration_s=MAX_DURATION_S, max_upload_mb=1, preload=False,
+                       max_loaded_models=3, cache_mb=64, eval_set=str(heldout))
+    demo, service = build_app(config)
+    launch(demo, config, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{config.port}/", service
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server[0], verbose=False)
+
+
+def _assert_one_sentence(message: str):
+    assert message and "\n" not in message and "Traceback" not in message, message
+
+
+# ---- endpoints ---------------------------------------------------------------------------------------------------
+def test_every_feature_is_a_named_endpoint(client):
+    names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {"/preview", "/ask", "/attention", "/redundancy", "/compare"} <= names, names
+
+
+def test_preview_shows_sampled_frames_and_token_count(client, videos):
+    frames, summary = client.predict(video=handle_file(videos["a"]), num_frames=8, api_name="/preview")
+    assert len(frames) == 8 and all(Path(f["image"]).is_file() for f in frames)
+    assert frames[-1]["caption"].endswith("2.90 s")  # 3 s at 10 fps: the last frame is #29 at 2.9 s
+    assert "**64 visual tokens**" in summary  # tiny group checkpoint: 4 groups x 16 queries
+    _, summary = client.predict(video=handle_file(videos["a"]), num_frames=8, groups=2, queries=4,
+                                active_fraction=0.5, api_name="/preview")
+    assert "**8 visual tokens**" in summary and "**4 active**" in summary and "untrained" in summary
+
+
+def test_ask_streams_and_a_follow_up_reuses_the_cached_features(server, videos):
+    client = Client(server[0], verbose=False)  # own session: a fresh cache
+    job = client.submit(video=handle_file(videos["a"]), question=QUESTION, api_name="/ask", **FAST)
+    answer, details = job.result()
+    assert details["answer"] == answer and details["visual_tokens"] == 64 and details["frames"] == 16
+    assert details["cached_video"] is False and details["timings_s"]["vision"] > 0
+    assert {"decode", "vision", "connector", "prefill", "generation", "tokens_per_s"} <= set(details["timings_s"])
+    assert details["memory"]["peak_rss_mb"] > 0
+    streamed = [out[0] for out in job.outputs()]
+    assert streamed and streamed[-1] == answer  # intermediate outputs, then the final answer
+    follow, details2 = client.predict(video=handle_file(videos["a"]), question="And then?",
+                                      history=[[QUESTION, answer]], api_name="/ask", **FAST)
+    assert details2["cached_video"] is True and details2["timings_s"]["vision"] == 0
+    assert details2["turn"] == 2
+
+
+def test_ask_with_budget_and_resampler_choice(client, videos):
+    _, details = client.predict(video=handle_file(videos["b"]), question=QUESTION, model="naive", num_frames=4,
+                                active_fraction=0.25, strategy="contiguous", api_name="/ask", **FAST)
+    assert details["connector"] == "naiveresampler" and details["frames"] == 4
+    assert details["visual_tokens"] == 32 and details["active_tokens"] == 8
+    _, details = client.predict(video=handle_file(videos["b"]), question=QUESTION, model="image", mode="fps",
+                                fps=2.0, max_frames=5, api_name="/ask", **FAST)
+    assert details["connector"] == "resampler" and details["frames"] == 5 and details["visual_tokens"] == 5 * 4
+
+
+def test_attention_endpoint_returns_figures_and_data(client, videos):
+    heatmap, overlays, temporal, stats_png, data, files = client.predict(
+        video=handle_file(videos["a"]), num_frames=4, query=3, fmt="svg", dpi=80, api_name="/attention")
+    for path in (heatmap, overlays, temporal, stats_png):
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    suffixes = sorted(Path(f).suffix for f in files)
+    assert suffixes.count(".svg") == 4 and ".json" in suffixes and ".csv" in suffixes, suffixes
+    assert data["queries"] == 64 and data["frames"] == 4 and data["connector"] == "groupresampler"
+    assert 0 < data["summary"]["entropy_normalized_mean"] <= 1
+    saved = json.loads(next(Path(f) for f in files if f.endswith("-attention.json")).read_text())
+    assert saved["attention"]["num_frames"] == 4
+
+
+def test_redundancy_endpoint_overlays_connectors(client, videos):
+    plot, summary, files = client.predict(video=handle_file(videos["a"]), question=QUESTION,
+                                          models=["group", "naive"], fractions="1, 0.5", strategies=["random"],
+                                          seeds=1, num_frames=4, api_name="/redundancy")
+    assert Path(plot).read_bytes()[:4] == b"\x89PNG"
+    assert [m["model"] for m in summary["models"]] == ["group", "naive"]
+    full = summary["models"][0]["points"][0]
+    assert full["fraction"] == 1.0 and full["relative_likelihood_mean"] == pytest.approx(1.0)
+    assert sorted(Path(f).suffix for f in files) == [".csv", ".json", ".png"]
+
+
+def test_redundancy_on_the_held_out_set(client):
+    _, summary, _ = client.predict(video=None, source="heldout", models=["group"], fractions="1, 0.25",
+                                   strategies=["groups"], seeds=1, num_frames=4, max_items=2,
+                                   api_name="/redundancy")
+    curve = summary["models"][0]
+    assert curve["kind"] == "mc" and [p["fraction"] for p in curve["points"]] == [1.0, 0.25]
+    assert curve["points"][0]["relative_accuracy_mean"] in (1.0, None)  # None: the full model got none right
+
+
+def test_compare_endpoint_runs_three_connectors(client, videos):
+    table, maps, data, files = client.predict(video=handle_file(videos["a"]), question=QUESTION,
+                                              models=["group", "naive", "image"], num_frames=4,
+                                              api_name="/compare", **FAST)
+    rows = data["rows"]
+    assert [r["connector"] for r in rows] == ["groupresampler", "naiveresampler", "resampler"]
+    assert [r["visual_tokens"] for r in rows] == [64, 32, 16]  # image-level: 4 frames x 4 queries
+    assert all("prefill_s" in r and "tokens_per_s" in r for r in rows)
+    assert len(maps) == 3 and len(table.strip().splitlines()) == 2 + 3 + 1 + 3  # numbers, blank, answers
+    assert any(f.endswith(".csv") for f in files)
+
+
+# ---- several users at once -----------------------------------------------------------------------------------
+def test_four_clients_at_once_each_get_their_own_answer(server, videos, tiny_checkpoints):
+    from vidlmm.checkpoint import load_model
+    from vidlmm.pipeline import GenerationSettings, VideoLMM
+    from vidlmm.video import FrameSampling
+
+    lmm = VideoLMM(load_model(tiny_checkpoints["group"]), sampling=FrameSampling.uniform(16), cache_bytes=0)
+    expected = {k: lmm.ask(v, QUESTION, generation=GenerationSettings(max_new_tokens=6)).to_json()
+                for k, v in videos.items()}
+
+    def user(name):
+        c = Client(server[0], verbose=False)
+        return name, c.predict(video=handle_file(videos[name]), question=QUESTION, api_name="/ask", **FAST)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = dict(pool.map(user, list(videos)))
+    for name, (answer, details) in results.items():
+        assert answer == expected[name]["answer"], name
+        assert details["frame_indices"] == expected[name]["frame_indices"], name
+        assert details["cached_video"] is False, name  # nobody sees another session's cache
+
+
+# ---- bad input -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bad_uploads(videos, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    (root / "notes.mp4").write_text("This is a text file, not a video.\n" * 20)
+    data = Path(videos["a"]).read_bytes()
+    (root / "cut.mp4").write_bytes(data[: len(data) // 3])
+    (root / "zero.mp4").write_bytes(b"")
+    return {"text": root / "notes.mp4", "truncated": root / "cut.mp4", "empty": root / "zero.mp4"}
+
+
+def test_bad_uploads_give_one_readable_sentence_and_the_app_keeps_answering(client, bad_uploads, videos):
+    from gradio_client.exceptions import AppError
+
+    reasons = {"text": "text file", "truncated": "damaged or incomplete", "empty": "empty"}
+    for kind, path in bad_uploads.items():
+        for endpoint in ("/ask", "/preview"):
+            args = dict(question=QUESTION, **FAST) if endpoint == "/ask" else {}
+            with pytest.raises(AppError) as info:
+                client.predict(video=handle_file(str(path)), api_name=endpoint, **args)
+            message = str(info.value)
+            _assert_one_sentence(message)
+            assert f"Cannot read video '{path.name}'" in message and reasons[kind] in message, message
+    answer, details = client.predict(video=handle_file(videos["a"]), question=QUESTION, api_name="/ask", **FAST)
+    assert details["answer"] == answer
+
+
+def test_limits_and_bad_settings_are_sentences(client, videos, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    long_clip = write_video(tmp_path / "long.mp4", make_moving_square_frames(60, 32, 32), fps=10)  # 6 s > 5 s
+    cases = [
+        (dict(video=handle_file(long_clip), question=QUESTION), "longer than the 5 s limit"),
+        (dict(video=handle_file(long_clip), question=" "), "Type a question"),
+        (dict(video=None, question=QUESTION), "Upload a video"),
+        (dict(video=handle_file(videos["a"]), question=QUESTION, model="no/such-model"), "Model 'no/such-model'"),
+        (dict(video=handle_file(videos["a"]), question=QUESTION, model="naive", groups=2), "has no groups"),
+        (dict(video=handle_file(videos["a"]), question=QUESTION, history=[["one"]]), "history must be a list"),
+        (dict(video=handle_file(videos["a"]), question=QUESTION, num_frames=0), "less than minimum value 1"),
+    ]
+    for kwargs, expected in cases:
+        with pytest.raises(AppError) as info:
+            client.predict(api_name="/ask", **kwargs, **FAST)
+        _assert_one_sentence(str(info.value))
+        assert expected in str(info.value), (expected, str(info.value))
+    big = tmp_path / "big.mp4"
+    big.write_bytes(os.urandom(1024 * 1024 + 4096))  # over the 1 MiB upload limit of this server
+    with pytest.raises(Exception):
+        client.predict(video=handle_file(str(big)), question=QUESTION, api_name="/ask", **FAST)
+
+
+# ---- pieces without the server -------------------------------------------------------------------------------
+def test_budget_view_leaves_the_shared_connector_untouched(tiny_checkpoints):
+    import torch
+
+    from app.budget import TokenBudget, budgeted_connector, connect, token_counts
+    from vidlmm.checkpoint import load_model
+
+    model = load_model(tiny_checkpoints["group"])
+    module = model.connector._connector
+    before = (module.group, module.queries_per_group, module.latents.shape[0])
+    view = budgeted_connector(module, TokenBudget(groups=2, queries=3), 16 * 15)
+    assert view.num_output_tokens(16, 15) == 6
+    assert (module.group, module.queries_per_group, module.latents.shape[0]) == before
+    features = torch.randn(4, model.vision_tower.tokens_per_frame, model.config.vision_hidden_size)
+    out, active = connect(model, features, TokenBudget(groups=2, queries=3, active_fraction=0.5,
+                                                       strategy="groups"))
+    assert out.tokens.shape[1] == 6 and active == 3
+    assert int((out.tokens[0].abs().sum(-1) == 0).sum()) == 3  # one of the two groups zeroed
+    assert token_counts(module, TokenBudget(groups=2, queries=3, active_fraction=0.5, strategy="groups"), 4,
+                        model.vision_tower.tokens_per_frame) == (6, 3)
+    full, _ = connect(model, features, TokenBudget())
+    assert torch.equal(full.tokens, model.connect(features).tokens)  # no budget: exactly the model's own output
+    with pytest.raises(ValueError, match="Queries must be between 1 and 16"):
+        budgeted_connector(module, TokenBudget(queries=17))
+
+
+def test_config_from_command_line_and_environment(monkeypatch):
+    from app.config import load_config
+
+    monkeypatch.setenv("VIDLMM_PORT", "9001")
+    monkeypatch.setenv("VIDLMM_MAX_DURATION_S", "30")
+    monkeypatch.setenv("VIDLMM_SHARE", "0")
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    config = load_config(["--port", "9002", "--models-dir", "somewhere", "--no-preload"])
+    assert (config.port, config.max_duration_s, config.models_dir, config.preload) == (9002, 30.0, "somewhere", False)
+    assert config.share is False and config.analytics is False and config.host == "127.0.0.1"
+    monkeypatch.setenv("SPACE_ID", "user/space")
+    config = load_config([])
+    assert config.allow_custom_models is False and config.host == "0.0.0.0" and config.port == 9001
+
+
+def test_resampler_switch_picks_the_matching_checkpoint(server):
+    from app.models import matching_model
+
+    choices = server[1].choices
+    assert matching_model(choices, "default", "naive") == "naive"
+    assert matching_model(choices, "naive", "image") == "image"
+    assert matching_model(choices, "Zhang199/TinyLLaVA-Video-Qwen2.5-3B-Group-16-512", "naive") == \
+        "Zhang199/TinyLLaVA-Video-Qwen2.5-3B-Naive-16-512"
+
+
+def test_python_app_py_serves(models_dir, tiny_checkpoints, tmp_path):
+    """The real entry point: options from the environment, ready to serve, no share link, no analytics."""
+    port = free_port()
+    env = dict(os.environ, VIDLMM_MODEL=str(tiny_checkpoints["group"]), VIDLMM_MODELS_DIR=str(models_dir),
+               VIDLMM_PORT=str(port), PYTHONPATH=str(ROOT))
+    env.pop("GRADIO_ANALYTICS_ENABLED", None)  # the app must turn analytics off by itself
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        ready = None
+        while time.perf_counter() - start < 120 and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/gradio_api/info", timeout=2) as r:
+                    info = json.loads(r.read())
+                ready = time.perf_counter() - start
+                break
+            except OSError:
+                time.sleep(0.25)
+        assert ready is not None, proc.stdout.read() if proc.poll() is not None else "not ready in 120 s"
+        print(f"python app.py ready to serve in {ready:.1f} s")
+        assert "/ask" in info["named_endpoints"]
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert "gradio.live" not in out and "Traceback" not in out, out

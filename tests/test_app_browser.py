@@ -1,0 +1,133 @@
+"""The app in a real browser: headless Chromium (Debian's, driven by Playwright) uploads the example video, sees the
+frame strip and token count, asks a question and watches the answer stream in, then opens the Attention tab and
+sees the heatmap. Screenshots of each step go to a temporary folder (and to $VIDLMM_SCREENSHOTS when set); any
+console error or uncaught page error fails the test.
+
+Skipped, with the reason, when the `playwright` package or a Chromium binary is missing
+(`pip install playwright` and `apt-get install chromium`; Playwright's own browser download is not needed).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "assets" / "examples" / "moving_shapes.mp4"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def _chromium() -> str | None:
+    for candidate in (os.environ.get("VIDLMM_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
+                      shutil.which("chromium-browser")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+CHROMIUM = _chromium()
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium binary (apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_checkpoints, tmp_path_factory):
+    from app import build_app, launch
+    from app.config import AppConfig
+
+    models = tmp_path_factory.mktemp("browser-models")
+    for name in ("group", "naive"):
+        (models / name).symlink_to(tiny_checkpoints[name], target_is_directory=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = AppConfig(model=str(tiny_checkpoints["group"]), models_dir=str(models), host="127.0.0.1", port=port,
+                       preload=False)
+    demo, _ = build_app(config)
+    launch(demo, config, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+@pytest.fixture
+def shots(tmp_path):
+    """save(name): a full-page screenshot in tmp_path, copied to $VIDLMM_SCREENSHOTS when set."""
+    extra = Path(os.environ["VIDLMM_SCREENSHOTS"]) if os.environ.get("VIDLMM_SCREENSHOTS") else None
+    if extra:
+        extra.mkdir(parents=True, exist_ok=True)
+
+    def save(page, name: str) -> Path:
+        path = tmp_path / f"{name}.png"
+        page.screenshot(path=str(path), full_page=True)
+        if extra:
+            shutil.copy2(path, extra / path.name)
+        return path
+
+    return save
+
+
+# Records every text the last assistant message shows, so the test can see the answer arrive in pieces.
+_WATCH_ANSWER = """() => {
+  window.__answers = [];
+  const chat = document.querySelector('#chatbot');
+  new MutationObserver(() => {
+    const bots = chat.querySelectorAll('.message.bot, [data-testid="bot"]');
+    const text = bots.length ? bots[bots.length - 1].innerText.trim() : '';
+    const seen = window.__answers;
+    if (text && seen[seen.length - 1] !== text) seen.push(text);
+  }).observe(chat, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def test_upload_ask_stream_and_attention_in_chromium(app_url, shots):
+    problems: list[str] = []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error"
+                    else None)
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.goto(app_url)
+            page.wait_for_selector("#video-upload input[type=file]", state="attached", timeout=30_000)
+            shots(page, "0-loaded")
+
+            page.set_input_files("#video-upload input[type=file]", str(EXAMPLE))
+            page.wait_for_selector("#frame-strip img", timeout=60_000)
+            page.wait_for_function("document.querySelector('#token-count').innerText.includes('visual tokens')",
+                                   timeout=60_000)
+            strip = page.locator("#frame-strip img").count()
+            count_text = page.inner_text("#token-count")
+            assert strip >= 8, strip
+            assert "16 frames" in count_text and "64 visual tokens" in count_text, count_text
+            shots(page, "1-uploaded")
+
+            page.evaluate(_WATCH_ANSWER)
+            page.fill("#question textarea", "What happens in the video?")
+            page.click("#send")
+            page.wait_for_function("document.querySelector('#timings').innerText.includes('tokens/s')",
+                                   timeout=60_000)
+            answers = page.evaluate("window.__answers")
+            chat = page.inner_text("#chatbot")
+            assert "What happens in the video?" in chat
+            assert answers and answers[-1] in chat, (answers, chat)
+            assert len(answers) >= 2, f"the answer arrived in one piece, not streamed: {answers}"
+            print(f"answer seen growing in {len(answers)} steps: {[len(a) for a in answers]} characters")
+            assert "visual tokens" in page.inner_text("#timings")
+            shots(page, "2-answered")
+
+            page.get_by_role("tab", name="Attention").click()
+            page.click("#attend")
+            page.wait_for_function("(() => { const i = document.querySelector('#heatmap img');"
+                                   " return i && i.complete && i.naturalWidth > 100; })()", timeout=60_000)
+            shots(page, "3-attention")
+        finally:
+            browser.close()
+    assert not problems, "\n".join(problems)
