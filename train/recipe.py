@@ -47,6 +47,8 @@ class Recipe:
     num_queries: int = 512
     group: int | None = 16
     num_resampler_layers: int = 3
+    # extra connector keys kept in config.json (e.g. token_budget for pool / tome / topk, prefusion_layers)
+    connector_options: dict = field(default_factory=dict)
     # where the model comes from: `init` is a TinyLLaVA checkpoint (stage 2 starts from stage 1's output);
     # otherwise `llm` and `vision_tower` name pretrained folders or hub ids
     init: str | None = None

@@ -48,7 +48,8 @@ class TrainingStep(nn.Module):
                     feats = m.vision_tower(pixels.to(m.device))
                 if self.feature_cache is not None and cache_keys and cache_keys[i]:
                     self.feature_cache.put(cache_keys[i], feats.cpu())
-            visual.append(m.connector(feats.unsqueeze(0).to(device=m.device, dtype=m.dtype)).tokens[0])
+            # the whole output (batch 1): a fusing connector (LLaVA-Mini) also rewrites the prompt's embeddings
+            visual.append(m.connector(feats.unsqueeze(0).to(device=m.device, dtype=m.dtype)))
         embeds, mask, lab = m.build_inputs(input_ids, visual, labels, padding_side="right")
         return m(embeds, mask, labels=lab).loss
 
@@ -61,7 +62,7 @@ def build_model(recipe: Recipe):
         model = build_from_parts(recipe.llm, recipe.vision_tower, connector_type=recipe.connector_type,
                                  num_queries=recipe.num_queries, group=recipe.group,
                                  num_resampler_layers=recipe.num_resampler_layers, seed=recipe.seed,
-                                 video_sampling=recipe.sampling)
+                                 video_sampling=recipe.sampling, connector_options=recipe.connector_options)
     model.config.video_sampling = dict(recipe.sampling)
     return model
 
@@ -135,6 +136,9 @@ def run(recipe: Recipe, *, max_steps: int | None = None, progress: bool = True) 
     from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
     output_dir = Path(recipe.output_dir)
+    if (output_dir / "model" / "trainer_state.json").is_file():
+        print(f"{recipe.name}: already trained, {output_dir / 'model'}")  # a finished stage is not redone
+        return output_dir / "model"
     precision = recipe.mixed_precision if recipe.mixed_precision in ("bf16", "fp16") else "no"
     # the recipe's global batch holds whatever the number of processes: accumulation is derived from it
     recipe.num_processes = PartialState(cpu=not torch.cuda.is_available()).num_processes

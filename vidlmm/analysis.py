@@ -4,6 +4,7 @@
     stats = redundancy_stats(maps)                        # entropy, overlap, cosine of the queries
     curve = zeroing_curve(lmm, "clip.mp4", "What happens?")   # zero queries, score the full model's answer
     budget = token_budget({"group": model.config})        # visual tokens and prefill cost vs frames
+    picture = connector_picture(lmm, "clip.mp4")          # pooling grid / merge map / kept mask of a compressor
 
 Everything here is built on return values (`ConnectorOutput.attentions`, `TokenLayout`) and on the pipeline's
 `visual=` override: no hooks and no second pass. Results are numpy arrays and small dataclasses with
@@ -211,6 +212,9 @@ def attention_maps(lmm: "VideoLMM", video, *, sampling=None) -> AttentionMaps:
     out = lmm.visual_tokens(prepared, output_attentions=True)
     name = model.connector._connector.registry_name
     if not out.attentions:
+        if getattr(out, "picture", None) is not None:  # pooling / merging / pruning: a picture, no attention
+            raise VidlmmError(f"The '{name}' connector has no attention to show; connector_picture shows what it "
+                              "does to each frame.")
         raise VidlmmError(f"The '{name}' connector has no attention to show (it maps every token on its own).")
     media = np.stack([a.media[0].float().cpu().numpy() for a in out.attentions])
     latents = np.stack([a.latents[0].float().cpu().numpy() for a in out.attentions])
@@ -223,6 +227,26 @@ def attention_maps(lmm: "VideoLMM", video, *, sampling=None) -> AttentionMaps:
         frame_indices=[int(i) for i in clip.indices], timestamps=[float(t) for t in clip.timestamps],
         grid=tuple(layout.grid), tokens=out.tokens[0].float().cpu().numpy(), connector_type=name,
         frame_box=_frame_box(model.image_processor, height, width))
+
+
+def _token_cosine(tokens) -> tuple[np.ndarray, float]:
+    """(cosine [Q, Q] of the tokens, effective_tokens: participation ratio of its eigenvalues)."""
+    tokens = np.asarray(tokens, dtype=np.float64)
+    unit = tokens / np.maximum(np.linalg.norm(tokens, axis=-1, keepdims=True), 1e-12)
+    cosine = unit @ unit.T
+    eig = np.clip(np.linalg.eigvalsh(cosine), 0, None)
+    return cosine, float(eig.sum() ** 2 / max((eig**2).sum(), 1e-12))
+
+
+def token_redundancy(tokens, connector_type: str = "") -> dict:
+    """The output-token half of `redundancy_stats`, for connectors with no attention (pool, tome, topk, MLP):
+    tokens [Q, D] (e.g. `connector_picture(...)["tokens"]`) -> cosine [Q, Q] float32 and a summary with
+    cosine_mean (off-diagonal) and effective_tokens (Q when orthogonal, 1 when all parallel)."""
+    cosine, effective = _token_cosine(tokens)
+    off = ~np.eye(cosine.shape[0], dtype=bool)
+    mean = float(cosine[off].mean()) if off.any() else float("nan")
+    return {"connector_type": connector_type, "cosine": cosine.astype(np.float32),
+            "summary": {"tokens": int(cosine.shape[0]), "cosine_mean": mean, "effective_tokens": effective}}
 
 
 def redundancy_stats(maps: AttentionMaps, layer: int = -1) -> dict:
@@ -245,11 +269,7 @@ def redundancy_stats(maps: AttentionMaps, layer: int = -1) -> dict:
     entropy_norm = entropy / np.log(np.maximum(support, 2))
     root = np.sqrt(p)
     overlap = root @ root.T
-    tokens = maps.tokens.astype(np.float64)
-    unit = tokens / np.maximum(np.linalg.norm(tokens, axis=-1, keepdims=True), 1e-12)
-    cosine = unit @ unit.T
-    eig = np.clip(np.linalg.eigvalsh(cosine), 0, None)
-    effective = float(eig.sum() ** 2 / max((eig**2).sum(), 1e-12))
+    cosine, effective = _token_cosine(maps.tokens)
     q = maps.num_queries
     off = ~np.eye(q, dtype=bool)
     same = (maps.query_groups[:, None] == maps.query_groups[None, :]) & off
@@ -277,6 +297,71 @@ def redundancy_stats(maps: AttentionMaps, layer: int = -1) -> dict:
             "entropy": entropy.astype(np.float32), "entropy_normalized": entropy_norm.astype(np.float32),
             "latent_share": latent_share.astype(np.float32), "overlap": overlap.astype(np.float32),
             "cosine": cosine.astype(np.float32), "summary": summary, "rows": rows}
+
+
+# ---- per-connector pictures -----------------------------------------------------------------------------------
+
+PICTURE_KINDS = {"llava_mini": "query_attention", "pool": "pooling_grid", "tome": "source_map", "topk": "kept_mask"}
+
+
+def connector_picture(lmm: "VideoLMM", video, *, sampling=None) -> dict:
+    """What a per-frame compressor (`vidlmm.compressors`) does to each frame, from one connector pass.
+
+    video: a path or a PreparedVideo. Returns a dict of numpy arrays and plain values. Always: connector_type;
+    kind (below); frames [T, H, W, 3] uint8; frame_box (x0, y0, x1, y1) pixels the patch grid covers;
+    grid (rows, cols); frame_indices; timestamps (s); num_frames; tokens_per_frame (P, tokens in per frame);
+    output_tokens_per_frame (k); tokens [T * k, D] float32 output tokens. Grids are [T, rows, cols] over each
+    frame's patch cells; a cell with no token (SigLIP's dropped first patch) holds NaN, -1 or False.
+
+    kind "query_attention" (llava_mini): attention [T, k, rows, cols] float32, each query's head-mean attention
+        over its own frame (sums to 1 over the frame's tokens).
+    kind "pooling_grid" (pool): pool_size s (k = s * s); row_edges, col_edges [s, 2] int, the [start, end) grid
+        cells of each pooling bin (adaptive bins may overlap by one cell); cell_token [T, rows, cols] int, the
+        frame's output token whose bin holds the cell (the first one where bins overlap).
+    kind "source_map" (tome): source [T, rows, cols] int, the frame's output token each patch was merged into
+        (regions to paint); size [T, k] int, patches per output token.
+    kind "kept_mask" (topk): kept [T, rows, cols] bool; scores [T, rows, cols] float32 scorer logits;
+        kept_indices [T, k] int, the kept tokens' indices within the frame, in raster order.
+    Output token j of frame t is token t * k + j of the connector's output.
+    """
+    import torch
+
+    model = lmm.model
+    prepared = _prepared(lmm, video, sampling)
+    out = lmm.visual_tokens(prepared, output_attentions=True)
+    name = model.connector._connector.registry_name
+    picture = getattr(out, "picture", None)
+    if name not in PICTURE_KINDS or picture is None:
+        raise VidlmmError(f"The '{name}' connector has no picture of its own; attention_maps shows what it looks at.")
+    layout = model.token_layout(prepared.num_frames)
+    t, p = layout.num_frames, layout.tokens_per_frame
+
+    def grid(values, fill):  # [T, P] -> [T, rows, cols]
+        values = values.detach().cpu()
+        return layout.to_grid(values.reshape(t * p), fill).numpy()
+
+    clip = prepared.clip
+    height, width = clip.frames.shape[1:3]
+    k = int(out.tokens.shape[1]) // t
+    result = {"connector_type": name, "kind": PICTURE_KINDS[name], "frames": clip.frames,
+              "frame_box": _frame_box(model.image_processor, height, width), "grid": tuple(layout.grid),
+              "frame_indices": [int(i) for i in clip.indices], "timestamps": [float(x) for x in clip.timestamps],
+              "num_frames": t, "tokens_per_frame": p, "output_tokens_per_frame": k,
+              "tokens": out.tokens[0].float().cpu().numpy()}
+    if name == "llava_mini":
+        attn = picture["attention"].detach().float().cpu()  # [T, k, P]
+        maps = layout.to_grid(attn.transpose(0, 1).reshape(k, t * p))  # [k, T, rows, cols]
+        result["attention"] = maps.transpose(0, 1).numpy()
+    elif name == "pool":
+        result.update(pool_size=int(picture["pool_size"]), row_edges=picture["row_edges"].numpy(),
+                      col_edges=picture["col_edges"].numpy(),
+                      cell_token=grid(picture["cell_token"].expand(t, -1), -1))
+    elif name == "tome":
+        result.update(source=grid(picture["source"], -1), size=picture["size"].detach().cpu().round().long().numpy())
+    else:
+        result.update(kept=grid(picture["kept"], False), scores=grid(picture["scores"].float(), float("nan")),
+                      kept_indices=picture["kept_indices"].cpu().numpy())
+    return result
 
 
 # ---- query zeroing -------------------------------------------------------------------------------------------
@@ -704,6 +789,17 @@ def connector_setting(config) -> str:
     from .connectors import resolve_connector_name
 
     name = resolve_connector_name(config.connector_type)
+    extra = config.extra
+    if name == "llava_mini":
+        layers = extra.get("prefusion_layers")
+        return f"{name}, {config.num_queries} queries per frame, {4 if layers is None else layers} pre-fusion layers"
+    if name in ("pool", "tome", "topk"):
+        if extra.get("frame_tokens") is not None:
+            return f"{name}, {extra['frame_tokens']} tokens per frame"
+        cap = extra.get("max_frame_tokens")
+        budget = extra.get("token_budget")
+        return f"{name}, budget {512 if budget is None else budget} tokens" + (f", at most {cap} per frame" if cap
+                                                                               else "")
     if name == "mlp2x_gelu":
         return f"{name}, every patch"
     if name == "groupresampler":
@@ -713,14 +809,26 @@ def connector_setting(config) -> str:
     return f"{name}, {config.num_queries} queries"
 
 
-def connector_variants(config) -> dict:
+def connector_variants(config, related: bool = False) -> dict:
     """The same backbone with each connector family at the config's query budget (for Figure 3 style plots):
-    naive Q queries, group Q queries in G groups (16 when unset), image-level Q/16 per frame, MLP."""
+    naive Q queries, group Q queries in G groups (16 when unset), image-level Q/16 per frame, MLP.
+
+    related=True adds the per-frame compressors of the related work at the same budget: "llava-mini" with the
+    largest square <= Q/16 queries per frame, and "pool", "tome", "topk" with a budget of Q tokens per video
+    (tokens per frame = min(Q // frames, P), pool floored to a square)."""
     q, g = int(config.num_queries), int(config.group or 16)
-    return {"naive": replace(config, connector_type="naiveresampler", group=None),
-            "group": replace(config, connector_type="groupresampler", group=g),
-            "image-level": replace(config, connector_type="resampler", num_queries=max(1, q // 16), group=None),
-            "mlp": replace(config, connector_type="mlp2x_gelu", group=None)}
+    variants = {"naive": replace(config, connector_type="naiveresampler", group=None),
+                "group": replace(config, connector_type="groupresampler", group=g),
+                "image-level": replace(config, connector_type="resampler", num_queries=max(1, q // 16), group=None),
+                "mlp": replace(config, connector_type="mlp2x_gelu", group=None)}
+    if related:
+        budget_keys = ("frame_tokens", "token_budget", "max_frame_tokens")
+        extra = {k: v for k, v in config.extra.items() if k not in budget_keys}
+        variants["llava-mini"] = replace(config, connector_type="llava_mini", group=None,
+                                         num_queries=math.isqrt(max(1, q // 16)) ** 2)
+        for name in ("pool", "tome", "topk"):
+            variants[name] = replace(config, connector_type=name, group=None, extra={**extra, "token_budget": q})
+    return variants
 
 
 def token_budget(models: dict, frames=(1, 2, 4, 8, 16, 32, 64), text_tokens: int = 64) -> BudgetResult:
@@ -765,7 +873,8 @@ def token_budget(models: dict, frames=(1, 2, 4, 8, 16, 32, 64), text_tokens: int
 
 
 __all__ = [
-    "AttentionMaps", "BudgetResult", "DEFAULT_CHUNKS", "FRACTIONS", "STRATEGIES", "ZeroingResult", "attention_maps",
-    "connector_setting", "connector_variants", "model_config", "query_group_spans", "redundancy_stats", "to_jsonable",
-    "token_budget", "zero_mask", "zero_tokens", "zeroing_curve", "zeroing_mc_curve",
+    "AttentionMaps", "BudgetResult", "DEFAULT_CHUNKS", "FRACTIONS", "PICTURE_KINDS", "STRATEGIES", "ZeroingResult",
+    "attention_maps", "connector_picture", "connector_setting", "connector_variants", "model_config",
+    "query_group_spans", "redundancy_stats", "to_jsonable", "token_budget", "token_redundancy", "zero_mask",
+    "zero_tokens", "zeroing_curve", "zeroing_mc_curve",
 ]

@@ -283,7 +283,7 @@ def _local_folder(path_or_id: str) -> Path:
 def build_from_parts(llm: str, vision_tower: str, *, connector_type: str = "groupresampler", num_queries: int = 512,
                      group: int | None = 16, num_resampler_layers: int = 3, vision_feature_layer: int = -2,
                      select_strategy: str = "patch", video_sampling: dict | None = None, seed: int = 0,
-                     conv_version: str = "qwen2_base") -> TinyLlavaVideo:
+                     conv_version: str = "qwen2_base", connector_options: dict | None = None) -> TinyLlavaVideo:
     """A new TinyLLaVA-Video model from a pretrained causal LM folder (with its tokenizer) and a vision tower
     folder (a SiglipModel / SiglipVisionModel / CLIP / DINOv2 checkpoint), with a freshly initialised connector.
     This is how stage 1 starts, as in the reference's `load_llm` / `load_vision_tower`."""
@@ -302,7 +302,7 @@ def build_from_parts(llm: str, vision_tower: str, *, connector_type: str = "grou
         num_resampler_layers=num_resampler_layers, vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy=select_strategy, llm_model_name_or_path=str(llm),
         vision_model_name_or_path=str(vision_tower), tokenizer_name_or_path=str(llm),
-        video_sampling=video_sampling, conv_version=conv_version)
+        video_sampling=video_sampling, conv_version=conv_version, **(connector_options or {}))
     model = TinyLlavaVideo(config)
     lm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
     model.language_model.load_state_dict(lm.state_dict())

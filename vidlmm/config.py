@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, fields
+from dataclasses import fields as dataclass_fields  # `compose` takes **fields
 from pathlib import Path
 
 # What the reference's config class fills in when a key is absent.
@@ -34,7 +35,9 @@ class TinyLlavaConfig:
 
     hidden_size: LLM width D. vision_hidden_size: tower width Dv. num_queries: visual tokens (per frame for
     the image-level `resampler`). group: groups of the group resampler. video_sampling: our addition, the
-    frame sampling the checkpoint was trained with (e.g. {"mode": "uniform", "num_frames": 16}).
+    frame sampling the checkpoint was trained with (e.g. {"mode": "uniform", "num_frames": 16}). Hyper-parameters
+    of the per-frame compressors (`token_budget`, `prefusion_layers`, ...; see `vidlmm.compressors`) stay in
+    `extra` and reach the connector through its `config_keys`.
     """
 
     text_config: dict
@@ -82,10 +85,13 @@ class TinyLlavaConfig:
         """A config for a new model from its LLM and tower config dicts: widths are read from them, pad defaults
         to eos, and `group` is kept only for the group resampler."""
         fields.setdefault("pad_token_id", text_config.get("pad_token_id", text_config.get("eos_token_id")))
+        known = {f.name for f in dataclass_fields(cls)}
+        extra = {**fields.pop("extra", {}),  # connector keys (token_budget, ...) are kept in `extra`
+                 **{k: fields.pop(k) for k in list(fields) if k not in known}}
         return cls(text_config=dict(text_config), vision_config=dict(vision_config),
                    hidden_size=text_config["hidden_size"], vision_hidden_size=vision_config["hidden_size"],
                    connector_type=connector_type, group=group if connector_type == "groupresampler" else None,
-                   **fields)
+                   extra=extra, **fields)
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "TinyLlavaConfig":

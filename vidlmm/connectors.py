@@ -12,6 +12,9 @@ resampler       one group per frame (image-level)   num_queries per frame  none
 mlp2x_gelu      no compression (baseline)           T*P                    none
 ============== =================================== ====================== ==========================
 
+The per-frame compressors of the related work (`llava_mini`, `pool`, `tome`, `topk`) live in `compressors.py`
+and register into the same `CONNECTORS`.
+
 State-dict keys equal the reference's (`latents`, `linear`, `layers.{i}.0.to_q`, ...), so a published
 checkpoint loads with no renaming below the `connector._connector.` prefix.
 
@@ -107,9 +110,13 @@ class ConnectorOutput:
 
 
 class ConnectorModule(nn.Module):
-    """Base for connectors. Subclasses implement ``forward(x [B, T, P, Dv], output_attentions=False)``."""
+    """Base for connectors. Subclasses implement ``forward(x [B, T, P, Dv], output_attentions=False)``.
+
+    config_keys: extra config.json keys passed to the constructor when present (see connector_kwargs_from_config).
+    """
 
     registry_name = ""
+    config_keys: tuple[str, ...] = ()
 
     def num_output_tokens(self, num_frames: int, tokens_per_frame: int) -> int:
         raise NotImplementedError
@@ -400,13 +407,26 @@ class TokenLayout:
 
 
 def connector_kwargs_from_config(config) -> dict:
-    """The constructor arguments a TinyLLaVA config implies for its connector."""
+    """The constructor arguments a TinyLLaVA config implies for its connector: the common fields, the LLM's
+    config (LLaVA-Mini builds its pre-fusion layers from it) and the extra config.json keys the connector class
+    lists in `config_keys` (e.g. `token_budget` for `pool`; see `compressors`)."""
     kwargs = dict(vision_hidden_size=config.vision_hidden_size, hidden_size=config.hidden_size,
-                  num_queries=config.num_queries, num_resampler_layers=config.num_resampler_layers)
+                  num_queries=config.num_queries, num_resampler_layers=config.num_resampler_layers,
+                  text_config=dict(config.text_config))
+    if "model_type" not in kwargs["text_config"]:
+        try:
+            kwargs["text_config"]["model_type"] = config.llm_type
+        except ValueError:  # only pre-fusion needs it, and says so
+            pass
     if config.group is not None:
         kwargs["group"] = config.group
+    cls = CONNECTORS[resolve_connector_name(config.connector_type)]
+    kwargs.update({key: config.extra[key] for key in cls.config_keys if config.extra.get(key) is not None})
     return kwargs
 
+
+# the per-frame compressors of the related work (llava_mini, pool, tome, topk) register into the same registry
+from . import compressors  # noqa: E402,F401
 
 __all__ = [
     "CONNECTORS", "Connector", "ConnectorModule", "ConnectorOutput", "GroupResampler", "ImageResampler",

@@ -82,13 +82,23 @@ class TinyLlavaVideo(nn.Module):
         return self.connector(features, output_attentions=output_attentions)
 
     # ---- splicing --------------------------------------------------------------------------------------
-    def embed_with_visual_tokens(self, input_ids: list[int], visual_tokens: torch.Tensor | None,
+    def embed_with_visual_tokens(self, input_ids: list[int], visual_tokens: torch.Tensor | ConnectorOutput | None,
                                  labels: list[int] | None = None):
         """Insert visual_tokens [Q, D] at the single IMAGE_TOKEN_INDEX position of `input_ids`.
 
+        visual_tokens may also be the connector's whole output for one video (batch 1): a connector that fuses
+        vision into the text (LLaVA-Mini's pre-fusion, its `fusion_context`) then rewrites the prompt's text
+        embeddings; answer tokens (labels other than IGNORE_INDEX) keep their raw embeddings, as in LLaVA-Mini.
         Returns (embeds [L, D], labels [L] or None); visual positions get IGNORE_INDEX labels. The sequence is
         cut to tokenizer_model_max_length, counting the visual tokens, as the reference does.
         """
+        context = None
+        if isinstance(visual_tokens, ConnectorOutput):
+            if visual_tokens.tokens.shape[0] != 1:
+                raise ValueError("Pass one video's connector output (batch 1) per sequence.")
+            context = getattr(visual_tokens, "fusion_context", None)
+            context = context[0] if context is not None else None
+            visual_tokens = visual_tokens.tokens[0]
         embed = self.language_model.get_input_embeddings()
         ids = torch.as_tensor(input_ids, dtype=torch.long)
         lab = torch.as_tensor(labels, dtype=torch.long) if labels is not None else None
@@ -102,8 +112,14 @@ class TinyLlavaVideo(nn.Module):
             embeds = embed(ids.to(device))
         else:
             s = slots[0]
-            pieces = [embed(ids[:s].to(device)), visual_tokens.to(device=device, dtype=embed.weight.dtype),
-                      embed(ids[s + 1:].to(device))]
+            before, after = embed(ids[:s].to(device)), embed(ids[s + 1:].to(device))
+            if context is not None:
+                # the prompt is fused; answer tokens (training labels) keep their raw embeddings
+                prompt = torch.ones(len(ids) - 1, dtype=torch.bool) if lab is None else \
+                    torch.cat([lab[:s], lab[s + 1:]]) == IGNORE_INDEX
+                fused = self.connector._connector.fuse_text(context, torch.cat([before, after]), prompt.to(device))
+                before, after = fused[:s], fused[s:]
+            pieces = [before, visual_tokens.to(device=device, dtype=embed.weight.dtype), after]
             embeds = torch.cat(pieces)
             if lab is not None:
                 ignore = torch.full((visual_tokens.shape[0],), IGNORE_INDEX, dtype=torch.long)
@@ -114,11 +130,12 @@ class TinyLlavaVideo(nn.Module):
             embeds, lab = embeds[:limit], (lab[:limit] if lab is not None else None)
         return embeds, lab
 
-    def build_inputs(self, batch_ids: list[list[int]], batch_visual: list[torch.Tensor | None],
+    def build_inputs(self, batch_ids: list[list[int]], batch_visual: list[torch.Tensor | ConnectorOutput | None],
                      batch_labels: list[list[int]] | None = None, padding_side: str = "left"):
         """Pad spliced sequences into a batch: (inputs_embeds [B, L, D], attention_mask [B, L], labels or None).
 
         Padding uses zero embeddings (label IGNORE_INDEX). Left padding for generation, right for training.
+        batch_visual items: tokens [Q, D], or a connector output of batch 1 (see `embed_with_visual_tokens`).
         """
         rows = [self.embed_with_visual_tokens(ids, vis, batch_labels[i] if batch_labels else None)
                 for i, (ids, vis) in enumerate(zip(batch_ids, batch_visual))]

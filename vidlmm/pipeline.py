@@ -146,7 +146,7 @@ class VideoLMM:
         timings = {k: (0.0 if cached else v) for k, v in prepared.timings.items()}
         t0 = time.perf_counter()
         if visual is None:
-            visual = self.visual_tokens(prepared).tokens[0]
+            visual = self.visual_tokens(prepared)  # the whole output: a fusing connector rewrites the prompt
         timings["connector"] = time.perf_counter() - t0
         ids = self.prompt_ids(question, list(history))
         embeds, mask, _ = self.model.build_inputs([ids], [visual])
@@ -186,7 +186,8 @@ class VideoLMM:
         timings["tokens_per_s"] = new_tokens / timings["generation"] if timings["generation"] > 0 else 0.0
         text = clean_answer(self.model.tokenizer.decode(token_ids, skip_special_tokens=True), self.template)
         clip = prepared.clip
-        yield Answer(text, token_ids, clip.indices.tolist(), clip.timestamps.tolist(), int(visual.shape[0]),
+        num_visual = visual.tokens.shape[1] if isinstance(visual, ConnectorOutput) else visual.shape[0]
+        yield Answer(text, token_ids, clip.indices.tolist(), clip.timestamps.tolist(), int(num_visual),
                      timings, cached)
 
     def ask_batch(self, videos: list, questions: list[str], generation: GenerationSettings | None = None,
@@ -194,7 +195,7 @@ class VideoLMM:
         """Answer several (video, question) pairs in one left-padded generate call."""
         generation = generation or GenerationSettings()
         prepared = [self.prepare(v, sampling)[0] if not isinstance(v, PreparedVideo) else v for v in videos]
-        visual = [self.visual_tokens(p).tokens[0] for p in prepared]
+        visual = [self.visual_tokens(p) for p in prepared]
         ids = [self.prompt_ids(q) for q in questions]
         embeds, mask, _ = self.model.build_inputs(ids, visual)
         with self._lock:
@@ -206,7 +207,7 @@ class VideoLMM:
                 row = row[: row.index(eos) + 1]
             text = clean_answer(self.model.tokenizer.decode(row, skip_special_tokens=True), self.template)
             answers.append(Answer(text, row, p.clip.indices.tolist(), p.clip.timestamps.tolist(),
-                                  int(vis.shape[0]), {}))
+                                  int(vis.tokens.shape[1]), {}))
         return answers
 
 

@@ -48,8 +48,12 @@ def tiny_vision_config(tower: str = "siglip", *, image_size: int = 56, patch_siz
 
 def tiny_config(connector_type: str = "groupresampler", *, vocab_size: int, num_queries: int = 64,
                 group: int | None = 4, tower: str = "siglip", llm: str = "qwen2", image_size: int = 56,
-                select_strategy: str = "patch", video_sampling: dict | None = None) -> TinyLlavaConfig:
-    """A complete TinyLLaVA config at toy size. Hub names are the published ones: nothing resolves them."""
+                select_strategy: str = "patch", video_sampling: dict | None = None,
+                connector_options: dict | None = None) -> TinyLlavaConfig:
+    """A complete TinyLLaVA config at toy size. Hub names are the published ones: nothing resolves them.
+
+    connector_options: extra config.json keys for the connector (e.g. {"prefusion_layers": 2} for llava_mini,
+    {"token_budget": 32} for pool / tome / topk; see `vidlmm.compressors`)."""
     text = tiny_text_config(vocab_size, llm=llm)
     vision = tiny_vision_config(tower, image_size=image_size)
     return TinyLlavaConfig.compose(
@@ -58,7 +62,8 @@ def tiny_config(connector_type: str = "groupresampler", *, vocab_size: int, num_
         llm_model_name_or_path="Qwen/Qwen2.5-3B", tokenizer_name_or_path="Qwen/Qwen2.5-3B",
         vision_model_name_or_path="google/siglip-so400m-patch14-384", pad_token="<|endoftext|>",
         video_sampling=video_sampling,
-        extra={"resampler_hidden_size": 768, "cache_dir": None, "use_cache": True, "tokenizer_use_fast": False},
+        extra={"resampler_hidden_size": 768, "cache_dir": None, "use_cache": True, "tokenizer_use_fast": False,
+               **(connector_options or {})},
     )
 
 
