@@ -1,4 +1,4 @@
-# Two entry points that work on a fresh machine: `make demo` and `make test`.
+# Two entry points that work on a fresh machine: `make demo` (the app) and `make test`.
 # Both create .venv and install requirements.txt on first use (CPU-only torch; about 2 minutes).
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,10 +11,13 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-.PHONY: install demo test test-slow bench
+.PHONY: install demo ask test test-slow bench
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
+	$(OFFLINE) $(PY) app.py
+
+ask: $(VENV)/.installed
 	$(OFFLINE) $(PY) -m vidlmm ask --video assets/examples/moving_shapes.mp4 \
 		--question "What happens in the video?" --max-new-tokens 32 --json
 

@@ -189,3 +189,9 @@ def test_feature_cache_changes_nothing_but_the_work(tmp_path, tiny_world):
     a = torch.load(plain / "connector" / "pytorch_model.bin", weights_only=True)
     b = torch.load(cached / "connector" / "pytorch_model.bin", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_overrides_read_numbers_without_a_dot():
+    recipe = load_recipe("train/configs/toy_stage1.yaml", ["learning_rate=2e-3", "epochs=3", "seed=7"])
+    assert recipe.learning_rate == 0.002 and recipe.epochs == 3 and recipe.seed == 7
+    assert isinstance(recipe.seed, int)

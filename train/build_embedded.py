@@ -31,8 +31,24 @@ def _overrides(spec: dict) -> list[str]:
     return [f"{k}={json.dumps(v) if v is not None else 'null'}" for k, v in spec.items()]
 
 
+def ship_heldout(world: Path, dest: Path, examples: int = 3) -> None:
+    """The held-out multiple-choice set with its clips (about 1 MB), so the app's held-out redundancy curve and
+    `vidlmm eval` work offline; the first clips also join the app's example gallery."""
+    items = json.loads((world / "eval_mc.json").read_text())
+    shutil.rmtree(dest, ignore_errors=True)
+    (dest / "videos").mkdir(parents=True)
+    videos = list(dict.fromkeys(item["video"] for item in items))
+    for rel in videos:
+        shutil.copy2(world / rel, dest / rel)
+    (dest / "eval_mc.json").write_text(json.dumps(items, indent=1))
+    gallery = dest.parent / "examples"
+    gallery.mkdir(exist_ok=True)
+    for rel in videos[:examples]:
+        shutil.copy2(world / rel, gallery / f"world_{Path(rel).name}")
+
+
 def build(out: Path, work: Path, *, seed: int = 0, smoke: bool = False, connectors=tuple(CONNECTORS),
-          progress: bool = True) -> dict:
+          progress: bool = True, heldout: Path | None = None) -> dict:
     from vidlmm.checkpoint import load_model
     from vidlmm.evaluate import evaluate, load_mc_items
     from vidlmm.pipeline import VideoLMM
@@ -41,37 +57,52 @@ def build(out: Path, work: Path, *, seed: int = 0, smoke: bool = False, connecto
     from .trainer import run
     from .world import WorldConfig, generate_world
 
-    start = time.perf_counter()
-    timings, results = {}, {}
+    # each finished phase is recorded with its own wall time in <work>/build_state.json: a killed rebuild
+    # resumes at the first unfinished phase (training phases resume from their own checkpoints), and the
+    # reported total is the sum of the phases' measured times
+    state_file = work / "build_state.json"
+    key = {"seed": seed, "smoke": smoke}
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    if state.get("key") != key:
+        state = {"key": key, "phases": {}}
+    work.mkdir(parents=True, exist_ok=True)
+
+    def phase(name: str, fn):
+        if name in state["phases"]:
+            if progress:
+                print(f"{name}: done in an earlier run ({state['phases'][name]:.0f} s)", file=sys.stderr)
+            return
+        t = time.perf_counter()
+        fn()
+        state["phases"][name] = time.perf_counter() - t
+        state_file.write_text(json.dumps(state, indent=1))
+
+    results = {}
     world = work / "world"
     sizes = dict(num_train=24, num_eval=8) if smoke else dict(num_train=1000, num_eval=200)
-    t = time.perf_counter()
-    generate_world(world, WorldConfig(seed=seed, **sizes), progress=progress)
-    timings["world"] = time.perf_counter() - t
-    t = time.perf_counter()
-    run_stage0(world, work / "stage0", budget="smoke" if smoke else "full", seed=seed)
+    phase("world", lambda: generate_world(world, WorldConfig(seed=seed, **sizes), progress=progress))
+    phase("stage0", lambda: run_stage0(world, work / "stage0", budget="smoke" if smoke else "full", seed=seed,
+                                       progress=progress))
     mc_train = write_mc_annotations(world, world / "mc_train.json", seed=seed)
-    timings["stage0"] = time.perf_counter() - t
     common = [f"seed={seed}", f"video_roots=[{json.dumps(str(world))}]"]
     if smoke:
         common += ["epochs=1", "global_batch_size=8", "per_device_batch_size=4"]
     items = load_mc_items(world / "eval_mc.json")
     for name in connectors:
         spec = CONNECTORS[name]
-        t = time.perf_counter()
         stage1 = load_recipe("toy_stage1.yaml", [*common, *_overrides(spec), f"name={name}-stage1",
                                                  f"llm={work / 'stage0' / 'llm'}", f"vision_tower={work / 'stage0' / 'vision'}",
                                                  f"annotations=[{json.dumps(str(world / 'captions.json'))}]",
                                                  f"output_dir={work / name / 'stage1'}"])
-        stage1_out = run(stage1, progress=progress)
+        stage1_out = Path(stage1.output_dir) / "model"
         stage2 = load_recipe("toy_stage2.yaml", [*common, f"name={name}-stage2", f"init={stage1_out}",
                                                  f"annotations={json.dumps([str(world / 'qa.json'), str(mc_train)])}",
                                                  f"output_dir={work / name / 'stage2'}"])
-        model_dir = run(stage2, progress=progress)
-        timings[f"train_{name}"] = time.perf_counter() - t
+        model_dir = Path(stage2.output_dir) / "model"
+        phase(f"train_{name}", lambda: (run(stage1, progress=progress), run(stage2, progress=progress)))
         t = time.perf_counter()
         result = evaluate(VideoLMM(load_model(model_dir)), items)
-        timings[f"eval_{name}"] = time.perf_counter() - t
+        state["phases"][f"eval_{name}"] = time.perf_counter() - t
         results[name] = result.to_json()
         target = out / name
         shutil.rmtree(target, ignore_errors=True)
@@ -79,7 +110,10 @@ def build(out: Path, work: Path, *, seed: int = 0, smoke: bool = False, connecto
         for file in MODEL_FILES:
             if (model_dir / file).is_file():
                 shutil.copy2(model_dir / file, target / file)
-    timings["total"] = time.perf_counter() - start
+    timings = dict(state["phases"])
+    if heldout is not None:
+        ship_heldout(world, heldout)
+    timings["total"] = sum(timings.values())
     summary = {"seed": seed, "smoke": smoke, "timings_s": timings, "results": results}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     (out / "results.md").write_text(results_table(summary))
@@ -106,12 +140,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="assets/models")
     parser.add_argument("--work", default="runs/embedded")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--heldout", default="assets/heldout", help="where the held-out MC set and its clips go")
     parser.add_argument("--smoke", action="store_true", help="tiny world and budgets: checks the pipeline in ~1 min")
     parser.add_argument("--connectors", nargs="+", choices=list(CONNECTORS), default=list(CONNECTORS))
     args = parser.parse_args(argv)
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
-    summary = build(out, work, seed=args.seed, smoke=args.smoke, connectors=args.connectors)
+    summary = build(out, work, seed=args.seed, smoke=args.smoke, connectors=args.connectors,
+                    heldout=Path(args.heldout) if args.heldout else None)
     print(results_table(summary))
     return 0
 

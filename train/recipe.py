@@ -9,6 +9,7 @@ embedded models), overridable from the command line with `key=value` pairs (dott
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -86,7 +87,14 @@ class Recipe:
         return asdict(self)
 
 
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
 def _coerce(value: str):
+    """YAML, except that numbers like 1e-4 are numbers (YAML 1.1 reads `1e-4` without a dot as a string)."""
+    if _NUMBER.match(value.strip()):
+        number = float(value)
+        return int(number) if number.is_integer() and not re.search(r"[.eE]", value) else number
     return yaml.safe_load(value)
 
 
@@ -115,6 +123,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
     unknown = set(data) - known
     if unknown:
         raise ValueError(f"Unknown recipe field(s) in {path.name}: {', '.join(sorted(unknown))}.")
+    for name in ("learning_rate", "warmup_ratio", "weight_decay", "epochs"):  # the same for the YAML files
+        if isinstance(data.get(name), str) and _NUMBER.match(data[name].strip()):
+            data[name] = float(data[name])
     recipe = Recipe(**data)
     if set(recipe.tune) != set(PARTS) or not set(recipe.tune.values()) <= {"full", "frozen"}:
         raise ValueError(f"tune must give full|frozen for each of {', '.join(PARTS)}.")

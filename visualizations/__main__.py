@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     bud.add_argument("--frames", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     bud.add_argument("--text-tokens", type=int, default=64, help="text tokens added to each prompt")
     bud.add_argument("--with-connectors", action="store_true",
-                     help="add naive / group / image-level / MLP variants of the first model's backbone")
+                     help="add naive / group / image-level / MLP and the related-work (llava-mini, pool, tome, "
+                          "topk) variants of the first model's backbone")
     return parser
 
 
@@ -241,7 +242,7 @@ def cmd_budget(args, writer: _Writer) -> None:
     models = dict(_sources(args))
     if args.with_connectors:
         base = model_config(next(iter(models.values())))
-        for name, config in connector_variants(base).items():
+        for name, config in connector_variants(base, related=True).items():
             models[name if name not in models else f"{name} (variant)"] = config
     budget = token_budget(models, frames=args.frames, text_tokens=args.text_tokens)
     writer.figure(plot_token_budget(budget), "budget")
