@@ -205,8 +205,11 @@ def test_cli_budget(tiny_checkpoints, tmp_path):
     assert rc == 0
     assert (out / "budget.png").is_file() and (out / "budget.pdf").read_bytes().startswith(MAGIC["pdf"])
     rows = json.loads((out / "budget.json").read_text())["rows"]
-    assert {r["name"] for r in rows} == {"group", "naive", "group (variant)", "image-level", "mlp"}
-    assert len(list(csv.DictReader((out / "budget.csv").open()))) == 5 * 3
+    names = {"group", "naive", "group (variant)", "image-level", "mlp", "llava-mini", "pool", "tome", "topk"}
+    assert {r["name"] for r in rows} == names
+    assert len(list(csv.DictReader((out / "budget.csv").open()))) == len(names) * 3
+    pool = {r["frames"]: r["visual_tokens"] for r in rows if r["name"] == "pool"}
+    assert pool[64] / 64 <= pool[8] / 8 <= pool[1]  # Dynamic-VLM: fewer tokens per frame as frames grow
 
 
 def test_runs_as_a_module():
