@@ -30,3 +30,7 @@ test-slow: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(OFFLINE) $(PY) benchmarks/bench_decode.py
 	$(OFFLINE) $(PY) benchmarks/bench_connectors.py
+	$(OFFLINE) $(PY) benchmarks/bench_pipeline.py
+	$(OFFLINE) $(PY) benchmarks/bench_zeroing.py
+	$(OFFLINE) $(PY) benchmarks/bench_fullsize.py
+	$(OFFLINE) $(PY) benchmarks/bench_startup.py

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -79,11 +80,12 @@ def build(out: Path, work: Path, *, seed: int = 0, smoke: bool = False, connecto
 
     results = {}
     world = work / "world"
-    sizes = dict(num_train=24, num_eval=8) if smoke else dict(num_train=1000, num_eval=200)
-    phase("world", lambda: generate_world(world, WorldConfig(seed=seed, **sizes), progress=progress))
+    sizes = dict(num_train=24, num_eval=8) if smoke else dict(num_train=4000, num_eval=200)
+    phase("world", lambda: generate_world(world, WorldConfig(seed=seed, **sizes), workers=os.cpu_count() or 1,
+                                          progress=progress))
     phase("stage0", lambda: run_stage0(world, work / "stage0", budget="smoke" if smoke else "full", seed=seed,
                                        progress=progress))
-    mc_train = write_mc_annotations(world, world / "mc_train.json", seed=seed)
+    mc_train = write_mc_annotations(world, world / "mc_train.json", seed=seed, per_clip=1)
     common = [f"seed={seed}", f"video_roots=[{json.dumps(str(world))}]"]
     if smoke:
         common += ["epochs=1", "global_batch_size=8", "per_device_batch_size=4"]

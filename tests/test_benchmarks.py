@@ -1,0 +1,87 @@
+"""The benchmark scripts run end to end at toy size and write their JSON; their correctness checks hold.
+
+No timing assertions: speed is what the scripts measure, on real sizes, not what a test on a noisy machine asserts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_VIDEO = ["--tiny", "--seconds", "2", "--size", "64x48", "--fps", "10"]
+
+
+def run_bench(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
+               MPLBACKEND="Agg")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def test_bench_pipeline_runs_and_both_pipelines_give_the_same_ids(tmp_path):
+    out_json, out_md = tmp_path / "pipeline.json", tmp_path / "pipeline.md"
+    run = run_bench("bench_pipeline.py", *TINY_VIDEO, "--max-new-tokens", "8", "--json", str(out_json),
+                    "--md", str(out_md))
+    result = json.loads(out_json.read_text())
+    assert result["same_token_ids"] is True and "same token ids: first yes, follow-up yes" in run.stdout
+    for side in ("ours", "reference"):
+        first, follow = result[side]["answers"]
+        assert len(first["token_ids"]) == len(follow["token_ids"]) == 8
+        assert set(first) >= {"decode", "preprocess", "vision", "connector", "prefill", "generation",
+                              "tokens_per_s", "end_to_end"}
+        assert result[side]["peak_rss_mb"] > 0
+    assert result["ours"]["answers"][1]["cached_video"] is True  # the follow-up skipped decode and the tower
+    assert result["ours"]["answers"][1]["vision"] == 0.0
+    assert {"first_answer_speedup", "follow_up_speedup", "peak_rss_ratio"} <= set(result)
+    assert "| stage (s) |" in out_md.read_text()
+
+
+def test_bench_zeroing_runs_and_the_full_point_is_the_unmodified_answer(tmp_path):
+    out_json = tmp_path / "zeroing.json"
+    run_bench("bench_zeroing.py", *TINY_VIDEO, "--max-new-tokens", "6", "--json", str(out_json))
+    result = json.loads(out_json.read_text())
+    assert result["points"] == 6 * 3 * 4
+    assert result["full_point_equals_answer"] is True
+    assert result["ours_full_point_ok"] and result["from_scratch_full_point_ok"]
+    assert len(result["from_scratch_changed"]) == result["points"]
+    assert result["speedup"] > 0
+
+
+def test_bench_fullsize_estimate_counts_the_published_shapes(tmp_path):
+    out_json = tmp_path / "fullsize.json"
+    run = run_bench("bench_fullsize.py", "--json", str(out_json))
+    result = json.loads(out_json.read_text())
+    params = result["estimate"]["params"]
+    assert 3.0e9 < params["language_model"] < 3.2e9  # Qwen2.5-3B with tied embeddings counted once
+    assert 4.0e8 < params["vision_tower"] < 4.5e8  # SigLIP-so400m
+    assert 3.5e9 < params["total"] < 3.8e9
+    modes = {r["mode"] for r in result["estimate"]["rows"]}
+    assert modes == {"reference fp32", "fp32", "bf16", "8bit", "4bit"}
+    rows = {r["mode"]: r for r in result["estimate"]["rows"] if r["frames"] == 16}
+    assert rows["fp32"]["weights_gib"] > rows["bf16"]["weights_gib"] > rows["8bit"]["weights_gib"] > \
+        rows["4bit"]["weights_gib"]
+    assert "ESTIMATE" in run.stdout and "skipped" in run.stdout
+
+
+def test_bench_fullsize_runs_on_cpu_at_toy_size(tmp_path):
+    out_json = tmp_path / "fullsize_tiny.json"
+    run = run_bench("bench_fullsize.py", "--tiny", "--run-cpu", "--cuda", "--frames", "4", "--new-tokens", "4",
+                    "--json", str(out_json))
+    result = json.loads(out_json.read_text())
+    (cpu_run,) = result["cpu"]["runs"]
+    assert cpu_run["frames"] == 4 and cpu_run["new_tokens"] == 4 and cpu_run["ttft_s"] > 0
+    if "cuda" in result and "skipped" in result["cuda"]:
+        assert "torch.cuda.is_available() is False" in run.stdout
+
+
+def test_bench_startup_serves_http_200(tmp_path):
+    out_json = tmp_path / "startup.json"
+    run_bench("bench_startup.py", "--tiny", "--runs", "1", "--model-wait", "0", "--json", str(out_json))
+    result = json.loads(out_json.read_text())
+    assert result["median_ready_s"] is not None and result["runs"][0]["ready_s"] > 0
