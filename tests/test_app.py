@@ -331,3 +331,35 @@ def test_python_app_py_serves(models_dir, tiny_checkpoints, tmp_path):
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert "gradio.live" not in out and "Traceback" not in out, out
+
+
+EMBEDDED = Path(__file__).resolve().parent.parent / "assets" / "models"
+
+
+@pytest.mark.skipif(not (EMBEDDED / "group" / "config.json").is_file(), reason="no embedded models in assets/")
+def test_embedded_default_answers_and_explains_through_every_endpoint():
+    """The app as `python app.py` starts it: no --model, the embedded models folder, the shipped held-out set."""
+    from app import build_app, launch
+    from app.config import AppConfig
+
+    example = str(EMBEDDED.parent / "examples" / "world_eval_00000.mp4")
+    config = AppConfig(host="127.0.0.1", port=free_port(), preload=False)
+    demo, _ = build_app(config)
+    launch(demo, config, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{config.port}/", verbose=False)
+        answer, details = client.predict(video=handle_file(example), question="What shape is the red object?",
+                                         api_name="/ask", **FAST)
+        assert answer.strip() and details["connector"] == "groupresampler" and details["visual_tokens"] == 64
+        heatmap, *_, data, files = client.predict(video=handle_file(example), num_frames=16, api_name="/attention")
+        assert Path(heatmap).is_file() and data["queries"] == 64 and data["frames"] == 16
+        _, summary, _ = client.predict(video=handle_file(example), question="Describe the video.",
+                                       models=["group", "naive"], fractions="1, 0.5", strategies=["random"], seeds=1,
+                                       num_frames=16, api_name="/redundancy")
+        assert [m["model"] for m in summary["models"]] == ["group", "naive"]
+        _, maps, data, _ = client.predict(video=handle_file(example), question="What happens first?",
+                                          models=["group", "naive", "image"], api_name="/compare", **FAST)
+        assert [r["connector"] for r in data["rows"]] == ["groupresampler", "naiveresampler", "resampler"]
+        assert [r["visual_tokens"] for r in data["rows"]] == [64, 64, 64]  # image-level: 16 frames x 4
+    finally:
+        demo.close()
