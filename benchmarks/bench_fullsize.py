@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
-import os
 import sys
 import time
 
@@ -191,21 +190,13 @@ def estimate(config, frames_list, new_tokens: int) -> dict:
 
 # ---- (b) / (c): real runs --------------------------------------------------------------------------------------
 
-class StepClock:
-    def __init__(self):
-        self.stamps: list[float] = []
-
-    def __call__(self, input_ids, scores):
-        self.stamps.append(time.perf_counter())
-        return scores
-
-
 def run_stages(model, frames: int, new_tokens: int, sync=lambda: None) -> dict:
     """Random pixels -> vision -> connector -> splice -> greedy generate of exactly `new_tokens` tokens."""
     import torch
     from transformers import LogitsProcessorList
 
     from vidlmm.conversation import IMAGE_TOKEN_INDEX
+    from vidlmm.pipeline import StepClock
 
     size = model.vision_tower.config.image_size
     vocab = model.language_model.config.vocab_size

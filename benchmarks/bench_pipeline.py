@@ -34,17 +34,6 @@ QUESTIONS = ("What happens in the video?", "What colour is the moving square?")
 STAGES = ("decode", "preprocess", "vision", "connector", "prefill", "generation")
 
 
-class StepClock:
-    """A logits processor that notes when each decoding step's logits arrive (the first one ends the prefill)."""
-
-    def __init__(self):
-        self.stamps: list[float] = []
-
-    def __call__(self, input_ids, scores):
-        self.stamps.append(time.perf_counter())
-        return scores
-
-
 # ---- the two pipelines (run inside a child process) ------------------------------------------------------------
 
 def run_ours(model_dir: str, video: str, frames: int, max_new_tokens: int) -> dict:
@@ -92,6 +81,7 @@ def run_reference(model_dir: str, video: str, frames: int, max_new_tokens: int) 
 
     from tests.reference_impl import connector_state, ref_frames, ref_group, ref_naive, ref_pixels
     from vidlmm.checkpoint import load_model
+    from vidlmm.pipeline import StepClock  # the same prefill / generation split as ours
 
     t0 = time.perf_counter()
     model = load_model(model_dir, dtype=torch.float32, device="cpu", attn_implementation="eager")

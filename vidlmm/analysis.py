@@ -324,8 +324,6 @@ def connector_picture(lmm: "VideoLMM", video, *, sampling=None) -> dict:
         kept_indices [T, k] int, the kept tokens' indices within the frame, in raster order.
     Output token j of frame t is token t * k + j of the connector's output.
     """
-    import torch
-
     model = lmm.model
     prepared = _prepared(lmm, video, sampling)
     out = lmm.visual_tokens(prepared, output_attentions=True)

@@ -150,16 +150,25 @@ def cmd_eval(args) -> int:
     return run_eval_cli(args, _load(args), items)
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_user_command(command) -> int:
+    """Run `command()` as a command-line program: library chatter off, a user error printed as one line
+    `error: ...` with exit status 2, Ctrl-C as status 130. Shared by `python -m vidlmm` and `-m visualizations`."""
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
-        args = build_parser().parse_args(argv)
-        return {"ask": cmd_ask, "info": cmd_info, "eval": cmd_eval}[args.command](args)
+        return command()
     except VidlmmError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    def command() -> int:
+        args = build_parser().parse_args(argv)
+        return {"ask": cmd_ask, "info": cmd_info, "eval": cmd_eval}[args.command](args)
+
+    return run_user_command(command)

@@ -60,8 +60,9 @@ class Answer:
                 "timings": {k: round(v, 6) for k, v in self.timings.items()}, "cached_video": self.cached_video}
 
 
-class _StepClock:
-    """A logits processor that only notes when each decoding step's logits arrive (prefill = first step)."""
+class StepClock:
+    """A logits processor that only notes when each decoding step's logits arrive (prefill = first step).
+    Also used by the benchmarks to split prefill from generation."""
 
     def __init__(self):
         self.stamps: list[float] = []
@@ -150,7 +151,7 @@ class VideoLMM:
         timings["connector"] = time.perf_counter() - t0
         ids = self.prompt_ids(question, list(history))
         embeds, mask, _ = self.model.build_inputs([ids], [visual])
-        clock = _StepClock()
+        clock = StepClock()
         kwargs = dict(self._gen_kwargs(generation), logits_processor=LogitsProcessorList([clock]))
         result: dict = {}
         streamer = TextIteratorStreamer(self.model.tokenizer, skip_prompt=True, skip_special_tokens=True) \

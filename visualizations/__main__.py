@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import logging
-import os
 import sys
-import warnings
 from pathlib import Path
 
 from vidlmm.errors import VidlmmError
@@ -250,24 +247,19 @@ def cmd_budget(args, writer: _Writer) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:
+    from vidlmm.cli import run_user_command
+
+    def command() -> int:
         args = build_parser().parse_args(argv)
         if args.dpi < 10:
             raise VidlmmError("--dpi must be at least 10.")
         writer = _Writer(args)
         {"attention": cmd_attention, "redundancy": cmd_redundancy, "budget": cmd_budget}[args.command](args, writer)
-    except VidlmmError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    for path in writer.written:
-        print(path)
-    return 0
+        for path in writer.written:
+            print(path)
+        return 0
+
+    return run_user_command(command)
 
 
 if __name__ == "__main__":
