@@ -13,8 +13,8 @@ Architecture: SigLIP-so400m tower (27 layers, 1152 wide, 16 heads, MLP 4304, 384
     per part). Weights: fp32 4 B, bf16 2 B; 8-bit / 4-bit (bitsandbytes, `vidlmm.quantize`) quantize the LLM's
     linear layers only (1 B + a fp32 scale per row / 0.5 B + double-quantized absmax per 64 weights); the
     embeddings (tied lm_head), norms, biases, tower and connector stay bf16. Activations per phase (they do not
-    overlap): the tower as `vidlmm.vision.VisionTower` runs it (chunks of 32 frames, output_hidden_states keeps
-    every layer's hidden state, one layer's transients, sdpa), the batched connector, and the LLM (prefill
+    overlap): the tower as `vidlmm.vision.VisionTower` runs it (chunks of 32 frames, stopping at layer -2 with one
+    hidden state in flight, one layer's transients, sdpa; the reference's output_hidden_states keeps all 28), the batched connector, and the LLM (prefill
     transients with sdpa, logits of the last position only, KV cache for prompt + new tokens). The reference
     column uses its choices: fp32, eager attention (tower and LLM), full-sequence logits in the prefill.
     Peak = weights + the largest phase; the CUDA context (about 0.5 GiB) is shown apart.
@@ -150,7 +150,8 @@ def activation_bytes(config, frames: int, b: int, *, eager: bool, full_logits: b
     vision_layer = c * pv * (4 * dv + 2 * iv) * b  # q, k, v, attn out + MLP in/out
     if eager:
         vision_layer += 2 * c * hv * pv * pv * b  # scores and their softmax
-    vision = (lv + 1) * c * pv * dv * b + vision_layer + features
+    held = (lv + 1) if eager else 2  # the reference keeps every hidden state; ours stops at layer -2 with one
+    vision = held * c * pv * dv * b + vision_layer + features
     t = config.text_config
     d, i, layers, heads, kv = (t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"],
                                t["num_attention_heads"], t["num_key_value_heads"])
@@ -346,8 +347,8 @@ def main(argv=None) -> int:
         report()
         v = config.vision_config
         kept = (v["num_hidden_layers"] + 1) * 16 * (v["image_size"] // v["patch_size"]) ** 2 * v["hidden_size"] * 2
-        report(f"of the bf16 vision activations at 16 frames, {kept / GIB:.2f} GiB are the "
-               f"{v['num_hidden_layers'] + 1} hidden states that output_hidden_states keeps (only layer -2 is used)")
+        report(f"the {v['num_hidden_layers'] + 1} hidden states that output_hidden_states keeps at 16 frames would "
+               f"be {kept / GIB:.2f} GiB in bf16; VisionTower stops at layer -2 and holds one, so ours does not")
         data["estimate"]["kept_hidden_states_bf16_16_frames_gib"] = kept / GIB
         ref = at16["reference fp32"]
         report(f"reference fp32 at 16 frames, estimated: weights {ref['weights_gib'] * GIB / 1e9:.1f} GB, peak "

@@ -68,3 +68,29 @@ def test_clip_and_dinov2_preprocessing_follow_their_processors(kind, shape):
     theirs = torch.as_tensor(np.asarray(processor(list(frames), return_tensors="np")["pixel_values"]))
     assert ours.shape == theirs.shape == (2, 3, 56, 56)
     assert (ours - theirs).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("tower", ["siglip", "clip", "dinov2"])
+@pytest.mark.parametrize("feature_layer", [-2, -1, -3, 1, 0])
+def test_tower_stops_at_its_feature_layer_with_the_same_features(tower, feature_layer):
+    """The tower's early exit gives exactly `hidden_states[feature_layer]` and runs no layer after it."""
+    from vidlmm.tiny import tiny_vision_config
+    from vidlmm.vision import VisionTower
+
+    torch.manual_seed(0)
+    config = tiny_vision_config(tower)
+    vt = VisionTower(config, tower_type=tower, feature_layer=feature_layer, select_strategy="cls_patch").eval()
+    pixels = torch.randn(3, 3, 56, 56)
+    with torch.no_grad():
+        full = vt._vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states
+        layers = vt._encoder_layers()
+        ran = []
+        hooks = [layer.register_forward_hook(lambda m, a, o, k=k: ran.append(k)) for k, layer in enumerate(layers)]
+        ours = vt(pixels)
+        for h in hooks:
+            h.remove()
+    assert len(layers) >= 2
+    torch.testing.assert_close(ours, full[feature_layer], rtol=0, atol=0)
+    index = feature_layer % (len(layers) + 1)
+    if index:  # only the layers up to the feature layer ran
+        assert ran == list(range(index))

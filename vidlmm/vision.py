@@ -112,12 +112,47 @@ class VisionTower(nn.Module):
     def hidden_size(self) -> int:
         return self.config.hidden_size
 
+    def _encoder_layers(self) -> nn.ModuleList | None:
+        for name, module in self._vision_tower.named_modules():
+            if isinstance(module, nn.ModuleList) and name.endswith(("encoder.layers", "encoder.layer")):
+                return module
+        return None
+
+    def _hidden(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Hidden state `feature_layer` (the `hidden_states[feature_layer]` of the transformers model), computed
+        without running the layers after it and without keeping every layer's output: the forward pass stops
+        at the layer that produces it. (-2 on so400m skips 1 of 27 layers, the post-norm and the pooling head,
+        and holds one hidden state instead of 28.)"""
+        layers = self._encoder_layers()
+        index = self.feature_layer % (len(layers) + 1) if layers is not None else 0
+        if index == 0:  # the embeddings' output, or an encoder we do not know: the plain way
+            out = self._vision_tower(pixel_values=pixel_values, output_hidden_states=True)
+            return out.hidden_states[self.feature_layer]
+
+        def stop(module, args, output):
+            raise _FeatureReady(output[0] if isinstance(output, (tuple, list)) else output)
+
+        handle = layers[index - 1].register_forward_hook(stop)
+        try:
+            self._vision_tower(pixel_values=pixel_values)
+        except _FeatureReady as ready:
+            return ready.hidden
+        finally:
+            handle.remove()
+        raise RuntimeError("the vision tower never ran the layer its features come from")
+
     def forward(self, pixel_values: torch.Tensor, chunk_size: int = 32) -> torch.Tensor:
         param = next(self._vision_tower.parameters())
         features = []
         for chunk in pixel_values.split(chunk_size):  # bounded activation memory for long clips
-            out = self._vision_tower(pixel_values=chunk.to(device=param.device, dtype=param.dtype),
-                                     output_hidden_states=True)
-            hidden = out.hidden_states[self.feature_layer]
+            hidden = self._hidden(chunk.to(device=param.device, dtype=param.dtype))
             features.append(hidden[:, 1:] if self.select_strategy == "patch" else hidden)
         return torch.cat(features)
+
+
+class _FeatureReady(Exception):
+    """Carries the feature layer's output out of the tower's forward pass (see VisionTower._hidden)."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__("feature layer reached")
+        self.hidden = hidden
