@@ -79,6 +79,22 @@ def test_merge_and_prune_shapes_follow_the_budget(name, frames, options, per_fra
     assert module.num_output_tokens(frames, 15) == frames * per_frame
 
 
+@pytest.mark.parametrize("name", ["pool", "tome", "topk"])
+def test_training_draws_dynamic_vlm_random_token_counts(name):
+    """min_frame_tokens: in training k ~ U[min, max] per batch (capped by the budget); at inference the rule."""
+    module = make(name, token_budget=64, min_frame_tokens=2, max_frame_tokens=12)
+    x = torch.randn(1, 4, 15, DV)
+    torch.manual_seed(0)
+    module.train()
+    counts = {module(x).tokens.shape[1] // 4 for _ in range(40)}
+    allowed = {k for k in range(2, 13)} if name != "pool" else {1, 4, 9}
+    assert counts <= allowed and len(counts) >= 3  # varies, within [min, max] (squares for pool)
+    module.eval()
+    assert {module(x).tokens.shape[1] for _ in range(3)} == {4 * (9 if name == "pool" else 12)}
+    capped = make(name, token_budget=8, min_frame_tokens=2, max_frame_tokens=12).train()
+    assert {capped(x).tokens.shape[1] // 4 for _ in range(10)} == {1 if name == "pool" else 2}  # 8 // 4 frames
+
+
 @pytest.mark.parametrize("queries", [1, 4, 9])
 @pytest.mark.parametrize("layers", [0, 1])
 def test_llava_mini_shapes(queries, layers):

@@ -27,7 +27,8 @@ passes each class's `config_keys`):
   pre-fusion off), ``compressor_heads`` (default 8).
 - pool / tome / topk share one budget rule (Dynamic-VLM's): output tokens per frame
   k = min(``token_budget`` // frames, ``max_frame_tokens``), at least 1 and at most the frame's input tokens;
-  ``frame_tokens`` fixes k instead. pool floors k to a square (k = s * s). Defaults: token_budget 512 (the
+  ``frame_tokens`` fixes k instead; ``min_frame_tokens`` turns on Dynamic-VLM's training-time random k (drawn
+  in [min_frame_tokens, max_frame_tokens] per batch, then capped by the budget). pool floors k to a square (k = s * s). Defaults: token_budget 512 (the
   published TinyLLaVA-Video's visual tokens), max_frame_tokens = every input token. topk also reads
   ``topk_temperature`` (Gumbel temperature, default 1.0; anneal it by setting the module's `temperature`).
 
@@ -100,25 +101,41 @@ def _frame_spans(t: int, p: int) -> list[tuple[int, int]]:
 class _BudgetCompressor(ConnectorModule):
     """A per-frame compressor with the shared budget rule and a projector to the LLM."""
 
-    config_keys = ("frame_tokens", "token_budget", "max_frame_tokens")
+    config_keys = ("frame_tokens", "token_budget", "max_frame_tokens", "min_frame_tokens")
     square = False
 
     def __init__(self, *, vision_hidden_size: int, hidden_size: int, frame_tokens: int | None = None,
-                 token_budget: int = DEFAULT_TOKEN_BUDGET, max_frame_tokens: int | None = None, **_):
+                 token_budget: int = DEFAULT_TOKEN_BUDGET, max_frame_tokens: int | None = None,
+                 min_frame_tokens: int | None = None, **_):
         super().__init__()
         for name, value in (("frame_tokens", frame_tokens), ("token_budget", token_budget),
-                            ("max_frame_tokens", max_frame_tokens)):
+                            ("max_frame_tokens", max_frame_tokens), ("min_frame_tokens", min_frame_tokens)):
             if value is not None and int(value) < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}.")
         self.frame_tokens = frame_tokens
         self.token_budget = int(token_budget)
         self.max_frame_tokens = max_frame_tokens
+        self.min_frame_tokens = min_frame_tokens
         self.projector = projector(vision_hidden_size, hidden_size)
 
     def tokens_out_per_frame(self, num_frames: int, tokens_per_frame: int) -> int:
+        """k at inference (and in training without `min_frame_tokens`)."""
         return frame_token_count(num_frames, tokens_per_frame, frame_tokens=self.frame_tokens,
                                  token_budget=self.token_budget, max_frame_tokens=self.max_frame_tokens,
                                  square=self.square)
+
+    def _step_tokens_per_frame(self, num_frames: int, tokens_per_frame: int) -> int:
+        """k for this forward pass. In training with `min_frame_tokens` set, Dynamic-VLM's random count: k drawn
+        uniformly from [min_frame_tokens, max_frame_tokens (or P)] and then capped by token_budget // frames, so
+        the model learns to read frames at every density it may get at inference. Drawn once per batch (the
+        original draws per video; our batches are one tensor)."""
+        if not (self.training and self.min_frame_tokens and self.frame_tokens is None):
+            return self.tokens_out_per_frame(num_frames, tokens_per_frame)
+        cap = tokens_per_frame if self.max_frame_tokens is None else min(self.max_frame_tokens, tokens_per_frame)
+        low = min(int(self.min_frame_tokens), cap)
+        drawn = int(torch.randint(low, cap + 1, ()).item())
+        return frame_token_count(num_frames, tokens_per_frame, token_budget=self.token_budget,
+                                 max_frame_tokens=drawn, square=self.square)
 
     def num_output_tokens(self, num_frames: int, tokens_per_frame: int) -> int:
         return num_frames * self.tokens_out_per_frame(num_frames, tokens_per_frame)
@@ -166,7 +183,7 @@ class PoolCompressor(_BudgetCompressor):
 
     def forward(self, x, output_attentions: bool = False) -> CompressorOutput:
         b, t, p, d = x.shape
-        k = self.tokens_out_per_frame(t, p)
+        k = self._step_tokens_per_frame(t, p)
         out = math.isqrt(k)
         kept = self.pool(x.reshape(b * t, p, d), out)
         side, first = patch_grid(p)
@@ -251,7 +268,7 @@ class ToMeCompressor(_BudgetCompressor):
 
     def forward(self, x, output_attentions: bool = False) -> CompressorOutput:
         b, t, p, d = x.shape
-        k = self.tokens_out_per_frame(t, p)
+        k = self._step_tokens_per_frame(t, p)
         kept, size, source = merge_to(x.reshape(b * t, p, d), k)
         picture = {"source": source.reshape(b, t, p)[0], "size": size.reshape(b, t, k)[0]}
         return self._output(kept, b, t, p, k, picture)
@@ -305,7 +322,7 @@ class TopKCompressor(_BudgetCompressor):
 
     def forward(self, x, output_attentions: bool = False) -> CompressorOutput:
         b, t, p, d = x.shape
-        k = self.tokens_out_per_frame(t, p)
+        k = self._step_tokens_per_frame(t, p)
         kept, index, logits = self.select(x.reshape(b * t, p, d), k)
         first = index.reshape(b, t, k)[0]
         mask = torch.zeros(t, p, dtype=torch.bool, device=x.device).scatter_(1, first, True)
