@@ -4,6 +4,8 @@
   by the same latents, so tokens = groups x queries per group.
 - queries: how many of the learned latent queries to use (the first k): per group for the group resampler, per
   frame for the image-level one, in total for the naive one.
+- tokens per frame (pool, tome, topk): a fixed k output tokens per frame instead of the checkpoint's budget rule
+  (`frame_tokens` in `vidlmm.compressors`; at most the frame's patches, pool floors it to a square).
 - active fraction: a share of the output tokens is zeroed before the LLM (query zeroing); the LLM still receives
   every position, but only the active ones carry information.
 
@@ -22,12 +24,13 @@ STRATEGIES = ("random", "contiguous", "groups", "even")
 class TokenBudget:
     groups: int | None = None      # None or 0: the checkpoint's
     queries: int | None = None     # None or 0: the checkpoint's
+    frame_tokens: int | None = None  # None or 0: the checkpoint's (compressors only)
     active_fraction: float = 1.0   # (0, 1]
     strategy: str = "random"
     seed: int = 0
 
     def overrides_connector(self) -> bool:
-        return bool(self.groups) or bool(self.queries)
+        return bool(self.groups) or bool(self.queries) or bool(self.frame_tokens)
 
 
 def latent_count(module) -> int:
@@ -36,15 +39,19 @@ def latent_count(module) -> int:
 
 def describe_limits(module) -> dict:
     """What the budget controls mean for this connector: {"groups": default or None, "queries": default or None,
-    "queries_unit": "per group" | "per frame" | "in total" | None}."""
+    "queries_unit": "per group" | "per frame" | "in total" | None, "frame_tokens": the checkpoint's tokens per
+    frame as text (e.g. "5" or "512 // frames") or None}."""
     name = getattr(module, "registry_name", "")
+    limits = {"groups": None, "queries": None, "queries_unit": None, "frame_tokens": None}
     if name == "groupresampler":
-        return {"groups": module.group, "queries": module.queries_per_group, "queries_unit": "per group"}
-    if name == "resampler":
-        return {"groups": None, "queries": module.num_queries, "queries_unit": "per frame"}
-    if name == "naiveresampler":
-        return {"groups": None, "queries": module.num_queries, "queries_unit": "in total"}
-    return {"groups": None, "queries": None, "queries_unit": None}
+        limits.update(groups=module.group, queries=module.queries_per_group, queries_unit="per group")
+    elif name == "resampler":
+        limits.update(queries=module.num_queries, queries_unit="per frame")
+    elif name == "naiveresampler":
+        limits.update(queries=module.num_queries, queries_unit="in total")
+    elif hasattr(module, "tokens_out_per_frame"):  # pool / tome / topk: Dynamic-VLM's budget rule
+        limits["frame_tokens"] = str(module.frame_tokens or f"{module.token_budget} // frames")
+    return limits
 
 
 def budgeted_connector(module, budget: TokenBudget, num_visual: int | None = None):
@@ -57,6 +64,8 @@ def budgeted_connector(module, budget: TokenBudget, num_visual: int | None = Non
         raise ValueError(f"The {module.registry_name} connector has no groups to set.")
     if budget.queries and limits["queries"] is None:
         raise ValueError(f"The {module.registry_name} connector has no learned queries to choose from.")
+    if budget.frame_tokens and limits["frame_tokens"] is None:
+        raise ValueError(f"The {module.registry_name} connector has no tokens per frame to set.")
     view = copy.copy(module)  # shares layers and weights; own attribute dicts below
     view.__dict__["_parameters"] = dict(module._parameters)
     if budget.queries:
@@ -75,6 +84,10 @@ def budgeted_connector(module, budget: TokenBudget, num_visual: int | None = Non
         if budget.groups < 1 or (num_visual is not None and budget.groups > num_visual):
             raise ValueError(f"Groups must be between 1 and the number of visual tokens ({num_visual}).")
         view.group = budget.groups
+    if budget.frame_tokens:
+        if budget.frame_tokens < 1:
+            raise ValueError("Tokens per frame must be at least 1 (0: the checkpoint's).")
+        view.frame_tokens = budget.frame_tokens  # read by tokens_out_per_frame on every forward
     return view
 
 
@@ -87,8 +100,8 @@ def output_groups(view, num_frames: int, tokens_per_frame: int):
         return np.repeat(np.arange(view.group), view.queries_per_group)
     if name == "resampler":
         return np.repeat(np.arange(num_frames), view.num_queries)
-    if name == "mlp2x_gelu":
-        return np.repeat(np.arange(num_frames), tokens_per_frame)
+    if name in ("mlp2x_gelu", "llava_mini", "pool", "tome", "topk"):  # the same number of tokens from every frame
+        return np.repeat(np.arange(num_frames), view.num_output_tokens(num_frames, tokens_per_frame) // num_frames)
     return np.zeros(view.num_output_tokens(num_frames, tokens_per_frame), dtype=int)
 
 
@@ -127,10 +140,9 @@ def connect(model, features, budget: TokenBudget, output_attentions: bool = Fals
     with torch.no_grad():
         out = view(feats.to(device=model.device, dtype=model.dtype), output_attentions=output_attentions)
     if budget.active_fraction < 1:
-        from vidlmm.analysis import zero_mask, zero_tokens
+        from vidlmm.analysis import zero_mask, zeroed_output
 
         keep = zero_mask(out.tokens.shape[1], budget.active_fraction, budget.strategy, seed=budget.seed,
                          group_spans=zeroing_spans(out.query_groups.cpu().numpy()))
-        out.tokens = zero_tokens(out.tokens[0], keep).unsqueeze(0)
-        return out, int(keep.sum())
+        return zeroed_output(out, keep), int(keep.sum())
     return out, int(out.tokens.shape[1])

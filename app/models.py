@@ -1,8 +1,9 @@
 """Which models the app offers, and a small pool of loaded ones.
 
 A model is named by a string (the dropdown's value and the API's `model` argument):
-``"default"`` (the startup model), an embedded folder name under the models dir (``group``, ``naive``, ``image``),
-a published hub id, or (when custom models are allowed) any checkpoint folder or hub id.
+``"default"`` (the startup model), an embedded folder name under the models dir (``group``, ``naive``, ``image``,
+``llava_mini``, ``pool``, ``tome``, ``topk``), a published hub id, or (when custom models are allowed) any
+checkpoint folder or hub id.
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ HUB_MODELS = {
     "Zhang199/TinyLLaVA-Video-Qwen2.5-3B-Naive-16-512": "naiveresampler",
     "Zhang199/TinyLLaVA-Video-Phi2-Naive-16-512": "naiveresampler",
 }
-# The resampler switch: short name -> registry name of the connector.
-RESAMPLERS = {"group": "groupresampler", "naive": "naiveresampler", "image": "resampler"}
+# The resampler switch: short name -> registry name of the connector (the related-work compressors keep theirs).
+RESAMPLERS = {"group": "groupresampler", "naive": "naiveresampler", "image": "resampler",
+              "llava_mini": "llava_mini", "pool": "pool", "tome": "tome", "topk": "topk"}
+RESAMPLER_LABELS = {"group": "group resampler", "naive": "naive resampler", "image": "image-level resampler",
+                    "llava_mini": "LLaVA-Mini", "pool": "Dynamic-VLM pooling",
+                    "tome": "ToMe merging (reimplementation)", "topk": "top-k pruning"}
 _LEGACY = {"resamplerwithpe": "naiveresampler"}
 
 

@@ -1,4 +1,5 @@
-"""What the app does, without Gradio: preview a video, answer (streamed), attention, redundancy and comparison.
+"""What the app does, without Gradio: preview a video, answer (streamed), attention (or a compressor's picture),
+redundancy and comparison.
 
 Every method takes plain values (paths, strings, numbers, dataclasses) and returns plain values, so the UI in
 `app/ui.py` is thin glue and these are testable directly. Errors a user can cause are `UserError` (or a
@@ -33,6 +34,7 @@ Progress = Callable[[float, str], None]
 TIMING_ORDER = ("decode", "preprocess", "vision", "connector", "prefill", "generation")
 THUMB_HEIGHT = 96
 MAX_THUMBS = 64
+MAX_PICTURE_FRAMES = 16
 
 
 class UserError(VidlmmError):
@@ -90,12 +92,13 @@ def make_generation(max_new_tokens: int = 128, do_sample: bool = False, temperat
                               temperature=float(temperature), top_p=float(top_p), seed=seed)
 
 
-def make_budget(groups: int | None = 0, queries: int | None = 0, active_fraction: float = 1.0,
-                strategy: str = "random", seed: int = 0) -> TokenBudget:
+def make_budget(groups: int | None = 0, queries: int | None = 0, frame_tokens: int | None = 0,
+                active_fraction: float = 1.0, strategy: str = "random", seed: int = 0) -> TokenBudget:
     fraction = float(active_fraction if active_fraction not in (None, "") else 1.0)
     if not 0 < fraction <= 1:
         raise UserError("The active fraction must be above 0 and at most 1.")
-    return TokenBudget(groups=int(groups or 0) or None, queries=int(queries or 0) or None, active_fraction=fraction,
+    return TokenBudget(groups=int(groups or 0) or None, queries=int(queries or 0) or None,
+                       frame_tokens=int(frame_tokens or 0) or None, active_fraction=fraction,
                        strategy=strategy or "random", seed=int(seed or 0))
 
 
@@ -203,6 +206,7 @@ class Service:
         module = loaded.lmm.model.connector._connector
         return {"connector": loaded.connector, **describe_limits(module),
                 "latents": int(module.latents.shape[0]) if hasattr(module, "latents") else 0,
+                "tokens_per_frame_in": loaded.lmm.model.vision_tower.tokens_per_frame,
                 "sampling": loaded.lmm.sampling}
 
     # ---- before running ------------------------------------------------------------------------------------------
@@ -271,10 +275,11 @@ class Service:
                    "question": question, "turn": len(turns) + 1, "frames": len(answer.frame_indices),
                    "frame_indices": answer.frame_indices, "timestamps": [round(t, 3) for t in answer.timestamps],
                    "visual_tokens": answer.num_visual_tokens, "active_tokens": active, "cached_video": cached,
-                   "new_tokens": max(0, len(answer.token_ids) - 1),
+                   "new_tokens": max(0, len(answer.token_ids) - 1), "token_ids": answer.token_ids,
                    "timings_s": {k: round(v, 4) for k, v in timings.items()}, "memory": memory,
                    "budget": {"groups": budget.groups, "queries": budget.queries,
-                              "active_fraction": budget.active_fraction, "strategy": budget.strategy},
+                              "frame_tokens": budget.frame_tokens, "active_fraction": budget.active_fraction,
+                              "strategy": budget.strategy},
                    "trained_model": loaded.trained}
         if history is None:
             session.history.append((question, answer.text))
@@ -324,6 +329,36 @@ class Service:
                 "frames": maps.num_frames, "queries": maps.num_queries, "visual_tokens_in": int(maps.media.shape[-1]),
                 "heads": maps.num_heads, "layers": maps.num_layers, "summary": to_jsonable(stats["summary"])}
         return FigureSet(images, data, downloads)
+
+    def picture(self, session: Session, video, *, model: str | None = None, sampling=None, frames: int = 4,
+                fmt: str = "png", dpi: int = 150, progress: Progress = _no_progress) -> FigureSet:
+        """What a per-frame compressor (llava_mini, pool, tome, topk) does to `frames` frames of this video,
+        drawn over them (`visualizations.plot_connector_picture`), with its numbers and the output tokens'
+        redundancy summary."""
+        from vidlmm.analysis import PICTURE_KINDS, to_jsonable
+        from visualizations import picture_data, plot_connector_picture
+
+        path, _ = self.check_video(video)
+        if not 1 <= int(frames) <= MAX_PICTURE_FRAMES:
+            raise UserError(f"Frames shown must be between 1 and {MAX_PICTURE_FRAMES}.")
+        progress(0.05, "loading model")
+        loaded, lmm = self.lmm(session, model)
+        if loaded.connector not in PICTURE_KINDS:
+            raise UserError(f"The '{loaded.connector}' connector has no picture of its own; its attention shows "
+                            "what it looks at.")
+        progress(0.2, "running the connector")
+        picture, redundancy = _picture_gpu(lmm, path, sampling or lmm.sampling)
+        progress(0.7, "drawing")
+        folder = session.files_dir(self.files_root)
+        stem = f"{slug(loaded.name)}-{Path(path).stem}-picture"
+        shown, downloads = export_figure(plot_connector_picture(picture, int(frames)), folder, stem, fmt, dpi)
+        downloads += export_data({"model": loaded.name, **picture_data(picture)}, folder, stem)
+        progress(1.0, "done")
+        t, k = picture["num_frames"], picture["output_tokens_per_frame"]
+        data = {"model": loaded.name, "connector": loaded.connector, "kind": picture["kind"], "frames": t,
+                "tokens_per_frame_in": picture["tokens_per_frame"], "tokens_per_frame_out": k,
+                "visual_tokens": t * k, "summary": to_jsonable(redundancy["summary"])}
+        return FigureSet({"picture": shown}, data, downloads)
 
     def redundancy(self, session: Session, video, question: str, *, models: list[str] | None = None,
                    source: str = "video", fractions=(1, 0.75, 0.5, 0.25, 0.125, 0.0625),
@@ -384,8 +419,10 @@ class Service:
     def compare(self, session: Session, video, question: str, *, models: list[str], sampling=None,
                 generation=None, layer: int = -1, fmt: str = "png", dpi: int = 150,
                 progress: Progress = _no_progress) -> FigureSet:
-        """The same video and question through 2-3 models: answers, attention heatmaps, token counts, timings."""
-        from visualizations import plot_attention_heatmap
+        """The same video and question through 2-3 models: answers, attention heatmaps (a per-frame compressor's
+        picture instead), token counts, timings."""
+        from vidlmm.analysis import PICTURE_KINDS
+        from visualizations import plot_attention_heatmap, plot_connector_picture
 
         models = [m for m in (models or []) if m]
         if not 1 <= len(models) <= 3:
@@ -404,12 +441,17 @@ class Service:
                                  history=[]):
                 if isinstance(item, AskResult):
                     result = item
-            progress((k + 0.6) / len(models), f"{name}: attention")
             loaded, lmm = self.lmm(session, name)
-            maps, _ = _attention_gpu(lmm, path, sampling or lmm.sampling, int(layer), stats=False)
+            if loaded.connector in PICTURE_KINDS:  # compressors have no attention maps to draw: their own picture
+                progress((k + 0.6) / len(models), f"{name}: picture")
+                picture, _ = _picture_gpu(lmm, path, sampling or lmm.sampling)
+                figure, kind = plot_connector_picture(picture), "picture"
+            else:
+                progress((k + 0.6) / len(models), f"{name}: attention")
+                maps, _ = _attention_gpu(lmm, path, sampling or lmm.sampling, int(layer), stats=False)
+                figure, kind = plot_attention_heatmap(maps, int(layer)), "heatmap"
             label = f"{k + 1}-{slug(loaded.name)}"
-            shown, files = export_figure(plot_attention_heatmap(maps, int(layer)), folder,
-                                         f"compare-{label}-heatmap", fmt, dpi)
+            shown, files = export_figure(figure, folder, f"compare-{label}-{kind}", fmt, dpi)
             images.append((f"{loaded.name} ({loaded.connector})", shown))
             downloads += files
             d = result.details
@@ -437,11 +479,11 @@ def _ask_gpu(lmm, path, question, history, sampling, budget, generation, progres
         out, active = connect(lmm.model, prepared.features, budget)
     except ValueError as err:
         raise UserError(str(err)) from None
-    visual = out.tokens[0]
     connector_s = time.perf_counter() - t0
     progress(0.6, "generating")
     answer = None
-    for item in lmm.stream(prepared, question, history, generation, visual=visual):
+    # the whole output, not just its tokens: LLaVA-Mini's pre-fusion rewrites the prompt from its fusion_context
+    for item in lmm.stream(prepared, question, history, generation, visual=out):
         if isinstance(item, str):
             yield item
         else:
@@ -456,6 +498,15 @@ def _attention_gpu(lmm, path, sampling, layer, stats: bool = True):
     prepared, _ = lmm.prepare(path, sampling)
     maps = attention_maps(lmm, prepared, sampling=sampling)
     return maps, (redundancy_stats(maps, layer=layer) if stats else None)
+
+
+@gpu(duration=120)
+def _picture_gpu(lmm, path, sampling):
+    from vidlmm.analysis import connector_picture, token_redundancy
+
+    prepared, _ = lmm.prepare(path, sampling)
+    picture = connector_picture(lmm, prepared, sampling=sampling)
+    return picture, token_redundancy(picture["tokens"], picture["connector_type"])
 
 
 @gpu(duration=300)

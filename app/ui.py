@@ -1,8 +1,9 @@
 """The Gradio layout and its callbacks: thin glue over `app.service.Service`.
 
-Named API endpoints (every feature is one; see `API_NAMES`): preview, ask (streamed), attention, redundancy,
-compare. They take plain values (a video file, strings, numbers) plus the caller's session, which gradio_client
-keeps per Client, so a follow-up from the same client reuses its cached vision features.
+Named API endpoints (every feature is one; see `API_NAMES`): preview, ask (streamed), attention, picture (what a
+per-frame compressor does to each frame), redundancy, compare. They take plain values (a video file, strings,
+numbers) plus the caller's session, which gradio_client keeps per Client, so a follow-up from the same client
+reuses its cached vision features.
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ from pathlib import Path
 
 import gradio as gr
 
+from vidlmm.analysis import PICTURE_KINDS
+
 from .budget import STRATEGIES
 from .config import EXAMPLES_DIR, AppConfig
-from .models import RESAMPLERS, distinct_models, matching_model
-from .service import (AskResult, Service, make_budget, make_generation, make_sampling, one_sentence)
+from .models import RESAMPLER_LABELS, RESAMPLERS, distinct_models, matching_model
+from .service import (MAX_PICTURE_FRAMES, AskResult, Service, make_budget, make_generation, make_sampling,
+                      one_sentence)
 from .session import close_session, ensure_session
 
 log = logging.getLogger("vidlmm.app")
-API_NAMES = ("preview", "ask", "attention", "redundancy", "compare")
+API_NAMES = ("preview", "ask", "attention", "picture", "redundancy", "compare")
 VIDEO_TYPES = [".mp4", ".webm", ".mov", ".avi", ".mkv", ".gif"]
 DEFAULT_QUESTION = "What happens in the video?"
 CSS = """
@@ -80,8 +84,8 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
                 local_folder = gr.Textbox(label="Local checkpoint folder", placeholder="/path/to/checkpoint",
                                           visible=config.allow_custom_models, submit_btn="Use",
                                           info="a folder in the published layout (config.json + safetensors)")
-                resampler = gr.Radio(list(RESAMPLERS), value=default_resampler, label="Resampler",
-                                     info="switching loads the matching checkpoint")
+                resampler = gr.Radio([(RESAMPLER_LABELS[k], k) for k in RESAMPLERS], value=default_resampler,
+                                     label="Resampler", info="switching loads the matching checkpoint")
                 model_status = gr.Markdown(elem_id="model-status")
                 with gr.Accordion("Frames", open=True):
                     mode = gr.Radio(["uniform", "fps"], value="uniform", label="Sampling",
@@ -94,6 +98,8 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
                     groups = gr.Slider(0, 64, value=0, step=1, label="Groups (0 = checkpoint's)",
                                        info="group resampler only")
                     queries = gr.Slider(0, 512, value=0, step=1, label="Queries (0 = checkpoint's)")
+                    frame_tokens = gr.Slider(0, 1024, value=0, step=1, label="Tokens per frame (0 = checkpoint's)",
+                                             info="pool / tome / topk (pool floors it to a square)")
                     active_fraction = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Active fraction",
                                                 info="zero the other visual tokens before the LLM")
                     strategy = gr.Dropdown(list(STRATEGIES), value="random", label="Zeroing strategy")
@@ -124,18 +130,28 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
                         with gr.Accordion("Answer details (JSON)", open=False):
                             details = gr.JSON(label="details")
                     with gr.Tab("Attention", id="attention", elem_id="attention-tab"):
-                        with gr.Row():
-                            layer = gr.Number(-1, precision=0, label="Layer (-1 = last)")
-                            head = gr.Number(-1, precision=0, label="Head (-1 = mean)")
-                            query = gr.Number(-1, precision=0, label="Query for overlays (-1 = all)")
-                            group = gr.Number(-1, precision=0, label="Group for overlays (-1 = all)")
-                            log_scale = gr.Checkbox(False, label="Log scale")
-                        attend = gr.Button("Show attention", variant="primary", elem_id="attend")
-                        heatmap = gr.Image(label="Queries × visual tokens", type="filepath", elem_id="heatmap")
-                        overlays = gr.Image(label="Per-frame overlays", type="filepath")
-                        with gr.Row():
-                            temporal = gr.Image(label="Temporal profile", type="filepath")
-                            stats_plot = gr.Image(label="Redundancy statistics", type="filepath")
+                        # resamplers: their attention; per-frame compressors: their picture (see on_model)
+                        compressor = default_choice.connector in PICTURE_KINDS
+                        with gr.Column(visible=not compressor) as attention_view:
+                            with gr.Row():
+                                layer = gr.Number(-1, precision=0, label="Layer (-1 = last)")
+                                head = gr.Number(-1, precision=0, label="Head (-1 = mean)")
+                                query = gr.Number(-1, precision=0, label="Query for overlays (-1 = all)")
+                                group = gr.Number(-1, precision=0, label="Group for overlays (-1 = all)")
+                                log_scale = gr.Checkbox(False, label="Log scale")
+                            attend = gr.Button("Show attention", variant="primary", elem_id="attend")
+                            heatmap = gr.Image(label="Queries × visual tokens", type="filepath", elem_id="heatmap")
+                            overlays = gr.Image(label="Per-frame overlays", type="filepath")
+                            with gr.Row():
+                                temporal = gr.Image(label="Temporal profile", type="filepath")
+                                stats_plot = gr.Image(label="Redundancy statistics", type="filepath")
+                        with gr.Column(visible=compressor) as picture_view:
+                            picture_frames = gr.Slider(1, MAX_PICTURE_FRAMES, value=4, step=1,
+                                                       label="Frames shown")
+                            show_picture = gr.Button("Show what the connector does to each frame", variant="primary",
+                                                     elem_id="show-picture")
+                            picture = gr.Image(label="Per-frame picture of the connector", type="filepath",
+                                               elem_id="picture")
                         stats = gr.JSON(label="Redundancy statistics")
                         attention_files = gr.File(label="Download figures and data", file_count="multiple")
                     with gr.Tab("Redundancy", id="redundancy"):
@@ -160,8 +176,8 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
                         cmp_question = gr.Textbox(DEFAULT_QUESTION, label="Question")
                         run_compare = gr.Button("Compare", variant="primary")
                         cmp_table = gr.Markdown()
-                        cmp_maps = gr.Gallery(label="Attention (last layer, head mean)", columns=3, height=320,
-                                              object_fit="contain")
+                        cmp_maps = gr.Gallery(label="Attention (last layer, head mean); compressors: their picture",
+                                              columns=3, height=320, object_fit="contain")
                         cmp_data = gr.JSON(label="Comparison")
                         cmp_files = gr.File(label="Download figures and data", file_count="multiple")
         # API-only inputs and outputs (hidden): the chat history for stateless multi-turn calls, the answer text.
@@ -172,29 +188,30 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
             api_trigger = gr.Button("ask")
 
         sampling_inputs = [mode, num_frames, fps, max_frames]
-        budget_inputs = [groups, queries, active_fraction, strategy]
+        budget_inputs = [groups, queries, frame_tokens, active_fraction, strategy]
         generation_inputs = [do_sample, temperature, top_p, max_new_tokens, seed]
 
         # ---- callbacks --------------------------------------------------------------------------------------
         def preview(video: str | None, model: str, mode: str, num_frames: int, fps: float, max_frames: int,
-                    groups: int, queries: int, active_fraction: float, strategy: str):
+                    groups: int, queries: int, frame_tokens: int, active_fraction: float, strategy: str):
             """Sampled frames with timestamps, and the visual-token count the LLM will receive."""
             if not video:
                 return [], "Upload a video to see its frames and visual-token count."
             try:
                 result = service.preview(video, model, make_sampling(mode, num_frames, max_frames, fps, limit),
-                                         make_budget(groups, queries, active_fraction, strategy))
+                                         make_budget(groups, queries, frame_tokens, active_fraction, strategy))
             except Exception as err:  # noqa: BLE001 - shown as one sentence
                 raise user_error(err) from None
             return result.frames, result.summary
 
         def on_model(model: str):
-            """Load the model (progress shown) and adapt the resampler switch and budget controls to it."""
+            """Load the model (progress shown) and adapt the resampler switch, budget controls and attention tab
+            to it."""
             try:
                 info = service.budget_info(model)
             except Exception as err:  # noqa: BLE001
                 gr.Warning(html.escape(one_sentence(err), quote=False))
-                return gr.skip(), f"⚠ {html.escape(one_sentence(err), quote=False)}", gr.skip(), gr.skip()
+                return (gr.skip(), f"⚠ {html.escape(one_sentence(err), quote=False)}", *[gr.skip()] * 5)
             short = next((k for k, v in RESAMPLERS.items() if v == info["connector"]), None)
             status = f"Loaded **{html.escape(str(model))}** · connector `{info['connector']}`"
             if info["groups"]:
@@ -207,10 +224,24 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
             query_update = gr.update(value=0, interactive=bool(info["queries"]), maximum=max(1, info["latents"]),
                                      label=f"Queries {info['queries_unit'] or ''} (0 = checkpoint's "
                                            f"{info['queries'] or '-'})")
-            return (gr.update(value=short) if short else gr.skip()), status, group_update, query_update
+            frame_update = gr.update(value=0, interactive=bool(info["frame_tokens"]),
+                                     maximum=info["tokens_per_frame_in"],
+                                     label=f"Tokens per frame (0 = checkpoint's {info['frame_tokens'] or '-'})")
+            compressor = info["connector"] in PICTURE_KINDS
+            return ((gr.update(value=short) if short else gr.skip()), status, group_update, query_update, frame_update,
+                    gr.update(visible=not compressor), gr.update(visible=compressor))
 
         def on_resampler(resampler: str, model: str):
-            return gr.update(value=matching_model(service.choices, model, resampler))
+            """Switch to a model with this connector; when none is installed, say so and keep the current one."""
+            picked = matching_model(service.choices, model, resampler)
+            current = service.models.resolve(model).connector
+            if picked == model and current != RESAMPLERS[resampler]:
+                hint = "; type its checkpoint folder to load one." if config.allow_custom_models else "."
+                gr.Warning(f"No installed checkpoint uses {RESAMPLER_LABELS[resampler]} ({RESAMPLERS[resampler]})"
+                           + hint)
+                short = next((k for k, v in RESAMPLERS.items() if v == current), None)
+                return gr.skip(), (gr.update(value=short) if short else gr.skip())
+            return gr.update(value=picked), gr.skip()
 
         def use_local_folder(folder: str):
             folder = (folder or "").strip()
@@ -227,9 +258,9 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
             return session, [], "", None
 
         def chat(session, video: str | None, question: str, messages: list, model: str, mode: str,
-                 num_frames: int, fps: float, max_frames: int, groups: int, queries: int, active_fraction: float,
-                 strategy: str, do_sample: bool, temperature: float, top_p: float, max_new_tokens: int, seed: int,
-                 progress=gr.Progress()):
+                 num_frames: int, fps: float, max_frames: int, groups: int, queries: int, frame_tokens: int,
+                 active_fraction: float, strategy: str, do_sample: bool, temperature: float, top_p: float,
+                 max_new_tokens: int, seed: int, progress=gr.Progress()):
             session = ensure_session(session)
             question = (question or "").strip()
             if not question:
@@ -241,7 +272,7 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
             try:
                 stream = service.ask(session, video, question, model=model,
                                      sampling=make_sampling(mode, num_frames, max_frames, fps, limit),
-                                     budget=make_budget(groups, queries, active_fraction, strategy),
+                                     budget=make_budget(groups, queries, frame_tokens, active_fraction, strategy),
                                      generation=make_generation(max_new_tokens, do_sample, temperature, top_p, seed),
                                      progress=_progress(progress))
                 for item in stream:
@@ -259,8 +290,8 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
                 yield session, messages, question, f"⚠️ {html.escape(sentence, quote=False)}", gr.skip()
 
         def ask(session, video: str | None, question: str, model: str, mode: str, num_frames: int, fps: float,
-                max_frames: int, groups: int, queries: int, active_fraction: float, strategy: str, do_sample: bool,
-                temperature: float, top_p: float, max_new_tokens: int, seed: int, history: list | None,
+                max_frames: int, groups: int, queries: int, frame_tokens: int, active_fraction: float, strategy: str,
+                do_sample: bool, temperature: float, top_p: float, max_new_tokens: int, seed: int, history: list | None,
                 progress=gr.Progress()):
             """Answer a question about a video, streamed. history: earlier [question, answer] pairs.
             Returns (answer so far, details with timings and memory once done)."""
@@ -270,7 +301,7 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
                 turns = history_pairs(history)
                 stream = service.ask(session, video, question, model=model,
                                      sampling=make_sampling(mode, num_frames, max_frames, fps, limit),
-                                     budget=make_budget(groups, queries, active_fraction, strategy),
+                                     budget=make_budget(groups, queries, frame_tokens, active_fraction, strategy),
                                      generation=make_generation(max_new_tokens, do_sample, temperature, top_p, seed),
                                      history=turns, progress=_progress(progress))
                 for item in stream:
@@ -301,6 +332,18 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
             return (session, str(im["heatmap"]), str(im["overlays"]), str(im["temporal"]),
                     str(im["redundancy_stats"]), out.data, [str(p) for p in out.downloads])
 
+        def show_connector_picture(session, video: str | None, model: str, mode: str, num_frames: int, fps: float,
+                                   max_frames: int, frames: int, fmt: str, dpi: int, progress=gr.Progress()):
+            """What a per-frame compressor (llava_mini, pool, tome, topk) does to each frame: figure, numbers, files."""
+            session = ensure_session(session)
+            try:
+                out = service.picture(session, video, model=model,
+                                      sampling=make_sampling(mode, num_frames, max_frames, fps, limit),
+                                      frames=int(frames), fmt=fmt, dpi=int(dpi), progress=_progress(progress))
+            except Exception as err:  # noqa: BLE001
+                raise user_error(err) from None
+            return session, str(out.images["picture"]), out.data, [str(p) for p in out.downloads]
+
         def redundancy(session, video: str | None, question: str, models: list[str], source: str, fractions: str,
                        strategies: list[str], seeds: int, max_items: int, mode: str, num_frames: int, fps: float,
                        max_frames: int, fmt: str, dpi: int, progress=gr.Progress()):
@@ -319,7 +362,8 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
         def compare(session, video: str | None, question: str, models: list[str], mode: str, num_frames: int,
                     fps: float, max_frames: int, do_sample: bool, temperature: float, top_p: float,
                     max_new_tokens: int, seed: int, fmt: str, dpi: int, progress=gr.Progress()):
-            """The same video and question through 1-3 models: answers, attention maps, token counts, timings."""
+            """The same video and question through 1-3 models: answers, attention maps (compressors: their picture),
+            token counts, timings."""
             session = ensure_session(session)
             try:
                 out = service.compare(session, video, question, models=list(models or []),
@@ -334,8 +378,8 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
         # ---- wiring -----------------------------------------------------------------------------------------
         preview_inputs = [video, model, *sampling_inputs, *budget_inputs]
         # while a slider moves, only the latest value is previewed (always_last)
-        gr.on([c.change for c in (video, mode, num_frames, fps, max_frames, groups, queries, active_fraction,
-                                  strategy)],
+        gr.on([c.change for c in (video, mode, num_frames, fps, max_frames, groups, queries, frame_tokens,
+                                  active_fraction, strategy)],
               preview, preview_inputs, [strip, token_count], api_name="preview", show_progress="minimal",
               trigger_mode="always_last", **light)
         video.change(new_conversation, [session], [session, chatbot, timings, details], api_visibility="private",
@@ -343,12 +387,13 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
         clear.click(new_conversation, [session], [session, chatbot, timings, details], api_visibility="private",
                     queue=False)
         # a new model: load it, reset the budget controls to its own, then preview (never with the old budget)
-        model.change(on_model, [model], [resampler, model_status, groups, queries], api_visibility="private",
+        model_outputs = [resampler, model_status, groups, queries, frame_tokens, attention_view, picture_view]
+        model.change(on_model, [model], model_outputs, api_visibility="private",
                      **light).then(preview, preview_inputs, [strip, token_count], api_visibility="private",
                                    show_progress="minimal", **light)
-        demo.load(on_model, [model], [resampler, model_status, groups, queries], api_visibility="private", **light)
+        demo.load(on_model, [model], model_outputs, api_visibility="private", **light)
         local_folder.submit(use_local_folder, [local_folder], [model], api_visibility="private", queue=False)
-        resampler.input(on_resampler, [resampler, model], [model], api_visibility="private", queue=False)
+        resampler.input(on_resampler, [resampler, model], [model, resampler], api_visibility="private", **light)
         chat_inputs = [session, video, question, chatbot, model, *sampling_inputs, *budget_inputs,
                        *generation_inputs]
         chat_outputs = [session, chatbot, question, timings, details]
@@ -360,6 +405,8 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
         attend.click(attention, [session, video, model, *sampling_inputs, layer, head, query, group, log_scale, fmt,
                                  dpi], [session, heatmap, overlays, temporal, stats_plot, stats, attention_files],
                      api_name="attention", **heavy)
+        show_picture.click(show_connector_picture, [session, video, model, *sampling_inputs, picture_frames, fmt, dpi],
+                           [session, picture, stats, attention_files], api_name="picture", **heavy)
         zero.click(redundancy, [session, video, red_question, red_models, red_source, fractions, strategies, seeds,
                                 max_items, *sampling_inputs, fmt, dpi],
                    [session, zeroing_plot, zeroing_summary, zeroing_files], api_name="redundancy", **heavy)

@@ -2,8 +2,8 @@
 app (tiny checkpoints, in-process, one server for the module), concurrent clients, bad uploads, limits, and
 `python app.py` itself in a subprocess.
 
-Contract under test: each feature is a named endpoint (preview, ask, attention, redundancy, compare); a user error
-comes back as one readable sentence and the app keeps answering; a client's cache and chat are its own.
+Contract under test: each feature is a named endpoint (preview, ask, attention, picture, redundancy, compare); a
+user error comes back as one readable sentence and the app keeps answering; a client's cache and chat are its own.
 """
 
 from __future__ import annotations
@@ -39,10 +39,17 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def models_dir(tiny_checkpoints, tmp_path_factory):
-    """An embedded-models folder like assets/models: group, naive and image-level checkpoints."""
+    """An embedded-models folder like assets/models: group, naive and image-level checkpoints, a Dynamic-VLM
+    pooling one (16 tokens per video: 4 per frame at 4 frames) and a LLaVA-Mini one (4 queries per frame, one
+    pre-fusion layer)."""
+    from vidlmm.tiny import write_tiny_checkpoint
+
     root = tmp_path_factory.mktemp("models")
     for name in ("group", "naive", "image"):
         (root / name).symlink_to(tiny_checkpoints[name], target_is_directory=True)
+    write_tiny_checkpoint(root / "pool", "pool", seed=6, connector_options={"token_budget": 16})
+    write_tiny_checkpoint(root / "llava_mini", "llava_mini", seed=7, num_queries=4, initializer_range=0.4,
+                          connector_options={"prefusion_layers": 1})
     return root
 
 
@@ -97,7 +104,7 @@ def _assert_one_sentence(message: str):
 # ---- endpoints ---------------------------------------------------------------------------------------------------
 def test_every_feature_is_a_named_endpoint(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/preview", "/ask", "/attention", "/redundancy", "/compare"} <= names, names
+    assert {"/preview", "/ask", "/attention", "/picture", "/redundancy", "/compare"} <= names, names
 
 
 def test_preview_shows_sampled_frames_and_token_count(client, videos):
@@ -149,6 +156,86 @@ def test_attention_endpoint_returns_figures_and_data(client, videos):
     assert saved["attention"]["num_frames"] == 4
 
 
+def test_picture_endpoint_shows_what_a_compressor_does_to_each_frame(client, videos):
+    from gradio_client.exceptions import AppError
+
+    picture, data, files = client.predict(video=handle_file(videos["a"]), model="pool", num_frames=4, frames=2,
+                                          fmt="svg", dpi=80, api_name="/picture")
+    assert Path(picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data["connector"] == "pool" and data["kind"] == "pooling_grid" and data["frames"] == 4
+    assert data["tokens_per_frame_out"] == 4 and data["visual_tokens"] == 16  # budget 16 over 4 frames: 2 x 2 bins
+    assert data["summary"]["tokens"] == 16
+    assert sorted(Path(f).suffix for f in files) == [".json", ".svg"]
+    saved = json.loads(next(Path(f) for f in files if f.endswith(".json")).read_text())
+    assert saved["pool_size"] == 2 and saved["row_edges"] == [[0, 2], [2, 4]] and "frames" not in saved
+    with pytest.raises(AppError) as info:  # a resampler keeps its attention heatmaps
+        client.predict(video=handle_file(videos["a"]), model="group", num_frames=4, api_name="/picture")
+    _assert_one_sentence(str(info.value))
+    assert "'groupresampler' connector has no picture of its own" in str(info.value)
+
+
+def test_tokens_per_frame_sets_a_compressors_budget(client, videos):
+    from gradio_client.exceptions import AppError
+
+    tokens = {}
+    for frame_tokens in (0, 1, 9):
+        _, details = client.predict(video=handle_file(videos["a"]), question=QUESTION, model="pool", num_frames=4,
+                                    frame_tokens=frame_tokens, api_name="/ask", **FAST)
+        assert details["connector"] == "pool" and details["budget"]["frame_tokens"] == (frame_tokens or None)
+        tokens[frame_tokens] = details["visual_tokens"]
+    assert tokens == {0: 16, 1: 4, 9: 36}  # the checkpoint's 4 per frame, then 1 and 9 (3 x 3 bins) per frame
+    _, summary = client.predict(video=handle_file(videos["a"]), model="pool", num_frames=4, frame_tokens=5,
+                                api_name="/preview")
+    assert "**16 visual tokens**" in summary and "untrained" in summary  # 5 floored to a square: 4 per frame
+    with pytest.raises(AppError, match="has no tokens per frame to set"):
+        client.predict(video=handle_file(videos["a"]), question=QUESTION, frame_tokens=4, api_name="/ask", **FAST)
+
+
+def test_llava_mini_answers_with_its_prompt_fused(client, videos, models_dir):
+    """The app hands LLaVA-Mini's whole connector output to the LLM, so pre-fusion rewrites the prompt and the
+    answer is the pipeline's own, token for token."""
+    from vidlmm.checkpoint import load_model
+    from vidlmm.pipeline import GenerationSettings, VideoLMM
+    from vidlmm.video import FrameSampling
+
+    lmm = VideoLMM(load_model(models_dir / "llava_mini"), sampling=FrameSampling.uniform(4), cache_bytes=0)
+    generation = GenerationSettings(max_new_tokens=FAST["max_new_tokens"])
+    expected = lmm.ask(videos["a"], QUESTION, generation=generation)
+    prepared, _ = lmm.prepare(videos["a"])
+    unfused = lmm.ask(prepared, QUESTION, generation=generation, visual=lmm.visual_tokens(prepared).tokens[0])
+    assert unfused.token_ids != expected.token_ids  # without pre-fusion this model answers otherwise
+    _, details = client.predict(video=handle_file(videos["a"]), question=QUESTION, model="llava_mini",
+                                num_frames=4, api_name="/ask", **FAST)
+    assert details["connector"] == "llava_mini" and details["visual_tokens"] == 16  # 4 frames x 4 queries
+    assert details["token_ids"] == expected.token_ids
+
+
+def test_zeroing_a_compressor_counts_whole_frames_in_preview_and_answer(client, videos):
+    """A compressor's groups are its frames: the preview's active count is the one the answer gets."""
+    setting = dict(video=handle_file(videos["a"]), model="pool", num_frames=4, active_fraction=0.6,
+                   strategy="groups")
+    _, summary = client.predict(api_name="/preview", **setting)
+    _, details = client.predict(question=QUESTION, api_name="/ask", **setting, **FAST)
+    assert details["visual_tokens"] == 16 and details["active_tokens"] == 8  # 2 of 4 frames, 4 tokens each
+    assert "**16 visual tokens**" in summary and "**8 active**" in summary
+
+
+def test_redundancy_curves_for_compressors(client, videos):
+    plot, summary, files = client.predict(video=handle_file(videos["a"]), question=QUESTION,
+                                          models=["pool", "llava_mini"], fractions="1, 0.6",
+                                          strategies=["random", "groups"], seeds=1, num_frames=4,
+                                          api_name="/redundancy")
+    assert Path(plot).read_bytes()[:4] == b"\x89PNG"
+    assert [(m["model"], m["connector"], m["tokens"]) for m in summary["models"]] == \
+        [("pool", "pool", 16), ("llava_mini", "llava_mini", 16)]
+    for curve in summary["models"]:
+        kept = [round(p["active"] * 16) for p in curve["points"] if p["fraction"] == 0.6]
+        assert kept == [10, 8], curve  # random: 10 of the 16 tokens; groups: whole frames, 2 of the 4
+    saved = json.loads(next(Path(f) for f in files if f.endswith(".json")).read_text())
+    # the 100 % point scores exactly the model's own answer, LLaVA-Mini's fused prompt included
+    assert [r["reference"]["teacher_forced_reproduces_answer"] for r in saved["results"]] == [True, True]
+
+
 def test_redundancy_endpoint_overlays_connectors(client, videos):
     plot, summary, files = client.predict(video=handle_file(videos["a"]), question=QUESTION,
                                           models=["group", "naive"], fractions="1, 0.5", strategies=["random"],
@@ -179,6 +266,19 @@ def test_compare_endpoint_runs_three_connectors(client, videos):
     assert all("prefill_s" in r and "tokens_per_s" in r for r in rows)
     assert len(maps) == 3 and len(table.strip().splitlines()) == 2 + 3 + 1 + 3  # numbers, blank, answers
     assert any(f.endswith(".csv") for f in files)
+
+
+def test_compare_shows_a_compressors_picture_beside_a_resamplers_attention(client, videos):
+    _, shown, data, files = client.predict(video=handle_file(videos["a"]), question=QUESTION,
+                                           models=["group", "pool", "llava_mini"], num_frames=4,
+                                           api_name="/compare", **FAST)
+    assert [(r["connector"], r["visual_tokens"]) for r in data["rows"]] == \
+        [("groupresampler", 64), ("pool", 16), ("llava_mini", 16)]
+    assert [m["caption"] for m in shown] == ["group (groupresampler)", "pool (pool)", "llava_mini (llava_mini)"]
+    assert all(Path(m["image"]).read_bytes()[:4] == b"\x89PNG" for m in shown)
+    figures = sorted(Path(f).name for f in files if f.endswith(".png"))
+    assert figures == ["compare-1-group-heatmap.png", "compare-2-pool-picture.png",
+                       "compare-3-llava_mini-picture.png"], figures
 
 
 # ---- several users at once -----------------------------------------------------------------------------------
@@ -280,6 +380,18 @@ def test_budget_view_leaves_the_shared_connector_untouched(tiny_checkpoints):
         budgeted_connector(module, TokenBudget(queries=17))
 
 
+def test_tokens_per_frame_view_leaves_the_shared_compressor_untouched(models_dir):
+    from app.budget import TokenBudget, budgeted_connector, describe_limits
+    from vidlmm.checkpoint import load_model
+
+    module = load_model(models_dir / "pool").connector._connector
+    view = budgeted_connector(module, TokenBudget(frame_tokens=9))
+    assert view.num_output_tokens(4, 15) == 36 and module.num_output_tokens(4, 15) == 16
+    assert module.frame_tokens is None and describe_limits(module)["frame_tokens"] == "16 // frames"
+    with pytest.raises(ValueError, match="at least 1"):
+        budgeted_connector(module, TokenBudget(frame_tokens=-1))
+
+
 def test_config_from_command_line_and_environment(monkeypatch):
     from app.config import load_config
 
@@ -303,6 +415,22 @@ def test_resampler_switch_picks_the_matching_checkpoint(server):
     assert matching_model(choices, "naive", "image") == "image"
     assert matching_model(choices, "Zhang199/TinyLLaVA-Video-Qwen2.5-3B-Group-16-512", "naive") == \
         "Zhang199/TinyLLaVA-Video-Qwen2.5-3B-Naive-16-512"
+
+
+def test_resampler_switch_offers_the_related_work_compressors(server):
+    from app.models import RESAMPLER_LABELS, RESAMPLERS, matching_model
+    from vidlmm.connectors import CONNECTORS
+
+    assert set(RESAMPLERS.values()) <= set(CONNECTORS) and set(RESAMPLER_LABELS) == set(RESAMPLERS)
+    assert [RESAMPLER_LABELS[k] for k in ("llava_mini", "pool", "tome", "topk")] == \
+        ["LLaVA-Mini", "Dynamic-VLM pooling", "ToMe merging (reimplementation)", "top-k pruning"]
+    choices = server[1].choices
+    assert matching_model(choices, "group", "pool") == "pool"
+    assert matching_model(choices, "pool", "llava_mini") == "llava_mini"
+    assert matching_model(choices, "llava_mini", "group") == "group"
+    # no published checkpoint has a compressor: from a hub model, the embedded one
+    assert matching_model(choices, "Zhang199/TinyLLaVA-Video-Qwen2.5-3B-Group-16-512", "pool") == "pool"
+    assert matching_model(choices, "group", "tome") == "group"  # none installed: stay (the UI says why)
 
 
 def test_python_app_py_serves(models_dir, tiny_checkpoints, tmp_path):

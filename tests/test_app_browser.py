@@ -40,9 +40,12 @@ def app_url(tiny_checkpoints, tmp_path_factory):
     from app import build_app, launch
     from app.config import AppConfig
 
+    from vidlmm.tiny import write_tiny_checkpoint
+
     models = tmp_path_factory.mktemp("browser-models")
     for name in ("group", "naive"):
         (models / name).symlink_to(tiny_checkpoints[name], target_is_directory=True)
+    write_tiny_checkpoint(models / "pool", "pool", seed=6, connector_options={"token_budget": 16})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -128,6 +131,47 @@ def test_upload_ask_stream_and_attention_in_chromium(app_url, shots):
             page.wait_for_function("(() => { const i = document.querySelector('#heatmap img');"
                                    " return i && i.complete && i.naturalWidth > 100; })()", timeout=60_000)
             shots(page, "3-attention")
+        finally:
+            browser.close()
+    assert not problems, "\n".join(problems)
+
+
+def test_resampler_switch_to_a_compressor_shows_its_picture(app_url, shots):
+    """Choosing a compressor in the resampler switch loads its checkpoint and turns the Attention tab into the
+    compressor's picture; choosing one with no checkpoint says so and keeps the model."""
+    problems: list[str] = []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error"
+                    else None)
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.goto(app_url)
+            page.wait_for_selector("#video-upload input[type=file]", state="attached", timeout=30_000)
+            page.wait_for_function("document.querySelector('#model-status').innerText.includes('groupresampler')",
+                                   timeout=60_000)
+            page.set_input_files("#video-upload input[type=file]", str(EXAMPLE))
+            page.wait_for_selector("#frame-strip img", timeout=60_000)
+
+            page.get_by_label("Dynamic-VLM pooling").check()
+            page.wait_for_function("document.querySelector('#model-status').innerText.includes('connector pool')",
+                                   timeout=60_000)
+            page.wait_for_function("document.querySelector('#token-count').innerText.includes('(pool)')",
+                                   timeout=60_000)
+            page.get_by_role("tab", name="Attention").click()
+            assert page.locator("#show-picture").is_visible() and not page.locator("#attend").is_visible()
+            page.click("#show-picture")
+            page.wait_for_function("(() => { const i = document.querySelector('#picture img');"
+                                   " return i && i.complete && i.naturalWidth > 100; })()", timeout=60_000)
+            shots(page, "4-pool-picture")
+
+            page.get_by_label("ToMe merging (reimplementation)").check()
+            page.wait_for_selector("text=No installed checkpoint uses ToMe merging", timeout=30_000)
+            page.wait_for_function("(() => { const r = document.querySelector("
+                                   "'input[type=radio][value=pool]'); return r && r.checked; })()", timeout=30_000)
+            assert "connector pool" in page.inner_text("#model-status")
+            shots(page, "5-no-tome")
         finally:
             browser.close()
     assert not problems, "\n".join(problems)

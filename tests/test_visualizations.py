@@ -1,5 +1,6 @@
 """visualizations/: every figure renders to PNG, SVG and PDF; data writers; the `python -m visualizations` command
-writes PNG + JSON + CSV for attention, redundancy and budget on tiny checkpoints."""
+writes PNG + JSON + CSV for attention, redundancy and budget, and PNG + JSON for a compressor's picture, on tiny
+checkpoints."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from vidlmm.analysis import ZeroingResult, attention_maps, connector_variants, redundancy_stats, token_budget
-from visualizations import (plot_attention_heatmap, plot_frame_overlays, plot_redundancy_stats,
-                            plot_temporal_profile, plot_token_budget, plot_zeroing, save_figure, write_data)
+from vidlmm.analysis import (ZeroingResult, attention_maps, connector_picture, connector_variants, redundancy_stats,
+                             token_budget)
+from visualizations import (plot_attention_heatmap, plot_connector_picture, plot_frame_overlays,
+                            plot_redundancy_stats, plot_temporal_profile, plot_token_budget, plot_zeroing, save_figure,
+                            write_data)
 from visualizations.__main__ import main
 
 MAGIC = {"png": b"\x89PNG", "pdf": b"%PDF"}
@@ -43,6 +46,34 @@ def maps(tiny_checkpoints, small_video):
                        sampling=FrameSampling.uniform(16))
         out[name] = attention_maps(lmm, small_video)
     return out
+
+
+COMPRESSORS = {  # connector_type -> (num_queries, connector_options): 4 output tokens per frame at 4 frames
+    "llava_mini": (4, {"prefusion_layers": 1}),
+    "pool": (64, {"token_budget": 16}),
+    "tome": (64, {"frame_tokens": 4}),
+    "topk": (64, {"frame_tokens": 4}),
+}
+
+
+@pytest.fixture(scope="module")
+def compressors(tmp_path_factory):
+    from vidlmm.tiny import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("compressors")
+    return {name: write_tiny_checkpoint(root / name, name, seed=i, num_queries=q, connector_options=options)
+            for i, (name, (q, options)) in enumerate(COMPRESSORS.items())}
+
+
+@pytest.fixture(scope="module")
+def pictures(compressors, small_video):
+    from vidlmm.checkpoint import load_model
+    from vidlmm.pipeline import VideoLMM
+    from vidlmm.video import FrameSampling
+
+    return {name: connector_picture(VideoLMM(load_model(folder, dtype="fp32", device="cpu"),
+                                             sampling=FrameSampling.uniform(4)), small_video)
+            for name, folder in compressors.items()}
 
 
 def synthetic_result(name: str, kind: str = "likelihood") -> ZeroingResult:
@@ -92,6 +123,32 @@ def test_attention_figure_content(maps):
     assert len(many.axes[0].get_lines()) == 1  # one group: one line
     with pytest.raises(ValueError):
         plot_attention_heatmap(m, scale="cubic")
+
+
+@pytest.mark.parametrize("name", list(COMPRESSORS))
+def test_connector_pictures_render_one_look_per_kind(pictures, tmp_path, name):
+    picture = pictures[name]
+    fig = plot_connector_picture(picture, frames=3)
+    assert_renders(fig, tmp_path, name)
+    panels = [a for a in fig.axes if a.get_title()]
+    title = fig._suptitle.get_text()
+    assert all(a.images[0].get_array().shape == picture["frames"].shape[1:] for a in panels)  # the real frames
+    assert [a.get_title() for a in panels[:1]] == ["f0 · 0.0 s" + (" · query 0" if name == "llava_mini" else "")]
+    outlined = [[p for p in a.patches if not p.get_hatch()] for a in panels]
+    if name == "llava_mini":  # frames x queries, each a map over the frame, with a colour bar
+        assert len(panels) == 3 * 4 and all(len(a.images) == 2 for a in panels) and len(fig.axes) == 13
+        assert "attention of each query" in title
+    if name == "pool":  # the 2 x 2 bins drawn and numbered on each frame
+        assert len(panels) == 3 and [len(p) for p in outlined] == [4] * 3
+        assert [t.get_text() for t in panels[0].texts] == ["0", "1", "2", "3"] and "2 x 2" in title
+    if name == "tome":  # merged regions painted (one RGBA layer) with borders between tokens
+        assert len(panels) == 3 and all(len(a.images) == 2 and len(a.collections) == 1 for a in panels)
+        assert title.startswith("tome: ToMe (reimplementation)")
+    if name == "topk":  # the scores over the frame, the kept patches outlined
+        assert len(panels) == 3 and [len(p) for p in outlined] == [4] * 3 and "scorer logit" in title
+    assert all(len([p for p in a.patches if p.get_hatch()]) == 1 for a in panels)  # SigLIP's dropped patch
+    one = [a for a in plot_connector_picture(picture, frames=1).axes if a.get_title()]
+    assert len(one) == (4 if name == "llava_mini" else 1)  # one frame (of each query)
 
 
 def test_zeroing_and_budget_figures(tmp_path, tiny_checkpoints):
@@ -169,6 +226,24 @@ def test_cli_attention(tiny_checkpoints, small_video, tmp_path, capsys):
     assert str(out / "attention_heatmap.png") in printed
 
 
+def test_cli_picture(compressors, tiny_checkpoints, small_video, tmp_path, capsys):
+    out = tmp_path / "pic"
+    rc = main(["picture", "--model", str(compressors["pool"]), "--video", small_video, "--out", str(out),
+               "--num-frames", "8", "--frames-shown", "2", "--formats", "png", "pdf", "--dpi", "60"])
+    assert rc == 0
+    assert (out / "picture.png").read_bytes().startswith(MAGIC["png"])
+    assert (out / "picture.pdf").read_bytes().startswith(MAGIC["pdf"])
+    data = json.loads((out / "picture.json").read_text())
+    assert data["kind"] == "pooling_grid" and data["num_frames"] == 8 and data["pool_size"] == 1  # 16 // 8 -> 1
+    assert "frames" not in data and "tokens" not in data and len(data["cell_token"]) == 8
+    assert capsys.readouterr().out.split() == [str(out / "picture.png"), str(out / "picture.pdf"),
+                                               str(out / "picture.json")]
+    assert main(["picture", "--model", str(tiny_checkpoints["group"]), "--video", small_video,
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "no picture of its own" in err and "\n" not in err
+
+
 def test_cli_redundancy_one_video(tiny_checkpoints, small_video, tmp_path):
     out = tmp_path / "red"
     rc = main(["redundancy", "--model", str(tiny_checkpoints["group"]), "--model", str(tiny_checkpoints["naive"]),
@@ -215,7 +290,7 @@ def test_cli_budget(tiny_checkpoints, tmp_path):
 def test_runs_as_a_module():
     proc = subprocess.run([sys.executable, "-m", "visualizations", "--help"], cwd=ROOT, capture_output=True,
                           text=True)
-    assert proc.returncode == 0 and "attention" in proc.stdout and "budget" in proc.stdout
+    assert proc.returncode == 0 and all(c in proc.stdout for c in ("attention", "picture", "budget"))
 
 
 @pytest.mark.parametrize("argv, fragment", [

@@ -425,6 +425,12 @@ def zero_tokens(tokens, mask):
     return torch.where(keep[:, None], tokens, torch.zeros((), dtype=tokens.dtype, device=tokens.device))
 
 
+def zeroed_output(out, mask):
+    """A connector output of one video with its tokens zeroed where mask [Q] is False (see `zero_tokens`) and the
+    rest kept: zeroing acts on the visual tokens only, and LLaVA-Mini's fusion_context still fuses the prompt."""
+    return replace(out, tokens=zero_tokens(out.tokens[0], mask).unsqueeze(0))
+
+
 @dataclass
 class ZeroingResult:
     """One connector's zeroing curves.
@@ -533,18 +539,23 @@ def _batches(items: list, size: int):
 
 
 def _score_answer(lmm: "VideoLMM", prompt_ids: list[int], answer_ids: list[int], visuals: list):
-    """Teacher-forced pass of prompt + answer for each visual-token variant (one batch, equal lengths).
+    """Teacher-forced pass of prompt + answer for each visual-token variant (connector outputs, one batch, equal
+    lengths).
 
     Returns per variant (log-likelihood of the answer tokens, index of the first answer token that is not the
     greedy choice or -1)."""
     import torch
 
+    from .conversation import IGNORE_INDEX
+
     model = lmm.model
     ids = list(prompt_ids) + list(answer_ids)
     a = len(answer_ids)
+    # answer labels keep the answer's raw embeddings out of LLaVA-Mini's pre-fusion, as in generation
+    labels = [IGNORE_INDEX] * len(prompt_ids) + list(answer_ids)
     with torch.no_grad(), lmm._lock:  # noqa: SLF001 - the pipeline's one-model-at-a-time lock
-        embeds, mask, _ = model.build_inputs([ids] * len(visuals), visuals)
-        expected = len(ids) - 1 + int(visuals[0].shape[0])
+        embeds, mask, _ = model.build_inputs([ids] * len(visuals), visuals, [labels] * len(visuals))
+        expected = len(ids) - 1 + int(visuals[0].tokens.shape[1])
         if embeds.shape[1] != expected:
             raise VidlmmError("The prompt and answer are longer than the model's context; use fewer frames.")
         logits = model(embeds, mask, logits_to_keep=a + 1).logits[:, -a - 1:-1].float()
@@ -612,7 +623,7 @@ def zeroing_curve(lmm: "VideoLMM", video, question: str, *, fractions=FRACTIONS,
     scores: dict[bytes, dict] = {}
     total = len(keys)
     for batch in _batches(keys, batch_size):
-        visuals = [zero_tokens(tokens, distinct.get(k, full_mask)) for k in batch]
+        visuals = [zeroed_output(out, distinct.get(k, full_mask)) for k in batch]
         for key, (ll, first) in zip(batch, _score_answer(lmm, prompt, answer_ids, visuals)):
             scores[key] = {"log_likelihood": ll, "first_divergence": first}
         if regenerate:
@@ -694,7 +705,7 @@ def zeroing_mc_curve(lmm: "VideoLMM", items, *, video_root=None, fractions=FRACT
             choices = {full_key: full_choice}
             prompt = lmm.prompt_ids(question)
             for batch in _batches(keys, batch_size):
-                visuals = [zero_tokens(tokens, distinct[k]) for k in batch]
+                visuals = [zeroed_output(out, distinct[k]) for k in batch]
                 for key, ids in zip(batch, _greedy_batch(lmm, prompt, visuals, max_new_tokens)):
                     choices[key] = parse_choice(_decode(lmm, ids), item.options, item.letters)
             full_correct.append(full_choice == item.answer_letter)
@@ -874,5 +885,5 @@ __all__ = [
     "AttentionMaps", "BudgetResult", "DEFAULT_CHUNKS", "FRACTIONS", "PICTURE_KINDS", "STRATEGIES", "ZeroingResult",
     "attention_maps", "connector_picture", "connector_setting", "connector_variants", "model_config",
     "query_group_spans", "redundancy_stats", "to_jsonable", "token_budget", "token_redundancy", "zero_mask",
-    "zero_tokens", "zeroing_curve", "zeroing_mc_curve",
+    "zero_tokens", "zeroed_output", "zeroing_curve", "zeroing_mc_curve",
 ]

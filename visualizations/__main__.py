@@ -1,11 +1,13 @@
-"""`python -m visualizations attention|redundancy|budget`: figures and the numbers behind them, into --out.
+"""`python -m visualizations attention|picture|redundancy|budget`: figures and the numbers behind them, into --out.
 
     python -m visualizations attention  --model M --video V --out DIR [--layer -1] [--head H] [--scale log]
+    python -m visualizations picture    --model M --video V --out DIR [--frames-shown 4]
     python -m visualizations redundancy --model M [--model M2 ...] --video V [--question Q] --out DIR
     python -m visualizations redundancy --model M [--model M2 ...] --mc items.json [--video-root D] --out DIR
     python -m visualizations budget     [--model M ...] [--with-connectors] [--frames 1 2 4 ...] --out DIR
 
-Each figure is written in every --formats (png, svg, pdf) at --dpi, with its numbers beside it as JSON and CSV.
+Each figure is written in every --formats (png, svg, pdf) at --dpi, with its numbers beside it as JSON and CSV
+(a picture's numbers are arrays: JSON only).
 --model takes a checkpoint folder (or hub id) and defaults to the embedded model. The written paths are printed,
 one per line. A user error exits with status 2 and one line `error: ...` on stderr.
 """
@@ -60,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--query", type=int, help="frame overlays for one query")
     which.add_argument("--group", type=int, help="frame overlays for one query group")
     att.add_argument("--frames-shown", type=int, default=16, help="frames drawn in the overlay figure")
+
+    pic = sub.add_parser("picture", help="what a per-frame compressor (llava_mini, pool, tome, topk) does to each "
+                                         "frame, drawn over the frames")
+    common(pic, "required")
+    pic.add_argument("--frames-shown", type=int, default=4, help="frames drawn")
 
     red = sub.add_parser("redundancy", help="query-zeroing curves on one video or a multiple-choice set")
     common(red, "optional")
@@ -136,10 +143,13 @@ class _Writer:
         fig.clf()
 
     def data(self, obj, stem: str, csv_rows=None):
+        self.json(obj, stem)
+        self.table(obj if csv_rows is None else csv_rows, stem)
+
+    def json(self, obj, stem: str):
         from visualizations import write_data
 
         self.written.append(write_data(obj, self.out / f"{stem}.json"))
-        self.table(obj if csv_rows is None else csv_rows, stem)
 
     def table(self, rows, stem: str):
         from visualizations import write_data
@@ -178,6 +188,24 @@ def cmd_attention(args, writer: _Writer) -> None:
                             timestamps=np.asarray(maps.timestamps))
         writer.written.append(full)
         del lmm, maps
+        gc.collect()
+
+
+def cmd_picture(args, writer: _Writer) -> None:
+    from vidlmm.analysis import connector_picture
+    from vidlmm.video import check_video_path
+    from visualizations import picture_data, plot_connector_picture
+
+    check_video_path(args.video)
+    if args.frames_shown < 1:
+        raise VidlmmError("--frames-shown must be at least 1.")
+    sources = _sources(args)
+    for label, source in sources:
+        prefix = f"{label}_" if len(sources) > 1 else ""
+        picture = connector_picture(_lmm(_load(source, args), args), args.video)
+        writer.figure(plot_connector_picture(picture, args.frames_shown), f"{prefix}picture")
+        writer.json(picture_data(picture), f"{prefix}picture")
+        del picture
         gc.collect()
 
 
@@ -254,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.dpi < 10:
             raise VidlmmError("--dpi must be at least 10.")
         writer = _Writer(args)
-        {"attention": cmd_attention, "redundancy": cmd_redundancy, "budget": cmd_budget}[args.command](args, writer)
+        {"attention": cmd_attention, "picture": cmd_picture, "redundancy": cmd_redundancy,
+         "budget": cmd_budget}[args.command](args, writer)
         for path in writer.written:
             print(path)
         return 0
