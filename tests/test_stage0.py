@@ -91,10 +91,14 @@ def test_text_is_rendered_like_stage_two_without_the_video(stage0, world):
     ids = S.conversation_ids(pairs, tok)
     assert IMAGE_TOKEN_INDEX in with_video and ids == [i for i in with_video if i != IMAGE_TOKEN_INDEX]
     assert ids[-1] == tok.eos_token_id and "<image>" not in tok.decode(ids)
-    # MC prompts come from training clips only, with letter answers
+    # MC prompts come from training clips only, answered with the correct option's text
+    from vidlmm.evaluate import parse_choice
+
     clips = load_clips(world)
     convs = S.mc_conversations(clips["train"][:4], seed=0)
-    assert convs and all(c[0][0].endswith(S.SUFFIX) and c[0][1][0] in "ABCD(" for c in convs)
+    assert convs and all(c[0][0].endswith(S.SUFFIX) for c in convs)
+    for (question, answer), in convs:
+        assert answer[0] not in "(" and f". {answer}\n" in question or f") {answer}\n" in question
     # template strings are compact
     report = S.tokenizer_report(tok)
     assert report[" ASSISTANT:"] <= 3 and report["eos"] == 1
@@ -117,7 +121,7 @@ def test_frame_descriptions_and_pixels_match_the_ground_truth(world):
 
 def test_mc_training_annotations_cover_training_clips_only(world, tmp_path):
     from train.stage0 import write_mc_annotations
-    from train.world import option_text
+    from vidlmm.evaluate import parse_choice
     from vidlmm.conversation import normalize_conversations
 
     path = write_mc_annotations(world, tmp_path / "mc.json", seed=0, per_clip=3)
@@ -129,8 +133,10 @@ def test_mc_training_annotations_cover_training_clips_only(world, tmp_path):
         normalize_conversations(r["conversations"])  # the reference format, no warnings needed
         human, gpt = r["conversations"][0]["value"], r["conversations"][1]["value"]
         assert human.startswith("<image>\n") and human.rstrip().endswith("directly.")
-        letter = gpt.strip("()")[0]
-        assert letter in "ABCD" and (f"{letter}. " in human or f"({letter})" in human)
-        if ". " in gpt:  # "B. Red": the option text must be that letter's option
-            assert option_text(gpt) in human
+        # the answer is the text of exactly one option, which the evaluation parser reads as that option
+        options = [line for line in human.splitlines() if line[:3] in ("A. ", "B. ", "C. ", "D. ")
+                   or line[:4] in ("(A) ", "(B) ", "(C) ", "(D) ")]
+        texts = [line.split(" ", 1)[1] for line in options]
+        assert len(options) == 4 and texts.count(gpt) == 1
+        assert parse_choice(gpt, texts) == "ABCD"[texts.index(gpt)]
     assert write_mc_annotations(world, tmp_path / "again.json", seed=0, per_clip=3).read_text() == path.read_text()
