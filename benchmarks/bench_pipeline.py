@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 
-from common import ROOT, Report, add_model_video_args, machine, resolve_model, resolve_video, run_measured, \
+from common import ROOT, Report, add_model_video_args, machine, resolve_inputs, run_measured, \
     self_rss_mb
 
 QUESTIONS = ("What happens in the video?", "What colour is the moving square?")
@@ -176,10 +176,7 @@ def main(argv=None) -> int:
 
     report = Report()
     with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
-        model, model_why = resolve_model(args, tmp)
-        video, video_why = resolve_video(args, tmp)
-        report(f"model: {os.path.basename(model.rstrip('/'))} ({model_why})")
-        report(f"video: {video_why}")
+        model, video, chosen = resolve_inputs(args, tmp, report)
         report(f"{args.frames} uniform frames, greedy, max_new_tokens {args.max_new_tokens}, "
                f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
         ours = run_child("ours", model, video, args, tmp)
@@ -216,7 +213,7 @@ def main(argv=None) -> int:
     report(f"same token ids: first {'yes' if same[0] else 'NO'}, follow-up {'yes' if same[1] else 'NO'}")
     report(f"answers: {ours['answers'][0]['text']!r} / {ours['answers'][1]['text']!r}")
     report.save(args.md, args.json, {
-        "model": model, "model_choice": model_why, "video": video_why, "frames": args.frames,
+        "model": model, **chosen, "frames": args.frames,
         "max_new_tokens": args.max_new_tokens, "machine": machine(), "ours": ours, "reference": ref,
         "first_answer_speedup": first, "follow_up_speedup": follow, "peak_rss_ratio": rss,
         "same_token_ids": all(same), "same_token_ids_per_question": same,

@@ -20,12 +20,11 @@ answer; from scratch: the regenerated ids equal the full answer's ids). The agre
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
 
-from common import Report, add_model_video_args, machine, resolve_model, resolve_video, self_rss_mb
+from common import Report, add_model_video_args, machine, resolve_inputs, self_rss_mb
 
 QUESTION = "What happens in the video?"
 
@@ -84,10 +83,7 @@ def main(argv=None) -> int:
     seeds = (0, 1, 2)
     report = Report()
     with tempfile.TemporaryDirectory(prefix="bench_zeroing_") as tmp:
-        model_dir, model_why = resolve_model(args, tmp)
-        video, video_why = resolve_video(args, tmp)
-        report(f"model: {os.path.basename(model_dir.rstrip('/'))} ({model_why})")
-        report(f"video: {video_why}")
+        model_dir, video, chosen = resolve_inputs(args, tmp, report)
         report(f"{args.frames} uniform frames; {len(FRACTIONS)} fractions x {len(seeds)} seeds x "
                f"{len(STRATEGIES)} strategies; greedy, max_new_tokens {args.max_new_tokens}; question {QUESTION!r}")
 
@@ -142,7 +138,7 @@ def main(argv=None) -> int:
     report(f"full answer: {curve.reference['answer']!r} ({len(full_ids)} tokens)")
     ok = ours_full_ok and scratch_full_ok
     report.save(args.md, args.json, {
-        "model": model_dir, "model_choice": model_why, "video": video_why, "frames": args.frames,
+        "model": model_dir, **chosen, "frames": args.frames,
         "question": QUESTION, "max_new_tokens": args.max_new_tokens, "machine": machine(),
         "ours_s": ours_s, "from_scratch_s": scratch_s, "speedup": ratio, "points": len(points),
         "masks_evaluated": masks, "full_point_equals_answer": ok, "ours_full_point_ok": ours_full_ok,

@@ -54,6 +54,15 @@ def resolve_model(args, tmp: str) -> tuple[str, str]:
     return write_tiny_model(tmp), f"tiny random checkpoint in a temporary folder ({why})"
 
 
+def resolve_inputs(args, tmp: str, report) -> tuple[str, str, dict]:
+    """(checkpoint folder, video path, {"model_choice", "video"}: how each was chosen), both reported."""
+    model, model_why = resolve_model(args, tmp)
+    video, video_why = resolve_video(args, tmp)
+    report(f"model: {os.path.basename(model.rstrip('/'))} ({model_why})")
+    report(f"video: {video_why}")
+    return model, video, {"model_choice": model_why, "video": video_why}
+
+
 def resolve_video(args, tmp: str) -> tuple[str, str]:
     """(video path, description); generates the clip when no --video is given."""
     if args.video:

@@ -9,6 +9,7 @@ Skipped, with the reason, when the `playwright` package or a Chromium binary is 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -89,7 +90,9 @@ _WATCH_ANSWER = """() => {
 }"""
 
 
-def test_upload_ask_stream_and_attention_in_chromium(app_url, shots):
+@contextlib.contextmanager
+def _app_page(url: str):
+    """A headless Chromium page on the app, loaded; fails the test on any console error or page error."""
     problems: list[str] = []
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -98,80 +101,73 @@ def test_upload_ask_stream_and_attention_in_chromium(app_url, shots):
             page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error"
                     else None)
             page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-            page.goto(app_url)
+            page.goto(url)
             page.wait_for_selector("#video-upload input[type=file]", state="attached", timeout=30_000)
-            shots(page, "0-loaded")
-
-            page.set_input_files("#video-upload input[type=file]", str(EXAMPLE))
-            page.wait_for_selector("#frame-strip img", timeout=60_000)
-            page.wait_for_function("document.querySelector('#token-count').innerText.includes('visual tokens')",
-                                   timeout=60_000)
-            strip = page.locator("#frame-strip img").count()
-            count_text = page.inner_text("#token-count")
-            assert strip >= 8, strip
-            assert "16 frames" in count_text and "64 visual tokens" in count_text, count_text
-            shots(page, "1-uploaded")
-
-            page.evaluate(_WATCH_ANSWER)
-            page.fill("#question textarea", "What happens in the video?")
-            page.click("#send")
-            page.wait_for_function("document.querySelector('#timings').innerText.includes('tokens/s')",
-                                   timeout=60_000)
-            answers = page.evaluate("window.__answers")
-            chat = page.inner_text("#chatbot")
-            assert "What happens in the video?" in chat
-            assert answers and answers[-1] in chat, (answers, chat)
-            assert len(answers) >= 2, f"the answer arrived in one piece, not streamed: {answers}"
-            print(f"answer seen growing in {len(answers)} steps: {[len(a) for a in answers]} characters")
-            assert "visual tokens" in page.inner_text("#timings")
-            shots(page, "2-answered")
-
-            page.get_by_role("tab", name="Attention").click()
-            page.click("#attend")
-            page.wait_for_function("(() => { const i = document.querySelector('#heatmap img');"
-                                   " return i && i.complete && i.naturalWidth > 100; })()", timeout=60_000)
-            shots(page, "3-attention")
+            yield page
         finally:
             browser.close()
     assert not problems, "\n".join(problems)
+
+
+def test_upload_ask_stream_and_attention_in_chromium(app_url, shots):
+    with _app_page(app_url) as page:
+        shots(page, "0-loaded")
+
+        page.set_input_files("#video-upload input[type=file]", str(EXAMPLE))
+        page.wait_for_selector("#frame-strip img", timeout=60_000)
+        page.wait_for_function("document.querySelector('#token-count').innerText.includes('visual tokens')",
+                               timeout=60_000)
+        strip = page.locator("#frame-strip img").count()
+        count_text = page.inner_text("#token-count")
+        assert strip >= 8, strip
+        assert "16 frames" in count_text and "64 visual tokens" in count_text, count_text
+        shots(page, "1-uploaded")
+
+        page.evaluate(_WATCH_ANSWER)
+        page.fill("#question textarea", "What happens in the video?")
+        page.click("#send")
+        page.wait_for_function("document.querySelector('#timings').innerText.includes('tokens/s')",
+                               timeout=60_000)
+        answers = page.evaluate("window.__answers")
+        chat = page.inner_text("#chatbot")
+        assert "What happens in the video?" in chat
+        assert answers and answers[-1] in chat, (answers, chat)
+        assert len(answers) >= 2, f"the answer arrived in one piece, not streamed: {answers}"
+        print(f"answer seen growing in {len(answers)} steps: {[len(a) for a in answers]} characters")
+        assert "visual tokens" in page.inner_text("#timings")
+        shots(page, "2-answered")
+
+        page.get_by_role("tab", name="Attention").click()
+        page.click("#attend")
+        page.wait_for_function("(() => { const i = document.querySelector('#heatmap img');"
+                               " return i && i.complete && i.naturalWidth > 100; })()", timeout=60_000)
+        shots(page, "3-attention")
 
 
 def test_resampler_switch_to_a_compressor_shows_its_picture(app_url, shots):
     """Choosing a compressor in the resampler switch loads its checkpoint and turns the Attention tab into the
     compressor's picture; choosing one with no checkpoint says so and keeps the model."""
-    problems: list[str] = []
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error"
-                    else None)
-            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-            page.goto(app_url)
-            page.wait_for_selector("#video-upload input[type=file]", state="attached", timeout=30_000)
-            page.wait_for_function("document.querySelector('#model-status').innerText.includes('groupresampler')",
-                                   timeout=60_000)
-            page.set_input_files("#video-upload input[type=file]", str(EXAMPLE))
-            page.wait_for_selector("#frame-strip img", timeout=60_000)
+    with _app_page(app_url) as page:
+        page.wait_for_function("document.querySelector('#model-status').innerText.includes('groupresampler')",
+                               timeout=60_000)
+        page.set_input_files("#video-upload input[type=file]", str(EXAMPLE))
+        page.wait_for_selector("#frame-strip img", timeout=60_000)
 
-            page.get_by_label("Dynamic-VLM pooling").check()
-            page.wait_for_function("document.querySelector('#model-status').innerText.includes('connector pool')",
-                                   timeout=60_000)
-            page.wait_for_function("document.querySelector('#token-count').innerText.includes('(pool)')",
-                                   timeout=60_000)
-            page.get_by_role("tab", name="Attention").click()
-            assert page.locator("#show-picture").is_visible() and not page.locator("#attend").is_visible()
-            page.click("#show-picture")
-            page.wait_for_function("(() => { const i = document.querySelector('#picture img');"
-                                   " return i && i.complete && i.naturalWidth > 100; })()", timeout=60_000)
-            shots(page, "4-pool-picture")
+        page.get_by_label("Dynamic-VLM pooling").check()
+        page.wait_for_function("document.querySelector('#model-status').innerText.includes('connector pool')",
+                               timeout=60_000)
+        page.wait_for_function("document.querySelector('#token-count').innerText.includes('(pool)')",
+                               timeout=60_000)
+        page.get_by_role("tab", name="Attention").click()
+        assert page.locator("#show-picture").is_visible() and not page.locator("#attend").is_visible()
+        page.click("#show-picture")
+        page.wait_for_function("(() => { const i = document.querySelector('#picture img');"
+                               " return i && i.complete && i.naturalWidth > 100; })()", timeout=60_000)
+        shots(page, "4-pool-picture")
 
-            page.get_by_label("ToMe merging (reimplementation)").check()
-            page.wait_for_selector("text=No installed checkpoint uses ToMe merging", timeout=30_000)
-            page.wait_for_function("(() => { const r = document.querySelector("
-                                   "'input[type=radio][value=pool]'); return r && r.checked; })()", timeout=30_000)
-            assert "connector pool" in page.inner_text("#model-status")
-            shots(page, "5-no-tome")
-        finally:
-            browser.close()
-    assert not problems, "\n".join(problems)
+        page.get_by_label("ToMe merging (reimplementation)").check()
+        page.wait_for_selector("text=No installed checkpoint uses ToMe merging", timeout=30_000)
+        page.wait_for_function("(() => { const r = document.querySelector("
+                               "'input[type=radio][value=pool]'); return r && r.checked; })()", timeout=30_000)
+        assert "connector pool" in page.inner_text("#model-status")
+        shots(page, "5-no-tome")

@@ -43,3 +43,28 @@ def test_missing_video_is_one_line(tiny_checkpoints, mc_set, tmp_path, capsys):
     assert diagnose.main(["open", "--model", str(tiny_checkpoints["naive"]), "--data",
                           str(tmp_path / "mc.json")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_types_breaks_mc_accuracy_down_by_question_type(tiny_checkpoints, mc_set, capsys):
+    assert diagnose.main(["types", "--model", str(tiny_checkpoints["group"]), "--data", str(mc_set)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    right, total = out["per_type"]["shape"].split("/")
+    assert total == "3" and int(right) == round(out["accuracy"] * 3)
+
+
+def test_context_reading_of_a_stage0_lm(tmp_path, capsys):
+    """On a smoke world and LM: both losses and both MC checks are reported, over the held-out training clips."""
+    from train import stage0
+    from train.world import WorldConfig, generate_world
+
+    world = tmp_path / "world"
+    generate_world(world, WorldConfig(seed=0, num_train=40, num_eval=2))
+    stage0.build_tokenizer(world, tmp_path / "tok", 320)
+    stage0.pretrain_llm(world, tmp_path / "tok", tmp_path / "llm", hidden_size=32, layers=1, heads=2, kv_heads=1,
+                        intermediate=64, steps=3, batch_size=4, variants=0, progress=False)
+    assert diagnose.main(["context", "--llm", str(tmp_path / "llm"), "--world", str(world)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["clips"] == 2  # every 20th of 40 training clips is held out of LM training
+    assert out["caption_loss_own_caption_before"] > 0 and out["caption_loss_other_caption_before"] > 0
+    for check in ("mc_without_context", "mc_with_caption"):
+        assert out[check]["items"] >= 2 and 0 <= out[check]["accuracy_no_video"] <= 1

@@ -119,7 +119,7 @@ def build(out: Path, work: Path, *, seed: int = 0, smoke: bool = False, connecto
         for file in MODEL_FILES:
             if (model_dir / file).is_file():
                 shutil.copy2(model_dir / file, target / file)
-        summary = _write_results(out, state, seed, smoke, results)  # after every model: a partial table survives
+        _write_results(out, state, seed, smoke, results)  # after every model: a partial table survives
     if heldout is not None:
         ship_heldout(world, heldout)
     return _write_results(out, state, seed, smoke, results)

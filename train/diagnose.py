@@ -1,7 +1,9 @@
-"""Does a trained model read the video? Two checks, for when accuracy sits at chance.
+"""Does a trained model read the video? Checks for when accuracy sits at chance.
 
-    python -m train.diagnose gap  --model M --annotations qa.json --video-root DIR [--limit 48]
-    python -m train.diagnose open --model M --data eval_mc.json [--video-root DIR] [--limit 200]
+    python -m train.diagnose gap     --model M --annotations qa.json --video-root DIR [--limit 48]
+    python -m train.diagnose open    --model M --data eval_mc.json [--video-root DIR] [--limit 200]
+    python -m train.diagnose types   --model M --data eval_mc.json [--video-root DIR]
+    python -m train.diagnose context --llm STAGE0/llm --world WORLD [--limit 64]
 
 `gap`: the mean answer loss of training-format samples with their own video, with another sample's video and with
 all-zero tower features. A model that uses the video has a clearly lower loss with its own; equal losses mean the
@@ -9,6 +11,11 @@ LLM answers from the text alone. It also prints how much of the connector's outp
 (the across-video spread of the tokens relative to their norm).
 `open`: the multiple-choice questions asked open-ended (no options); an answer counts as right when it contains
 the correct option's text. This separates "cannot read the video" from "cannot map an answer to a letter".
+`types`: the multiple-choice evaluation (`vidlmm.evaluate`) broken down by the items' question ``type``.
+`context`: does a stage-0 LM read its context at all (stage 1 can only steer one that does)? On held-out training
+clips of the world: the caption loss with the clip's own caption in front of it (stage 1's layout, a caption
+where the video goes) against another clip's caption; and held-out MC prompts answered without context and with
+the clip's caption where the video goes, parsed as the evaluation parses replies.
 """
 
 from __future__ import annotations
@@ -79,6 +86,50 @@ def open_ended(lmm, items: list[dict], video_root: Path) -> dict:
             "per_type": {k: f"{right[k]}/{total[k]}" for k in sorted(total)}}
 
 
+def by_type(result, items: list[dict]) -> dict:
+    """Per question type "right/total" of an EvalResult over the raw MC items (their optional ``type``)."""
+    kind = {item["id"]: item.get("type", item.get("category", "all")) for item in items}
+    right, total = Counter(), Counter()
+    for record in result.items:
+        right[kind[record.id]] += record.correct
+        total[kind[record.id]] += 1
+    return {k: f"{right[k]}/{total[k]}" for k in sorted(total)}
+
+
+def context_reading(llm_dir: Path, world_dir: Path, limit: int = 64, seed: int = 0) -> dict:
+    """See `context` in the module docstring."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vidlmm.evaluate import SUFFIX
+    from vidlmm.tokenizer import load_tokenizer
+
+    from . import stage0, world
+
+    model = AutoModelForCausalLM.from_pretrained(llm_dir).eval()
+    tokenizer = load_tokenizer(llm_dir)
+    _, held, _ = stage0._split_clips(world_dir)  # noqa: SLF001 - the clips stage 0 kept out of LM training
+    held = held[:limit]
+    captions = [tokenizer(world.caption(spec, np.random.default_rng([seed, k])), add_special_tokens=False)
+                ["input_ids"] for k, spec in enumerate(held)]
+
+    def caption_loss(context: list[int], target: list[int]) -> float:
+        ids = torch.tensor([context + target])
+        labels = ids.clone()
+        labels[0, :len(context)] = -100
+        return model(input_ids=ids, labels=labels).loss.item()
+
+    shift = 7 % max(1, len(held))
+    with torch.no_grad():
+        own = float(np.mean([caption_loss(c, c) for c in captions]))
+        other = float(np.mean([caption_loss(captions[(k + shift) % len(held)], c) for k, c in enumerate(captions)]))
+    with_caption = [c for c in stage0.context_conversations(held, seed + 1, per_clip=1) if SUFFIX in c[0][0]]
+    return {"clips": len(held), "caption_loss_own_caption_before": own, "caption_loss_other_caption_before": other,
+            "mc_without_context": stage0._mc_check(model, tokenizer, stage0.mc_conversations(held, seed + 1)),  # noqa: SLF001
+            "mc_with_caption": stage0._mc_check(model, tokenizer, with_caption)}  # noqa: SLF001
+
+
 def main(argv: Iterable[str] | None = None) -> int:
     from vidlmm.cli import run_user_command
 
@@ -90,16 +141,25 @@ def main(argv: Iterable[str] | None = None) -> int:
     gap.add_argument("--template", default=None, help="default: the model's conv_version")
     opened = sub.add_parser("open", help="the MC questions asked open-ended")
     opened.add_argument("--data", required=True, help="multiple-choice JSON (options 'A. text')")
-    for p in (gap, opened):
+    types = sub.add_parser("types", help="multiple-choice accuracy per question type")
+    types.add_argument("--data", required=True, help="multiple-choice JSON with a 'type' per item")
+    for p in (gap, opened, types):
         p.add_argument("--model", required=True)
         p.add_argument("--video-root", help="default: the JSON's folder")
-        p.add_argument("--limit", type=int, default=48 if p is gap else 200)
+        p.add_argument("--limit", type=int, default=48 if p is gap else 200 if p is opened else None)
+    context = sub.add_parser("context", help="does a stage-0 LM read its context?")
+    context.add_argument("--llm", required=True, help="a stage-0 LM folder (OUT/llm of python -m train.stage0)")
+    context.add_argument("--world", required=True, help="the world it was trained on")
+    context.add_argument("--limit", type=int, default=64)
     args = parser.parse_args(list(argv) if argv is not None else None)
 
     def command() -> int:
         from vidlmm.checkpoint import load_model
         from vidlmm.pipeline import VideoLMM
 
+        if args.command == "context":
+            print(json.dumps(context_reading(Path(args.llm), Path(args.world), args.limit), indent=1))
+            return 0
         data = Path(args.annotations if args.command == "gap" else args.data)
         items = json.loads(data.read_text())[: args.limit]
         root = Path(args.video_root) if args.video_root else data.parent
@@ -107,6 +167,12 @@ def main(argv: Iterable[str] | None = None) -> int:
         if args.command == "gap":
             items = mc_as_conversations(items) if items and "options" in items[0] else items
             result = video_gap(model, items, root, args.template or model.config.conv_version)
+        elif args.command == "types":
+            from vidlmm.evaluate import evaluate, load_mc_items
+
+            evaluated = evaluate(VideoLMM(model), load_mc_items(data, root)[: args.limit])
+            result = {"accuracy": evaluated.accuracy, "unparsable": evaluated.unparsable,
+                      "per_type": by_type(evaluated, items)}
         else:
             result = open_ended(VideoLMM(model), items, root)
         print(json.dumps(result, indent=1))

@@ -405,9 +405,21 @@ def _sprite(shape: str, r: int) -> np.ndarray:
     return _SPRITES[key]
 
 
+def sprite_placements(spec: ClipSpec, tl: Timeline, t: int):
+    """Where each visible object of frame ``t`` is drawn: (object index, (ya, yb, xa, xb) frame slice, alpha crop
+    [yb - ya, xb - xa] float32), clipped to the frame; objects entirely outside it are skipped."""
+    S, r = spec.size, spec.radius
+    for i in np.flatnonzero(tl.visible[:, t]):
+        x0, y0 = int(np.floor(tl.x[i, t] + 0.5)) - r, int(np.floor(tl.y[i, t] + 0.5)) - r
+        xa, ya = max(x0, 0), max(y0, 0)
+        xb, yb = min(x0 + 2 * r + 1, S), min(y0 + 2 * r + 1, S)
+        if xa < xb and ya < yb:
+            yield int(i), (ya, yb, xa, xb), _sprite(spec.objects[i].shape, r)[ya - y0:yb - y0, xa - x0:xb - x0]
+
+
 def render_clip(spec: ClipSpec) -> np.ndarray:
     """RGB uint8 frames ``[T, H, W, 3]`` of the clip (exact, before any compression)."""
-    T, S, r = spec.frames, spec.size, spec.radius
+    T, S = spec.frames, spec.size
     frames = np.empty((T, S, S, 3), np.uint8)
     frames[:] = np.array(spec.background, np.uint8)
     tl = timeline(spec)
@@ -421,16 +433,10 @@ def render_clip(spec: ClipSpec) -> np.ndarray:
             frames[t] = frames[t - 1]
             continue
         previous = state
-        for i in np.flatnonzero(tl.visible[:, t]):
-            x0, y0 = int(cx[i, t]) - r, int(cy[i, t]) - r
-            xa, ya = max(x0, 0), max(y0, 0)
-            xb, yb = min(x0 + 2 * r + 1, S), min(y0 + 2 * r + 1, S)
-            if xa >= xb or ya >= yb:
-                continue
-            a = _sprite(spec.objects[i].shape, r)[ya - y0:yb - y0, xa - x0:xb - x0, None]
+        for i, (ya, yb, xa, xb), alpha in sprite_placements(spec, tl, t):
             region = frames[t, ya:yb, xa:xb].astype(np.float32)
             colour = np.array(COLOURS[tl.colour_name(i, t)], np.float32)
-            region += a * (colour - region)
+            region += alpha[:, :, None] * (colour - region)
             frames[t, ya:yb, xa:xb] = (region + 0.5).astype(np.uint8)
     return frames
 

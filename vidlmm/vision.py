@@ -88,6 +88,10 @@ class VisionTower(nn.Module):
         self.feature_layer = feature_layer
         self.select_strategy = select_strategy
         self.image_processor = ImageProcessor.for_tower(tower_type, self.config.image_size)
+        # the encoder's layer list, found once by name (a module attribute would register it a second time)
+        self._layers_path = next((name for name, module in self._vision_tower.named_modules()
+                                  if isinstance(module, nn.ModuleList)
+                                  and name.endswith(("encoder.layers", "encoder.layer"))), None)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -113,10 +117,7 @@ class VisionTower(nn.Module):
         return self.config.hidden_size
 
     def _encoder_layers(self) -> nn.ModuleList | None:
-        for name, module in self._vision_tower.named_modules():
-            if isinstance(module, nn.ModuleList) and name.endswith(("encoder.layers", "encoder.layer")):
-                return module
-        return None
+        return self._vision_tower.get_submodule(self._layers_path) if self._layers_path is not None else None
 
     def _hidden(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Hidden state `feature_layer` (the `hidden_states[feature_layer]` of the transformers model), computed
