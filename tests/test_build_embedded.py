@@ -29,3 +29,29 @@ def test_smoke_rebuild_writes_loadable_models_and_a_table(tmp_path):
     again = build(tmp_path / "models", tmp_path / "work", seed=0, smoke=True, progress=False)
     for phase in ("world", "stage0", "train_group", "train_naive", "train_image"):
         assert again["timings_s"][phase] == state["phases"][phase]
+
+
+def test_a_partial_rebuild_keeps_the_other_models_rows(tmp_path):
+    from train.build_embedded import _earlier_results
+
+    out = tmp_path / "models"
+    for name in ("group", "naive"):
+        (out / name).mkdir(parents=True)
+    (out / "group" / "config.json").write_text("{}")  # naive's folder has no model: its row is dropped
+    rows = {"group": {"accuracy": 0.5}, "naive": {"accuracy": 0.4}}
+    (out / "results.json").write_text(json.dumps({"seed": 0, "smoke": False, "results": rows}))
+    assert _earlier_results(out, {"seed": 0, "smoke": False}) == {"group": {"accuracy": 0.5}}
+    assert _earlier_results(out, {"seed": 1, "smoke": False}) == {}  # another seed's table is not mixed in
+    assert _earlier_results(tmp_path / "nothing", {"seed": 0, "smoke": False}) == {}
+
+
+def test_the_total_counts_only_the_phases_behind_the_table(tmp_path):
+    from train.build_embedded import _write_results
+
+    phases = {"world": 1.0, "stage0": 2.0, "train_group": 3.0, "eval_group": 1.0, "train_group+single": 10.0,
+              "eval_group+single": 1.0, "train_naive": 5.0, "eval_naive": 1.0}
+    row = {"accuracy": 0.5, "chance": 0.25, "unparsable": 0, "per_category": {}}
+    both = {"group": {**row, "single_object_qa": True}, "naive": {**row, "single_object_qa": False}}
+    summary = _write_results(tmp_path, {"phases": phases}, 0, False, both)
+    assert summary["timings_s"]["total"] == 1 + 2 + 10 + 1 + 5 + 1  # not the other variant's group phases
+    assert "| group (+ single-object QA) |" in (tmp_path / "results.md").read_text()

@@ -140,3 +140,24 @@ def test_mc_training_annotations_cover_training_clips_only(world, tmp_path):
         assert len(options) == 4 and texts.count(gpt) == 1
         assert parse_choice(gpt, texts) == "ABCD"[texts.index(gpt)]
     assert write_mc_annotations(world, tmp_path / "again.json", seed=0, per_clip=3).read_text() == path.read_text()
+
+
+def test_single_object_annotations_ask_the_lone_objects_colour_and_shape(world, tmp_path):
+    from train.stage0 import write_single_object_annotations
+    from train.world import timeline
+
+    records = json.loads(write_single_object_annotations(world, tmp_path / "single.json").read_text())
+    specs = {s.id: s for s in load_clips(world)["train"]}
+    singles = {i for i, s in specs.items() if len(s.objects) == 1}
+    assert singles and {r["video"].split("/")[1].split(".")[0] for r in records} == singles
+    for r in records:
+        spec = specs[r["id"].split("_")[0] + "_" + r["id"].split("_")[1]]
+        (obj,) = spec.objects
+        tl = timeline(spec)
+        colours = {tl.colour_name(0, t) for t in range(spec.frames)}
+        question, answer = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        assert question.startswith("<image>\n")
+        if "colour" in question:  # asked only when the colour never changes
+            assert colours == {obj.colour} and answer == obj.colour.capitalize() + "."
+        else:
+            assert answer == obj.shape.capitalize() + "." and any(c in question for c in colours)

@@ -15,7 +15,8 @@ the correct option's text. This separates "cannot read the video" from "cannot m
 `context`: does a stage-0 LM read its context at all (stage 1 can only steer one that does)? On held-out training
 clips of the world: the caption loss with the clip's own caption in front of it (stage 1's layout, a caption
 where the video goes) against another clip's caption; and held-out MC prompts answered without context and with
-the clip's caption where the video goes, parsed as the evaluation parses replies.
+the clip's caption where the video goes, parsed as the evaluation parses replies; and `static_qa`, open questions
+about one object's colour or shape ("What colour is the cross?") without and with the caption in front.
 """
 
 from __future__ import annotations
@@ -125,9 +126,34 @@ def context_reading(llm_dir: Path, world_dir: Path, limit: int = 64, seed: int =
         own = float(np.mean([caption_loss(c, c) for c in captions]))
         other = float(np.mean([caption_loss(captions[(k + shift) % len(held)], c) for k, c in enumerate(captions)]))
     with_caption = [c for c in stage0.context_conversations(held, seed + 1, per_clip=1) if SUFFIX in c[0][0]]
-    return {"clips": len(held), "caption_loss_own_caption_before": own, "caption_loss_other_caption_before": other,
+    return {"static_qa": static_lookup(model, tokenizer, held, seed), "clips": len(held), "caption_loss_own_caption_before": own, "caption_loss_other_caption_before": other,
             "mc_without_context": stage0._mc_check(model, tokenizer, stage0.mc_conversations(held, seed + 1)),  # noqa: SLF001
             "mc_with_caption": stage0._mc_check(model, tokenizer, with_caption)}  # noqa: SLF001
+
+
+def static_lookup(model, tokenizer, specs: list, seed: int = 0) -> dict:
+    """Open questions about one object's colour or shape, answered greedily without and with the clip's caption
+    where the video goes (the stage-2 template). "What colour is the cross?" after "There are a red cross and a
+    blue square." is a lookup in the context: a stage-0 LM that cannot do it with the caption in front of it
+    cannot do it with visual tokens that stand for the caption either."""
+    import numpy as np
+
+    from . import stage0, world
+
+    right = Counter()
+    n = Counter()
+    for k, spec in enumerate(specs):
+        rng = np.random.default_rng([seed, 19, k])
+        caption = world.caption(spec, rng)
+        for q in world._question_pool(spec, rng):  # noqa: SLF001 - the world's own questions and answers
+            if q.type not in ("colour", "shape"):
+                continue
+            question = q.texts[int(rng.integers(len(q.texts)))]
+            for setting, prompt in (("without_caption", question), ("with_caption", f"{caption}\n{question}")):
+                reply = stage0.greedy_reply(model, tokenizer, prompt, max_new_tokens=6)
+                right[(q.type, setting)] += q.answer.lower() in reply.lower()
+                n[(q.type, setting)] += 1
+    return {f"{t}_{s}": f"{right[(t, s)]}/{n[(t, s)]}" for t, s in sorted(n)}
 
 
 def main(argv: Iterable[str] | None = None) -> int:

@@ -207,6 +207,29 @@ def write_mc_annotations(world_dir, out_file, *, seed: int = 0, per_clip: int = 
     return out_file
 
 
+def write_single_object_annotations(world_dir, out_file, *, seed: int = 0) -> Path:
+    """Single-turn colour and shape questions about the TRAINING clips that show one object, for stage 2.
+
+    In the world's QA mix a single object's colour is a small share of the answers, most of them about clips with
+    several objects, and after one epoch the toy LLM gives nearly the same colour answer for every clip. These
+    records put the easy case (nothing to bind: one object) in the mix, so reading colour and shape off the
+    visual tokens can start there (`build_embedded --single-object-qa`; its effect is in the README)."""
+    rng = np.random.default_rng([seed, 29])
+    records = []
+    for spec in W.load_clips(world_dir)["train"]:
+        if len(spec.objects) != 1:
+            continue
+        for q in W._question_pool(spec, rng):  # noqa: SLF001 - the world's own questions and answers
+            if q.type in ("colour", "shape"):
+                question = q.texts[int(rng.integers(len(q.texts)))]
+                records.append({"id": f"{spec.id}_{q.key}", "video": f"videos/{spec.id}.mp4",
+                                "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"},
+                                                  {"from": "gpt", "value": f"{q.answer}."}]})
+    out_file = Path(out_file)
+    out_file.write_text(json.dumps(records, indent=1))
+    return out_file
+
+
 def _record_pairs(record: dict) -> list[tuple[str, str]]:
     conv = record["conversations"]
     return [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv), 2)]
@@ -342,27 +365,33 @@ _OPTION_LINE = re.compile(r"^(?:\(([A-D])\)|([A-D])\.) (.+)$")
 
 
 @torch.no_grad()
+def greedy_reply(model, tokenizer, question: str, max_new_tokens: int = 12) -> str:
+    """The LM's greedy reply to one user turn in the stage-2 template, without a video."""
+    eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    ids = [i for i in tokenizer_image_token(build_prompt(TEMPLATE, [(question, None)]), tokenizer)
+           if i != IMAGE_TOKEN_INDEX]
+    reply: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = int(model(input_ids=torch.tensor([ids + reply])).logits[0, -1].argmax())
+            if nxt == eos:
+                break
+            reply.append(nxt)
+    return tokenizer.decode(reply)
+
+
 def _mc_check(model, tokenizer, convs: list, limit: int = 200, max_new_tokens: int = 12) -> dict:
     """Held-out MC prompts (generation prompt, no video): the greedy reply parsed as the evaluation parses it
     (`vidlmm.evaluate.parse_choice`). ``parsed_rate``: replies that name an option; ``accuracy_no_video``: the
     right one (text priors only without a video or caption: near chance, 0.25, is expected)."""
     from vidlmm.evaluate import parse_choice
 
-    eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     parsed = right = n = 0
     for conv in convs[:limit]:
         (question, answer), = conv
         options = [m.groups() for m in map(_OPTION_LINE.match, question.splitlines()) if m]
         letters, texts = [a or b for a, b, _ in options], [t for _, _, t in options]
-        ids = [i for i in tokenizer_image_token(build_prompt(TEMPLATE, [(question, None)]), tokenizer)
-               if i != IMAGE_TOKEN_INDEX]
-        reply = []
-        for _ in range(max_new_tokens):
-            nxt = int(model(input_ids=torch.tensor([ids + reply])).logits[0, -1].argmax())
-            if nxt == eos:
-                break
-            reply.append(nxt)
-        choice = parse_choice(tokenizer.decode(reply), texts, letters)
+        choice = parse_choice(greedy_reply(model, tokenizer, question, max_new_tokens), texts, letters)
         gold = letters[texts.index(answer)] if answer in texts else answer.lstrip("(")[:1]
         parsed += choice is not None
         right += choice == gold
