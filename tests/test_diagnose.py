@@ -69,7 +69,8 @@ def test_context_reading_of_a_stage0_lm(tmp_path, capsys):
     for check in ("mc_without_context", "mc_with_caption"):
         assert out[check]["items"] >= 2 and 0 <= out[check]["accuracy_no_video"] <= 1
     lookup = out["static_qa"]
-    assert set(lookup) <= {f"{t}_{s}" for t in ("colour", "shape") for s in ("with_caption", "without_caption")}
+    kinds = ("colour", "shape", "exists", "count")
+    assert set(lookup) <= {f"{t}_{s}" for t in kinds for s in ("with_caption", "without_caption")}
     assert any(k.startswith("shape_") for k in lookup)  # every clip has a shape question
     for check in ("with_caption", "without_caption"):  # both settings ask the same questions
         totals = {k.split("_")[0]: v.split("/")[1] for k, v in lookup.items() if k.endswith("_" + check)}

@@ -131,11 +131,15 @@ def context_reading(llm_dir: Path, world_dir: Path, limit: int = 64, seed: int =
             "mc_with_caption": stage0._mc_check(model, tokenizer, with_caption)}  # noqa: SLF001
 
 
+LOOKUP_TYPES = ("colour", "shape", "exists", "count")
+
+
 def static_lookup(model, tokenizer, specs: list, seed: int = 0) -> dict:
-    """Open questions about one object's colour or shape, answered greedily without and with the clip's caption
-    where the video goes (the stage-2 template). "What colour is the cross?" after "There are a red cross and a
-    blue square." is a lookup in the context: a stage-0 LM that cannot do it with the caption in front of it
-    cannot do it with visual tokens that stand for the caption either."""
+    """The world's static questions, answered greedily without and with the clip's caption where the video goes
+    (the stage-2 template). "What colour is the cross?" or "Is there a red cross?" after "There are a red cross
+    and a blue square." needs finding one object in the context; "How many objects are there?" needs only the
+    caption as a whole. A stage-0 LM that cannot find an object in a caption in front of it cannot find it in
+    visual tokens that stand for the caption either."""
     import numpy as np
 
     from . import stage0, world
@@ -146,7 +150,7 @@ def static_lookup(model, tokenizer, specs: list, seed: int = 0) -> dict:
         rng = np.random.default_rng([seed, 19, k])
         caption = world.caption(spec, rng)
         for q in world._question_pool(spec, rng):  # noqa: SLF001 - the world's own questions and answers
-            if q.type not in ("colour", "shape"):
+            if q.type not in LOOKUP_TYPES:
                 continue
             question = q.texts[int(rng.integers(len(q.texts)))]
             for setting, prompt in (("without_caption", question), ("with_caption", f"{caption}\n{question}")):
