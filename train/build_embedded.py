@@ -97,7 +97,7 @@ def build(out: Path, work: Path, *, seed: int = 0, smoke: bool = False, connecto
     stage2_data = [str(world / "qa.json"), str(mc_train)]
     if single_object_qa:
         stage2_data.append(str(write_single_object_annotations(world, world / "single_train.json", seed=seed)))
-    variant = "+single" if single_object_qa else ""  # stage 1 is shared; stage 2 and its phase are separate
+    variant = _variant(single_object_qa)  # stage 1 is shared; stage 2 and its phase are separate
     common = [f"seed={seed}", f"video_roots=[{json.dumps(str(world))}]"]
     if smoke:
         common += ["epochs=1", "global_batch_size=8", "per_device_batch_size=4"]
@@ -130,6 +130,11 @@ def build(out: Path, work: Path, *, seed: int = 0, smoke: bool = False, connecto
     return _write_results(out, state, seed, smoke, results)
 
 
+def _variant(single_object_qa: bool) -> str:
+    """The suffix of a stage-2 variant's phase names and work folder."""
+    return "+single" if single_object_qa else ""
+
+
 def _earlier_results(out: Path, key: dict) -> dict:
     try:
         earlier = json.loads((out / "results.json").read_text())
@@ -143,7 +148,7 @@ def _earlier_results(out: Path, key: dict) -> dict:
 def _write_results(out: Path, state: dict, seed: int, smoke: bool, results: dict) -> dict:
     timings = dict(state["phases"])
     # the total counts the phases that made the table's models (a work folder may also hold the other variant's)
-    made = {"world", "stage0"} | {f"{step}_{name}{'+single' if r.get('single_object_qa') else ''}"
+    made = {"world", "stage0"} | {f"{step}_{name}{_variant(r.get('single_object_qa', False))}"
                                   for name, r in results.items() for step in ("train", "eval")}
     timings["total"] = sum(v for k, v in timings.items() if k in made)
     summary = {"seed": seed, "smoke": smoke, "timings_s": timings, "results": results}

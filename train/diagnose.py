@@ -126,7 +126,8 @@ def context_reading(llm_dir: Path, world_dir: Path, limit: int = 64, seed: int =
         own = float(np.mean([caption_loss(c, c) for c in captions]))
         other = float(np.mean([caption_loss(captions[(k + shift) % len(held)], c) for k, c in enumerate(captions)]))
     with_caption = [c for c in stage0.context_conversations(held, seed + 1, per_clip=1) if SUFFIX in c[0][0]]
-    return {"static_qa": static_lookup(model, tokenizer, held, seed), "clips": len(held), "caption_loss_own_caption_before": own, "caption_loss_other_caption_before": other,
+    return {"static_qa": static_lookup(model, tokenizer, held, seed), "clips": len(held),
+            "caption_loss_own_caption_before": own, "caption_loss_other_caption_before": other,
             "mc_without_context": stage0._mc_check(model, tokenizer, stage0.mc_conversations(held, seed + 1)),  # noqa: SLF001
             "mc_with_caption": stage0._mc_check(model, tokenizer, with_caption)}  # noqa: SLF001
 
@@ -149,10 +150,7 @@ def static_lookup(model, tokenizer, specs: list, seed: int = 0) -> dict:
     for k, spec in enumerate(specs):
         rng = np.random.default_rng([seed, 19, k])
         caption = world.caption(spec, rng)
-        for q in world._question_pool(spec, rng):  # noqa: SLF001 - the world's own questions and answers
-            if q.type not in LOOKUP_TYPES:
-                continue
-            question = q.texts[int(rng.integers(len(q.texts)))]
+        for q, question in world.asked_questions(spec, rng, LOOKUP_TYPES):
             for setting, prompt in (("without_caption", question), ("with_caption", f"{caption}\n{question}")):
                 reply = stage0.greedy_reply(model, tokenizer, prompt, max_new_tokens=6)
                 right[(q.type, setting)] += q.answer.lower() in reply.lower()

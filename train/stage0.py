@@ -219,12 +219,10 @@ def write_single_object_annotations(world_dir, out_file, *, seed: int = 0) -> Pa
     for spec in W.load_clips(world_dir)["train"]:
         if len(spec.objects) != 1:
             continue
-        for q in W._question_pool(spec, rng):  # noqa: SLF001 - the world's own questions and answers
-            if q.type in ("colour", "shape"):
-                question = q.texts[int(rng.integers(len(q.texts)))]
-                records.append({"id": f"{spec.id}_{q.key}", "video": f"videos/{spec.id}.mp4",
-                                "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"},
-                                                  {"from": "gpt", "value": f"{q.answer}."}]})
+        for q, question in W.asked_questions(spec, rng, ("colour", "shape")):
+            records.append({"id": f"{spec.id}_{q.key}", "video": f"videos/{spec.id}.mp4",
+                            "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"},
+                                              {"from": "gpt", "value": f"{q.answer}."}]})
     out_file = Path(out_file)
     out_file.write_text(json.dumps(records, indent=1))
     return out_file
@@ -371,12 +369,11 @@ def greedy_reply(model, tokenizer, question: str, max_new_tokens: int = 12) -> s
     ids = [i for i in tokenizer_image_token(build_prompt(TEMPLATE, [(question, None)]), tokenizer)
            if i != IMAGE_TOKEN_INDEX]
     reply: list[int] = []
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            nxt = int(model(input_ids=torch.tensor([ids + reply])).logits[0, -1].argmax())
-            if nxt == eos:
-                break
-            reply.append(nxt)
+    for _ in range(max_new_tokens):
+        nxt = int(model(input_ids=torch.tensor([ids + reply])).logits[0, -1].argmax())
+        if nxt == eos:
+            break
+        reply.append(nxt)
     return tokenizer.decode(reply)
 
 

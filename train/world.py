@@ -746,6 +746,13 @@ def _fake_events(spec: ClipSpec, tl: Timeline, e: Event) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def asked_questions(spec: ClipSpec, rng: np.random.Generator, types: Iterable[str]) -> list[tuple[_Question, str]]:
+    """The clip's questions of the given ``type``\ s, each with one of its phrasings drawn from ``rng``:
+    [(question, text)]. Its ``answer`` is the short answer, without the final period."""
+    types = set(types)
+    return [(q, q.texts[int(rng.integers(len(q.texts)))]) for q in _question_pool(spec, rng) if q.type in types]
+
+
 def qa_turns(spec: ClipSpec, rng: np.random.Generator, *, min_turns: int = 2, max_turns: int = 4) -> list[tuple]:
     """2-4 (question, answer) pairs, at least one static and one temporal question, no question type twice."""
     return [(text, q.answer + ".") for q, text in _qa_select(spec, rng, min_turns, max_turns)]
