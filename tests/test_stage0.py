@@ -43,6 +43,8 @@ def test_llm_folder_is_a_causal_lm_with_its_tokenizer(stage0):
     assert lm.config.vocab_size == len(tok) == stats["llm"]["vocab"]
     assert lm.config.eos_token_id == lm.config.pad_token_id == tok.eos_token_id == tok.pad_token_id == eos
     assert lm.config.max_position_embeddings == 1024
+    # width-sized init, not Qwen2's 0.02 (`python -m train.diagnose recall`); stage 1's connector inherits it
+    assert lm.config.initializer_range == S.BUDGETS["smoke"]["llm"]["init_std"] == 0.1
     assert (out / "stage0.json").is_file() and json.loads((out / "stage0.json").read_text())["budget"] == "smoke"
 
 
@@ -161,3 +163,23 @@ def test_single_object_annotations_ask_the_lone_objects_colour_and_shape(world, 
             assert colours == {obj.colour} and answer == obj.colour.capitalize() + "."
         else:
             assert answer == obj.shape.capitalize() + "." and any(c in question for c in colours)
+
+
+def test_one_mc_question_per_clip_still_asks_both_categories(world, tmp_path):
+    """Stage 2's MC records (per_clip=1) alternate static and temporal, like the held-out set (half each)."""
+    from train import world as W
+    from train.stage0 import write_mc_annotations
+
+    records = json.loads(write_mc_annotations(world, tmp_path / "mc1.json", seed=0, per_clip=1).read_text())
+    specs = {s.id: s for s in load_clips(world)["train"]}
+    assert len(records) == len(specs)
+    categories = []
+    for r in records:
+        spec = specs[r["id"].rsplit("_mc", 1)[0]]
+        kind = {t: q.category for q in W._question_pool(spec, np.random.default_rng(0)) for t in q.texts}
+        categories.append(kind[r["conversations"][0]["value"].splitlines()[1]])
+    assert categories[0::2] == ["static"] * len(categories[0::2])
+    assert categories[1::2] == ["temporal"] * len(categories[1::2])
+    rng = np.random.default_rng(3)
+    assert [d["category"] for d in W.mc_items(specs[records[1]["id"].rsplit("_mc", 1)[0]], rng, first="temporal")] \
+        == ["temporal", "static"]

@@ -67,7 +67,7 @@ BUDGETS = {
     "full": dict(
         vocab_size=1024,  # the world has ~110 distinct words: BPE stops at ~650 ids, one token per word
         llm=dict(hidden_size=128, layers=4, heads=4, kv_heads=2, intermediate=384, steps=1400, batch_size=32,
-                 lr=2e-3, variants=3),
+                 lr=2e-3, variants=3, init_std=0.1),
         vision=dict(image_size=64, patch_size=8, hidden_size=96, layers=4, heads=4, intermediate=256, steps=1000,
                     batch_size=128, lr=1e-3, text_hidden_size=96, text_layers=2),
     ),
@@ -75,7 +75,7 @@ BUDGETS = {
         vocab_size=320,
         threads=1,  # tiny matrices: one thread is as fast, and robust when other jobs share the cores
         llm=dict(hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate=64, steps=30, batch_size=8, lr=5e-3,
-                 variants=0),
+                 variants=0, init_std=0.1),
         vision=dict(image_size=32, patch_size=8, hidden_size=32, layers=2, heads=2, intermediate=64, steps=12,
                     batch_size=16, lr=2e-3, text_hidden_size=32, text_layers=1),
     ),
@@ -173,32 +173,38 @@ def _mc_answer(item: MCItem) -> str:
     return item.answer_text
 
 
-def _mc_prompts(spec, rng: np.random.Generator, per_clip: int):
+def _mc_prompts(spec, rng: np.random.Generator, per_clip: int, first: str = "static"):
     """(MC item, its prompt in a random evaluation style) for `per_clip` of the clip's questions."""
-    for d in W.mc_items(spec, rng, n=per_clip):
+    for d in W.mc_items(spec, rng, n=per_clip, first=first):
         item = _mc_item(d)
         yield item, build_mc_question(item, MC_STYLES[int(rng.integers(len(MC_STYLES)))])
 
 
-def mc_conversations(specs: Iterable, seed: int, *, per_clip: int = 2) -> list[list[tuple[str, str]]]:
+def mc_conversations(specs: Iterable, seed: int, *, per_clip: int = 2,
+                     first: str = "static") -> list[list[tuple[str, str]]]:
     """Multiple-choice (question, answer) conversations of the given clips (pass TRAINING clips only), in both
-    evaluation prompt styles, built with the world's own MC generator and :func:`vidlmm.evaluate.build_mc_question`."""
+    evaluation prompt styles, built with the world's own MC generator and :func:`vidlmm.evaluate.build_mc_question`.
+    Each clip's first question is of category ``first`` (static or temporal), its second of the other."""
     convs = []
     for k, spec in enumerate(specs):
         rng = np.random.default_rng([seed, 7, k])
-        convs += [[(prompt, _mc_answer(item))] for item, prompt in _mc_prompts(spec, rng, per_clip)]
+        convs += [[(prompt, _mc_answer(item))] for item, prompt in _mc_prompts(spec, rng, per_clip, first)]
     return convs
 
 
 def write_mc_annotations(world_dir, out_file, *, seed: int = 0, per_clip: int = 3) -> Path:
     """Multiple-choice QA on every TRAINING clip in the reference annotation format (``<image>`` first), for
-    stage 2: the paper's mix has multiple-choice QA beside open-ended QA, and the held-out set is multiple-choice."""
+    stage 2: the paper's mix has multiple-choice QA beside open-ended QA, and the held-out set is multiple-choice.
+    Clips alternate which category comes first, so that even ``per_clip=1`` asks static and temporal questions
+    (half each), as the held-out set does (with static first everywhere, a model never saw a temporal question with
+    options and answered "Which object moves?" with a colour)."""
     train = W.load_clips(world_dir)["train"]
     records = []
     for n, spec in enumerate(train):
         # a seed per clip (not the LM's: these draws are new questions and letter orders for the same clips)
         for k, ((question, answer),) in enumerate(mc_conversations([spec], seed=1_000_003 * (seed + 1) + n,
-                                                                  per_clip=per_clip)):
+                                                                  per_clip=per_clip,
+                                                                  first=("static", "temporal")[n % 2])):
             records.append({"id": f"{spec.id}_mc{k}", "video": f"videos/{spec.id}.mp4",
                             "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"},
                                               {"from": "gpt", "value": answer}]})
@@ -399,8 +405,16 @@ def _mc_check(model, tokenizer, convs: list, limit: int = 200, max_new_tokens: i
 def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, layers: int = 4, heads: int = 4,
                  kv_heads: int = 2, intermediate: int = 384, steps: int = 1400, batch_size: int = 32,
                  lr: float = 2e-3, seed: int = 0, variants: int = 3, context_per_clip: int = 2,
-                 restatements: int = 2, weight_decay: float = 0.05, max_length: int = 512, progress: bool = True) -> dict:
-    """Train a Qwen2ForCausalLM on the world's training text and save it (with the tokenizer) to ``out_dir``."""
+                 restatements: int = 2, weight_decay: float = 0.05, max_length: int = 512, init_std: float = 0.02,
+                 progress: bool = True) -> dict:
+    """Train a Qwen2ForCausalLM on the world's training text and save it (with the tokenizer) to ``out_dir``.
+
+    ``init_std`` is the config's ``initializer_range`` (every Linear and the embeddings ~ N(0, init_std)). Qwen2's
+    0.02 is made for width 2048+; at width 128 it leaves query-key logits near zero, attention uniform, and the model
+    on a long plateau where it learns token statistics but no lookup: it counts the objects of a caption yet cannot
+    find the colour of a named one. About 1/sqrt(width) (0.1 here) lets it learn lookups within a few hundred steps
+    (`python -m train.diagnose context`, static_qa). The connector of stages 1-2 is initialised with the same value,
+    as the reference initialises it with the LLM's initializer_range."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     t0 = time.perf_counter()
@@ -419,7 +433,7 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=eos, eos_token_id=eos,
-                         pad_token_id=eos, use_sliding_window=False)
+                         pad_token_id=eos, use_sliding_window=False, initializer_range=init_std)
     model = Qwen2ForCausalLM(config)
     model.train()
     rng = np.random.default_rng([seed, 1])

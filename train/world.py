@@ -796,14 +796,16 @@ def _weighted_type(rng, types: list[str]) -> str:
     return types[int(rng.choice(len(types), p=w / w.sum()))]
 
 
-def mc_items(spec: ClipSpec, rng: np.random.Generator, *, n: int = 2, video: str | None = None) -> list[dict]:
-    """``n`` four-option items: the first static, the second temporal, the rest random; letters are random."""
+def mc_items(spec: ClipSpec, rng: np.random.Generator, *, n: int = 2, video: str | None = None,
+             first: str = "static") -> list[dict]:
+    """``n`` four-option items: the first of category ``first`` (static or temporal), the second of the other, the
+    rest random; letters are random."""
     pool = [q for q in _question_pool(spec, rng) if q.space is not None and len(set(q.space)) >= 3]
     by_type: dict[str, list[_Question]] = {}
     for q in pool:
         by_type.setdefault(q.type, []).append(q)
     chosen: list[str] = []
-    for cat in ("static", "temporal"):
+    for cat in sorted(("static", "temporal"), key=lambda c: c != first):
         cands = [t for t in by_type if by_type[t][0].category == cat]
         if cands and len(chosen) < n:
             chosen.append(_weighted_type(rng, cands))
