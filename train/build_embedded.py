@@ -117,6 +117,7 @@ def build(out: Path, work: Path, *, seed: int = 0, smoke: bool = False, connecto
         t = time.perf_counter()
         result = evaluate(VideoLMM(load_model(model_dir)), items)
         state["phases"][f"eval_{name}{variant}"] = time.perf_counter() - t
+        state_file.write_text(json.dumps(state, indent=1))  # the last eval's time survives the run too
         results[name] = {**result.to_json(), "single_object_qa": single_object_qa}
         target = out / name
         shutil.rmtree(target, ignore_errors=True)
