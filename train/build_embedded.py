@@ -75,6 +75,9 @@ def build(out: Path, work: Path, *, seed: int = 0, smoke: bool = False, connecto
         state = {"key": key, "phases": {}}
     work.mkdir(parents=True, exist_ok=True)
 
+    def save_state() -> None:
+        state_file.write_text(json.dumps(state, indent=1))
+
     def phase(name: str, fn):
         if name in state["phases"]:
             if progress:
@@ -83,7 +86,7 @@ def build(out: Path, work: Path, *, seed: int = 0, smoke: bool = False, connecto
         t = time.perf_counter()
         fn()
         state["phases"][name] = time.perf_counter() - t
-        state_file.write_text(json.dumps(state, indent=1))
+        save_state()
 
     # a run over some connectors keeps the table rows of the others (same seed and budget) already in `out`
     results = _earlier_results(out, key)
@@ -117,7 +120,7 @@ def build(out: Path, work: Path, *, seed: int = 0, smoke: bool = False, connecto
         t = time.perf_counter()
         result = evaluate(VideoLMM(load_model(model_dir)), items)
         state["phases"][f"eval_{name}{variant}"] = time.perf_counter() - t
-        state_file.write_text(json.dumps(state, indent=1))  # the last eval's time survives the run too
+        save_state()  # so the last eval's time survives the run too
         results[name] = {**result.to_json(), "single_object_qa": single_object_qa}
         target = out / name
         shutil.rmtree(target, ignore_errors=True)

@@ -805,7 +805,9 @@ def mc_items(spec: ClipSpec, rng: np.random.Generator, *, n: int = 2, video: str
     for q in pool:
         by_type.setdefault(q.type, []).append(q)
     chosen: list[str] = []
-    for cat in sorted(("static", "temporal"), key=lambda c: c != first):
+    if first not in ("static", "temporal"):
+        raise ValueError(f"first must be 'static' or 'temporal', not {first!r}")
+    for cat in (first, "temporal" if first == "static" else "static"):
         cands = [t for t in by_type if by_type[t][0].category == cat]
         if cands and len(chosen) < n:
             chosen.append(_weighted_type(rng, cands))
