@@ -55,3 +55,15 @@ def test_the_total_counts_only_the_phases_behind_the_table(tmp_path):
     summary = _write_results(tmp_path, {"phases": phases}, 0, False, both)
     assert summary["timings_s"]["total"] == 1 + 2 + 10 + 1 + 5 + 1  # not the other variant's group phases
     assert "| group (+ single-object QA) |" in (tmp_path / "results.md").read_text()
+
+
+def test_the_default_rebuild_ships_seven_models_and_the_fusion_variant_is_opt_in():
+    from train.build_embedded import CONNECTORS, SHIPPED, main
+
+    assert SHIPPED == ("group", "naive", "image", "llava_mini", "pool", "tome", "topk")
+    assert set(SHIPPED) < set(CONNECTORS)
+    # the shipped LLaVA-Mini is its compression alone; the pre-fusion variant is only built when asked for
+    assert CONNECTORS["llava_mini"]["connector_options"]["prefusion_layers"] == 0
+    assert CONNECTORS["llava_mini_fusion"]["connector_options"]["prefusion_layers"] == 1
+    with pytest.raises(SystemExit):
+        main(["--connectors", "no_such_model"])
