@@ -92,3 +92,16 @@ def test_stage0_init_learns_lookup_where_qwen2_default_plateaus():
     ours = diagnose.associative_recall(0.1, steps=1000)["accuracy"]
     assert max(default.values()) - min(default.values()) < 0.03, default  # the plateau
     assert ours[1000] > default[1000] + 0.05 and ours[1000] > ours[250], (default, ours)
+
+
+def test_by_type_splits_by_object_count():
+    from types import SimpleNamespace
+
+    items = [{"id": "a", "video": "videos/eval_0.mp4", "type": "shape"},
+             {"id": "b", "video": "videos/eval_1.mp4", "type": "shape"},
+             {"id": "c", "video": "videos/eval_1.mp4", "type": "colour"}]
+    result = SimpleNamespace(items=[SimpleNamespace(id="a", correct=True), SimpleNamespace(id="b", correct=False),
+                                    SimpleNamespace(id="c", correct=True)])
+    assert diagnose.by_type(result, items) == {"colour": "1/1", "shape": "1/2"}
+    assert diagnose.by_type(result, items, {"eval_0": 1, "eval_1": 3}) == \
+        {"colour, 3 objects": "1/1", "shape, 1 object": "1/1", "shape, 3 objects": "0/1"}

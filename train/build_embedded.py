@@ -32,10 +32,9 @@ CONNECTORS = {
              "connector_options": {"token_budget": 64, "max_frame_tokens": 9, "min_frame_tokens": 1}},
     "tome": {"connector_type": "tome", "group": None, "connector_options": {"token_budget": 64}},
     "topk": {"connector_type": "topk", "group": None, "connector_options": {"token_budget": 64}},
-    # not shipped (the default --connectors are SHIPPED): LLaVA-Mini with one pre-fusion layer
-    "llava_mini_fusion": {"connector_type": "llava_mini", "num_queries": 4, "group": None,
-                          "connector_options": {"prefusion_layers": 1}},
 }
+# not shipped (the default --connectors are SHIPPED): the same LLaVA-Mini with one pre-fusion layer
+CONNECTORS["llava_mini_fusion"] = {**CONNECTORS["llava_mini"], "connector_options": {"prefusion_layers": 1}}
 SHIPPED = ("group", "naive", "image", "llava_mini", "pool", "tome", "topk")
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "vocab.json", "merges.txt",
                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")

@@ -2,7 +2,7 @@
 
     python -m train.diagnose gap     --model M --annotations qa.json --video-root DIR [--limit 48]
     python -m train.diagnose open    --model M --data eval_mc.json [--video-root DIR] [--limit 200]
-    python -m train.diagnose types   --model M --data eval_mc.json [--video-root DIR]
+    python -m train.diagnose types   --model M --data eval_mc.json [--video-root DIR] [--world WORLD]
     python -m train.diagnose context --llm STAGE0/llm --world WORLD [--limit 64]
     python -m train.diagnose recall  [--init-std 0.02 0.1] [--steps 1000] [--seed 0]
 
@@ -12,7 +12,8 @@ LLM answers from the text alone. It also prints how much of the connector's outp
 (the across-video spread of the tokens relative to their norm).
 `open`: the multiple-choice questions asked open-ended (no options); an answer counts as right when it contains
 the correct option's text. This separates "cannot read the video" from "cannot map an answer to a letter".
-`types`: the multiple-choice evaluation (`vidlmm.evaluate`) broken down by the items' question ``type``.
+`types`: the multiple-choice evaluation (`vidlmm.evaluate`) broken down by the items' question ``type`` (and, with
+the world's folder, by how many objects the clip shows).
 `context`: does a stage-0 LM read its context at all (stage 1 can only steer one that does)? On held-out training
 clips of the world: the caption loss with the clip's own caption in front of it (stage 1's layout, a caption
 where the video goes) against another clip's caption; and held-out MC prompts answered without context and with
@@ -93,9 +94,14 @@ def open_ended(lmm, items: list[dict], video_root: Path) -> dict:
             "per_type": {k: f"{right[k]}/{total[k]}" for k in sorted(total)}}
 
 
-def by_type(result, items: list[dict]) -> dict:
-    """Per question type "right/total" of an EvalResult over the raw MC items (their optional ``type``)."""
+def by_type(result, items: list[dict], objects: dict[str, int] | None = None) -> dict:
+    """Per question type "right/total" of an EvalResult over the raw MC items (their optional ``type``). With
+    ``objects`` ({clip video stem: number of objects}, from the world's clips.json), per type and object count
+    ("shape, 1 object"): a type that is wrong even with one object is not read at all, not merely unbound."""
     kind = {item["id"]: item.get("type", item.get("category", "all")) for item in items}
+    if objects is not None:
+        kind = {item["id"]: f"{kind[item['id']]}, {objects[Path(item['video']).stem]} object"
+                + ("s" if objects[Path(item['video']).stem] > 1 else "") for item in items}
     right, total = Counter(), Counter()
     for record in result.items:
         right[kind[record.id]] += record.correct
@@ -223,6 +229,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     opened.add_argument("--data", required=True, help="multiple-choice JSON (options 'A. text')")
     types = sub.add_parser("types", help="multiple-choice accuracy per question type")
     types.add_argument("--data", required=True, help="multiple-choice JSON with a 'type' per item")
+    types.add_argument("--world", help="the world the clips come from: also split each type by object count")
     for p in (gap, opened, types):
         p.add_argument("--model", required=True)
         p.add_argument("--video-root", help="default: the JSON's folder")
@@ -264,6 +271,11 @@ def main(argv: Iterable[str] | None = None) -> int:
             evaluated = evaluate(VideoLMM(model), load_mc_items(data, root)[: args.limit])
             result = {"accuracy": evaluated.accuracy, "unparsable": evaluated.unparsable,
                       "per_type": by_type(evaluated, items)}
+            if args.world:
+                from .world import load_clips
+
+                objects = {s.id: len(s.objects) for s in load_clips(args.world)["eval"]}
+                result["per_type_and_objects"] = by_type(evaluated, items, objects)
         else:
             result = open_ended(VideoLMM(model), items, root)
         print(json.dumps(result, indent=1))

@@ -216,10 +216,10 @@ def write_mc_annotations(world_dir, out_file, *, seed: int = 0, per_clip: int = 
 def write_single_object_annotations(world_dir, out_file, *, seed: int = 0) -> Path:
     """Single-turn colour and shape questions about the TRAINING clips that show one object, for stage 2.
 
-    In the world's QA mix a single object's colour is a small share of the answers, most of them about clips with
-    several objects, and after one epoch the toy LLM gives nearly the same colour answer for every clip. These
-    records put the easy case (nothing to bind: one object) in the mix, so reading colour and shape off the
-    visual tokens can start there (`build_embedded --single-object-qa`; its effect is in the README)."""
+    In the world's QA mix a single object's colour or shape is a small share of the answers, most of them about
+    clips with several objects. These records put the easy case (nothing to bind: one object) in the mix, so
+    reading colour and shape off the visual tokens can start there (`build_embedded --single-object-qa`; its
+    measured effect, on group before the init fix and on pool now, is in the README)."""
     rng = np.random.default_rng([seed, 29])
     records = []
     for spec in W.load_clips(world_dir)["train"]:
