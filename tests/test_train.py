@@ -195,3 +195,18 @@ def test_overrides_read_numbers_without_a_dot():
     recipe = load_recipe("train/configs/toy_stage1.yaml", ["learning_rate=2e-3", "epochs=3", "seed=7"])
     assert recipe.learning_rate == 0.002 and recipe.epochs == 3 and recipe.seed == 7
     assert isinstance(recipe.seed, int)
+
+
+@pytest.mark.parametrize("connector, options", [("pool", {"token_budget": 144}), ("tome", {"token_budget": 64}),
+                                                ("groupresampler", {})])
+def test_visual_token_count_matches_the_connector_at_every_frame_count(connector, options):
+    # a budget compressor's tokens per frame shrink as frames grow (min(budget // frames, P)): the count the
+    # dataset checks max_length with must be the connector's own, not a line through 1 and 2 frames
+    from train.data import VisualTokenCount
+
+    kwargs = {"num_queries": 16, "group": 4} if connector == "groupresampler" else {}
+    model = build_tiny_model(connector, connector_options=options or None, **kwargs)
+    count = VisualTokenCount.of(model, 16)
+    assert [count(t) for t in range(1, 17)] == [model.num_visual_tokens(t) for t in range(1, 17)]
+    if options:
+        assert count(16) == options["token_budget"]  # 9 (pool: a square) x 16 frames, 4 x 16

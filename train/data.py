@@ -24,19 +24,28 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class VisualTokenCount:
-    """frames -> visual tokens a connector makes: fixed + per_frame x frames. A plain picklable value (not the
-    model) so DataLoader workers can carry it."""
+    """frames -> visual tokens a connector makes, tabulated for 1..N frames. A per-frame compressor's tokens per
+    frame depend on the frame count (pool / tome / topk: min(budget // frames, P)), so no fixed + per-frame rule
+    fits every connector. N is the sampling's most frames (at most TABLE_LIMIT; only uncapped fps mode goes past
+    it, where the last step is extended). A plain picklable value (not the model) so DataLoader workers can
+    carry it."""
 
-    fixed: int
-    per_frame: int
+    counts: tuple[int, ...]
+
+    TABLE_LIMIT = 4096
 
     @classmethod
-    def of(cls, model) -> "VisualTokenCount":
-        one, two = model.num_visual_tokens(1), model.num_visual_tokens(2)
-        return cls(fixed=2 * one - two, per_frame=two - one)
+    def of(cls, model, max_frames: int = 64) -> "VisualTokenCount":
+        n = max(2, min(int(max_frames), cls.TABLE_LIMIT))
+        return cls(tuple(int(model.num_visual_tokens(t)) for t in range(1, n + 1)))
 
     def __call__(self, frames: int) -> int:
-        return self.fixed + self.per_frame * frames
+        if frames < 1:
+            raise ValueError(f"a clip has at least one frame, got {frames}")
+        if frames <= len(self.counts):
+            return self.counts[frames - 1]
+        step = self.counts[-1] - self.counts[-2]
+        return self.counts[-1] + step * (frames - len(self.counts))
 
 
 @dataclass

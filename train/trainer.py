@@ -161,7 +161,8 @@ def run(recipe: Recipe, *, max_steps: int | None = None, progress: bool = True) 
         cache.bind(model.vision_tower, sampling)
     dataset = VideoConversationDataset(samples, tokenizer=model.tokenizer, image_processor=model.image_processor,
                                        template=recipe.template, sampling=sampling,
-                                       visual_tokens_for=VisualTokenCount.of(model), max_length=recipe.max_length,
+                                       visual_tokens_for=VisualTokenCount.of(model, sampling.max_frames_taken()),
+                                       max_length=recipe.max_length,
                                        feature_cache=cache)
     total_steps = recipe.optimizer_steps(len(samples))
     optimizer = torch.optim.AdamW(optimizer_groups(model, recipe.weight_decay), lr=recipe.learning_rate)

@@ -80,6 +80,10 @@ class FrameSampling:
         """The reference's CLI convention: ``num_frame > 0`` is uniform, ``num_frame <= 0`` is fps mode."""
         return cls.uniform(num_frame) if num_frame > 0 else cls.fps(max_frame)
 
+    def max_frames_taken(self) -> int:
+        """The most frames this sampling takes from any clip."""
+        return self.num_frames if self.mode == "uniform" else self.max_frames
+
     def describe(self) -> str:
         if self.mode == "uniform":
             return f"uniform {self.num_frames}"
