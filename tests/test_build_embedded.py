@@ -20,7 +20,9 @@ def test_smoke_rebuild_writes_loadable_models_and_a_table(tmp_path):
         assert model.config.video_sampling == {"mode": "uniform", "num_frames": 16}
         assert summary["results"][name]["n"] > 0
     table = (tmp_path / "models" / "results.md").read_text()
-    assert table.startswith("| model | overall | static | temporal | chance |")
+    assert table.startswith("| model | visual tokens | overall | static | temporal | chance |")
+    group = load_model(tmp_path / "models" / "group")
+    assert summary["results"]["group"]["visual_tokens"] == group.num_visual_tokens(16)
     assert json.loads((tmp_path / "models" / "results.json").read_text())["smoke"] is True
     items = json.loads((tmp_path / "heldout" / "eval_mc.json").read_text())
     assert all((tmp_path / "heldout" / item["video"]).is_file() for item in items)
@@ -45,6 +47,23 @@ def test_a_partial_rebuild_keeps_the_other_models_rows(tmp_path):
     assert _earlier_results(tmp_path / "nothing", {"seed": 0, "smoke": False}) == {}
 
 
+def test_the_table_gives_each_models_visual_tokens_also_for_earlier_rows(tmp_path):
+    # the tokens the model is served with (not its training budget); rows written before the column existed
+    # get it from the model folder
+    from train.build_embedded import _earlier_results, _write_results
+    from vidlmm.tiny import write_tiny_checkpoint
+
+    out = tmp_path / "models"
+    write_tiny_checkpoint(out / "pool", "pool", connector_options={"token_budget": 64, "train_token_budget": 144},
+                          video_sampling={"mode": "uniform", "num_frames": 16})
+    row = {"accuracy": 0.5, "chance": 0.25, "unparsable": 3, "per_category": {}}
+    (out / "results.json").write_text(json.dumps({"seed": 0, "smoke": False, "results": {"pool": row}}))
+    rows = _earlier_results(out, {"seed": 0, "smoke": False})
+    assert rows["pool"]["visual_tokens"] == 16 * 4  # 64 // 16 frames, a square
+    _write_results(out, {"phases": {}}, 0, False, rows)
+    assert "| pool | 64 | 50.0 |" in (out / "results.md").read_text()
+
+
 def test_the_total_counts_only_the_phases_behind_the_table(tmp_path):
     from train.build_embedded import _write_results
 
@@ -67,3 +86,17 @@ def test_the_default_rebuild_ships_seven_models_and_the_fusion_variant_is_opt_in
     assert CONNECTORS["llava_mini_fusion"]["connector_options"]["prefusion_layers"] == 1
     with pytest.raises(SystemExit):
         main(["--connectors", "no_such_model"])
+
+
+def test_every_shipped_model_reads_the_same_64_visual_tokens():
+    # the README's table compares the connectors at one budget; pool trains above it (train_token_budget) but is
+    # served at it
+    from pathlib import Path
+
+    from train.build_embedded import SHIPPED, visual_tokens
+
+    models = Path(__file__).resolve().parent.parent / "assets" / "models"
+    if not (models / "group" / "config.json").is_file():
+        pytest.skip("the embedded models are not built")
+    assert {name: visual_tokens(load_model(models / name)) for name in SHIPPED} == {name: 64 for name in SHIPPED}
+    assert load_model(models / "pool").connector._connector.train_token_budget == 144

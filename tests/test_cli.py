@@ -221,7 +221,7 @@ def test_default_stand_in_model(env, workdir, videos):
 
 
 # ------------------------------------------------------------------ user errors
-BAD_CASES = ["missing", "empty", "text", "truncated", "directory", "bad_model", "bad_option"]
+BAD_CASES = ["missing", "empty", "text", "truncated", "directory", "bad_model", "bad_option", "budget_on_resampler"]
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +230,7 @@ def bad_runs(env, model_dir, videos, workdir) -> dict[str, Run]:
              ("missing", "empty", "text", "truncated", "directory")}
     cases["bad_model"] = _ask(videos["good"], workdir / "no-such-model", "--json")
     cases["bad_option"] = _ask(videos["good"], model_dir, "--json", "--num-frames", "abc")
+    cases["budget_on_resampler"] = _ask(videos["good"], model_dir, "--json", "--token-budget", "32")
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {name: pool.submit(run_cli, args, env) for name, args in cases.items()}
         return {name: f.result() for name, f in futures.items()}
@@ -246,6 +247,17 @@ def test_user_error_is_one_line_exit_2(bad_runs, case):
     if case in ("missing", "empty", "text", "truncated", "directory"):
         assert "Cannot read video" in lines[0], run.describe()
     print(f"\n[cli] {case}: {lines[0]}")
+
+
+def test_token_budget_serves_a_compressor_at_another_budget(workdir):
+    from vidlmm.checkpoint import load_model
+    from vidlmm.cli import build_parser, _load
+    from vidlmm.tiny import write_tiny_checkpoint
+
+    folder = write_tiny_checkpoint(workdir / "tiny-pool", "pool", connector_options={"token_budget": 16})
+    assert load_model(folder).num_visual_tokens(4) == 16
+    args = build_parser().parse_args(["info", "--model", str(folder), "--token-budget", "36"])
+    assert _load(args).num_visual_tokens(4) == 36  # 9 per frame (a square) x 4 frames
 
 
 # ------------------------------------------------------------------ a 2-hour video

@@ -95,6 +95,20 @@ def test_training_draws_dynamic_vlm_random_token_counts(name):
     assert {capped(x).tokens.shape[1] // 4 for _ in range(10)} == {1 if name == "pool" else 2}  # 8 // 4 frames
 
 
+@pytest.mark.parametrize("name", ["pool", "tome", "topk"])
+def test_training_budget_can_reach_above_the_served_one(name):
+    """train_token_budget: the training draws are capped by it, inference keeps token_budget."""
+    module = make(name, token_budget=16, train_token_budget=36, min_frame_tokens=4)
+    x = torch.randn(1, 4, 15, DV)
+    torch.manual_seed(0)
+    module.train()
+    counts = {module(x).tokens.shape[1] // 4 for _ in range(30)}
+    assert max(counts) == 9 and min(counts) >= 4  # 36 // 4 frames, where token_budget alone allows 4
+    assert module.num_output_tokens(4, 15) == 36  # the most a training step can make (max_length checks)
+    module.eval()
+    assert module(x).tokens.shape[1] == 16 == module.num_output_tokens(4, 15)
+
+
 @pytest.mark.parametrize("queries", [1, 4, 9])
 @pytest.mark.parametrize("layers", [0, 1])
 def test_llava_mini_shapes(queries, layers):

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         p.add_argument("--quantization", choices=["8bit", "4bit"], help="bitsandbytes, language model only")
         p.add_argument("--json", action="store_true", help="print one JSON object")
+        p.add_argument("--token-budget", type=int,
+                       help="visual tokens per video for a compressor model (pool, tome, topk) instead of its own")
 
     ask = sub.add_parser("ask", help="answer a question about a video")
     model_args(ask)
@@ -71,7 +73,21 @@ def _load(args):
     if not trained:
         print("note: using a tiny random-weight stand-in model (the embedded trained models are not built yet); "
               "its answers are meaningless.", file=sys.stderr)
-    return load_model(source, dtype=args.dtype, device=args.device, quantization=args.quantization)
+    model = load_model(source, dtype=args.dtype, device=args.device, quantization=args.quantization)
+    if getattr(args, "token_budget", None) is not None:
+        set_token_budget(model, args.token_budget)
+    return model
+
+
+def set_token_budget(model, budget: int) -> None:
+    """Serve a per-frame compressor at another budget (tokens per frame: min(budget // frames, P))."""
+    connector = model.connector._connector
+    if not hasattr(connector, "token_budget"):
+        raise VidlmmError(f"--token-budget applies to the pool, tome and topk compressors; this model's connector "
+                          f"is {connector.registry_name}")
+    if budget < 1:
+        raise VidlmmError(f"--token-budget must be at least 1, got {budget}")
+    connector.token_budget = int(budget)
 
 
 def sampling_from_args(args, model):

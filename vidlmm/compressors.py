@@ -101,32 +101,40 @@ def _frame_spans(t: int, p: int) -> list[tuple[int, int]]:
 class _BudgetCompressor(ConnectorModule):
     """A per-frame compressor with the shared budget rule and a projector to the LLM."""
 
-    config_keys = ("frame_tokens", "token_budget", "max_frame_tokens", "min_frame_tokens")
+    config_keys = ("frame_tokens", "token_budget", "max_frame_tokens", "min_frame_tokens", "train_token_budget")
     square = False
 
     def __init__(self, *, vision_hidden_size: int, hidden_size: int, frame_tokens: int | None = None,
                  token_budget: int = DEFAULT_TOKEN_BUDGET, max_frame_tokens: int | None = None,
-                 min_frame_tokens: int | None = None, **_):
+                 min_frame_tokens: int | None = None, train_token_budget: int | None = None, **_):
         super().__init__()
         for name, value in (("frame_tokens", frame_tokens), ("token_budget", token_budget),
-                            ("max_frame_tokens", max_frame_tokens), ("min_frame_tokens", min_frame_tokens)):
+                            ("max_frame_tokens", max_frame_tokens), ("min_frame_tokens", min_frame_tokens),
+                            ("train_token_budget", train_token_budget)):
             if value is not None and int(value) < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}.")
         self.frame_tokens = frame_tokens
         self.token_budget = int(token_budget)
         self.max_frame_tokens = max_frame_tokens
         self.min_frame_tokens = min_frame_tokens
+        self.train_token_budget = None if train_token_budget is None else int(train_token_budget)
         self.projector = projector(vision_hidden_size, hidden_size)
 
+    def budget(self) -> int:
+        """The video's token budget for this forward pass: `train_token_budget` in training when it is set (the
+        range of token counts Dynamic-VLM trains over may reach above the budget the model is served at),
+        else `token_budget`."""
+        return self.train_token_budget if (self.training and self.train_token_budget) else self.token_budget
+
     def tokens_out_per_frame(self, num_frames: int, tokens_per_frame: int) -> int:
-        """k at inference (and in training without `min_frame_tokens`)."""
+        """k at inference (in training: the most k a step can draw)."""
         return frame_token_count(num_frames, tokens_per_frame, frame_tokens=self.frame_tokens,
-                                 token_budget=self.token_budget, max_frame_tokens=self.max_frame_tokens,
+                                 token_budget=self.budget(), max_frame_tokens=self.max_frame_tokens,
                                  square=self.square)
 
     def _step_tokens_per_frame(self, num_frames: int, tokens_per_frame: int) -> int:
         """k for this forward pass. In training with `min_frame_tokens` set, Dynamic-VLM's random count: k drawn
-        uniformly from [min_frame_tokens, max_frame_tokens (or P)] and then capped by token_budget // frames, so
+        uniformly from [min_frame_tokens, max_frame_tokens (or P)] and then capped by budget // frames, so
         the model learns to read frames at every density it may get at inference. Drawn once per batch (the
         original draws per video; our batches are one tensor)."""
         if not (self.training and self.min_frame_tokens and self.frame_tokens is None):
@@ -134,7 +142,7 @@ class _BudgetCompressor(ConnectorModule):
         cap = tokens_per_frame if self.max_frame_tokens is None else min(self.max_frame_tokens, tokens_per_frame)
         low = min(int(self.min_frame_tokens), cap)
         drawn = int(torch.randint(low, cap + 1, ()).item())
-        return frame_token_count(num_frames, tokens_per_frame, token_budget=self.token_budget,
+        return frame_token_count(num_frames, tokens_per_frame, token_budget=self.budget(),
                                  max_frame_tokens=drawn, square=self.square)
 
     def num_output_tokens(self, num_frames: int, tokens_per_frame: int) -> int:
