@@ -79,14 +79,19 @@ def test_merge_and_prune_shapes_follow_the_budget(name, frames, options, per_fra
     assert module.num_output_tokens(frames, 15) == frames * per_frame
 
 
+def training_counts(module, x, steps: int) -> set[int]:
+    """Tokens per frame over `steps` training forward passes of a 4-frame clip (seeded draws)."""
+    torch.manual_seed(0)
+    module.train()
+    return {module(x).tokens.shape[1] // x.shape[1] for _ in range(steps)}
+
+
 @pytest.mark.parametrize("name", ["pool", "tome", "topk"])
 def test_training_draws_dynamic_vlm_random_token_counts(name):
     """min_frame_tokens: in training k ~ U[min, max] per batch (capped by the budget); at inference the rule."""
     module = make(name, token_budget=64, min_frame_tokens=2, max_frame_tokens=12)
     x = torch.randn(1, 4, 15, DV)
-    torch.manual_seed(0)
-    module.train()
-    counts = {module(x).tokens.shape[1] // 4 for _ in range(40)}
+    counts = training_counts(module, x, 40)
     allowed = {k for k in range(2, 13)} if name != "pool" else {1, 4, 9}
     assert counts <= allowed and len(counts) >= 3  # varies, within [min, max] (squares for pool)
     module.eval()
@@ -100,9 +105,7 @@ def test_training_budget_can_reach_above_the_served_one(name):
     """train_token_budget: the training draws are capped by it, inference keeps token_budget."""
     module = make(name, token_budget=16, train_token_budget=36, min_frame_tokens=4)
     x = torch.randn(1, 4, 15, DV)
-    torch.manual_seed(0)
-    module.train()
-    counts = {module(x).tokens.shape[1] // 4 for _ in range(30)}
+    counts = training_counts(module, x, 30)
     assert max(counts) == 9 and min(counts) >= 4  # 36 // 4 frames, where token_budget alone allows 4
     assert module.num_output_tokens(4, 15) == 36  # the most a training step can make (max_length checks)
     module.eval()
