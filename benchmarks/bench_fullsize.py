@@ -1,6 +1,8 @@
 """The full-size TinyLLaVA-Video architecture (random weights): memory estimate, and measured runs on CPU / CUDA.
 
     python benchmarks/bench_fullsize.py [--frames 16 64] [--json OUT] [--md OUT]   # (a) estimate only, seconds
+    python benchmarks/bench_fullsize.py --measure-weights                           # (a) + weights measured
+    python benchmarks/bench_fullsize.py --tower-chunks --frames 16 64               # (b) the tower alone on CPU
     python benchmarks/bench_fullsize.py --run-cpu [--frames 16]                     # (b) bf16 on CPU: slow
     python benchmarks/bench_fullsize.py --cuda                                      # (c) needs a GPU
     python benchmarks/bench_fullsize.py --tiny --run-cpu --frames 4                 # the same code at toy size
@@ -13,8 +15,9 @@ Architecture: SigLIP-so400m tower (27 layers, 1152 wide, 16 heads, MLP 4304, 384
     per part). Weights: fp32 4 B, bf16 2 B; 8-bit / 4-bit (bitsandbytes, `vidlmm.quantize`) quantize the LLM's
     linear layers only (1 B + a fp32 scale per row / 0.5 B + double-quantized absmax per 64 weights); the
     embeddings (tied lm_head), norms, biases, tower and connector stay bf16. Activations per phase (they do not
-    overlap): the tower as `vidlmm.vision.VisionTower` runs it (chunks of 32 frames, stopping at layer -2 with one
-    hidden state in flight, one layer's transients, sdpa; the reference's output_hidden_states keeps all 28), the batched connector, and the LLM (prefill
+    overlap): the tower as `vidlmm.vision.VisionTower` runs it (chunks of about 4096 tokens, 5 frames for so400m,
+    stopping at layer -2 with one hidden state in flight, one layer's transients, sdpa; the reference runs all
+    frames in one pass and its output_hidden_states keeps all 28), the batched connector, and the LLM (prefill
     transients with sdpa, logits of the last position only, KV cache for prompt + new tokens). The reference
     column uses its choices: fp32, eager attention (tower and LLM), full-sequence logits in the prefill.
     Peak = weights + the largest phase; the CUDA context (about 0.5 GiB) is shown apart.
@@ -138,14 +141,45 @@ def weight_bytes(params: dict, mode: str) -> float:
     return rest + 0.5 * linear + linear / 64 + 4.0 * linear / (64 * 256)
 
 
-def activation_bytes(config, frames: int, b: int, *, eager: bool, full_logits: bool, new_tokens: int,
-                     chunk: int = 32) -> dict:
-    """Peak activation bytes per phase (b bytes per element), see the module docstring."""
+def storage_bytes(model) -> int:
+    """Bytes the model's weights really occupy: every distinct storage behind its parameters and buffers, with
+    the statistics bitsandbytes keeps beside quantized weights (4-bit: absmax, nested absmax, code tables;
+    8-bit: a scale per row). The same layout on CPU and CUDA, so a CPU build measures the weights of a GPU
+    one."""
+    import torch
+
+    seen: set[int] = set()
+    total = 0
+
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.untyped_storage().nbytes()
+
+    for p in model.parameters():
+        add(p)
+        add(getattr(p, "SCB", None))
+        state = getattr(p, "quant_state", None)
+        while state is not None:
+            for name in ("absmax", "code", "offset"):
+                add(getattr(state, name, None))
+            state = getattr(state, "state2", None)
+    for b in model.buffers():
+        add(b)
+    return total
+
+
+def activation_bytes(config, frames: int, b: int, *, eager: bool, full_logits: bool, new_tokens: int) -> dict:
+    """Peak activation bytes per phase (b bytes per element), see the module docstring. The reference (eager)
+    runs every frame through the tower in one pass; ours CHUNK_TOKENS tokens at a time."""
+    from vidlmm.vision import CHUNK_TOKENS
+
     v = config.vision_config
     dv, iv, lv, hv = v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"], v["num_attention_heads"]
     pv = (v["image_size"] // v["patch_size"]) ** 2
     kept = pv - 1
-    c = min(frames, chunk)
+    c = frames if eager else min(frames, max(1, CHUNK_TOKENS // pv))
     features = frames * kept * dv * b
     vision_layer = c * pv * (4 * dv + 2 * iv) * b  # q, k, v, attn out + MLP in/out
     if eager:
@@ -246,6 +280,63 @@ def run_cpu(config, frames_list, new_tokens: int, threads: int | None) -> dict:
             "rss_after_build_mb": after_build.get("rss_mb"), "runs": runs, "rss": self_rss_mb()}
 
 
+def _release_freed_memory() -> bool:
+    """Ask glibc to serve allocations of 64 KiB and more with mmap (returned to the system when freed), so the
+    RSS follows the live tensors and its peak measures activations; False where glibc is not there."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 64 << 10))  # M_MMAP_THRESHOLD; setting it also stops glibc from raising it
+    except (OSError, AttributeError):
+        return False
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) on Linux; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_tower_chunks(config, frames_list) -> dict:
+    """The vision tower alone in bf16 on CPU, each frame count run in one pass (the reference) and in our
+    token-bounded chunks: time and the peak RSS above the resident weights (activation memory, measured)."""
+    import torch
+
+    from vidlmm.vision import VisionTower
+
+    precise = _release_freed_memory()
+    vision = dict(config.vision_config)
+    tower = VisionTower(vision, tower_type="siglip").to(torch.bfloat16).eval()
+    with torch.no_grad():  # warm-up: first-call allocations (kernels, thread pools) are not activations
+        tower(torch.zeros(1, 3, tower.config.image_size, tower.config.image_size, dtype=torch.bfloat16))
+    runs = []
+    for frames in frames_list:
+        pixels = torch.rand(frames, 3, tower.config.image_size, tower.config.image_size,
+                            generator=torch.Generator().manual_seed(frames)) * 2 - 1
+        for label, chunk in (("ours", tower.chunk_frames()), ("one pass", frames)):
+            gc.collect()
+            can_reset = _reset_peak_rss()
+            before = self_rss_mb()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = tower(pixels, chunk_frames=chunk)
+            seconds = time.perf_counter() - t0
+            after = self_rss_mb()
+            peak = after.get("hwm_mb") if can_reset else None
+            runs.append({"frames": frames, "chunking": label, "chunk_frames": min(chunk, frames), "seconds": seconds,
+                         "peak_above_weights_mb": None if peak is None else peak - before["rss_mb"],
+                         "features_mb": out.numel() * out.element_size() / 2**20})
+            print(f"  tower {frames} frames, {label} ({min(chunk, frames)} per pass): {seconds:.1f} s, "
+                  f"peak +{runs[-1]['peak_above_weights_mb'] or float('nan'):.0f} MiB", flush=True)
+            del out
+    return {"dtype": "bf16", "threads": torch.get_num_threads(), "runs": runs, "mmap_allocations": precise}
+
+
 def build_cuda(config, mode: str, attn: str):
     import torch
 
@@ -257,6 +348,25 @@ def build_cuda(config, mode: str, attn: str):
     model = materialize(build_meta(config, attn), torch.bfloat16, "cpu")
     quantize_language_model(model, mode, "cuda")
     return model.to("cuda")
+
+
+def measure_weights(config, modes=("bf16", "8bit", "4bit")) -> list[dict]:
+    """Build the model on CPU in bf16, quantize it as `--quantization` would, and count its storage bytes."""
+    import torch
+
+    from vidlmm.quantize import quantize_language_model
+
+    rows = []
+    for mode in modes:
+        t0 = time.perf_counter()
+        model = materialize(build_meta(config), torch.bfloat16, "cpu")
+        report = quantize_language_model(model, mode, "cpu") if mode != "bf16" else None
+        rows.append({"mode": mode, "bytes": storage_bytes(model), "seconds": time.perf_counter() - t0,
+                     "skipped_layers": len(report.skipped) if report else 0})
+        print(f"  weights {mode}: {rows[-1]['bytes'] / 2**20:,.1f} MiB ({rows[-1]['seconds']:.0f} s)", flush=True)
+        del model
+        gc.collect()
+    return rows
 
 
 def run_cuda(config, frames_list, new_tokens: int) -> dict:
@@ -308,6 +418,10 @@ def main(argv=None) -> int:
                         help="frame counts (default: 16 64 for the estimate and CUDA, 16 for --run-cpu)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (default 32)")
     parser.add_argument("--run-cpu", action="store_true", help="(b) build it in bf16 on CPU and time it (slow)")
+    parser.add_argument("--measure-weights", action="store_true",
+                        help="build bf16 / 8-bit / 4-bit on CPU and count the weights' bytes (about 8 GB of RAM)")
+    parser.add_argument("--tower-chunks", action="store_true",
+                        help="(b) the vision tower alone on CPU: one pass over all frames against our chunks")
     parser.add_argument("--cuda", action="store_true", help="(c) measure on the GPU when one is available")
     parser.add_argument("--threads", type=int, help="CPU threads for --run-cpu (default: torch's)")
     parser.add_argument("--tiny", action="store_true", help="a toy-size model of the same structure (smoke tests)")
@@ -363,6 +477,20 @@ def main(argv=None) -> int:
                    f"{'met' if total <= goal else 'NOT met'} (with context); "
                    f"{ref['peak_gib'] / at16[mode]['peak_gib']:.1f}x less than the reference's estimate")
 
+    if args.measure_weights:
+        measured = measure_weights(config)
+        params = est["params"]
+        for r in measured:
+            r["estimated_bytes"] = weight_bytes(params, r["mode"])
+        data["weights_measured"] = measured
+        report()
+        report("weights measured: the model built on CPU and quantized with bitsandbytes as `--quantization` does, "
+               "its storage counted (parameters, buffers, quantization statistics; the same layout on CUDA)")
+        report()
+        report.table(["precision", "measured (MiB)", "estimated (MiB)", "measured / estimated"],
+                     [[r["mode"], f"{r['bytes'] / 2**20:,.1f}", f"{weight_bytes(params, r['mode']) / 2**20:,.1f}",
+                       f"{r['bytes'] / weight_bytes(params, r['mode']):.4f}"] for r in measured])
+
     # (b)
     report()
     report("## (b) measured on CPU, bf16")
@@ -379,6 +507,21 @@ def main(argv=None) -> int:
                        f"{r['ttft_s']:.2f}", f"{r['tokens_per_s']:.2f}"] for r in cpu["runs"]])
     else:
         report("skipped (pass --run-cpu; about 7.5 GB of RAM and minutes per frame count on 2 cores)")
+    if args.tower_chunks:
+        tower = run_tower_chunks(config, frames_list)
+        data["tower_chunks"] = tower
+        report()
+        report(f"the vision tower alone, bf16, {tower['threads']} threads, random pixels: every frame in one pass "
+               "(as the reference batches them, with our early exit) against our token-bounded chunks; peak = VmHWM "
+               "above the RSS before the call (activations, measured on CPU"
+               + (", with glibc's mmap threshold at 64 KiB so freed memory leaves the RSS)" if tower["mmap_allocations"]
+                  else "; glibc's allocator not found, freed memory may hide part of the peak)"))
+        report()
+        report.table(["frames", "chunking", "frames per pass", "time (s)", "peak above weights (MiB)",
+                      "features (MiB)"],
+                     [[r["frames"], r["chunking"], r["chunk_frames"], f"{r['seconds']:.2f}",
+                       "-" if r["peak_above_weights_mb"] is None else f"{r['peak_above_weights_mb']:.0f}",
+                       f"{r['features_mb']:.0f}"] for r in tower["runs"]])
 
     # (c)
     report()

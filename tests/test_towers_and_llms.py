@@ -94,3 +94,42 @@ def test_tower_stops_at_its_feature_layer_with_the_same_features(tower, feature_
     index = feature_layer % (len(layers) + 1)
     if index:  # only the layers up to the feature layer ran
         assert ran == list(range(index))
+
+
+@pytest.mark.parametrize("tower", ["siglip", "clip", "dinov2"])
+def test_tower_runs_long_clips_in_token_bounded_chunks_with_the_same_features(tower):
+    """Frames go through the tower about CHUNK_TOKENS tokens at a time (bounded activations); a frame's features
+    do not depend on the chunk it went through."""
+    from vidlmm.tiny import tiny_vision_config
+    from vidlmm.vision import CHUNK_TOKENS, VisionTower
+
+    torch.manual_seed(0)
+    vt = VisionTower(tiny_vision_config(tower), tower_type=tower).eval()
+    per_chunk = vt.chunk_frames()
+    assert per_chunk == CHUNK_TOKENS // vt.sequence_length and per_chunk * vt.sequence_length <= CHUNK_TOKENS
+    assert vt.sequence_length == vt.tokens_per_frame + 1  # "patch" drops one token of the sequence
+    frames = per_chunk + 3
+    pixels = torch.randn(frames, 3, 56, 56)
+    passes = []
+    hook = vt._encoder_layers()[0].register_forward_hook(lambda m, a, o: passes.append(a[0].shape[0]))
+    with torch.no_grad():
+        chunked = vt(pixels)
+        one_pass = vt(pixels, chunk_frames=frames)
+        singles = vt(pixels, chunk_frames=1)
+    hook.remove()
+    assert passes[:2] == [per_chunk, 3] and passes[2] == frames and len(passes) == 3 + frames
+    torch.testing.assert_close(chunked, one_pass, rtol=0, atol=1e-5)
+    torch.testing.assert_close(singles, one_pass, rtol=0, atol=1e-5)
+
+
+def test_so400m_runs_five_frames_per_tower_pass():
+    """SigLIP-so400m at 384 px: 729 tokens a frame, 5 frames (3645 tokens) per pass (built on the meta device)."""
+    from accelerate import init_empty_weights
+
+    from vidlmm.vision import VisionTower
+
+    config = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                  num_attention_heads=16, image_size=384, patch_size=14)
+    with init_empty_weights():
+        vt = VisionTower(config, tower_type="siglip")
+    assert (vt.sequence_length, vt.tokens_per_frame, vt.chunk_frames()) == (729, 728, 5)
