@@ -94,7 +94,6 @@ def test_text_is_rendered_like_stage_two_without_the_video(stage0, world):
     assert IMAGE_TOKEN_INDEX in with_video and ids == [i for i in with_video if i != IMAGE_TOKEN_INDEX]
     assert ids[-1] == tok.eos_token_id and "<image>" not in tok.decode(ids)
     # MC prompts come from training clips only, answered with the correct option's text
-    from vidlmm.evaluate import parse_choice
 
     clips = load_clips(world)
     convs = S.mc_conversations(clips["train"][:4], seed=0)

@@ -15,7 +15,6 @@ import torch
 import yaml
 
 from tests.videos import make_moving_square_frames, write_video
-from train.plan import make_plan
 from train.recipe import load_recipe
 from train.trainer import apply_tuning
 from vidlmm.checkpoint import load_model, read_state_dict

@@ -131,7 +131,6 @@ def test_events_observable_in_sampled_frames(specs):
     for spec in specs:
         tl = timeline(spec)
         for e in spec.events:
-            vis = tl.visible[e.obj, idx]
             if e.kind == "blink":  # count within the blink (+- the gap that separates it from other events)
                 near = tl.visible[e.obj, [s for s in idx if e.start - 3 <= s < e.end + 3]]
                 assert sum(1 for a, b in zip(near, near[1:]) if a and not b) == e.count, spec.id

@@ -143,7 +143,7 @@ class PerceiverAttention(nn.Module):
         """
         x = self.norm_media(x)
         latents = self.norm_latents(latents)
-        b, n_media, n_lat, h = x.shape[0], x.shape[1], latents.shape[1], self.heads
+        b, n_lat, h = x.shape[0], latents.shape[1], self.heads
         q = self.to_q(latents)
         k, v = self.to_kv(torch.cat([x, latents], dim=1)).chunk(2, dim=-1)
         q, k, v = (t.reshape(b, t.shape[1], h, -1).transpose(1, 2) for t in (q, k, v))
