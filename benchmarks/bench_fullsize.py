@@ -144,8 +144,8 @@ def weight_bytes(params: dict, mode: str) -> float:
 def storage_bytes(model) -> int:
     """Bytes the model's weights really occupy: every distinct storage behind its parameters and buffers, with
     the statistics bitsandbytes keeps beside quantized weights (4-bit: absmax, nested absmax, code tables;
-    8-bit: a scale per row). The same layout on CPU and CUDA, so a CPU build measures the weights of a GPU
-    one."""
+    8-bit: a scale per row). bitsandbytes packs the same way on CUDA, so a CPU build stands for a GPU one (not
+    checked on a GPU here)."""
     import torch
 
     seen: set[int] = set()
@@ -485,7 +485,8 @@ def main(argv=None) -> int:
         data["weights_measured"] = measured
         report()
         report("weights measured: the model built on CPU and quantized with bitsandbytes as `--quantization` does, "
-               "its storage counted (parameters, buffers, quantization statistics; the same layout on CUDA)")
+               "its storage counted (parameters, buffers, quantization statistics; bitsandbytes packs the same way on "
+               "CUDA, not checked on a GPU here)")
         report()
         report.table(["precision", "measured (MiB)", "estimated (MiB)", "measured / estimated"],
                      [[r["mode"], f"{r['bytes'] / 2**20:,.1f}", f"{weight_bytes(params, r['mode']) / 2**20:,.1f}",

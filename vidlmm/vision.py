@@ -157,8 +157,8 @@ class VisionTower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, chunk_frames: int | None = None) -> torch.Tensor:
         """Frames go through in chunks of `chunk_frames` (default: `chunk_frames()`, about CHUNK_TOKENS tokens):
-        bounded activation memory for long clips and big towers. Frames are independent, so the chunking does
-        not change what a frame's features are."""
+        bounded activation memory for long clips and big towers. Frames are independent: a frame's features
+        do not depend on its chunk beyond float rounding."""
         param = next(self._vision_tower.parameters())
         features = []
         for chunk in pixel_values.split(chunk_frames or self.chunk_frames()):
