@@ -66,23 +66,14 @@ def _proc_status_mb(key: str) -> float | None:
         return None
 
 
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) so the imports' transient peak is not counted (Linux)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _child(approach: str, path: str, num_frames: int, out_npy: str, queue) -> None:
     sys.path.insert(0, ROOT)
     import decord  # noqa: F401 - imported before the baseline so both children pay the same imports
 
+    from common import reset_peak_rss
     from vidlmm.video import FrameSampling, read_video
 
-    reset = _reset_peak()
+    reset = reset_peak_rss()  # the imports' transient peak is not counted
     base = _proc_status_mb("VmRSS") if reset else None
     base = base if base is not None else _maxrss_mb()
     start = time.perf_counter()

@@ -35,7 +35,7 @@ import importlib.util
 import sys
 import time
 
-from common import Report, machine, self_rss_mb
+from common import Report, machine, reset_peak_rss, self_rss_mb
 
 GIB = 1024**3
 TEXT_TOKENS = 64  # prompt text around the visual tokens (system prompt + question)
@@ -173,13 +173,13 @@ def storage_bytes(model) -> int:
 def activation_bytes(config, frames: int, b: int, *, eager: bool, full_logits: bool, new_tokens: int) -> dict:
     """Peak activation bytes per phase (b bytes per element), see the module docstring. The reference (eager)
     runs every frame through the tower in one pass; ours CHUNK_TOKENS tokens at a time."""
-    from vidlmm.vision import CHUNK_TOKENS
+    from vidlmm.vision import chunk_frames_for
 
     v = config.vision_config
     dv, iv, lv, hv = v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"], v["num_attention_heads"]
     pv = (v["image_size"] // v["patch_size"]) ** 2
     kept = pv - 1
-    c = frames if eager else min(frames, max(1, CHUNK_TOKENS // pv))
+    c = frames if eager else min(frames, chunk_frames_for(pv))  # SigLIP: no class token, pv tokens a frame
     features = frames * kept * dv * b
     vision_layer = c * pv * (4 * dv + 2 * iv) * b  # q, k, v, attn out + MLP in/out
     if eager:
@@ -292,16 +292,6 @@ def _release_freed_memory() -> bool:
         return False
 
 
-def _reset_peak_rss() -> bool:
-    """Reset this process's peak RSS (VmHWM) on Linux; False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def run_tower_chunks(config, frames_list) -> dict:
     """The vision tower alone in bf16 on CPU, each frame count run in one pass (the reference) and in our
     token-bounded chunks: time and the peak RSS above the resident weights (activation memory, measured)."""
@@ -320,7 +310,7 @@ def run_tower_chunks(config, frames_list) -> dict:
                             generator=torch.Generator().manual_seed(frames)) * 2 - 1
         for label, chunk in (("ours", tower.chunk_frames()), ("one pass", frames)):
             gc.collect()
-            can_reset = _reset_peak_rss()
+            can_reset = reset_peak_rss()
             before = self_rss_mb()
             t0 = time.perf_counter()
             with torch.no_grad():

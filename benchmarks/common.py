@@ -89,6 +89,17 @@ def run_measured(cmd: list[str], **popen_kwargs) -> tuple[int, float, float]:
     return proc.returncode, time.perf_counter() - start, usage.ru_maxrss / 1024  # Linux: KiB
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS mark (VmHWM, Linux `/proc/self/clear_refs`) so a later peak counts only
+    what came after; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def self_rss_mb() -> dict:
     """Current and peak resident size of this process (MiB), from /proc (ru_maxrss elsewhere)."""
     out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

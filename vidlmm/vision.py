@@ -21,6 +21,12 @@ from .preprocess import ImageProcessor
 CHUNK_TOKENS = 4096
 
 
+def chunk_frames_for(sequence_length: int, chunk_tokens: int = CHUNK_TOKENS) -> int:
+    """Frames per tower pass for frames of `sequence_length` tokens: as many as fit in `chunk_tokens`, at least
+    one."""
+    return max(1, int(chunk_tokens) // int(sequence_length))
+
+
 @dataclass(frozen=True)
 class TowerSpec:
     """How one family of towers is built and read.
@@ -152,8 +158,8 @@ class VisionTower(nn.Module):
         return rows * cols + int(self.spec.has_cls) + (getattr(self.config, "num_register_tokens", 0) or 0)
 
     def chunk_frames(self, chunk_tokens: int = CHUNK_TOKENS) -> int:
-        """Frames per forward pass: as many as fit in `chunk_tokens` tokens, at least one."""
-        return max(1, int(chunk_tokens) // self.sequence_length)
+        """Frames per forward pass of this tower (`chunk_frames_for` its sequence length)."""
+        return chunk_frames_for(self.sequence_length, chunk_tokens)
 
     def forward(self, pixel_values: torch.Tensor, chunk_frames: int | None = None) -> torch.Tensor:
         """Frames go through in chunks of `chunk_frames` (default: `chunk_frames()`, about CHUNK_TOKENS tokens):
