@@ -67,7 +67,8 @@ def test_shapes_and_metadata(maps):
     assert m.connector_type == "groupresampler" and m.group_spans == [(0, 60), (60, 120), (120, 180), (180, 240)]
     assert m.layer().shape == (64, 240) and m.layer(0, head=3).shape == (64, 240)
     assert m.spatial().shape == (16, 4, 4) and m.temporal_profile().shape == (4, 16)
-    assert m.frame_box == (0.0, 0.0, 96.0, 72.0)  # SigLIP squashes the whole frame
+    # the tower's square view of each frame, drawn at the source's 96x72 shape (SigLIP squashes the whole frame)
+    assert m.frames.shape[1:] == (56, 56, 3) and m.frame_aspect == pytest.approx(96 / 72)
 
 
 def test_group_query_attends_only_to_its_own_group(maps):

@@ -15,7 +15,7 @@ from tests.videos import make_moving_square_frames, write_video
 from vidlmm.checkpoint import load_model
 from vidlmm.conversation import tokenizer_image_token, build_prompt
 from vidlmm.pipeline import GenerationSettings, VideoLMM
-from vidlmm.preprocess import ImageProcessor
+from vidlmm.preprocess import ImageProcessor, read_pixels
 from vidlmm.video import FrameSampling, read_video
 
 QUESTION = "What colour is the square, and where does it go?"
@@ -59,9 +59,13 @@ def test_preprocessing_equals_transformers_siglip_processor(small_video):
     expected = ref_pixels(frames, 56)
     clip = read_video(small_video, FrameSampling.uniform(16))
     assert clip.indices.tolist() == idx.tolist()
-    assert np.array_equal(clip.frames, frames.astype(np.uint8))
-    ours = ImageProcessor.for_tower("siglip", 56)(clip.frames)
+    assert np.array_equal(clip.sampled_frames(), frames.astype(np.uint8))
+    processor = ImageProcessor.for_tower("siglip", 56)
+    ours = processor(clip.sampled_frames())
     assert ours.shape == expected.shape and torch.equal(ours, expected)
+    # the pipeline's path: each frame resized to the tower's input as it is decoded, the same pixels
+    _, pixels = read_pixels(small_video, FrameSampling.uniform(16), processor)
+    assert torch.equal(pixels, expected)
 
 
 def test_preprocessing_of_a_wide_frame_squashes(tmp_path):

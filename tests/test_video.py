@@ -88,7 +88,7 @@ def clips(tmp_path_factory, frames):
 def assert_content(clip: VideoClip, total: int, tol_level: float = 8.0):
     """Each decoded frame shows the frame its index says: background level and square position."""
     h, w = clip.frames.shape[1:3]
-    for frame, i in zip(clip.frames, clip.indices):
+    for frame, i in zip(map(clip.frame, range(clip.num_frames)), clip.indices):
         corner = frame[:4, :4, 2].astype(np.float32).mean()
         assert abs(corner - index_level(int(i), total)) <= tol_level, (i, corner)
         assert abs(locate_square(frame) - square_box(int(i), total, h, w)[0]) <= 1, i
@@ -144,8 +144,14 @@ def test_h264_with_b_frames_backends_agree(tmp_path):
 def test_sampling_modes_on_file_and_duplicates(clips):
     clip = read_video(clips["mp4"], FrameSampling.uniform(40))  # more frames than the clip: repeats
     assert clip.indices.tolist() == np.linspace(0, T - 1, 40, dtype=int).tolist()
+    # each distinct frame is decoded and kept once; frame_map says which one each sampled position shows
+    assert clip.num_frames == 40 and clip.frames.shape == (T, H, W, 3)
+    assert np.unique(clip.indices)[clip.frame_map].tolist() == clip.indices.tolist()
     first = np.flatnonzero(clip.indices == clip.indices[1])
-    assert np.array_equal(clip.frames[first[0]], clip.frames[first[-1]])
+    assert len(first) == 2 and clip.frame_map[first[0]] == clip.frame_map[first[-1]]
+    assert clip.frame(first[0]) is not None and np.shares_memory(clip.frame(first[0]), clip.frame(first[-1]))
+    assert clip.sampled_frames().shape == (40, H, W, 3)
+    assert_content(clip, T)
     fps_clip = read_video(clips["webm"], FrameSampling.fps(64))  # 3 s -> 3 frames
     assert fps_clip.indices.tolist() == [0, 14, 29]
     rate_clip = read_video(clips["avi"], FrameSampling.at_rate(2.0))
@@ -217,7 +223,8 @@ def test_tiny_width_video(tmp_path, width):
 def test_single_frame_video(tmp_path):
     path = write_video(tmp_path / "one.mp4", make_moving_square_frames(1, 32, 32), 25)
     clip = read_video(path, FrameSampling.uniform(16))
-    assert clip.frames.shape == (16, 32, 32, 3) and clip.indices.tolist() == [0] * 16
+    assert clip.frames.shape == (1, 32, 32, 3) and clip.indices.tolist() == [0] * 16
+    assert clip.frame_map.tolist() == [0] * 16 and clip.sampled_frames().shape == (16, 32, 32, 3)
     assert read_video(path, FrameSampling.fps(64)).indices.tolist() == [0]
 
 
@@ -360,3 +367,86 @@ def test_two_hour_video_fps_mode_is_fast_and_small(long_video):
     assert time.monotonic() - start < 10
     assert pyav.indices.tolist() == clip.indices.tolist()
     assert np.abs(pyav.frames.astype(np.int16) - clip.frames.astype(np.int16)).mean() < 3
+
+
+# ------------------------------------------------------------------ memory follows the model, limits hold
+@pytest.fixture(scope="module")
+def big_frame_video(tmp_path_factory):
+    """One 1920x1080 frame (6 MiB decoded): what a decode bomb does, at a size the tests can afford."""
+    path = tmp_path_factory.mktemp("big") / "one_big_frame.mp4"
+    return write_video(path, make_moving_square_frames(1, 1080, 1920), 25)
+
+
+def test_transform_runs_per_frame_and_repeats_are_not_copied(big_frame_video):
+    from vidlmm.preprocess import ImageProcessor
+
+    processor = ImageProcessor.for_tower("siglip", 64)
+    full = read_video(big_frame_video, FrameSampling.uniform(4))
+    tracemalloc.start()
+    clip = read_video(big_frame_video, FrameSampling.uniform(64), transform=processor.resize_frame)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert clip.frames.shape == (1, 64, 64, 3) and clip.num_frames == 64 and clip.source_size == (1920, 1080)
+    # one full-size frame alive at a time (6 MiB), not 64 of them (398 MiB) as decoding then copying would hold
+    assert peak < 3 * 1920 * 1080 * 3, peak
+    # the per-frame resize is the processor's own: the same pixels as resizing the full-size frame afterwards
+    assert np.array_equal(clip.frames[0], processor.resize_frame(full.frames[0]))
+
+
+def test_model_pixels_equal_processing_full_frames(clips):
+    from vidlmm.preprocess import ImageProcessor, read_pixels
+
+    for processor in (ImageProcessor.for_tower("siglip", 32), ImageProcessor.for_tower("clip", 28)):
+        clip, pixels = read_pixels(clips["mp4"], FrameSampling.uniform(40), processor)  # repeats: 30 distinct
+        reference = processor(read_video(clips["mp4"], FrameSampling.uniform(40)).sampled_frames())
+        assert clip.frames.shape[0] == T and pixels.shape == (40, 3, processor.size, processor.size)
+        assert torch_equal(pixels, reference)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))
+
+
+def test_pixel_limit_is_checked_before_decoding(big_frame_video, monkeypatch):
+    import vidlmm.video as video
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded a frame over the limit")
+
+    monkeypatch.setattr(video, "_decode", no_decoding)
+    with pytest.raises(VideoReadError) as info:
+        read_video(big_frame_video, FrameSampling.uniform(8), max_pixels=1280 * 720)
+    assert info.value.kind == "too_large"
+    assert str(info.value) == ("Cannot read video 'one_big_frame.mp4': its frames are 1920x1080 (2.1 megapixels), "
+                               "over the 0.9-megapixel limit.")
+
+
+def test_pixel_limit_also_holds_when_the_headers_say_nothing(big_frame_video, monkeypatch):
+    import vidlmm.video as video
+
+    monkeypatch.setattr(video, "frame_size", lambda path: None)  # a container whose headers hide the size
+    with pytest.raises(VideoReadError) as info:
+        read_video(big_frame_video, FrameSampling.uniform(8), max_pixels=1280 * 720)
+    assert info.value.kind == "too_large"
+    assert read_video(big_frame_video, FrameSampling.uniform(2), max_pixels=None).frames.shape == (1, 1080, 1920, 3)
+
+
+def test_decode_time_limit(clips, monkeypatch):
+    import vidlmm.video as video
+
+    clock = iter(range(0, 10**6, 5))  # every look at the clock: 5 s later
+    monkeypatch.setattr(video.time, "monotonic", lambda: next(clock))
+    with pytest.raises(VideoReadError) as info:
+        read_video(clips["mp4"], FrameSampling.uniform(8), time_limit=12)
+    assert info.value.kind == "too_slow"
+    assert str(info.value) == "Cannot read video 'clip.mp4': decoding it takes longer than the 12 s limit."
+
+
+def test_a_transform_that_changes_shape_is_a_bug_not_a_bad_file(clips):
+    from vidlmm.video import TransformError
+
+    sizes = iter(range(8, 100))
+    with pytest.raises(TransformError):
+        read_video(clips["mp4"], FrameSampling.uniform(4), transform=lambda f: f[: next(sizes)])

@@ -42,11 +42,11 @@ def video_gap(model, samples: list[dict], video_root: Path, template: str, shift
 
     from vidlmm.conversation import make_training_example
     from vidlmm.pipeline import default_sampling
-    from vidlmm.video import read_video
+    from vidlmm.preprocess import read_pixels
 
     sampling = default_sampling(model)
     with torch.no_grad():
-        feats = [model.encode_frames(model.image_processor(read_video(video_root / s["video"], sampling).frames))
+        feats = [model.encode_frames(read_pixels(video_root / s["video"], sampling, model.image_processor)[1])
                  for s in samples]
 
         def mean_loss(features_of) -> float:

@@ -76,8 +76,9 @@ class AttentionMaps:
 
     media [layers, heads, Q, N]: query -> visual-token weights (exactly 0 outside the query's group).
     latents [layers, heads, Q, L]: query -> latent weights; each row of media and latents together sums to 1.
-    frames [T, H, W, 3] uint8: the sampled frames; frame_box (x0, y0, x1, y1) pixels: the part of a frame the
-    patch grid covers (the whole frame for SigLIP's squash, the centre crop for CLIP / DINOv2).
+    frames [T, S, S, 3] uint8: the sampled frames as the tower sees them (its square input, which the patch grid
+    covers); frame_aspect: width / height to draw them at (the source's for SigLIP's squash, 1 for the centre
+    crop of CLIP / DINOv2).
     """
 
     media: np.ndarray
@@ -91,7 +92,7 @@ class AttentionMaps:
     grid: tuple[int, int]
     tokens: np.ndarray
     connector_type: str
-    frame_box: tuple[float, float, float, float] | None = None
+    frame_aspect: float = 1.0
 
     @property
     def num_layers(self) -> int:
@@ -182,7 +183,8 @@ class AttentionMaps:
             "num_frames": self.num_frames, "tokens_per_frame": self.tokens_per_frame, "grid": list(self.grid),
             "first_cell": int(self.layout.first_cell), "frame_indices": list(self.frame_indices),
             "timestamps": [round(float(t), 6) for t in self.timestamps], "query_groups": self.query_groups,
-            "group_spans": [list(s) for s in self.group_spans], "frame_box": self.frame_box, "layers": layers,
+            "group_spans": [list(s) for s in self.group_spans], "frame_aspect": self.frame_aspect,
+            "layers": layers,
         })
 
 
@@ -192,13 +194,13 @@ def _prepared(lmm: "VideoLMM", video, sampling) -> "PreparedVideo":
     return video if isinstance(video, PreparedVideo) else lmm.prepare(str(video), sampling)[0]
 
 
-def _frame_box(processor, height: int, width: int) -> tuple[float, float, float, float]:
-    """The pixel box of an original frame that the tower's square input shows (see preprocess.ImageProcessor)."""
-    if getattr(processor, "mode", "squash") == "squash":
-        return (0.0, 0.0, float(width), float(height))
-    short = min(width, height)
-    side = processor.size * short / processor.resize_to  # the crop, in original pixels
-    return ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
+def frame_aspect(processor, clip) -> float:
+    """Width / height at which to draw the tower's square view of a clip's frames: the source's shape for a
+    squash (SigLIP), square for a centre crop (CLIP, DINOv2; see preprocess.ImageProcessor)."""
+    width, height = clip.source_size
+    if getattr(processor, "mode", "squash") != "squash" or not (width and height):
+        return 1.0
+    return width / height
 
 
 def attention_maps(lmm: "VideoLMM", video, *, sampling=None) -> AttentionMaps:
@@ -220,13 +222,12 @@ def attention_maps(lmm: "VideoLMM", video, *, sampling=None) -> AttentionMaps:
     latents = np.stack([a.latents[0].float().cpu().numpy() for a in out.attentions])
     clip = prepared.clip
     layout = model.token_layout(prepared.num_frames)
-    height, width = clip.frames.shape[1:3]
     return AttentionMaps(
         media=media, latents=latents, layout=layout, query_groups=out.query_groups.cpu().numpy(),
-        group_spans=[(int(a), int(b)) for a, b in out.group_spans], frames=clip.frames,
+        group_spans=[(int(a), int(b)) for a, b in out.group_spans], frames=clip.sampled_frames(),
         frame_indices=[int(i) for i in clip.indices], timestamps=[float(t) for t in clip.timestamps],
         grid=tuple(layout.grid), tokens=out.tokens[0].float().cpu().numpy(), connector_type=name,
-        frame_box=_frame_box(model.image_processor, height, width))
+        frame_aspect=frame_aspect(model.image_processor, clip))
 
 
 def _token_cosine(tokens) -> tuple[np.ndarray, float]:
@@ -308,7 +309,8 @@ def connector_picture(lmm: "VideoLMM", video, *, sampling=None) -> dict:
     """What a per-frame compressor (`vidlmm.compressors`) does to each frame, from one connector pass.
 
     video: a path or a PreparedVideo. Returns a dict of numpy arrays and plain values. Always: connector_type;
-    kind (below); frames [T, H, W, 3] uint8; frame_box (x0, y0, x1, y1) pixels the patch grid covers;
+    kind (below); frames [T, S, S, 3] uint8 as the tower sees them (the patch grid covers each); frame_aspect
+    (width / height to draw them at);
     grid (rows, cols); frame_indices; timestamps (s); num_frames; tokens_per_frame (P, tokens in per frame);
     output_tokens_per_frame (k); tokens [T * k, D] float32 output tokens. Grids are [T, rows, cols] over each
     frame's patch cells; a cell with no token (SigLIP's dropped first patch) holds NaN, -1 or False.
@@ -339,10 +341,9 @@ def connector_picture(lmm: "VideoLMM", video, *, sampling=None) -> dict:
         return layout.to_grid(values.reshape(t * p), fill).numpy()
 
     clip = prepared.clip
-    height, width = clip.frames.shape[1:3]
     k = int(out.tokens.shape[1]) // t
-    result = {"connector_type": name, "kind": PICTURE_KINDS[name], "frames": clip.frames,
-              "frame_box": _frame_box(model.image_processor, height, width), "grid": tuple(layout.grid),
+    result = {"connector_type": name, "kind": PICTURE_KINDS[name], "frames": clip.sampled_frames(),
+              "frame_aspect": frame_aspect(model.image_processor, clip), "grid": tuple(layout.grid),
               "frame_indices": [int(i) for i in clip.indices], "timestamps": [float(x) for x in clip.timestamps],
               "num_frames": t, "tokens_per_frame": p, "output_tokens_per_frame": k,
               "tokens": out.tokens[0].float().cpu().numpy()}

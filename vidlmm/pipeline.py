@@ -16,7 +16,7 @@ import torch
 from .cache import ByteLRU, file_digest
 from .connectors import ConnectorOutput
 from .conversation import build_prompt, clean_answer, tokenizer_image_token
-from .video import FrameSampling, VideoClip, check_video_path, read_video
+from .video import FrameSampling, ReadLimits, VideoClip, check_video_path, read_video
 
 
 @dataclass
@@ -32,7 +32,8 @@ class GenerationSettings:
 
 @dataclass
 class PreparedVideo:
-    """A decoded, encoded video: frames (for display) and vision features [T, P, Dv] (for any question)."""
+    """A decoded, encoded video: its clip (frames as the tower sees them, for display) and vision features
+    [T, P, Dv] (for any question)."""
 
     clip: VideoClip
     features: torch.Tensor
@@ -75,15 +76,17 @@ class StepClock:
 class VideoLMM:
     """High-level inference over one loaded model. Thread-safe for concurrent callers on a CPU.
 
-    cache_bytes bounds the vision-feature cache (0 disables it).
+    cache_bytes bounds the vision-feature cache (0 disables it); limits bound each video read (pixels per frame,
+    decode seconds, video seconds).
     """
 
     def __init__(self, model, *, sampling: FrameSampling | None = None, template: str | None = None,
-                 cache_bytes: int = 512 * 1024**2):
+                 cache_bytes: int = 512 * 1024**2, limits: ReadLimits | None = None):
         self.model = model
         self.sampling = sampling or default_sampling(model)
         self.template = template or model.config.conv_version or "qwen2_base"
         self.cache = ByteLRU(cache_bytes)
+        self.limits = limits or ReadLimits()
         self._lock = threading.Lock()  # one generate at a time per model: torch on CPU gains nothing from more
 
     # ---- video side ------------------------------------------------------------------------------------
@@ -96,9 +99,11 @@ class VideoLMM:
         if hit is not None:
             return hit, True
         t0 = time.perf_counter()
-        clip = read_video(video, sampling)
+        processor = self.model.image_processor
+        # each frame is resized to the tower's input as it is decoded: "decode" includes the resize
+        clip = read_video(video, sampling, transform=processor.resize_frame, **self.limits.kwargs())
         t1 = time.perf_counter()
-        pixels = self.model.image_processor(clip.frames)
+        pixels = processor.pixel_values(clip)
         t2 = time.perf_counter()
         with self._lock:
             features = self.model.encode_frames(pixels)

@@ -9,10 +9,14 @@ nothing is downloaded.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    from .video import VideoClip
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -58,14 +62,37 @@ class ImageProcessor:
         left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
         return image.crop((left, top, left + self.size, top + self.size))
 
+    def resize_frame(self, frame: np.ndarray) -> np.ndarray:
+        """One [H, W, 3] uint8 frame -> the tower's input view [size, size, 3] uint8 (a `read_video` transform)."""
+        return np.asarray(self.resize(frame))
+
     def __call__(self, frames: np.ndarray) -> torch.Tensor:
         """frames: [T, H, W, 3] uint8 RGB -> pixel_values [T, 3, size, size] float32."""
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(f"Expected uint8 frames [T, H, W, 3], got {frames.dtype} {tuple(frames.shape)}.")
-        resized = np.stack([np.asarray(self.resize(f)) for f in frames])
+        return self.normalize(np.stack([self.resize_frame(f) for f in frames]))
+
+    def pixel_values(self, clip: "VideoClip") -> torch.Tensor:
+        """A clip read with `transform=self.resize_frame` -> pixel_values [T, 3, size, size] in sampling order
+        (each distinct frame normalised once)."""
+        return self.normalize(clip.frames)[torch.from_numpy(clip.frame_map)]
+
+    def normalize(self, resized: np.ndarray) -> torch.Tensor:
+        """[T, size, size, 3] uint8, already resized -> pixel_values [T, 3, size, size] float32."""
         # same arithmetic as transformers' rescale (float64 multiply, cast) and normalize (float32)
         x = (resized.astype(np.float64) * (1 / 255)).astype(np.float32)
         mean = np.asarray(self.mean, dtype=np.float32)
         std = np.asarray(self.std, dtype=np.float32)
         x = (x - mean) / std
         return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def read_pixels(path, sampling, processor: ImageProcessor, **limits) -> tuple["VideoClip", torch.Tensor]:
+    """Read a video for the model: (clip whose frames are the tower's input views [U, S, S, 3], pixel_values
+    [T, 3, S, S] in sampling order). Each frame is resized as it is decoded, so memory follows the tower's
+    input, not the source; the values are the same as `processor(frames)` on full-size frames. `limits` go to
+    `read_video` (max_pixels, time_limit, max_duration, backend)."""
+    from .video import read_video
+
+    clip = read_video(path, sampling, transform=processor.resize_frame, **limits)
+    return clip, processor.pixel_values(clip)

@@ -2,7 +2,9 @@
 
 The reference (pytorchvideo's decord wrapper) decodes every frame of the clip to float32 and subsamples
 afterwards. We compute the same indices from the frame count and fps, and ask the decoder for just those
-frames, as uint8 RGB at full size (the model's preprocessing resizes later, like the reference).
+frames, one at a time, as uint8 RGB. Memory follows what the caller keeps, not the source: a ``transform``
+(the tower's resize, a thumbnail) runs on each frame as it is decoded, a frame sampled twice is decoded and
+stored once (``VideoClip.frame_map``), and a pixel-count limit is checked from the container before decoding.
 
 Backends, tried in this order by ``backend="auto"``: decord (by path; its frame count and average fps are
 the reference's ground truth), PyAV, OpenCV. Decoder libraries are imported lazily. Every failure the
@@ -19,13 +21,17 @@ import os
 import stat
 import sys
 import threading
+import time
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 
 from vidlmm.errors import VideoReadError
 
 BACKENDS = ("decord", "pyav", "opencv")
+MAX_PIXELS = 4096 * 2160  # DCI 4K: the default largest frame read_video decodes (UHD 3840x2160 fits)
+CHUNK_BYTES = 64 << 20  # full-size frames a backend may hold at once before the transform shrinks them
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,19 @@ class FrameSampling:
         return f"{self.rate:g} fps (max {self.max_frames})"
 
 
+@dataclass(frozen=True)
+class ReadLimits:
+    """What one read may cost (see `read_video`): pixels per frame, seconds of decoding, seconds of video.
+    None: no limit."""
+
+    max_pixels: int | None = MAX_PIXELS
+    time_limit: float | None = None
+    max_duration: float | None = None
+
+    def kwargs(self) -> dict:
+        return {"max_pixels": self.max_pixels, "time_limit": self.time_limit, "max_duration": self.max_duration}
+
+
 def _linspace(total: int, n: int) -> np.ndarray:
     # the reference's np.linspace(0, total-1, n, dtype=int): truncation, endpoints kept, repeats allowed
     return np.linspace(0, total - 1, n).astype(np.int64)
@@ -124,12 +143,16 @@ def sample_frame_indices(total_frames: int, fps: float, sampling: FrameSampling)
 class VideoClip:
     """Decoded frames of one video.
 
-    ``frames`` uint8 ``[T, H, W, 3]`` RGB; ``indices`` int64 ``[T]`` source frame indices; ``timestamps``
-    float64 ``[T]`` seconds (index / fps); ``fps`` source average fps; ``duration`` seconds
-    (total_frames / fps, as the reference computes it).
+    ``frames`` uint8 ``[U, h, w, 3]`` RGB: each distinct sampled frame once, as decoded or as the read's
+    ``transform`` made it; ``frame_map`` int64 ``[T]``: which of ``frames`` each sampled position shows
+    (``frames[frame_map]`` is the clip in sampling order; a short clip sampled at many frames repeats some);
+    ``indices`` int64 ``[T]`` source frame indices; ``timestamps`` float64 ``[T]`` seconds (index / fps);
+    ``fps`` source average fps; ``duration`` seconds (total_frames / fps, as the reference computes it);
+    ``source_size`` (width, height) of the source frames in pixels.
     """
 
     frames: np.ndarray
+    frame_map: np.ndarray
     indices: np.ndarray
     timestamps: np.ndarray
     fps: float
@@ -137,6 +160,24 @@ class VideoClip:
     total_frames: int
     backend: str
     path: str
+    source_size: tuple[int, int] = (0, 0)
+
+    @property
+    def num_frames(self) -> int:
+        """Sampled positions T (frames repeat for a clip shorter than the sampling)."""
+        return len(self.frame_map)
+
+    def frame(self, t: int) -> np.ndarray:
+        """The frame at sampled position t, ``[h, w, 3]`` uint8 (no copy)."""
+        return self.frames[self.frame_map[t]]
+
+    def sampled_frames(self) -> np.ndarray:
+        """``[T, h, w, 3]`` in sampling order: a copy, repeats included (for small frames only)."""
+        return self.frames[self.frame_map]
+
+
+class TransformError(Exception):
+    """A read_video transform returned frames of the wrong type or of changing shapes (a bug, not a bad file)."""
 
 
 class _Fail(Exception):
@@ -209,13 +250,17 @@ class _Decord:
         if self.total < 1 or not _sane_fps(self.fps):
             raise _Fail("no_frames", "decord finds no frames in it")
 
-    def decode(self, unique: np.ndarray) -> np.ndarray:
-        try:
-            batch = self.vr.get_batch([int(i) for i in unique])
-        except Exception as exc:  # noqa: BLE001
-            raise _Fail("no_frames", f"decord cannot decode its frames ({type(exc).__name__})", 1) from exc
-        # a globally set decord bridge (e.g. torch) changes the return type
-        return np.asarray(batch.asnumpy() if hasattr(batch, "asnumpy") else batch.cpu().numpy())
+    def frames(self, unique: np.ndarray, per_call: int) -> Iterator[np.ndarray]:
+        for start in range(0, len(unique), per_call):  # a few frames per call: decord seeks well in batches
+            try:
+                batch = self.vr.get_batch([int(i) for i in unique[start:start + per_call]])
+            except Exception as exc:  # noqa: BLE001
+                raise _Fail("no_frames", f"decord cannot decode its frames ({type(exc).__name__})", 1) from exc
+            # a globally set decord bridge (e.g. torch) changes the return type
+            batch = np.asarray(batch.asnumpy() if hasattr(batch, "asnumpy") else batch.cpu().numpy())
+            for k in range(len(batch)):
+                yield batch[k]
+            del batch
 
     def close(self):
         self.vr = None
@@ -278,8 +323,8 @@ class _PyAV:
         for pkt in self.container.demux(self.stream):
             yield from pkt.decode()
 
-    def decode(self, unique: np.ndarray) -> np.ndarray:
-        out, it, last = [], None, None
+    def frames(self, unique: np.ndarray, per_call: int) -> Iterator[np.ndarray]:
+        it, last = None, None
         w, h = self.size if self.size else (None, None)
         try:
             for i in unique:
@@ -297,15 +342,15 @@ class _PyAV:
                         raise _Fail("no_frames", "decoded frames carry no timestamps", 1)
                     last = t
                     if t >= target:
-                        out.append(frame.to_ndarray(format="rgb24", width=w, height=h))
                         break
                 else:
                     raise _Fail("no_frames", f"decoding stopped before frame {int(i)} of {self.total} "
                                 "(the file is damaged or truncated)", 2)
+                rgb = frame.to_ndarray(format="rgb24", width=w, height=h)
+                yield rgb
         except self.av.error.FFmpegError as exc:
             raise _Fail("no_frames", f"its frames fail to decode ({type(exc).__name__}); "
                         "the file is damaged", 2) from exc
-        return np.stack(out)
 
     def close(self):
         self.container.close()
@@ -328,8 +373,8 @@ class _OpenCV:
             raise _Fail("not_a_video", "OpenCV reports no plausible frame count or rate")
         self.total = int(count)
 
-    def decode(self, unique: np.ndarray) -> np.ndarray:
-        cv2, wanted, out = self.cv2, set(int(i) for i in unique), []
+    def frames(self, unique: np.ndarray, per_call: int) -> Iterator[np.ndarray]:
+        cv2, wanted = self.cv2, set(int(i) for i in unique)
         for pos in range(int(unique[-1]) + 1):  # sequential grab: exact frame positions, one frame in memory
             if not self.cap.grab():
                 raise _Fail("no_frames", f"decoding stopped at frame {pos} of {self.total} "
@@ -340,8 +385,7 @@ class _OpenCV:
                     raise _Fail("no_frames", f"frame {pos} does not decode", 1)
                 if self.size:
                     bgr = cv2.resize(bgr, tuple(self.size), interpolation=cv2.INTER_AREA)
-                out.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-        return np.stack(out)
+                yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
     def close(self):
         self.cap.release()
@@ -433,39 +477,86 @@ def probe_video(path, *, backend: str = "auto") -> tuple[int, float, str]:
         reader.close()
 
 
+def frame_size(path) -> tuple[int, int] | None:
+    """``(width, height)`` of the video stream from the container's headers (PyAV, else OpenCV), without
+    decoding a frame into our memory; None when neither can tell."""
+    path = os.fspath(path)
+    with _quiet_stderr():
+        try:
+            av = importlib.import_module("av")
+            with av.open(path) as container:
+                if container.streams.video:
+                    ctx = container.streams.video[0].codec_context
+                    if ctx.width and ctx.height:
+                        return int(ctx.width), int(ctx.height)
+        except Exception:  # noqa: BLE001 - not readable by PyAV: ask OpenCV
+            pass
+        try:
+            cv2 = importlib.import_module("cv2")
+            cap = cv2.VideoCapture(path)
+            try:
+                w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+            finally:
+                cap.release()
+            if w > 0 and h > 0:
+                return w, h
+        except Exception:  # noqa: BLE001
+            pass
+    return None
+
+
+def _too_large(name: str, path: str, width: int, height: int, max_pixels: int) -> VideoReadError:
+    return VideoReadError("too_large", f"Cannot read video '{name}': its frames are {width}x{height} "
+                          f"({width * height / 1e6:.1f} megapixels), over the {max_pixels / 1e6:.1f}-megapixel "
+                          "limit.", path)
+
+
 def read_video(path, sampling: FrameSampling = FrameSampling(), *, backend: str = "auto",
-               size: tuple[int, int] | None = None, max_duration: float | None = None) -> VideoClip:
+               size: tuple[int, int] | None = None, max_duration: float | None = None,
+               transform: Callable[[np.ndarray], np.ndarray] | None = None,
+               max_pixels: int | None = MAX_PIXELS, time_limit: float | None = None) -> VideoClip:
     """Decode the sampled frames of the video at ``path`` (opened by path, never from memory).
 
-    ``backend``: ``"auto"`` (decord, then PyAV, then OpenCV) or one of them only. ``size=(W, H)`` decodes at
-    reduced size (previews); by default frames keep the source size. ``max_duration`` in seconds is checked
-    from metadata before decoding. Raises :class:`VideoReadError` for anything wrong with the file.
+    ``backend``: ``"auto"`` (decord, then PyAV, then OpenCV) or one of them only. ``size=(W, H)`` has the
+    decoder scale frames (its own resampling; previews); by default frames keep the source size.
+    ``transform``: applied to each decoded ``[H, W, 3]`` uint8 frame as soon as it is decoded and must return
+    a uint8 ``[h, w, 3]`` of one size for every frame (the tower's resize, a thumbnail), so at most a few
+    full-size frames are alive at once. Each distinct frame is decoded and kept once (``VideoClip.frame_map``).
+    Limits, each a one-sentence :class:`VideoReadError`: ``max_duration`` seconds of video and ``max_pixels``
+    per frame (None: no limit), both checked from the container before decoding; ``time_limit`` seconds for
+    the whole read, checked between frames (a decoder stuck inside one frame is not interrupted).
     """
+    started = time.monotonic()
     path = os.fspath(path)
     name = check_video_path(path)
     if size is not None:
         size = (int(size[0]), int(size[1]))
         if min(size) < 1:
             raise ValueError(f"size must be (width, height) >= 1, got {size}")
+    source = frame_size(path)
+    if max_pixels is not None and source is not None and source[0] * source[1] > max_pixels:
+        raise _too_large(name, path, *source, max_pixels)
+
+    def check_time():
+        if time_limit is not None and time.monotonic() - started > time_limit:
+            raise VideoReadError("too_slow", f"Cannot read video '{name}': decoding it takes longer than the "
+                                 f"{time_limit:g} s limit.", path)
+
     fails: list[_Fail] = []
     for which in _order(backend):
         reader = _open(path, which, size, fails)
         if reader is None:
             continue
         try:
+            check_time()
             duration = reader.total / reader.fps
             if max_duration is not None and duration > max_duration:
                 raise VideoReadError("too_long", f"Cannot read video '{name}': it lasts {duration:.0f} s, "
                                      f"longer than the {max_duration:g} s limit.", path)
             indices = sample_frame_indices(reader.total, reader.fps, sampling)
-            unique, inverse = np.unique(indices, return_inverse=True)
-            with _quiet_stderr():
-                decoded = reader.decode(unique)
-            expect_hw = (size[1], size[0]) if size else decoded.shape[1:3]
-            # decord returns wrong shapes silently for some small widths: validate before trusting
-            if (decoded.dtype != np.uint8 or decoded.ndim != 4 or decoded.shape[0] != len(unique)
-                    or decoded.shape[3] != 3 or tuple(decoded.shape[1:3]) != tuple(expect_hw)):
-                raise _Fail("no_frames", f"{which} returned frames of an unexpected shape {decoded.shape}", 1)
+            unique, frame_map = np.unique(indices, return_inverse=True)
+            frames, decoded_size = _decode(reader, unique, size, source, transform, max_pixels, check_time,
+                                           lambda w, h: _too_large(name, path, w, h, max_pixels))
         except _Fail as fail:
             fails.append(fail)
             continue
@@ -474,7 +565,41 @@ def read_video(path, sampling: FrameSampling = FrameSampling(), *, backend: str 
             continue
         finally:
             reader.close()
-        return VideoClip(frames=decoded[inverse] if len(unique) < len(indices) else decoded,
-                         indices=indices, timestamps=indices / reader.fps, fps=reader.fps, duration=duration,
-                         total_frames=reader.total, backend=which, path=path)
+        return VideoClip(frames=frames, frame_map=frame_map.reshape(-1).astype(np.int64), indices=indices,
+                         timestamps=indices / reader.fps, fps=reader.fps, duration=duration,
+                         total_frames=reader.total, backend=which, path=path, source_size=source or decoded_size)
     _raise_best(path, name, fails)
+
+
+def _decode(reader, unique: np.ndarray, size, source, transform, max_pixels, check_time, too_large):
+    """The distinct frames ``[U, h, w, 3]`` (transformed as each arrives) and the decoded frames' (W, H)."""
+    expect_hw = (size[1], size[0]) if size else None  # decord returns wrong shapes silently for small widths
+    w_h = size or source
+    per_call = max(1, CHUNK_BYTES // (3 * w_h[0] * w_h[1])) if w_h else 1
+    out, decoded_size, count = None, None, 0
+    with _quiet_stderr():
+        for frame in reader.frames(unique, per_call):
+            if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+                raise _Fail("no_frames", f"{reader.name} returned a frame of an unexpected shape {frame.shape}", 1)
+            h, w = frame.shape[:2]
+            if max_pixels is not None and h * w > max_pixels:  # the headers said less (or nothing)
+                raise too_large(w, h)
+            if expect_hw is not None and (h, w) != expect_hw:
+                raise _Fail("no_frames", f"{reader.name} returned frames of an unexpected shape {frame.shape}", 1)
+            if decoded_size is None:
+                decoded_size = (w, h)
+            elif decoded_size != (w, h):  # a mid-stream size change: nothing downstream expects it
+                raise _Fail("no_frames", f"{reader.name} returned frames of two sizes", 1)
+            view = transform(frame) if transform is not None else frame
+            if out is None:
+                out = np.empty((len(unique), *view.shape), np.uint8)
+            if view.dtype != np.uint8 or view.shape != out.shape[1:]:  # a caller's bug: not caught as a bad file
+                raise TransformError(f"transform must return uint8 frames of one shape, got {view.dtype} "
+                                     f"{view.shape}")
+            out[count] = view
+            count += 1
+            del frame, view
+            check_time()
+    if count != len(unique):
+        raise _Fail("no_frames", f"{reader.name} returned {count} of {len(unique)} frames", 1)
+    return out, decoded_size

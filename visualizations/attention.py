@@ -95,8 +95,9 @@ def plot_frame_overlays(maps, layer: int = -1, head: int | None = None, query: i
     pick = np.unique(np.linspace(0, t_all - 1, min(t_all, max(1, max_frames))).round().astype(int))
     ncols = min(len(pick), columns)
     nrows = math.ceil(len(pick) / ncols)
-    h, w = maps.frames.shape[1:3]
-    x0, y0, x1, y1 = maps.frame_box or (0, 0, w, h)
+    h, w = maps.frames.shape[1:3]  # the tower's view, which the patch grid covers
+    x0, y0, x1, y1 = 0, 0, w, h
+    aspect = float(getattr(maps, "frame_aspect", 1.0) or 1.0)  # drawn at the source's width / height
     rows, cols = maps_t.shape[1:]
     panel = 1.0 if ncols >= 6 else 1.5
     vmax = float(np.nanmax(maps_t[pick])) if np.isfinite(maps_t[pick]).any() else 1.0
@@ -109,7 +110,7 @@ def plot_frame_overlays(maps, layer: int = -1, head: int | None = None, query: i
     else:
         what = f"all {maps.num_queries} queries (mean)"
     with paper_style():
-        fig = Figure(figsize=(panel * ncols * max(w / h, 0.6) + 0.9, panel * nrows + 0.6), layout="constrained")
+        fig = Figure(figsize=(panel * ncols * max(aspect, 0.6) + 0.9, panel * nrows + 0.6), layout="constrained")
         axes = fig.subplots(nrows, ncols, squeeze=False)
         for ax in axes.flat:
             ax.set_axis_off()
@@ -123,6 +124,7 @@ def plot_frame_overlays(maps, layer: int = -1, head: int | None = None, query: i
                                        edgecolor="white", lw=0.0))
             ax.set_xlim(0, w)
             ax.set_ylim(h, 0)
+            ax.set_aspect(h / w / aspect)  # y unit over x unit: a w x h view shown at the source's shape
             ax.set_title(frame_label(maps.frame_indices, maps.timestamps, int(t), two_lines=False), fontsize=6.5)
         fig.colorbar(ScalarMappable(norm=norm, cmap=colours.with_extremes(bad="white")), ax=axes, shrink=0.8,
                      label="attention weight", pad=0.01)

@@ -69,8 +69,9 @@ def plot_connector_picture(picture: dict, frames: int = 4, *, max_queries: int =
         raise ValueError(f"Unknown picture kind '{kind}' (use {', '.join(TITLES)}).")
     images = np.asarray(picture["frames"])
     pick = evenly_spread(images.shape[0], frames)
-    h, w = images.shape[1:3]
-    x0, y0, x1, y1 = picture.get("frame_box") or (0, 0, w, h)
+    h, w = images.shape[1:3]  # the tower's view, which the patch grid covers
+    x0, y0, x1, y1 = 0, 0, w, h
+    aspect = float(picture.get("frame_aspect") or 1.0)  # drawn at the source's width / height
     rows, cols = picture["grid"]
     cw, ch = (x1 - x0) / cols, (y1 - y0) / rows
     extent = (x0, x1, y1, y0)
@@ -92,7 +93,7 @@ def plot_connector_picture(picture: dict, frames: int = 4, *, max_queries: int =
     else:
         panels = [[(t, None) for t in pick]]
     with paper_style():
-        fig = Figure(figsize=(1.5 * len(panels[0]) * max(w / h, 0.6) + 0.9, 1.5 * len(panels) + 0.6),
+        fig = Figure(figsize=(1.5 * len(panels[0]) * max(aspect, 0.6) + 0.9, 1.5 * len(panels) + 0.6),
                      layout="constrained")
         axes = fig.subplots(len(panels), len(panels[0]), squeeze=False)
         for ax, (t, q) in zip(axes.flat, [panel for row in panels for panel in row]):
@@ -104,6 +105,7 @@ def plot_connector_picture(picture: dict, frames: int = 4, *, max_queries: int =
                                        edgecolor="white", lw=0.0))
             ax.set_xlim(0, w)
             ax.set_ylim(h, 0)
+            ax.set_aspect(h / w / aspect)  # y unit over x unit: a w x h view shown at the source's shape
             label = frame_label(picture["frame_indices"], picture["timestamps"], int(t), two_lines=False)
             ax.set_title(label + ("" if q is None else f" · query {q}"), fontsize=6.5)
         if norm is not None:
