@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,7 +124,7 @@ def test_unused_tower_keys_may_be_absent(tiny_checkpoints, tmp_path):
 def test_wrong_shape_is_an_error(tiny_checkpoints, tmp_path):
     folder = _copy(tiny_checkpoints["naive"], tmp_path)
     _edit_single_file(folder, lambda s: s.__setitem__("connector._connector.latents", torch.zeros(3, 64)))
-    with pytest.raises((CheckpointError, RuntimeError), match="latents"):
+    with pytest.raises(CheckpointError, match=r"'connector._connector.latents' is \[3, 64\] in the file"):
         load_model(folder)
 
 
@@ -172,3 +173,165 @@ def test_full_size_connector_parameter_counts_match_the_paper():
                                  group=16)
     assert sum(p.numel() for p in naive.parameters()) == 116_697_088
     assert sum(p.numel() for p in group.parameters()) == 115_714_048
+
+
+# ------------------------------------------------------------------ weight files stay inside the folder
+def _point_first_shard_at(folder, new_name):
+    """Rewrite the index so the first shard's keys are read from `new_name`; returns the old shard's path."""
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    index["weight_map"] = {k: (new_name if v == first else v) for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    return folder / first
+
+
+def _assert_one_sentence_without_paths(err, *paths):
+    message = str(err)
+    assert "\n" not in message and message.endswith(".")
+    for path in paths:
+        assert str(path) not in message, message
+
+
+def test_shard_named_with_dotdot_is_refused(tiny_checkpoints, tmp_path):
+    folder = _copy(tiny_checkpoints["group"], tmp_path)
+    shard = _point_first_shard_at(folder, "../stolen.safetensors")
+    shutil.copy(shard, tmp_path / "stolen.safetensors")  # it exists: only the name is wrong
+    with pytest.raises(CheckpointError, match="names weight file 'stolen.safetensors' outside its folder") as info:
+        load_model(folder)
+    _assert_one_sentence_without_paths(info.value, tmp_path)
+
+
+def test_shard_named_by_absolute_path_is_refused(tiny_checkpoints, tmp_path):
+    folder = _copy(tiny_checkpoints["group"], tmp_path)
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.copy(_point_first_shard_at(folder, str(outside)), outside)
+    with pytest.raises(CheckpointError, match="outside its folder") as info:
+        load_model(folder)
+    _assert_one_sentence_without_paths(info.value, tmp_path)
+
+
+def test_shard_symlinked_outside_is_refused(tiny_checkpoints, tmp_path):
+    folder = _copy(tiny_checkpoints["group"], tmp_path)
+    shard = sorted(folder.glob("model-*.safetensors"))[0]
+    outside = tmp_path / "outside.safetensors"
+    shard.rename(outside)
+    shard.symlink_to(outside)
+    with pytest.raises(CheckpointError, match=f"'{shard.name}' linking outside its folder") as info:
+        load_model(folder)
+    _assert_one_sentence_without_paths(info.value, tmp_path)
+
+
+def test_hub_cache_layout_with_links_into_blobs_loads(tiny_checkpoints, tmp_path):
+    """huggingface_hub stores snapshots/<commit>/<file> as links to ../../blobs/<hash>: inside the repo's cache."""
+    repo = tmp_path / "models--org--tiny"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, file in enumerate(sorted(tiny_checkpoints["group"].iterdir())):
+        blob = repo / "blobs" / f"blob{i}"
+        shutil.copy(file, blob)
+        (snapshot / file.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    model = load_model(snapshot, tokenizer=False)
+    reference = load_model(tiny_checkpoints["group"], tokenizer=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
+# ------------------------------------------------------------------ damaged weight files
+@pytest.mark.parametrize("damage", ["truncated", "garbage_header", "empty"])
+def test_damaged_safetensors_is_one_sentence(tiny_checkpoints, tmp_path, damage):
+    folder = _copy(tiny_checkpoints["naive"], tmp_path)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[: len(data) // 2], "garbage_header": b"\x40" + b"\x00" * 7 + b"{nope",
+                         "empty": b""}[damage])
+    with pytest.raises(CheckpointError, match="Weights file 'model.safetensors' of 'naive' is damaged or truncated") \
+            as info:
+        load_model(folder)
+    _assert_one_sentence_without_paths(info.value, tmp_path)
+
+
+def test_damaged_shard_and_split_layout_are_one_sentence(tiny_checkpoints, tmp_path):
+    folder = _copy(tiny_checkpoints["group"], tmp_path)
+    shard = sorted(folder.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=f"'{shard.name}' of 'group' is damaged or truncated"):
+        load_model(folder)
+    split = _copy(tiny_checkpoints["split"], tmp_path)
+    weights = split / "vision_tower" / "pytorch_model.bin"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="'vision_tower/pytorch_model.bin' of 'split' is damaged") as info:
+        load_model(split)
+    _assert_one_sentence_without_paths(info.value, tmp_path)
+
+
+def test_damaged_index_is_one_sentence(tiny_checkpoints, tmp_path):
+    folder = _copy(tiny_checkpoints["group"], tmp_path)
+    (folder / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="shard index of 'group'.*is damaged"):
+        load_model(folder)
+
+
+def test_messages_name_folders_by_base_name(tmp_path):
+    with pytest.raises(CheckpointError) as info:
+        load_model(tmp_path / "deep" / "nope")
+    assert "'nope'" in str(info.value) and str(tmp_path) not in str(info.value)
+
+
+# ------------------------------------------------------------------ hub downloads: safetensors only, pinned
+COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
+
+
+@pytest.fixture
+def fake_hub(tiny_checkpoints, tmp_path, monkeypatch):
+    """snapshot_download replaced: records its calls, serves the tiny group checkpoint as snapshots/<commit>;
+    'main' currently points at COMMIT_A. Pins go to a file under tmp_path ($VIDLMM_HUB_PINS)."""
+    import huggingface_hub
+
+    calls = []
+    state = {"main": COMMIT_A}
+
+    def snapshot_download(repo_id, *, revision=None, allow_patterns=None, local_files_only=False, **kwargs):
+        calls.append({"repo_id": repo_id, "revision": revision, "allow_patterns": list(allow_patterns or []),
+                      "local_files_only": local_files_only})
+        commit = revision or state["main"]
+        snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / commit
+        if not snapshot.exists():
+            shutil.copytree(tiny_checkpoints["group"], snapshot)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setenv("VIDLMM_HUB_PINS", str(tmp_path / "pins.json"))
+    return calls, state, tmp_path / "pins.json"
+
+
+def test_hub_download_is_safetensors_only_and_pins_on_first_use(fake_hub, monkeypatch):
+    calls, state, pins = fake_hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    model = load_model("org/tiny", tokenizer=False)
+    assert calls[0]["revision"] is None and calls[0]["repo_id"] == "org/tiny"  # first use resolves main...
+    assert json.loads(pins.read_text()) == {"org/tiny": COMMIT_A}  # ...and records the commit it got
+    patterns = calls[0]["allow_patterns"]
+    assert "*.safetensors" in patterns and not any(p.endswith(".bin") for p in patterns)
+    assert model.precision.name == "fp32"
+    state["main"] = COMMIT_B  # someone pushes to the hub: a pinned load does not follow
+    load_model("org/tiny", tokenizer=False)
+    assert calls[1]["revision"] == COMMIT_A
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline too
+    load_model("org/tiny", tokenizer=False)
+    assert calls[2]["revision"] == COMMIT_A and calls[2]["local_files_only"] is True
+    assert not any(p.endswith(".bin") for c in calls for p in c["allow_patterns"])
+
+
+def test_hub_download_with_an_explicit_revision(fake_hub):
+    calls, _, pins = fake_hub
+    load_model("org/tiny", revision=COMMIT_B, tokenizer=False)
+    assert calls[0]["revision"] == COMMIT_B
+    assert not pins.exists()  # an explicit revision is the caller's pin: nothing recorded
+
+
+def test_damaged_pin_file_is_refused_not_ignored(fake_hub):
+    _, _, pins = fake_hub
+    pins.write_text("{broken")
+    with pytest.raises(CheckpointError, match="pin file 'pins.json' is damaged"):
+        load_model("org/tiny", tokenizer=False)

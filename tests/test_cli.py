@@ -148,6 +148,7 @@ def good_runs(env, model_dir, videos) -> dict[str, Run]:
         "uniform": _ask(videos["good"], model_dir, "--json", "--num-frames", "8"),
         "fps": _ask(videos["good"], model_dir, "--json", "--fps", "--max-frames", "4"),
         "info": ["info", "--model", str(model_dir), "--json"],
+        "info_text": ["info", "--model", str(model_dir)],
         "one_frame": _ask(videos["one_frame"], model_dir, "--json"),
     }
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -170,6 +171,19 @@ def test_ask_json_uniform(good_runs, tiny_model):
     for key in TIMING_KEYS:
         assert isinstance(out["timings"][key], (int, float)) and out["timings"][key] >= 0, key
     print(f"\n[cli] ask --json --num-frames 8: {run.wall_s:.1f} s wall, timings {out['timings']}")
+
+
+def test_ask_json_and_info_name_the_precision(good_runs):
+    """The precision the model was loaded in and why (tiny models: fp32, the reference's numerics)."""
+    ask = parse_json_stdout(good_runs["uniform"])["precision"]
+    info = parse_json_stdout(good_runs["info"])["precision"]
+    assert ask == info
+    assert ask["name"] == "fp32" and ask["dtype"] == "float32" and ask["quantization"] is None
+    assert ask["reason"].startswith("fp32 because the weights are small")
+    text = good_runs["info_text"]
+    assert text.returncode == 0, text.describe()
+    line = next(line for line in text.stdout.splitlines() if line.startswith("precision"))
+    assert line.split(None, 1)[1].startswith("fp32: fp32 because the weights are small"), line
 
 
 def test_ask_json_fps_mode_capped(good_runs):
@@ -221,16 +235,36 @@ def test_default_stand_in_model(env, workdir, videos):
 
 
 # ------------------------------------------------------------------ user errors
-BAD_CASES = ["missing", "empty", "text", "truncated", "directory", "bad_model", "bad_option", "budget_on_resampler"]
+BAD_CASES = ["missing", "empty", "text", "truncated", "directory", "bad_model", "bad_option", "budget_on_resampler",
+             "damaged_weights", "shard_outside"]
 
 
 @pytest.fixture(scope="module")
-def bad_runs(env, model_dir, videos, workdir) -> dict[str, Run]:
+def damaged_models(model_dir, workdir) -> dict[str, Path]:
+    """Copies of the tiny model: one with its safetensors cut in half, one whose shard index points outside."""
+    import shutil
+
+    truncated = workdir / "damaged-model"
+    shutil.copytree(model_dir, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    outside = workdir / "escaping-model"
+    shutil.copytree(model_dir, outside)
+    (outside / "model.safetensors").rename(workdir / "elsewhere.safetensors")
+    index = {"metadata": {}, "weight_map": {"language_model.model.norm.weight": "../elsewhere.safetensors"}}
+    (outside / "model.safetensors.index.json").write_text(json.dumps(index))
+    return {"truncated": truncated, "shard_outside": outside}
+
+
+@pytest.fixture(scope="module")
+def bad_runs(env, model_dir, videos, workdir, damaged_models) -> dict[str, Run]:
     cases = {name: _ask(videos[name], model_dir, "--json") for name in
              ("missing", "empty", "text", "truncated", "directory")}
     cases["bad_model"] = _ask(videos["good"], workdir / "no-such-model", "--json")
     cases["bad_option"] = _ask(videos["good"], model_dir, "--json", "--num-frames", "abc")
     cases["budget_on_resampler"] = _ask(videos["good"], model_dir, "--json", "--token-budget", "32")
+    cases["damaged_weights"] = _ask(videos["good"], damaged_models["truncated"], "--json")
+    cases["shard_outside"] = _ask(videos["good"], damaged_models["shard_outside"], "--json")
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {name: pool.submit(run_cli, args, env) for name, args in cases.items()}
         return {name: f.result() for name, f in futures.items()}
@@ -246,6 +280,9 @@ def test_user_error_is_one_line_exit_2(bad_runs, case):
     assert run.stdout.strip() == "", run.describe()
     if case in ("missing", "empty", "text", "truncated", "directory"):
         assert "Cannot read video" in lines[0], run.describe()
+    if case in ("damaged_weights", "shard_outside"):
+        assert "'damaged-model' is damaged or truncated" in lines[0] or "outside its folder" in lines[0], lines[0]
+        assert str(ROOT) not in lines[0] and "/tmp" not in lines[0], "a server path in a user-visible error"
     print(f"\n[cli] {case}: {lines[0]}")
 
 

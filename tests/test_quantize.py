@@ -213,3 +213,85 @@ def test_4bit_on_cpu_skips_layers_bitsandbytes_cannot_pack(bnb_ok):
     with torch.no_grad():
         got = holder.language_model.eval()(x)  # eval: the mode in which bitsandbytes packs CPU weights
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 0.3
+
+
+# ------------------------------------------------------------------ torch dynamic int8 (no bitsandbytes needed)
+@pytest.fixture(scope="module")
+def int8_model(checkpoint):
+    import warnings
+
+    from vidlmm.checkpoint import load_model
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load_model(checkpoint, device="cpu", quantization="int8")
+    model.caught_warnings = [str(w.message) for w in caught]
+    return model
+
+
+def test_int8_quantizes_only_language_model_linears(int8_model, full_model):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    lm = int8_model.language_model
+    names = [n for n, m in lm.named_modules() if isinstance(m, DynamicInt8Linear)]
+    expected = [n for n, m in full_model.language_model.named_modules() if type(m) is nn.Linear and n != "lm_head"]
+    assert names == expected and len(names) == 7 * lm.config.num_hidden_layers
+    assert [n for n, m in lm.named_modules() if type(m) is nn.Linear] == ["lm_head"]
+    assert lm.lm_head.weight is lm.get_input_embeddings().weight  # still tied
+    for part in ("vision_tower", "connector"):
+        got, ref = getattr(int8_model, part).state_dict(), getattr(full_model, part).state_dict()
+        assert all(torch.equal(got[k], ref[k]) for k in ref), part
+    assert int8_model.dtype == torch.float32 and int8_model.precision.name == "int8"
+
+
+def test_int8_load_is_quiet(int8_model):
+    """torch.ao's deprecation notices are silenced in our code path (they name a migration users cannot act on)."""
+    assert not [w for w in int8_model.caught_warnings if "quantiz" in w.lower()], int8_model.caught_warnings
+
+
+def test_int8_logits_close_to_full_precision(int8_model, full_model):
+    ids = torch.tensor(INPUT_IDS)
+    with torch.no_grad():
+        ref = full_model.language_model(input_ids=ids).logits
+        got = int8_model.language_model(input_ids=ids).logits
+    rel = ((got - ref).abs().max() / ref.abs().max()).item()
+    agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    print(f"\n[quantize] int8 (torch dynamic): logits max relative error {rel:.4f}, greedy agreement {agree:.0%}")
+    assert rel < MAX_REL_ERROR["8bit"]
+
+
+def test_int8_model_generates(int8_model, video):
+    from vidlmm.pipeline import GenerationSettings, VideoLMM
+
+    answer = VideoLMM(int8_model, cache_bytes=0).ask(video, "What is moving?",
+                                                     generation=GenerationSettings(max_new_tokens=5))
+    assert 1 <= len(answer.token_ids) <= 5
+    assert all(0 <= t < int8_model.language_model.config.vocab_size for t in answer.token_ids)
+
+
+def test_int8_matches_torch_quantize_dynamic(full_model):
+    """Our layer is what torch's own `quantize_dynamic` with per-channel weights makes of the same Linear."""
+    import copy
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+    from torch.ao.quantization.qconfig import per_channel_dynamic_qconfig
+
+    from vidlmm.quantize import int8_linear
+
+    linear = full_model.language_model.model.layers[0].mlp.up_proj
+    ours = int8_linear(linear)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = quantize_dynamic(nn.Sequential(copy.deepcopy(linear)), {nn.Linear: per_channel_dynamic_qconfig},
+                                  dtype=torch.qint8)[0]
+    x = torch.randn(3, linear.in_features)
+    assert torch.equal(ours(x), theirs(x))
+
+
+def test_int8_off_the_cpu_is_a_one_line_error(full_model):
+    holder = nn.Module()
+    holder.language_model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(CheckpointError, match="CPU only") as info:
+        quantize_language_model(holder, "int8", "cuda")
+    assert "\n" not in str(info.value)

@@ -9,7 +9,10 @@ Stage-1 split layout (the reference's pretrain output): config.json + tokenizer 
     `language_model/`, `vision_tower/`, `connector/` sub-folders, each with a `pytorch_model.bin`.
 
 Loading is strict: any missing or unexpected key is an error naming them, except the tied `lm_head` and the
-tower weights the features never use (SigLIP's `head.*` and `post_layernorm.*`).
+tower weights the features never use (SigLIP's `head.*` and `post_layernorm.*`). Before any weight is read, the
+weights' bytes are estimated from config.json and checked against the device's free memory (`vidlmm.memory`),
+and the precision is chosen (`vidlmm.precision`). Weight files must stay inside the checkpoint folder; a damaged
+or truncated one is a one-sentence CheckpointError. Hub ids download safetensors only, pinned to a revision.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -31,12 +35,25 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 TOWER_PREFIX = "vision_tower._vision_tower."
-WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.bin", "*/*.json", "*/*.bin"]
+# hub downloads: configs, tokenizer files and safetensors only (never pickles: a .bin can run code when loaded)
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
+PINS_ENV = "VIDLMM_HUB_PINS"
+PINS_FILE = "vidlmm-hub-pins.json"
+COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 # ---- locating files ------------------------------------------------------------------------------------
-def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
-    """A local folder as is; otherwise a hub id fetched with huggingface_hub (cache only when offline)."""
+def display_name(path_or_id: str | os.PathLike) -> str:
+    """What messages call a model: a hub id as written, a folder by its base name (never a full server path)."""
+    name = str(path_or_id)
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        return name
+    return Path(name.rstrip("/")).name or name
+
+
+def resolve_checkpoint(path_or_id: str | os.PathLike, *, revision: str | None = None) -> Path:
+    """A local folder as is; otherwise a hub id fetched with huggingface_hub (cache only when offline), pinned to
+    a revision (see `download`)."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -44,41 +61,203 @@ def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
         return path
     name = str(path_or_id)
     if path.exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
-        raise CheckpointError(f"Model '{name}' is neither a checkpoint folder nor a hub id like 'org/name'.")
-    return _download(name)
+        raise CheckpointError(f"Model '{display_name(name)}' is neither a checkpoint folder nor a hub id like "
+                              "'org/name'.")
+    return download(name, revision=revision)
 
 
-def _download(repo_id: str) -> Path:
-    """A hub snapshot (weights, configs, tokenizer files); only the local cache when HF_HUB_OFFLINE is set."""
+def pins_path() -> Path:
+    """The JSON file of pinned hub revisions: $VIDLMM_HUB_PINS, else vidlmm-hub-pins.json in the Hugging Face cache."""
+    if os.environ.get(PINS_ENV):
+        return Path(os.environ[PINS_ENV]).expanduser()
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE) / PINS_FILE
+
+
+def read_pins() -> dict[str, str]:
+    """{hub id: commit hash} pinned so far ({} before the first pin)."""
+    path = pins_path()
+    if not path.is_file():
+        return {}
+    try:
+        pins = json.loads(path.read_text())
+    except (OSError, ValueError):
+        pins = None
+    if not isinstance(pins, dict) or not all(isinstance(v, str) and COMMIT.fullmatch(v) for v in pins.values()):
+        # never fall back to unpinned: that would load whatever the hub serves today
+        raise CheckpointError(f"The hub revision pin file '{path.name}' is damaged; fix it or delete it to pin again.")
+    return pins
+
+
+def _record_pin(repo_id: str, commit: str) -> None:
+    path = pins_path()
+    try:
+        pins = read_pins()
+        pins[repo_id] = commit
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(pins, indent=2, sort_keys=True))
+        os.replace(tmp, path)  # atomic: a reader sees the old pins or the new ones, never half a file
+    except OSError as err:  # a read-only cache: this load is still at `commit`, the next one pins again
+        log.warning("could not record the pinned revision of %s (%s)", repo_id, err.strerror or type(err).__name__)
+
+
+def download(repo_id: str, *, revision: str | None = None) -> Path:
+    """A hub snapshot (configs, tokenizer files, safetensors weights; never .bin pickles), from the local cache
+    only when HF_HUB_OFFLINE is set.
+
+    Pinned: with `revision` (a branch, tag or commit) that revision is fetched. Without one, the first load of a
+    hub id resolves it once (the hub's main branch online, the cached one offline), records the commit hash in
+    `pins_path()` (the Hugging Face cache, or $VIDLMM_HUB_PINS), and every later load of that id uses that commit,
+    online or offline, so a change pushed to the hub is never picked up silently. Delete its entry to re-pin."""
     from huggingface_hub import snapshot_download
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    pinned = revision or read_pins().get(repo_id)
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=WEIGHT_PATTERNS, local_files_only=offline))
+        folder = Path(snapshot_download(repo_id, revision=pinned, allow_patterns=HUB_PATTERNS,
+                                        local_files_only=offline))
     except Exception as err:  # network, auth or not-in-cache: one sentence for the user
         where = "in the local Hugging Face cache (offline mode)" if offline else "on the Hugging Face Hub"
-        raise CheckpointError(f"Model '{repo_id}' could not be found {where}: {type(err).__name__}.") from None
+        at = f" at revision {pinned}" if pinned else ""
+        raise CheckpointError(f"Model '{repo_id}'{at} could not be found {where}: {type(err).__name__}.") from None
+    if pinned is None and COMMIT.fullmatch(folder.name):  # snapshots/<commit hash>
+        _record_pin(repo_id, folder.name)
+    return folder
+
+
+# ---- reading weights -----------------------------------------------------------------------------------
+def _why(err: BaseException) -> str:
+    """A short reason from a reader's exception, without the file paths an OSError carries."""
+    if isinstance(err, OSError):
+        return err.strerror or type(err).__name__
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text[:160]
+
+
+def weight_file(folder: Path, name: str) -> Path:
+    """`folder / name` for a weight file the checkpoint names, refused (one sentence) unless it stays inside the
+    folder: no absolute path, no '..', no symlink resolving elsewhere (a hub snapshot's links into its own repo's
+    blobs/ are inside)."""
+    rel = Path(name)
+    shown = rel.name or name
+    if not name or rel.is_absolute() or ".." in rel.parts or rel.drive:
+        raise CheckpointError(f"Checkpoint '{folder.name}' names weight file '{shown}' outside its folder.")
+    path = folder / rel
+    real = path.resolve()
+    roots = [folder.resolve()]
+    if folder.parent.name == "snapshots":  # huggingface_hub cache: snapshots/<commit>/x -> ../../blobs/<hash>
+        roots.append(folder.parent.parent.resolve() / "blobs")
+    if not any(real == root or root in real.parents for root in roots):
+        raise CheckpointError(f"Checkpoint '{folder.name}' has weight file '{shown}' linking outside its folder.")
+    return path
+
+
+class CheckpointWeights:
+    """The tensors of a checkpoint folder (either layout) under their published names.
+
+    Opening reads and checks only the headers: a shard named outside the folder, a missing shard, or a damaged
+    or truncated file is a one-sentence CheckpointError before any tensor is read. safetensors tensors are then
+    read one at a time with `read` (so a load holds one tensor beyond the model); the stage-1 split layout's
+    pickles (torch.load, weights_only) are read whole. Use as a context manager, or call `close()`."""
+
+    def __init__(self, folder: str | os.PathLike, device: str | torch.device = "cpu"):
+        self.folder = Path(folder)
+        self.device = str(device)
+        self._handles: dict[str, object] = {}  # key -> open safe_open handle
+        self._tensors: dict[str, torch.Tensor] = {}  # split layout, read whole
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            for shard in self._shard_names(index):
+                path = weight_file(self.folder, shard)
+                if not path.is_file():
+                    raise CheckpointError(f"Checkpoint '{self.folder.name}' lists shard '{Path(shard).name}' but "
+                                          "the file is missing.")
+                self._open_safetensors(path)
+        elif (self.folder / "model.safetensors").is_file():
+            self._open_safetensors(weight_file(self.folder, "model.safetensors"))
+        elif all((self.folder / sub / "pytorch_model.bin").is_file() for sub in ("language_model", "vision_tower")):
+            self._tensors = self._read_split_layout()
+            self._shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
+        else:
+            raise CheckpointError(f"No weights in '{self.folder.name}': expected model.safetensors, an index of "
+                                  "shards, or language_model/ + vision_tower/ + connector/ sub-folders.")
+
+    def _shard_names(self, index: Path) -> list[str]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"The shard index of '{self.folder.name}' (model.safetensors.index.json) is "
+                                  "damaged.") from None
+        if not all(isinstance(n, str) for n in names):
+            raise CheckpointError(f"The shard index of '{self.folder.name}' names a shard that is not a file name.")
+        return names
+
+    def _open_safetensors(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        try:
+            handle = safe_open(str(path), framework="pt", device=self.device)
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        except Exception as err:  # SafetensorError (bad header, truncated), OSError, a directory named like one
+            raise CheckpointError(f"Weights file '{path.name}' of '{self.folder.name}' is damaged or truncated "
+                                  f"({_why(err)}).") from None
+        for key in shapes:
+            self._handles[key] = (handle, path.name)
+        self._shapes.update(shapes)
+
+    def _read_split_layout(self) -> dict[str, torch.Tensor]:
+        state = {}
+        for sub, prefix in SPLIT_PREFIXES.items():
+            if not (self.folder / sub / "pytorch_model.bin").is_file():
+                continue
+            file = weight_file(self.folder, f"{sub}/pytorch_model.bin")
+            try:
+                part = torch.load(file, map_location=self.device, weights_only=True)
+            except Exception as err:  # truncated zip, bad pickle, a disallowed global
+                raise CheckpointError(f"Weights file '{sub}/pytorch_model.bin' of '{self.folder.name}' is damaged "
+                                      f"or truncated ({_why(err)}).") from None
+            if not isinstance(part, dict):
+                raise CheckpointError(f"Weights file '{sub}/pytorch_model.bin' of '{self.folder.name}' holds no "
+                                      "state dict.")
+            state.update({prefix + key: value for key, value in part.items()})
+        return state
+
+    def keys(self) -> list[str]:
+        return list(self._shapes)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def read(self, key: str) -> torch.Tensor:
+        """The tensor `key` (published name), read now; the split layout hands its tensor over (not kept)."""
+        if key in self._tensors:
+            return self._tensors.pop(key)
+        handle, file = self._handles[key]
+        try:
+            return handle.get_tensor(key)
+        except Exception as err:  # the file changed or went away after its header was read
+            raise CheckpointError(f"Weights file '{file}' of '{self.folder.name}' could not be read "
+                                  f"({_why(err)}).") from None
+
+    def close(self) -> None:
+        self._handles.clear()  # safe_open handles unmap their file when released
+        self._tensors.clear()
+
+    def __enter__(self) -> "CheckpointWeights":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def read_state_dict(folder: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder under their published names (either layout)."""
-    from safetensors.torch import load_file
-
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state = {}
-        for shard in shards:
-            if not (folder / shard).is_file():
-                raise CheckpointError(f"Checkpoint '{folder.name}' lists shard '{shard}' but the file is missing.")
-            state.update(load_file(folder / shard, device=str(device)))
-        return state
-    if (folder / "model.safetensors").is_file():
-        return load_file(folder / "model.safetensors", device=str(device))
-    if all((folder / sub / "pytorch_model.bin").is_file() for sub in ("language_model", "vision_tower")):
-        return read_split_layout(folder, device)
-    raise CheckpointError(f"No weights in '{folder.name}': expected model.safetensors, an index of shards, "
-                          "or language_model/ + vision_tower/ + connector/ sub-folders.")
+    with CheckpointWeights(folder, device) as weights:
+        return {key: weights.read(key) for key in weights.keys()}
 
 
 # the reference's stage-1 sub-folders and the published-key prefix each one's keys sit under
@@ -87,14 +266,8 @@ SPLIT_PREFIXES = {"language_model": "language_model.", "vision_tower": TOWER_PRE
 
 def read_split_layout(folder: Path, device="cpu") -> dict[str, torch.Tensor]:
     """The reference's stage-1 output: three sub-folders with pytorch_model.bin (read with weights_only)."""
-    state = {}
-    for sub, prefix in SPLIT_PREFIXES.items():
-        file = folder / sub / "pytorch_model.bin"
-        if not file.is_file():
-            continue
-        part = torch.load(file, map_location=device, weights_only=True)
-        state.update({prefix + key: value for key, value in part.items()})
-    return state
+    with CheckpointWeights(folder, device) as weights:
+        return {key: weights.read(key) for key in weights.keys()}
 
 
 # ---- key mapping ---------------------------------------------------------------------------------------
@@ -143,7 +316,7 @@ def pick_device(device: str | None) -> torch.device:
 
 
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """"auto": fp32 on CPU (the reference's numerics), bf16 on GPU."""
+    """"auto": fp32 on CPU, bf16 on GPU (what `load_model` used before it chose by the CPU; kept for callers)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
@@ -153,38 +326,76 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
     return DTYPES[dtype]
 
 
+def check_shapes(model: TinyLlavaVideo, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Raise CheckpointError when a stored tensor's shape differs from the one the config builds."""
+    expected = model.state_dict()
+    for key, shape in shapes.items():
+        if key in expected and tuple(expected[key].shape) != tuple(shape):
+            raise CheckpointError(f"Checkpoint does not match the model: '{key}' is {list(shape)} in the file but "
+                                  f"the config makes it {list(expected[key].shape)}.")
+
+
 def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None = "auto", device: str | None = "auto",
                quantization: str | None = None, attn_implementation: str | None = None,
-               tokenizer: bool = True) -> TinyLlavaVideo:
+               tokenizer: bool = True, revision: str | None = None, check_memory: bool = True) -> TinyLlavaVideo:
     """Load a TinyLLaVA-Video checkpoint (either layout) into a ready-to-use model in eval mode.
 
-    quantization: None, "8bit" or "4bit" (bitsandbytes, language model only; tower and connector unquantized).
-    The tokenizer is read from the checkpoint folder itself, never from `tokenizer_name_or_path`.
+    dtype: "auto" picks by device and model (`vidlmm.precision.plan_precision`): bf16 on a GPU; fp32 on CPU for a
+        small model; for a big one on CPU the fastest of fp32, bf16 and int8 measured on this CPU whose weights fit.
+        An explicit "fp32", "bf16", "fp16" (or torch dtype) is used as asked.
+    quantization: None, "8bit" / "4bit" (bitsandbytes) or "int8" (torch dynamic, CPU), language model linears only;
+        tower and connector unquantized.
+    revision: for a hub id, the branch, tag or commit to load; without one the first load pins the commit it
+        resolved and later loads reuse it, offline too (see `download`).
+    check_memory: estimate the weights' bytes from config.json and refuse (one-sentence CheckpointError naming the
+        bytes needed and free) before reading any weights when they cannot fit the device's free memory.
+    The loaded model carries `model.precision` (a `vidlmm.precision.Precision`: dtype, quantization, measured
+    GFLOPS, the reason, the weight estimate). The tokenizer is read from the checkpoint folder itself, never from
+    `tokenizer_name_or_path`.
     """
-    from accelerate import init_empty_weights
+    from .memory import parameter_breakdown, quantizable_linears
+    from .precision import check_precision_fits, plan_precision
 
-    folder = resolve_checkpoint(path_or_id)
+    folder = resolve_checkpoint(path_or_id, revision=revision)
     try:
         config = TinyLlavaConfig.from_json_file(folder / "config.json")
     except (ValueError, KeyError, json.JSONDecodeError) as err:
         raise CheckpointError(f"Bad config.json in '{folder.name}': {err}") from None
     device = pick_device(device)
-    dtype = pick_dtype(dtype, device)
     attn = attn_implementation or choose_attn_implementation(device)
     try:
         tower_type = tower_type_for(config.vision_config, config.vision_model_name_or_path)
-        with init_empty_weights(include_buffers=False):  # no random init of billions of weights we overwrite
-            model = TinyLlavaVideo(config, attn_implementation=attn)
+        model = _build_empty(config, attn)
     except ValueError as err:
         raise CheckpointError(f"Cannot build the model of '{folder.name}': {err}") from None
+    params = parameter_breakdown(model)  # the meta model: counting allocates nothing
+    precision = plan_precision(params, device, dtype=dtype, quantization=quantization)
+    if check_memory:
+        check_precision_fits(precision, name=display_name(path_or_id), device=device)
+    dtype, quantization = precision.dtype, precision.quantization
     load_device = device if quantization is None else torch.device("cpu")
-    state = published_to_module_keys(read_state_dict(folder, load_device), tower_type)
-    allowed_missing = check_keys(model, state)
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    model.load_state_dict(state, strict=False, assign=True)
+    with CheckpointWeights(folder, load_device) as weights:
+        published = published_to_module_keys({k: k for k in weights.keys()}, tower_type)  # module key -> file key
+        allowed_missing = check_keys(model, published)
+        check_shapes(model, {k: weights.shape(v) for k, v in published.items()})
+        # int8: each LLM linear is read just before it is quantized, so its fp32 copy never sits beside the rest
+        later = ({f"language_model.{name}.weight" for name, _ in quantizable_linears(model.language_model)}
+                 if quantization == "int8" else set())
+        state = {}
+        for key, stored in published.items():
+            if key not in later:
+                tensor = weights.read(stored)
+                state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor  # one tensor in transit
+        model.load_state_dict(state, strict=False, assign=True)
+        del state
+        if quantization == "int8":
+            from .quantize import quantize_language_model
+
+            quantize_language_model(model, "int8", "cpu", weight_of=lambda name: weights.read(
+                published[f"language_model.{name}.weight"]).to(torch.float32))
     _materialize(model, allowed_missing, dtype, load_device)
     model.language_model.tie_weights()
-    if quantization:
+    if quantization in ("8bit", "4bit"):
         from .quantize import quantize_language_model
 
         quantize_language_model(model, quantization, device)
@@ -196,7 +407,39 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None
         model.tokenizer = load_tokenizer(folder, model_max_length=config.tokenizer_model_max_length,
                                          padding_side=config.tokenizer_padding_side)
     model.source = str(path_or_id)
+    model.precision = precision
     return model
+
+
+def _build_empty(config: TinyLlavaConfig, attn: str) -> TinyLlavaVideo:
+    """The model with parameters on the meta device: no random init of billions of weights we overwrite."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = TinyLlavaVideo(config, attn_implementation=attn)
+    model.language_model.tie_weights()  # counted once by the estimate; re-tied to the loaded embeddings later
+    return model
+
+
+def check_checkpoint_fits(path_or_id: str | os.PathLike, *, dtype="auto", device: str | None = "auto",
+                          quantization: str | None = None, revision: str | None = None, free: int | None = None):
+    """What `load_model` decides before reading any weight, without loading: the `Precision` it would load in
+    (its `weight_bytes` is the estimate). Raises the same one-sentence CheckpointError when it cannot fit.
+
+    free: bytes to assume free (default: measured now), e.g. plus what a caller will release before loading."""
+    from .memory import parameter_breakdown
+    from .precision import check_precision_fits, plan_precision
+
+    folder = resolve_checkpoint(path_or_id, revision=revision)
+    try:
+        config = TinyLlavaConfig.from_json_file(folder / "config.json")
+        device = pick_device(device)
+        model = _build_empty(config, "sdpa")
+    except (ValueError, KeyError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"Bad config.json in '{folder.name}': {err}") from None
+    precision = plan_precision(parameter_breakdown(model), device, dtype=dtype, quantization=quantization, free=free)
+    check_precision_fits(precision, name=display_name(path_or_id), device=device, free=free)
+    return precision
 
 
 def _materialize(model: TinyLlavaVideo, keys: list[str], dtype, device) -> None:
@@ -277,7 +520,7 @@ def save_split_layout(model: TinyLlavaVideo, folder: str | os.PathLike) -> Path:
 # ---- composing a new model from pretrained parts (training stage 1) --------------------------------------
 def _local_folder(path_or_id: str) -> Path:
     path = Path(path_or_id).expanduser()
-    return path if path.is_dir() else _download(str(path_or_id))
+    return path if path.is_dir() else download(str(path_or_id))
 
 
 def build_from_parts(llm: str, vision_tower: str, *, connector_type: str = "groupresampler", num_queries: int = 512,

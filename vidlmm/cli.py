@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", help="checkpoint folder or hub id (default: the embedded model)")
         p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-        p.add_argument("--quantization", choices=["8bit", "4bit"], help="bitsandbytes, language model only")
+        p.add_argument("--quantization", choices=["8bit", "4bit", "int8"],
+                       help="the language model's linear layers: 8bit / 4bit (bitsandbytes) or int8 (torch, CPU)")
+        p.add_argument("--revision", help="hub revision (branch, tag or commit) for a hub id; default: the pinned one")
         p.add_argument("--json", action="store_true", help="print one JSON object")
         p.add_argument("--token-budget", type=int,
                        help="visual tokens per video for a compressor model (pool, tome, topk) instead of its own")
@@ -73,7 +75,8 @@ def _load(args):
     if not trained:
         print("note: using a tiny random-weight stand-in model (the embedded trained models are not built yet); "
               "its answers are meaningless.", file=sys.stderr)
-    model = load_model(source, dtype=args.dtype, device=args.device, quantization=args.quantization)
+    model = load_model(source, dtype=args.dtype, device=args.device, quantization=args.quantization,
+                       revision=getattr(args, "revision", None))
     if getattr(args, "token_budget", None) is not None:
         set_token_budget(model, args.token_budget)
     return model
@@ -119,7 +122,7 @@ def cmd_ask(args) -> int:
                                   temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     answer = lmm.ask(args.video, args.question, generation=settings)
     if args.json:
-        print(json.dumps(answer.to_json()))
+        print(json.dumps({**answer.to_json(), "precision": _precision_json(model)}))
     else:
         print(answer.text)
     return 0
@@ -148,6 +151,7 @@ def cmd_info(args) -> int:
         "llm": cfg.llm_type,
         "hidden_size": cfg.hidden_size,
         "dtype": str(model.dtype).replace("torch.", ""),
+        "precision": _precision_json(model),
         "parameters": model.parameter_counts(),
     }
     if args.json:
@@ -155,8 +159,16 @@ def cmd_info(args) -> int:
     else:
         width = max(map(len, info))
         for key, value in info.items():
+            if key == "precision" and value:
+                value = f"{value['name']}: {value['reason']}"
             print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _precision_json(model) -> dict | None:
+    """What the model was loaded in and why (`vidlmm.precision.Precision`), None for a model built elsewhere."""
+    precision = getattr(model, "precision", None)
+    return precision.to_json() if precision is not None else None
 
 
 def cmd_eval(args) -> int:
