@@ -113,6 +113,9 @@ def main(argv=None) -> int:
     naive_module = None if args.no_naive else NaiveResampler(
         vision_hidden_size=args.vision_width, hidden_size=width, num_queries=args.queries,
         num_resampler_layers=args.layers).eval()
+    from common import machine, machine_line
+
+    print(machine_line())
     print(f"GroupResampler D={width} Dv={args.vision_width} queries={args.queries} groups={args.groups} "
           f"layers={args.layers}, {args.tokens_per_frame} tokens/frame, fp32, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats} after {args.warmup} warm-up")
@@ -146,7 +149,7 @@ def main(argv=None) -> int:
         meta = {"width": width, "vision_width": args.vision_width, "queries": args.queries, "groups": args.groups,
                 "layers": args.layers, "tokens_per_frame": args.tokens_per_frame, "threads": torch.get_num_threads(),
                 "repeats": args.repeats, "torch": torch.__version__, "machine": platform.machine(),
-                "cpu_count": os.cpu_count()}
+                "cpu_count": os.cpu_count(), "cpu": machine()["cpu"]}
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:
             json.dump({"config": meta, "results": results, "outputs_match": ok}, fh, indent=2)

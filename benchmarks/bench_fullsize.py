@@ -3,7 +3,7 @@
     python benchmarks/bench_fullsize.py [--frames 16 64] [--json OUT] [--md OUT]   # (a) estimate only, seconds
     python benchmarks/bench_fullsize.py --measure-weights                           # (a) + weights measured
     python benchmarks/bench_fullsize.py --tower-chunks --frames 16 64               # (b) the tower alone on CPU
-    python benchmarks/bench_fullsize.py --run-cpu [--frames 16]                     # (b) bf16 on CPU: slow
+    python benchmarks/bench_fullsize.py --run-cpu [--frames 16] [--precision auto]  # (b) on CPU: minutes
     python benchmarks/bench_fullsize.py --cuda                                      # (c) needs a GPU
     python benchmarks/bench_fullsize.py --tiny --run-cpu --frames 4                 # the same code at toy size
 
@@ -12,7 +12,8 @@ Architecture: SigLIP-so400m tower (27 layers, 1152 wide, 16 heads, MLP 4304, 384
 16 heads, 2 KV heads, MLP 11008, vocabulary 151936, tied embeddings).
 
 (a) ESTIMATE (always; nothing is allocated: the model is built on the meta device and its parameters counted
-    per part). Weights: fp32 4 B, bf16 2 B; 8-bit / 4-bit (bitsandbytes, `vidlmm.quantize`) quantize the LLM's
+    per part; the formula is `vidlmm.memory.weight_bytes`, the one `load_model` checks before loading).
+    Weights: fp32 4 B, bf16 2 B; 8-bit / 4-bit (bitsandbytes, `vidlmm.quantize`) quantize the LLM's
     linear layers only (1 B + a fp32 scale per row / 0.5 B + double-quantized absmax per 64 weights); the
     embeddings (tied lm_head), norms, biases, tower and connector stay bf16. Activations per phase (they do not
     overlap): the tower as `vidlmm.vision.VisionTower` runs it (chunks of about 4096 tokens, 5 frames for so400m,
@@ -21,8 +22,10 @@ Architecture: SigLIP-so400m tower (27 layers, 1152 wide, 16 heads, MLP 4304, 384
     transients with sdpa, logits of the last position only, KV cache for prompt + new tokens). The reference
     column uses its choices: fp32, eager attention (tower and LLM), full-sequence logits in the prefill.
     Peak = weights + the largest phase; the CUDA context (about 0.5 GiB) is shown apart.
-(b) --run-cpu: builds it for real in bf16 on CPU (about 7.5 GB of RAM), times each stage at the given frame counts
-    on random pixels (decode is not part of it), and reports peak RSS.
+(b) --run-cpu: builds it for real on CPU at the precision `load_model(dtype="auto")` picks on this machine
+    (`vidlmm.precision`: the fastest of fp32 / bf16 / int8 measured here whose weights fit; int8 holds about
+    6.2 GB, bf16 7.3 GB, fp32 14.5 GB), or at --precision, times each stage at the given frame counts on random
+    pixels (decode is not part of it), and reports time to first token and peak RSS with the CPU named.
 (c) --cuda: peak `torch.cuda.max_memory_allocated` for fp32, bf16, 8-bit, 4-bit, time to first token and
     tokens/s at 16 and 64 frames; bf16 with sdpa and, when flash-attn is installed, flash-attention 2.
 """
@@ -36,6 +39,10 @@ import sys
 import time
 
 from common import Report, machine, reset_peak_rss, self_rss_mb
+
+from vidlmm.errors import CheckpointError
+from vidlmm.memory import parameter_breakdown, storage_bytes, weight_bytes  # the library's formula
+from vidlmm.precision import describe_cpu
 
 GIB = 1024**3
 TEXT_TOKENS = 64  # prompt text around the visual tokens (system prompt + question)
@@ -72,24 +79,20 @@ def tiny_full_config():
 
 def build_meta(config, attn: str = "sdpa"):
     """The model with its parameters on the meta device (buffers real, like `load_model`)."""
-    from accelerate import init_empty_weights
+    from vidlmm.memory import build_meta_model
 
-    from vidlmm.model import TinyLlavaVideo
-
-    with init_empty_weights(include_buffers=False):
-        model = TinyLlavaVideo(config, attn_implementation=attn)
-    model.language_model.tie_weights()  # lm_head shares the input embeddings (counted once)
-    return model
+    return build_meta_model(config, attn)
 
 
-def materialize(model, dtype, device: str, seed: int = 0):
-    """Random weights in `dtype` on `device`: matrices N(0, 0.02), latents N(0, 1), norms 1, biases 0."""
+def materialize(model, dtype, device: str, seed: int = 0, skip: frozenset = frozenset()):
+    """Random weights in `dtype` on `device`: matrices N(0, 0.02), latents N(0, 1), norms 1, biases 0.
+    Parameters named in `skip` stay on the meta device (int8 fills the LLM's linears one at a time)."""
     import torch
 
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, param in list(model.named_parameters()):
-        if name.startswith("language_model.lm_head."):
-            continue  # tied to the input embeddings below
+        if name.startswith("language_model.lm_head.") or name in skip:
+            continue  # lm_head: tied to the input embeddings below
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         data = torch.empty(param.shape, dtype=dtype, device=device)
@@ -111,64 +114,6 @@ def materialize(model, dtype, device: str, seed: int = 0):
 
 
 # ---- (a) the estimate ------------------------------------------------------------------------------------------
-
-def parameter_breakdown(model) -> dict:
-    """Parameter counts per part, and the LLM's quantizable linears (all but lm_head) with their rows."""
-    from torch import nn
-
-    counts = model.parameter_counts()
-    linear_params = linear_rows = linear_bias = 0
-    for name, module in model.language_model.named_modules():
-        if type(module) is nn.Linear and name.split(".")[-1] != "lm_head":
-            linear_params += module.weight.numel()
-            linear_rows += module.out_features
-            linear_bias += module.bias.numel() if module.bias is not None else 0
-    return {**counts, "total": sum(counts.values()), "llm_linear_weights": linear_params,
-            "llm_linear_rows": linear_rows, "llm_linear_biases": linear_bias}
-
-
-def weight_bytes(params: dict, mode: str) -> float:
-    total = params["total"]
-    if mode == "fp32":
-        return 4.0 * total
-    if mode == "bf16":
-        return 2.0 * total
-    linear = params["llm_linear_weights"]
-    rest = 2.0 * (total - linear)  # embeddings, norms, biases, tower, connector in bf16
-    if mode == "8bit":
-        return rest + linear + 4.0 * params["llm_linear_rows"]  # int8 + a fp32 scale per output row
-    # nf4: 4 bits per weight + absmax per 64-block, double-quantized (8 bit, fp32 per 256 blocks)
-    return rest + 0.5 * linear + linear / 64 + 4.0 * linear / (64 * 256)
-
-
-def storage_bytes(model) -> int:
-    """Bytes the model's weights really occupy: every distinct storage behind its parameters and buffers, with
-    the statistics bitsandbytes keeps beside quantized weights (4-bit: absmax, nested absmax, code tables;
-    8-bit: a scale per row). bitsandbytes packs the same way on CUDA, so a CPU build stands for a GPU one (not
-    checked on a GPU here)."""
-    import torch
-
-    seen: set[int] = set()
-    total = 0
-
-    def add(t):
-        nonlocal total
-        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
-            seen.add(t.untyped_storage().data_ptr())
-            total += t.untyped_storage().nbytes()
-
-    for p in model.parameters():
-        add(p)
-        add(getattr(p, "SCB", None))
-        state = getattr(p, "quant_state", None)
-        while state is not None:
-            for name in ("absmax", "code", "offset"):
-                add(getattr(state, name, None))
-            state = getattr(state, "state2", None)
-    for b in model.buffers():
-        add(b)
-    return total
-
 
 def activation_bytes(config, frames: int, b: int, *, eager: bool, full_logits: bool, new_tokens: int) -> dict:
     """Peak activation bytes per phase (b bytes per element), see the module docstring. The reference (eager)
@@ -263,20 +208,50 @@ def run_stages(model, frames: int, new_tokens: int, sync=lambda: None) -> dict:
             "visual_tokens": int(visual.shape[0]), "sequence": int(embeds.shape[1])}
 
 
-def run_cpu(config, frames_list, new_tokens: int, threads: int | None) -> dict:
+def build_cpu(config, precision):
+    """The model with random weights in `precision` on CPU; int8 draws and quantizes the LLM's linears one at a
+    time, so the fp32 LLM never sits in memory whole (peak: the int8 model plus one fp32 layer)."""
     import torch
+
+    from vidlmm.memory import quantizable_linears
+    from vidlmm.quantize import quantize_language_model
+
+    model = build_meta(config)
+    if precision.quantization != "int8":
+        return materialize(model, precision.dtype, "cpu")
+    linears = dict(quantizable_linears(model.language_model))
+    materialize(model, torch.float32, "cpu", skip=frozenset(f"language_model.{n}.weight" for n in linears))
+    gen = torch.Generator().manual_seed(1)
+    quantize_language_model(model, "int8", "cpu", weight_of=lambda name: torch.empty(
+        linears[name].weight.shape).normal_(0.0, 0.02, generator=gen))
+    return model
+
+
+def run_cpu(config, frames_list, new_tokens: int, threads: int | None, dtype: str = "auto") -> dict:
+    """Time to first token on CPU at the precision `load_model` would choose here (or `dtype` when given)."""
+    import torch
+
+    from vidlmm.precision import check_precision_fits, describe_cpu, plan_precision
 
     if threads:
         torch.set_num_threads(threads)
+    quantization = "int8" if dtype == "int8" else None
     t0 = time.perf_counter()
-    model = materialize(build_meta(config), torch.bfloat16, "cpu")
+    precision = plan_precision(parameter_breakdown(build_meta(config)), "cpu",
+                               dtype="auto" if dtype in ("auto", "int8") else dtype, quantization=quantization)
+    choose_s = time.perf_counter() - t0
+    print(f"  cpu precision: {precision.name}: {precision.reason}", flush=True)
+    check_precision_fits(precision, name="full-size random" if config.num_queries == 512 else "tiny random")
+    t0 = time.perf_counter()
+    model = build_cpu(config, precision)
     build_s = time.perf_counter() - t0
     after_build = self_rss_mb()
     runs = []
     for frames in frames_list:
         runs.append(run_stages(model, frames, new_tokens))
-        print(f"  cpu bf16, {frames} frames: ttft {runs[-1]['ttft_s']:.1f} s", flush=True)
-    return {"dtype": "bf16", "threads": torch.get_num_threads(), "build_s": build_s,
+        print(f"  cpu {precision.name}, {frames} frames: ttft {runs[-1]['ttft_s']:.1f} s", flush=True)
+    return {"dtype": precision.name, "precision": precision.to_json(), "cpu": describe_cpu(),
+            "threads": torch.get_num_threads(), "choose_s": choose_s, "build_s": build_s,
             "rss_after_build_mb": after_build.get("rss_mb"), "runs": runs, "rss": self_rss_mb()}
 
 
@@ -338,6 +313,33 @@ def build_cuda(config, mode: str, attn: str):
     model = materialize(build_meta(config, attn), torch.bfloat16, "cpu")
     quantize_language_model(model, mode, "cuda")
     return model.to("cuda")
+
+
+def measure_int8_layers(layers: int = 6, shape: tuple[int, int] = (11008, 2048)) -> dict:
+    """torch's packed int8 layers hide their storage from Python, so count it as the RSS they add: `layers`
+    Qwen2.5-3B MLP-shaped linears (out, in), each drawn in fp32, quantized as `--quantization int8` does, and its
+    fp32 weight dropped (glibc's mmap threshold at 64 KiB so freed memory leaves the RSS)."""
+    import torch
+
+    from vidlmm.memory import INT8_ROW_BYTES
+    from vidlmm.quantize import int8_linear
+
+    precise = _release_freed_memory()
+    out_features, in_features = shape
+    kept = [int8_linear(torch.nn.Linear(4, 4))]  # warm-up: torch's quantized engine and its first allocations
+    gc.collect()
+    before = self_rss_mb()["rss_mb"]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(layers):
+        linear = torch.nn.Linear(in_features, out_features, bias=False, device="meta")
+        weight = torch.empty(out_features, in_features).normal_(0.0, 0.02, generator=gen)
+        kept.append(int8_linear(linear, weight))
+        del weight
+        gc.collect()
+    per_layer = (self_rss_mb()["rss_mb"] - before) / layers * 2**20
+    estimated = out_features * in_features + INT8_ROW_BYTES * out_features
+    return {"shape": [out_features, in_features], "layers": layers, "measured_bytes_per_layer": per_layer,
+            "estimated_bytes_per_layer": estimated, "mmap_allocations": precise}
 
 
 def measure_weights(config, modes=("bf16", "8bit", "4bit")) -> list[dict]:
@@ -407,7 +409,10 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", type=int, nargs="+", default=None,
                         help="frame counts (default: 16 64 for the estimate and CUDA, 16 for --run-cpu)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (default 32)")
-    parser.add_argument("--run-cpu", action="store_true", help="(b) build it in bf16 on CPU and time it (slow)")
+    parser.add_argument("--run-cpu", action="store_true",
+                        help="(b) build it on CPU at the precision chosen for this CPU and time it (minutes)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"],
+                        help="--run-cpu precision (default auto: what load_model would choose here)")
     parser.add_argument("--measure-weights", action="store_true",
                         help="build bf16 / 8-bit / 4-bit on CPU and count the weights' bytes (about 8 GB of RAM)")
     parser.add_argument("--tower-chunks", action="store_true",
@@ -481,14 +486,29 @@ def main(argv=None) -> int:
         report.table(["precision", "measured (MiB)", "estimated (MiB)", "measured / estimated"],
                      [[r["mode"], f"{r['bytes'] / 2**20:,.1f}", f"{weight_bytes(params, r['mode']) / 2**20:,.1f}",
                        f"{r['bytes'] / weight_bytes(params, r['mode']):.4f}"] for r in measured])
+        int8 = measure_int8_layers()
+        data["int8_layers_measured"] = int8
+        report()
+        report(f"int8 (torch dynamic, `--quantization int8`): {int8['layers']} linears of {int8['shape'][1]} -> "
+               f"{int8['shape'][0]} add {int8['measured_bytes_per_layer'] / 2**20:.1f} MiB of RSS each, estimated "
+               f"{int8['estimated_bytes_per_layer'] / 2**20:.1f} MiB (measured / estimated "
+               f"{int8['measured_bytes_per_layer'] / int8['estimated_bytes_per_layer']:.3f})")
 
     # (b)
     report()
-    report("## (b) measured on CPU, bf16")
+    report(f"## (b) measured on CPU: {describe_cpu()}")
     report()
+    cpu = None
     if args.run_cpu:
-        cpu = run_cpu(config, args.frames or [16], args.new_tokens, args.threads)
+        try:
+            cpu = run_cpu(config, args.frames or [16], args.new_tokens, args.threads, args.precision)
+        except CheckpointError as err:  # the weights cannot fit this machine's free memory
+            report(f"skipped: {err}")
+            data["cpu"] = {"skipped": str(err)}
+    if cpu is not None:
         data["cpu"] = cpu
+        p = cpu["precision"]
+        report(f"precision {p['name']}: {p['reason']}")
         report(f"built in {cpu['build_s']:.1f} s; RSS after build {cpu['rss_after_build_mb']:.0f} MiB, peak "
                f"{cpu['rss']['peak_rss_mb']:.0f} MiB; {cpu['threads']} threads; random pixels (no decode)")
         report()
@@ -496,8 +516,11 @@ def main(argv=None) -> int:
                       "tokens/s"],
                      [[r["frames"], f"{r['vision_s']:.2f}", f"{r['connector_s']:.2f}", f"{r['prefill_s']:.2f}",
                        f"{r['ttft_s']:.2f}", f"{r['tokens_per_s']:.2f}"] for r in cpu["runs"]])
-    else:
-        report("skipped (pass --run-cpu; about 7.5 GB of RAM and minutes per frame count on 2 cores)")
+        for r in cpu["runs"]:
+            report(f"time to first token at {r['frames']} frames: {r['ttft_s']:.1f} s in {p['name']} on "
+                   f"{cpu['cpu']}")
+    elif not args.run_cpu:
+        report("skipped (pass --run-cpu; 7 to 15 GB of RAM by precision and minutes per frame count on 2 cores)")
     if args.tower_chunks:
         tower = run_tower_chunks(config, frames_list)
         data["tower_chunks"] = tower

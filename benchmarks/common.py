@@ -114,10 +114,13 @@ def self_rss_mb() -> dict:
 
 
 class Report:
-    """Print lines as they come and keep them, to be written as markdown at the end."""
+    """Print lines as they come and keep them, to be written as markdown at the end. The first line names the
+    machine (`machine_line`), so every CPU figure a benchmark reports carries the CPU it was measured on."""
 
-    def __init__(self):
+    def __init__(self, header: bool = True):
         self.lines: list[str] = []
+        if header:
+            self(machine_line())
 
     def __call__(self, line: str = "") -> None:
         print(line, flush=True)
@@ -144,7 +147,21 @@ class Report:
 
 
 def machine() -> dict:
+    """The machine a benchmark ran on; `cpu` names the CPU and what decides its fp32 / bf16 / int8 speed."""
     import platform
 
-    return {"cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    import torch
+
+    from vidlmm.precision import detect_cpu
+
+    cpu = detect_cpu()
+    return {"cpu": cpu.describe(), "cpu_flags": sorted(cpu.flags), "torch_cpu_capability": cpu.torch_level,
+            "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+            "torch": torch.__version__, "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def machine_line() -> str:
+    """One line: the CPU (model, threads, instruction sets), CPUs, torch, OMP_NUM_THREADS."""
+    m = machine()
+    return (f"machine: {m['cpu']}; {m['cpu_count']} CPUs; torch {m['torch']}; "
+            f"OMP_NUM_THREADS={m['omp_num_threads'] or 'unset'}")

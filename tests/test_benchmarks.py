@@ -78,6 +78,12 @@ def test_bench_fullsize_runs_on_cpu_at_toy_size(tmp_path):
     result = json.loads(out_json.read_text())
     (cpu_run,) = result["cpu"]["runs"]
     assert cpu_run["frames"] == 4 and cpu_run["new_tokens"] == 4 and cpu_run["ttft_s"] > 0
+    # the precision load_model would choose (a toy model: fp32), and every CPU figure names the CPU
+    assert result["cpu"]["precision"]["name"] == "fp32"
+    cpu = result["machine"]["cpu"]
+    assert result["cpu"]["cpu"] == cpu and " thread" in cpu
+    assert run.stdout.startswith(f"machine: {cpu}")
+    assert f"time to first token at 4 frames: {cpu_run['ttft_s']:.1f} s in fp32 on {cpu}" in run.stdout
     if "cuda" in result and "skipped" in result["cuda"]:
         assert "torch.cuda.is_available() is False" in run.stdout
 
@@ -106,3 +112,5 @@ def test_bench_fullsize_weight_formula_matches_what_bitsandbytes_stores(tmp_path
     for mode, actual in measured.items():
         # 4-bit: bitsandbytes' code tables (about 1 KiB per layer) are not in the formula; 1.3 % at toy size
         assert 0.999 < actual / estimated[mode] < 1.02, (mode, actual, estimated[mode])
+    int8 = result["int8_layers_measured"]  # torch's packed int8 layers, counted as the RSS they add
+    assert 0.9 < int8["measured_bytes_per_layer"] / int8["estimated_bytes_per_layer"] < 1.1, int8

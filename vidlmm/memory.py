@@ -11,9 +11,9 @@ parameters are counted per part. Bytes per weight by precision ("mode"):
 * ``int8`` (torch dynamic quantization, `vidlmm.quantize`): those layers at 1 B + 16 B per output row (fbgemm's
   packed matrix, column offsets, scale, zero point); the rest in fp32, the only dtype its kernels take.
 
-The bitsandbytes formulas are checked against what bitsandbytes stores (`benchmarks/bench_fullsize.py
---measure-weights`, within 2 % at toy size, 0.01 % at full size); the int8 one against the RSS it adds (22.4 MiB
-measured for a 2048 -> 11008 layer, 21.6 MiB estimated).
+The formulas are checked by `benchmarks/bench_fullsize.py --measure-weights`: bitsandbytes' against what it
+stores (within 2 % at toy size, 0.01 % at full size), int8 against the RSS its packed layers add (21.5 MiB
+measured per 2048 -> 11008 layer, 21.7 MiB estimated).
 
 `load_model` calls `check_weights_fit` after reading config.json and before reading any weights, so a model that
 cannot fit is refused with one sentence instead of the process being killed half-way through the load.
