@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from vidlmm.errors import CheckpointError
@@ -50,8 +50,10 @@ class ModelChoice:
     kind: str           # "default", "embedded", "hub" or "custom"
 
 
-def discover_models(models_dir: str | Path, default_source: str, default_trained: bool) -> list[ModelChoice]:
-    """The startup default first, then every checkpoint folder under models_dir, then the published hub ids."""
+def discover_models(models_dir: str | Path, default_source: str, default_trained: bool,
+                    hub: bool = True) -> list[ModelChoice]:
+    """The startup default first, then every checkpoint folder under models_dir, then (when `hub`) the published
+    hub ids."""
     default_path = Path(default_source)
     default_connector = connector_of(default_path) if default_path.is_dir() else HUB_MODELS.get(default_source)
     note = "" if default_trained else " (random stand-in: answers are meaningless)"
@@ -63,7 +65,7 @@ def discover_models(models_dir: str | Path, default_source: str, default_trained
             connector = connector_of(folder)
             choices.append(ModelChoice(folder.name, f"{folder.name} · {connector} (embedded)", str(folder), connector,
                                        "embedded"))
-    for hub_id, connector in HUB_MODELS.items():
+    for hub_id, connector in HUB_MODELS.items() if hub else ():
         choices.append(ModelChoice(hub_id, f"{hub_id} (hub, needs internet once)", hub_id, connector, "hub"))
     return choices
 
@@ -100,70 +102,90 @@ class LoadedModel:
     lmm: object  # vidlmm.pipeline.VideoLMM with caching off: sessions bring their own cache views
     connector: str
     trained: bool
+    weight_bytes: int = 0
+    precision: dict = field(default_factory=dict)  # vidlmm.precision.Precision.to_json(): what it runs in, and why
 
 
 class ModelPool:
-    """Loaded models, at most `max_loaded` (least recently used dropped first), each loaded once even when many
-    requests ask for it at the same time."""
+    """Loaded models whose weights together stay within `max_bytes` (least recently used dropped first to make
+    room). Each checkpoint's weight bytes are estimated from its config.json before anything is read, and one that
+    cannot fit the budget or the device's free memory is refused with one sentence. Not thread-safe for loading:
+    callers load inside the app's model slot (`app.jobs.ModelSlot`), so no load overlaps another or a running job.
+    """
 
-    def __init__(self, choices: list[ModelChoice], *, max_loaded: int = 2, dtype="auto", device="auto",
+    def __init__(self, choices: list[ModelChoice], *, max_bytes: int, dtype="auto", device="auto",
                  quantization=None, allow_custom: bool = True, default_trained: bool = True):
         self.choices = choices
-        self.max_loaded = max(1, int(max_loaded))
+        self.max_bytes = int(max_bytes)
         self.load_kwargs = dict(dtype=dtype, device=device, quantization=quantization)
         self.allow_custom = allow_custom
         self.default_trained = default_trained
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
-        self._lock = threading.Lock()
-        self._loading: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()  # guards the dict: light endpoints read it while a job loads
 
     def resolve(self, name: str | None) -> ModelChoice:
         """A user's model string -> the choice to load. Unknown names are a one-sentence CheckpointError."""
-        name = (name or "default").strip()
+        name = (name or "default").strip() if isinstance(name, str) or name is None else str(name)
         for c in self.choices:
             if name in (c.value, c.label, c.source):
                 return c
         if not self.allow_custom:
             known = ", ".join(c.value for c in self.choices)
-            raise CheckpointError(f"Unknown model '{name}'; this app offers: {known}.")
+            raise CheckpointError(f"Unknown model '{name[:80]}'; this app offers: {known}.")
         path = Path(name).expanduser()
         connector = connector_of(path) if path.is_dir() else None
         return ModelChoice(name, name, str(path) if path.is_dir() else name, connector, "custom")
 
-    def get(self, name: str | None) -> LoadedModel:
-        """The loaded model for a name (two names of one checkpoint share it), named as asked."""
+    def loaded(self, name: str | None) -> LoadedModel | None:
+        """The model for a name when it is loaded already (named as asked), else None; never loads."""
         choice = self.resolve(name)
-        return replace(self._get(choice), name=choice.value)
-
-    def _get(self, choice: ModelChoice) -> LoadedModel:
-        key = choice.source
         with self._lock:
-            if key in self._loaded:
-                self._loaded.move_to_end(key)
-                return self._loaded[key]
-            gate = self._loading.setdefault(key, threading.Lock())
-        with gate:  # the first caller loads; the others wait here and then find it loaded
-            with self._lock:
-                if key in self._loaded:
-                    self._loaded.move_to_end(key)
-                    return self._loaded[key]
-            loaded = self._load(choice)
-            with self._lock:
-                self._loaded[key] = loaded
-                while len(self._loaded) > self.max_loaded:
-                    self._loaded.popitem(last=False)  # in-flight users keep their reference until they finish
-                self._loading.pop(key, None)
-        return loaded
+            found = self._loaded.get(choice.source)
+            if found is not None:
+                self._loaded.move_to_end(choice.source)
+        return None if found is None else replace(found, name=choice.value)
+
+    def get(self, name: str | None) -> LoadedModel:
+        """The loaded model for a name (two names of one checkpoint share it), loading it when needed: call
+        inside the model slot."""
+        choice = self.resolve(name)
+        found = self.loaded(name)
+        if found is not None:
+            return found
+        loaded = self._load(choice)
+        with self._lock:
+            self._loaded[choice.source] = loaded
+        return replace(loaded, name=choice.value)
 
     def _load(self, choice: ModelChoice) -> LoadedModel:
-        from vidlmm.checkpoint import load_model
+        import gc
+
+        from vidlmm.checkpoint import check_checkpoint_fits, display_name, load_model
+        from vidlmm.memory import gigabytes
         from vidlmm.pipeline import VideoLMM
 
+        plan = check_checkpoint_fits(choice.source, **self.load_kwargs)  # config.json only; refuses what cannot fit
+        need = int(plan.weight_bytes or 0)
+        if need > self.max_bytes:
+            raise CheckpointError(f"Model '{display_name(choice.source)}' needs {gigabytes(need)} for its weights in "
+                                  f"{plan.name}, over this app's model memory of {gigabytes(self.max_bytes)} "
+                                  "(--model-memory-mb).")
+        with self._lock:  # make room: in-flight users keep their reference until they finish
+            while self._loaded and sum(m.weight_bytes for m in self._loaded.values()) + need > self.max_bytes:
+                self._loaded.popitem(last=False)
+        gc.collect()  # the evicted weights are freed before the new ones are read
         model = load_model(choice.source, **self.load_kwargs)
         trained = self.default_trained if choice.kind == "default" else True
+        precision = model.precision.to_json() if getattr(model, "precision", None) is not None else {}
         return LoadedModel(choice.value, choice.source, VideoLMM(model, cache_bytes=0),
-                           model.connector._connector.registry_name, trained)
+                           model.connector._connector.registry_name, trained,
+                           weight_bytes=int(precision.get("weight_bytes") or need), precision=precision)
 
     def loaded_names(self) -> list[str]:
         with self._lock:
             return [m.name for m in self._loaded.values()]
+
+    @property
+    def loaded_bytes(self) -> int:
+        with self._lock:
+            return sum(m.weight_bytes for m in self._loaded.values())

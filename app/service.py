@@ -3,21 +3,22 @@ redundancy and comparison.
 
 Every method takes plain values (paths, strings, numbers, dataclasses) and returns plain values, so the UI in
 `app/ui.py` is thin glue and these are testable directly. Errors a user can cause are `UserError` (or a
-`VidlmmError`) carrying one sentence.
+`VidlmmError`) carrying one sentence. Model work takes a `Job` (`app.jobs`): its `report` gives progress and stops
+the work once the request is cancelled; models are loaded and run only inside the service's `ModelSlot`.
 """
 
 from __future__ import annotations
 
 import atexit
-import copy
 import functools
 import os
+import re
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
@@ -27,99 +28,28 @@ from .budget import TokenBudget, describe_limits, token_counts
 from .config import AppConfig
 from .exports import export_data, export_figure, slug
 from .gpu import across, gpu, peak_memory, reset_peak_memory
+from .jobs import Job, ModelSlot
+from .limits import Limits, UserError
 from .models import ModelPool, discover_models
 from .session import Session, SessionCache
 
-Progress = Callable[[float, str], None]
 TIMING_ORDER = ("decode", "preprocess", "vision", "connector", "prefill", "generation")
 THUMB_HEIGHT = 96
 MAX_THUMBS = 64
-MAX_PICTURE_FRAMES = 16
-
-
-class UserError(VidlmmError):
-    """A request the app refuses, in one sentence (bad setting, video too long, unknown model...)."""
-
-
-def _no_progress(fraction: float, text: str) -> None:
-    pass
+# an absolute path of two or more parts (a server folder): a visitor sees only its last part
+_SERVER_PATH = re.compile(r"(?<![\w.])/(?:[^\s'\"/:]+/)+([^\s'\"/:]*)")
 
 
 def one_sentence(err: BaseException) -> str:
-    """The message a user sees for any error: ours verbatim, anything else named but without a traceback."""
+    """The message a user sees for any error: ours verbatim, anything else named but without a traceback; never a
+    server path (only a file's own name)."""
     if isinstance(err, VidlmmError):
-        return str(err)
-    if isinstance(err, (ValueError, FileNotFoundError)):
-        return " ".join(str(err).split()) or type(err).__name__
-    return f"Something went wrong ({type(err).__name__}: {' '.join(str(err).split())[:200]})."
-
-
-# ---- settings from plain values ------------------------------------------------------------------------------
-def make_sampling(mode: str = "uniform", num_frames: int = 16, max_frames: int = 64, rate: float = 1.0,
-                  limit: int = 128):
-    """uniform: num_frames evenly spread. fps: `rate` frames per second capped at max_frames; rate 1 is the
-    reference's "1fps" mode (floor(duration) frames evenly spread)."""
-    from vidlmm.video import FrameSampling
-
-    mode = (mode or "uniform").lower()
-    try:
-        if mode == "uniform":
-            n = int(num_frames)
-            if not 1 <= n <= limit:
-                raise UserError(f"Frames must be between 1 and {limit}.")
-            return FrameSampling.uniform(n)
-        if mode == "fps":
-            cap = int(max_frames)
-            if not 1 <= cap <= limit:
-                raise UserError(f"Max frames must be between 1 and {limit}.")
-            rate = float(rate)
-            return FrameSampling.fps(cap) if abs(rate - 1.0) < 1e-9 else FrameSampling.at_rate(rate, cap)
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    raise UserError(f"Unknown frame sampling '{mode}' (use uniform or fps).")
-
-
-def make_generation(max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 0.2,
-                    top_p: float = 0.9, seed: int | None = None):
-    from vidlmm.pipeline import GenerationSettings
-
-    if not 1 <= int(max_new_tokens) <= 2048:
-        raise UserError("Max new tokens must be between 1 and 2048.")
-    if do_sample and not (float(temperature) > 0 and 0 < float(top_p) <= 1):
-        raise UserError("Sampling needs a temperature above 0 and a top-p in (0, 1].")
-    seed = None if seed in (None, "", -1) else int(seed)
-    return GenerationSettings(max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample),
-                              temperature=float(temperature), top_p=float(top_p), seed=seed)
-
-
-def make_budget(groups: int | None = 0, queries: int | None = 0, frame_tokens: int | None = 0,
-                active_fraction: float = 1.0, strategy: str = "random", seed: int = 0) -> TokenBudget:
-    fraction = float(active_fraction if active_fraction not in (None, "") else 1.0)
-    if not 0 < fraction <= 1:
-        raise UserError("The active fraction must be above 0 and at most 1.")
-    return TokenBudget(groups=int(groups or 0) or None, queries=int(queries or 0) or None,
-                       frame_tokens=int(frame_tokens or 0) or None, active_fraction=fraction,
-                       strategy=strategy or "random", seed=int(seed or 0))
-
-
-def parse_fractions(text) -> list[float]:
-    """'1, 0.5, 25%' or a list -> [1.0, 0.5, 0.25] (each in (0, 1])."""
-    items = text if isinstance(text, (list, tuple)) else str(text).replace(";", ",").split(",")
-    out = []
-    for item in items:
-        item = str(item).strip()
-        if not item:
-            continue
-        try:
-            value = float(item[:-1]) / 100 if item.endswith("%") else float(item)
-        except ValueError:
-            raise UserError(f"'{item}' is not a fraction (write e.g. 1, 0.5, 0.25 or 50%).") from None
-        if not 0 < value <= 1:
-            raise UserError(f"Fraction {item} is not in (0, 1].")
-        out.append(value)
-    if not out:
-        raise UserError("Give at least one active fraction.")
-    return sorted(set(out), reverse=True)
+        text = str(err)
+    elif isinstance(err, (ValueError, FileNotFoundError)):
+        text = " ".join(str(err).split()) or type(err).__name__
+    else:
+        text = f"Something went wrong ({type(err).__name__}: {' '.join(str(err).split())[:200]})."
+    return _SERVER_PATH.sub(lambda m: m.group(1) or "…", text)
 
 
 def format_timings(timings: dict, memory: dict | None = None) -> str:
@@ -158,16 +88,23 @@ class FigureSet:
 
 
 class Service:
-    """Owns the model pool, the shared byte-bounded feature cache and a temporary folder for downloads."""
+    """Owns the model pool and the slot it is used in, the shared byte-bounded feature cache, the request limits
+    and a temporary folder for downloads."""
 
     def __init__(self, config: AppConfig):
         from vidlmm.cache import ByteLRU
+        from vidlmm.video import ReadLimits
 
+        config = config.resolved()
         self.config = config
+        self.limits = Limits(config)
+        self.read_limits = ReadLimits(max_pixels=config.max_video_pixels, time_limit=config.max_decode_s,
+                                      max_duration=config.max_duration_s)
         source, trained = (config.model, True) if config.model else _default_model()
         self.default_source, self.default_trained = source, trained
-        self.choices = discover_models(config.models_dir, source, trained)
-        self.models = ModelPool(self.choices, max_loaded=config.max_loaded_models, dtype=config.dtype,
+        self.choices = discover_models(config.models_dir, source, trained, hub=config.hub_models)
+        self.slot = ModelSlot(config.concurrency)
+        self.models = ModelPool(self.choices, max_bytes=_model_memory_bytes(config), dtype=config.dtype,
                                 device=config.device, quantization=config.quantization,
                                 allow_custom=config.allow_custom_models, default_trained=trained)
         self.features = ByteLRU(config.cache_mb * 1024**2)
@@ -175,19 +112,28 @@ class Service:
         atexit.register(shutil.rmtree, self.files_root, ignore_errors=True)
 
     # ---- models and videos -------------------------------------------------------------------------------------
-    def lmm(self, session: Session, model: str | None):
-        """(LoadedModel, VideoLMM view whose cache is this session's)."""
-        loaded = self.models.get(model)
-        view = copy.copy(loaded.lmm)  # shares the model and its generate lock
-        view.cache = SessionCache(self.features, session.id)
-        return loaded, view
+    def model(self, name: str | None, job: Job | None = None):
+        """The loaded model for a name; a checkpoint that is not loaded yet is loaded inside the model slot."""
+        loaded = self.models.loaded(name)
+        if loaded is not None:
+            return loaded
+        with self.slot.hold(job, "waiting for the model slot to load the model"):
+            if job is not None:
+                job.report(0.02, "loading the model")
+            return self.models.get(name)
+
+    def lmm(self, session: Session, model: str | None, job: Job | None = None):
+        """(LoadedModel, VideoLMM view with this session's cache and the app's read limits)."""
+        loaded = self.model(model, job)
+        return loaded, loaded.lmm.view(cache=SessionCache(self.features, session.id), limits=self.read_limits)
 
     def check_video(self, video) -> tuple[str, float]:
-        """A readable video within the limits -> (path, duration s); otherwise a one-sentence error."""
+        """A readable video within the limits -> (path, duration s); otherwise a one-sentence error. Reads only
+        the container's headers (no frame is decoded), so it also runs in the validators."""
         if not video:
-            raise UserError("Upload a video (or pick an example) first.")
+            raise UserError("Upload a video (or pick an example) first.", "video")
         path = _video_path(video)
-        from vidlmm.video import check_video_path
+        from vidlmm.video import check_video_path, frame_size
 
         name = check_video_path(path)
         st = os.stat(path)
@@ -199,35 +145,40 @@ class Service:
         if duration > self.config.max_duration_s:
             raise VideoReadError("too_long", f"Cannot read video '{name}': it lasts {duration:.0f} s, longer than "
                                  f"the {self.config.max_duration_s:g} s limit.", path)
+        size = frame_size(path)
+        pixels = self.config.max_video_pixels
+        if size is not None and size[0] * size[1] > pixels:
+            raise VideoReadError("too_large", f"Cannot read video '{name}': its frames are {size[0]}x{size[1]}, "
+                                 f"over the {pixels / 1e6:.1f}-megapixel limit.", path)
         return path, duration
 
     def budget_info(self, model: str | None) -> dict:
-        loaded = self.models.get(model)
+        loaded = self.model(model)
         module = loaded.lmm.model.connector._connector
         return {"connector": loaded.connector, **describe_limits(module),
                 "latents": int(module.latents.shape[0]) if hasattr(module, "latents") else 0,
                 "tokens_per_frame_in": loaded.lmm.model.vision_tower.tokens_per_frame,
-                "sampling": loaded.lmm.sampling}
+                "sampling": loaded.lmm.sampling, "precision": loaded.precision}
 
     # ---- before running ------------------------------------------------------------------------------------------
     def preview(self, video, model: str | None, sampling, budget: TokenBudget) -> Preview:
         """The frames the model will see (thumbnails with timestamps) and how many visual tokens the LLM gets.
-        CPU only: decodes the sampled frames, never runs the model."""
+        CPU only: decodes the sampled frames straight to thumbnails, never runs the model."""
         from vidlmm.video import read_video
 
         path, duration = self.check_video(video)
-        clip = read_video(path, sampling)
-        loaded = self.models.get(model)
+        clip = read_video(path, sampling, transform=_thumbnail, **self.read_limits.kwargs())
+        loaded = self.model(model)
         model_obj = loaded.lmm.model
-        t = len(clip.indices)
+        t = clip.num_frames
         per_frame = model_obj.vision_tower.tokens_per_frame
         try:
             tokens, active = token_counts(model_obj.connector._connector, budget, t, per_frame)
         except ValueError as err:
             raise UserError(str(err)) from None
         default = model_obj.num_visual_tokens(t)
-        frames = [(_thumbnail(frame), f"#{int(i)} · {ts:.2f} s")
-                  for frame, i, ts in list(zip(clip.frames, clip.indices, clip.timestamps))[:MAX_THUMBS]]
+        frames = [(clip.frame(k), f"#{int(i)} · {ts:.2f} s")
+                  for k, (i, ts) in enumerate(zip(clip.indices[:MAX_THUMBS], clip.timestamps))]
         untrained = budget.overrides_connector()
         details = {"video": os.path.basename(path), "duration_s": round(duration, 3), "source_fps": round(clip.fps, 3),
                    "frames": t, "frame_indices": clip.indices.tolist(),
@@ -247,26 +198,25 @@ class Service:
     # ---- chat -------------------------------------------------------------------------------------------------------
     def ask(self, session: Session, video, question: str, *, model: str | None = None, sampling=None,
             budget: TokenBudget | None = None, generation=None, history: list | None = None,
-            progress: Progress = _no_progress) -> Iterator[str | AskResult]:
+            job: Job | None = None) -> Iterator[str | AskResult]:
         """Stream the answer: text pieces, then one AskResult. history: earlier (question, answer) pairs (None:
-        the session's conversation, which this answer extends)."""
-        question = (question or "").strip()
-        if not question:
-            raise UserError("Type a question first.")
+        the session's conversation, which this answer extends). Holds the model slot while it runs."""
+        job = job or Job()
+        question = self.limits.question(question)
         path, _ = self.check_video(video)
         budget = budget or TokenBudget()
-        progress(0.05, "loading model")
-        loaded, lmm = self.lmm(session, model)
-        sampling = sampling or lmm.sampling
-        turns = list(session.history if history is None else history)
-        pieces: list[str] = []
-        result = None
-        for item in _ask_gpu(lmm, path, question, turns, sampling, budget, generation, across(progress)):
-            if isinstance(item, str):
-                pieces.append(item)
-                yield item
-            else:
-                result = item
+        with self.slot.hold(job):
+            job.report(0.05, "loading model")
+            loaded, lmm = self.lmm(session, model, job)
+            sampling = sampling or lmm.sampling
+            turns = list(session.history if history is None else history)
+            result = None
+            for item in _ask_gpu(lmm, path, question, turns, sampling, budget, generation, across(job.report),
+                                 job.cancelled):
+                if isinstance(item, str):
+                    yield item
+                else:
+                    result = item
         answer, connector_s, active, prepared_timings, cached, memory = result
         timings = dict(answer.timings)
         timings.update({k: (0.0 if cached else v) for k, v in prepared_timings.items()})
@@ -280,7 +230,7 @@ class Service:
                    "budget": {"groups": budget.groups, "queries": budget.queries,
                               "frame_tokens": budget.frame_tokens, "active_fraction": budget.active_fraction,
                               "strategy": budget.strategy},
-                   "trained_model": loaded.trained}
+                   "precision": loaded.precision, "trained_model": loaded.trained}
         if history is None:
             session.history.append((question, answer.text))
         summary = f"{answer.num_visual_tokens} visual tokens"
@@ -292,20 +242,21 @@ class Service:
     # ---- analysis -------------------------------------------------------------------------------------------------
     def attention(self, session: Session, video, *, model: str | None = None, sampling=None, layer: int = -1,
                   head: int | None = None, log_scale: bool = False, query: int | None = None,
-                  group: int | None = None, fmt: str = "png", dpi: int = 150,
-                  progress: Progress = _no_progress) -> FigureSet:
+                  group: int | None = None, fmt: str = "png", dpi: int = 150, job: Job | None = None) -> FigureSet:
         """The connector's attention for this video: queries x tokens heatmap, per-frame overlays (all queries, one
         query or one group), temporal profile per group, redundancy statistics."""
         from vidlmm.analysis import to_jsonable
         from visualizations import (plot_attention_heatmap, plot_frame_overlays, plot_redundancy_stats,
                                     plot_temporal_profile)
 
+        job = job or Job()
         path, _ = self.check_video(video)
-        progress(0.05, "loading model")
-        loaded, lmm = self.lmm(session, model)
-        progress(0.2, "running the connector with attention")
-        maps, stats = _attention_gpu(lmm, path, sampling or lmm.sampling, int(layer))
-        progress(0.7, "drawing")
+        with self.slot.hold(job):
+            job.report(0.05, "loading model")
+            loaded, lmm = self.lmm(session, model, job)
+            job.report(0.2, "running the connector with attention")
+            maps, stats = _attention_gpu(lmm, path, self._analysis_sampling(sampling, lmm), int(layer))
+        job.report(0.7, "drawing")
         folder = session.files_dir(self.files_root)
         stem = f"{slug(loaded.name)}-{Path(path).stem}"
         layer = int(layer)
@@ -317,6 +268,7 @@ class Service:
         }
         images, downloads = {}, []
         for name, draw in figures.items():
+            job.report(0.7, f"drawing {name}")
             shown, files = export_figure(draw(), folder, f"{stem}-{name}", fmt, dpi)
             images[name] = shown
             downloads += files
@@ -324,36 +276,47 @@ class Service:
                                  folder, f"{stem}-attention", csv_rows=maps.rows(layer, head))
         downloads += export_data({"model": loaded.name, **stats}, folder, f"{stem}-redundancy",
                                  csv_rows=stats["rows"])
-        progress(1.0, "done")
+        job.report(1.0, "done")
         data = {"model": loaded.name, "connector": loaded.connector, "layer": stats["layer"],
                 "frames": maps.num_frames, "queries": maps.num_queries, "visual_tokens_in": int(maps.media.shape[-1]),
                 "heads": maps.num_heads, "layers": maps.num_layers, "summary": to_jsonable(stats["summary"])}
         return FigureSet(images, data, downloads)
 
+    def _analysis_sampling(self, sampling, lmm):
+        """The request's sampling, or the checkpoint's own within the attention frame limit (the maps hold layers x
+        heads x queries x frames x patches)."""
+        if sampling is not None:
+            return sampling
+        most = self.config.max_attention_frames
+        if lmm.sampling.max_frames_taken() <= most:
+            return lmm.sampling
+        return self.limits.sampling("uniform", most)
+
     def picture(self, session: Session, video, *, model: str | None = None, sampling=None, frames: int = 4,
-                fmt: str = "png", dpi: int = 150, progress: Progress = _no_progress) -> FigureSet:
+                fmt: str = "png", dpi: int = 150, job: Job | None = None) -> FigureSet:
         """What a per-frame compressor (llava_mini, pool, tome, topk) does to `frames` frames of this video,
         drawn over them (`visualizations.plot_connector_picture`), with its numbers and the output tokens'
         redundancy summary."""
         from vidlmm.analysis import PICTURE_KINDS, to_jsonable
         from visualizations import picture_data, plot_connector_picture
 
+        job = job or Job()
         path, _ = self.check_video(video)
-        if not 1 <= int(frames) <= MAX_PICTURE_FRAMES:
-            raise UserError(f"Frames shown must be between 1 and {MAX_PICTURE_FRAMES}.")
-        progress(0.05, "loading model")
-        loaded, lmm = self.lmm(session, model)
-        if loaded.connector not in PICTURE_KINDS:
-            raise UserError(f"The '{loaded.connector}' connector has no picture of its own; its attention shows "
-                            "what it looks at.")
-        progress(0.2, "running the connector")
-        picture, redundancy = _picture_gpu(lmm, path, sampling or lmm.sampling)
-        progress(0.7, "drawing")
+        frames = self.limits.picture_frames(frames)
+        with self.slot.hold(job):
+            job.report(0.05, "loading model")
+            loaded, lmm = self.lmm(session, model, job)
+            if loaded.connector not in PICTURE_KINDS:
+                raise UserError(f"The '{loaded.connector}' connector has no picture of its own; its attention shows "
+                                "what it looks at.")
+            job.report(0.2, "running the connector")
+            picture, redundancy = _picture_gpu(lmm, path, self._analysis_sampling(sampling, lmm))
+        job.report(0.7, "drawing")
         folder = session.files_dir(self.files_root)
         stem = f"{slug(loaded.name)}-{Path(path).stem}-picture"
         shown, downloads = export_figure(plot_connector_picture(picture, int(frames)), folder, stem, fmt, dpi)
         downloads += export_data({"model": loaded.name, **picture_data(picture)}, folder, stem)
-        progress(1.0, "done")
+        job.report(1.0, "done")
         t, k = picture["num_frames"], picture["output_tokens_per_frame"]
         data = {"model": loaded.name, "connector": loaded.connector, "kind": picture["kind"], "frames": t,
                 "tokens_per_frame_in": picture["tokens_per_frame"], "tokens_per_frame_out": k,
@@ -363,42 +326,46 @@ class Service:
     def redundancy(self, session: Session, video, question: str, *, models: list[str] | None = None,
                    source: str = "video", fractions=(1, 0.75, 0.5, 0.25, 0.125, 0.0625),
                    strategies=("random",), seeds: int = 3, sampling=None, max_items: int = 20, fmt: str = "png",
-                   dpi: int = 150, progress: Progress = _no_progress) -> FigureSet:
+                   dpi: int = 150, job: Job | None = None) -> FigureSet:
         """Query-zeroing curves for several connectors on one plot: this video and question (source "video"), or
-        the first max_items questions of the held-out multiple-choice set (source "heldout")."""
+        the first max_items questions of the held-out multiple-choice set (source "heldout"). The work stops
+        between batches of masks once the job is cancelled."""
+        from vidlmm.analysis import to_jsonable
         from visualizations import plot_zeroing
 
-        fractions = parse_fractions(fractions)
-        strategies = list(strategies) or ["random"]
-        seeds = list(range(max(1, int(seeds))))
-        models = [m for m in (models or ["default"]) if m] or ["default"]
+        job = job or Job()
+        fractions = self.limits.fractions(fractions)
+        strategies = self.limits.strategies(list(strategies or []))
+        seeds = self.limits.seeds(seeds)
+        models = self.limits.models(models or ["default"], self.config.max_redundancy_models, "to overlay")
+        if source not in ("video", "heldout"):
+            raise UserError(f"Unknown source '{str(source)[:40]}' (use video or heldout).", "source")
         if source == "heldout":
-            items, root = self.heldout_items(max_items)
+            items, root = self.heldout_items(self.limits.heldout_items(max_items))
         else:
             path, _ = self.check_video(video)
-            if not (question or "").strip():
-                raise UserError("Type a question first: the curve measures how its answer changes.")
+            question = self.limits.question(question)
         results = []
-        for k, name in enumerate(models):
-            def step(done, total, text="", k=k, name=name):  # vidlmm.analysis reports (done, total, text)
-                progress((k + min(max(done / max(total, 1), 0.0), 1.0)) / len(models), f"{name}: {text}")
+        with self.slot.hold(job):
+            for k, name in enumerate(models):
+                def step(done, total, text="", k=k, name=name):  # vidlmm.analysis reports (done, total, text)
+                    job.report((k + min(max(done / max(total, 1), 0.0), 1.0)) / len(models), f"{name}: {text}")
 
-            step(0, 1, "loading model")
-            loaded, lmm = self.lmm(session, name)
-            if source == "heldout":
-                results.append(_zeroing_mc_gpu(lmm, items, root, fractions, strategies, seeds,
-                                               sampling or lmm.sampling, loaded.name, across(step)))
-            else:
-                results.append(_zeroing_gpu(lmm, path, question.strip(), fractions, strategies, seeds,
-                                            sampling or lmm.sampling, loaded.name, across(step)))
+                step(0, 1, "loading model")
+                loaded, lmm = self.lmm(session, name, job)
+                if source == "heldout":
+                    results.append(_zeroing_mc_gpu(lmm, items, root, fractions, strategies, seeds,
+                                                   sampling or lmm.sampling, loaded.name, across(step)))
+                else:
+                    results.append(_zeroing_gpu(lmm, path, question, fractions, strategies, seeds,
+                                                sampling or lmm.sampling, loaded.name, across(step)))
         folder = session.files_dir(self.files_root)
         stem = f"zeroing-{source}-{'-'.join(slug(m) for m in models)}"
         shown, files = export_figure(plot_zeroing(results), folder, stem, fmt, dpi)
-        data = {"source": source, "results": [r.to_json() for r in results]}
+        data = {"source": source, "results": [_no_server_paths(r.to_json()) for r in results]}
         rows = [row for r in results for row in r.rows()]
         files += export_data(data, folder, stem, csv_rows=rows)
-        progress(1.0, "done")
-        from vidlmm.analysis import to_jsonable
+        job.report(1.0, "done")
 
         def brief(point: dict) -> dict:  # mean and spread per metric; every seed's value is in the downloads
             return {k: v for k, v in point.items() if not k.endswith(("_min", "_max")) and k != "model"}
@@ -417,57 +384,55 @@ class Service:
         return load_mc_items(path)[: max(1, int(max_items))], None
 
     def compare(self, session: Session, video, question: str, *, models: list[str], sampling=None,
-                generation=None, layer: int = -1, fmt: str = "png", dpi: int = 150,
-                progress: Progress = _no_progress) -> FigureSet:
-        """The same video and question through 2-3 models: answers, attention heatmaps (a per-frame compressor's
-        picture instead), token counts, timings."""
+                generation=None, layer: int = -1, fmt: str = "png", dpi: int = 150, job: Job | None = None) -> FigureSet:
+        """The same video and question through 1-3 models: answers, attention heatmaps (a per-frame compressor's
+        picture instead), token counts, timings. Stops between models (and between tokens) once cancelled."""
         from vidlmm.analysis import PICTURE_KINDS
         from visualizations import plot_attention_heatmap, plot_connector_picture
 
-        models = [m for m in (models or []) if m]
-        if not 1 <= len(models) <= 3:
-            raise UserError("Pick one to three models to compare.")
+        job = job or Job()
+        models = self.limits.models(models, self.config.max_compare_models, "to compare")
         path, _ = self.check_video(video)
-        question = (question or "").strip()
-        if not question:
-            raise UserError("Type a question first.")
+        question = self.limits.question(question)
         folder = session.files_dir(self.files_root)
         rows, images, downloads = [], [], []
-        for k, name in enumerate(models):
-            progress(k / len(models), f"{name}: answering")
-            own = Session(id=session.id)  # same cache, own (empty) conversation
-            result = None
-            for item in self.ask(own, path, question, model=name, sampling=sampling, generation=generation,
-                                 history=[]):
-                if isinstance(item, AskResult):
-                    result = item
-            loaded, lmm = self.lmm(session, name)
-            if loaded.connector in PICTURE_KINDS:  # compressors have no attention maps to draw: their own picture
-                progress((k + 0.6) / len(models), f"{name}: picture")
-                picture, _ = _picture_gpu(lmm, path, sampling or lmm.sampling)
-                figure, kind = plot_connector_picture(picture), "picture"
-            else:
-                progress((k + 0.6) / len(models), f"{name}: attention")
-                maps, _ = _attention_gpu(lmm, path, sampling or lmm.sampling, int(layer), stats=False)
-                figure, kind = plot_attention_heatmap(maps, int(layer)), "heatmap"
-            label = f"{k + 1}-{slug(loaded.name)}"
-            shown, files = export_figure(figure, folder, f"compare-{label}-{kind}", fmt, dpi)
-            images.append((f"{loaded.name} ({loaded.connector})", shown))
-            downloads += files
-            d = result.details
-            rows.append({"model": loaded.name, "connector": loaded.connector, "answer": d["answer"],
-                         "frames": d["frames"], "visual_tokens": d["visual_tokens"],
-                         **{(k if k == "tokens_per_s" else f"{k}_s"): v for k, v in d["timings_s"].items()},
-                         **{k: v for k, v in d["memory"].items()}})
+        with self.slot.hold(job):
+            for k, name in enumerate(models):
+                job.report(k / len(models), f"{name}: answering")
+                own = Session(id=session.id)  # same cache, own (empty) conversation
+                result = None
+                for item in self.ask(own, path, question, model=name, sampling=sampling, generation=generation,
+                                     history=[], job=job):
+                    if isinstance(item, AskResult):
+                        result = item
+                loaded, lmm = self.lmm(session, name, job)
+                if loaded.connector in PICTURE_KINDS:  # compressors have no attention maps to draw: their picture
+                    job.report((k + 0.6) / len(models), f"{name}: picture")
+                    picture, _ = _picture_gpu(lmm, path, self._analysis_sampling(sampling, lmm))
+                    figure, kind = plot_connector_picture(picture), "picture"
+                else:
+                    job.report((k + 0.6) / len(models), f"{name}: attention")
+                    maps, _ = _attention_gpu(lmm, path, self._analysis_sampling(sampling, lmm), int(layer),
+                                             stats=False)
+                    figure, kind = plot_attention_heatmap(maps, int(layer)), "heatmap"
+                label = f"{k + 1}-{slug(loaded.name)}"
+                shown, files = export_figure(figure, folder, f"compare-{label}-{kind}", fmt, dpi)
+                images.append((f"{loaded.name} ({loaded.connector})", shown))
+                downloads += files
+                d = result.details
+                rows.append({"model": loaded.name, "connector": loaded.connector, "answer": d["answer"],
+                             "frames": d["frames"], "visual_tokens": d["visual_tokens"],
+                             **{(k if k == "tokens_per_s" else f"{k}_s"): v for k, v in d["timings_s"].items()},
+                             **{k: v for k, v in d["memory"].items()}})
         downloads += export_data({"question": question, "video": os.path.basename(path), "rows": rows}, folder,
                                  f"compare-{Path(path).stem}", csv_rows=rows)
-        progress(1.0, "done")
+        job.report(1.0, "done")
         return FigureSet(images, {"question": question, "rows": rows}, downloads)
 
 
 # ---- GPU work (decorated for ZeroGPU; each returns CPU objects) --------------------------------------------------
 @gpu(duration=120)
-def _ask_gpu(lmm, path, question, history, sampling, budget, generation, progress):
+def _ask_gpu(lmm, path, question, history, sampling, budget, generation, progress, should_stop=None):
     from .budget import connect
 
     reset_peak_memory()
@@ -480,15 +445,31 @@ def _ask_gpu(lmm, path, question, history, sampling, budget, generation, progres
     except ValueError as err:
         raise UserError(str(err)) from None
     connector_s = time.perf_counter() - t0
+    _check_context(lmm, question, history, int(out.tokens.shape[1]), generation)
     progress(0.6, "generating")
     answer = None
     # the whole output, not just its tokens: LLaVA-Mini's pre-fusion rewrites the prompt from its fusion_context
-    for item in lmm.stream(prepared, question, history, generation, visual=out):
+    for item in lmm.stream(prepared, question, history, generation, visual=out, should_stop=should_stop):
         if isinstance(item, str):
             yield item
         else:
             answer = item
     yield answer, connector_s, active, dict(prepared.timings), cached, peak_memory()
+
+
+def _check_context(lmm, question, history, visual_tokens: int, generation) -> None:
+    """Refuse, in one sentence, an answer that cannot fit the model's context (prompt + visual + new tokens)."""
+    from vidlmm.pipeline import GenerationSettings
+
+    model = lmm.model
+    context = min(model.config.tokenizer_model_max_length,
+                  model.config.text_config.get("max_position_embeddings") or 10**9)
+    prompt = len(lmm.prompt_ids(question, list(history))) - 1 + visual_tokens  # the placeholder becomes the video
+    new = (generation or GenerationSettings()).max_new_tokens
+    if prompt + new > context:
+        raise UserError(f"The prompt ({prompt} tokens with the video) and {new} new tokens do not fit the model's "
+                        f"context of {context} tokens; ask for fewer new tokens or frames, or start a new "
+                        "conversation.", "max_new_tokens")
 
 
 @gpu(duration=120)
@@ -557,6 +538,24 @@ def _thumbnail(frame: np.ndarray) -> np.ndarray:
         return frame
     size = (max(1, round(w * THUMB_HEIGHT / h)), THUMB_HEIGHT)
     return np.asarray(Image.fromarray(frame).resize(size, Image.BILINEAR))
+
+
+def _no_server_paths(result: dict) -> dict:
+    """A zeroing result's JSON with its video named by the file's own name (a visitor never sees server paths)."""
+    reference = result.get("reference") or {}
+    if reference.get("video"):
+        result = {**result, "reference": {**reference, "video": os.path.basename(str(reference["video"]))}}
+    return result
+
+
+def _model_memory_bytes(config: AppConfig) -> int:
+    """The loaded models' budget: the configured MiB, else half of what the model device has free at startup."""
+    if config.model_memory_mb:
+        return int(config.model_memory_mb) * 1024**2
+    from vidlmm.checkpoint import pick_device
+    from vidlmm.memory import free_memory_bytes
+
+    return free_memory_bytes(pick_device(config.device)) // 2
 
 
 def _find_heldout_set() -> str | None:

@@ -8,7 +8,9 @@ reuses its cached vision features.
 
 from __future__ import annotations
 
+import functools
 import html
+import inspect
 import logging
 import re
 from pathlib import Path
@@ -20,8 +22,9 @@ from vidlmm.analysis import PICTURE_KINDS
 from .budget import STRATEGIES
 from .config import EXAMPLES_DIR, AppConfig
 from .models import RESAMPLER_LABELS, RESAMPLERS, distinct_models, matching_model
-from .service import (MAX_PICTURE_FRAMES, AskResult, Service, make_budget, make_generation, make_sampling,
-                      one_sentence)
+from .jobs import HEARTBEAT, relay
+from .limits import MAX_PICTURE_FRAMES
+from .service import AskResult, Service, one_sentence
 from .session import close_session, ensure_session
 
 log = logging.getLogger("vidlmm.app")
@@ -47,6 +50,42 @@ def _progress(progress):
     return lambda fraction, text: progress(fraction, desc=text)
 
 
+def checked_by_limits(*components) -> None:
+    """Let these inputs hand their raw values to the callbacks. Gradio's own range and choice checks run while it
+    preprocesses the inputs of an event's validator, and a refusal there reaches `gradio_client` as a bare HTTP 400
+    without its message; `app.limits` checks every one of these values with a sentence that names the limit."""
+    for component in components:
+        component.preprocess = _unchanged
+
+
+def _unchanged(payload):
+    return payload
+
+
+def validator(fn, check):
+    """A Gradio validator for the event of `fn`: it runs `check` on the same values before the request joins the
+    queue. A refusal marks the input the error names (else the first that is not the session) with its one
+    sentence; `gradio_client` raises it as a ValidationError at once."""
+    names = [n for n in inspect.signature(fn).parameters if n != "progress"]
+
+    @functools.wraps(fn)  # the same parameter names: Gradio names the refused input by them
+    def validate(*values, **ignored):
+        try:
+            check(*values[: len(names)])
+        except Exception as err:  # noqa: BLE001 - any refusal is shown as one sentence
+            field = getattr(err, "field", None)
+            field = field if field in names else next(n for n in names if n != "session")
+            return [gr.validate(name != field, html.escape(one_sentence(err), quote=False) if name == field else "")
+                    for name in names]
+        return [gr.validate(True, "") for _ in names]
+
+    return validate
+
+
+def _ask_job(service: Service, session, video, question, model, settings: dict, job):
+    return service.ask(session, video, question, model=model, job=job, **settings)
+
+
 def example_videos(folder: Path = EXAMPLES_DIR) -> list[str]:
     if not folder.is_dir():
         return []
@@ -54,6 +93,10 @@ def example_videos(folder: Path = EXAMPLES_DIR) -> list[str]:
 
 
 def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
+    config, limits = service.config, service.limits  # the resolved settings (custom models, hub models)
+    # figures are drawn in job threads while Gradio switches matplotlib's backend around each event: pyplot's
+    # first import must not race with that, so it happens here
+    import matplotlib.pyplot  # noqa: F401
     choices = [(c.label, c.value) for c in service.choices]
     default_choice = service.choices[0]
     default_resampler = next((k for k, v in RESAMPLERS.items() if v == default_choice.connector), "group")
@@ -107,11 +150,12 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
                     do_sample = gr.Checkbox(False, label="Sample (off: greedy)")
                     temperature = gr.Slider(0.05, 2.0, value=0.2, step=0.05, label="Temperature")
                     top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
-                    max_new_tokens = gr.Slider(1, 1024, value=128, step=1, label="Max new tokens")
+                    max_new_tokens = gr.Slider(1, config.max_new_tokens, value=min(128, config.max_new_tokens), step=1,
+                                               label="Max new tokens")
                     seed = gr.Number(0, precision=0, label="Seed (sampling)")
                 with gr.Accordion("Downloads", open=False):
                     fmt = gr.Radio(["png", "svg", "pdf"], value="png", label="Figure format")
-                    dpi = gr.Slider(72, 600, value=150, step=1, label="DPI")
+                    dpi = gr.Slider(72, config.max_dpi, value=min(150, config.max_dpi), step=1, label="DPI")
             # ---- outputs ------------------------------------------------------------------------------------
             with gr.Column(scale=8):
                 strip = gr.Gallery(label="Frames the model sees", columns=8, height=190, object_fit="contain",
@@ -157,22 +201,26 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
                     with gr.Tab("Redundancy", id="redundancy"):
                         with gr.Row():
                             red_models = gr.Dropdown(choices, value=[default_choice.value], multiselect=True,
-                                                     label="Connectors to overlay", max_choices=4)
+                                                     label="Connectors to overlay",
+                                                     max_choices=config.max_redundancy_models)
                             red_source = gr.Radio([("this video and question", "video"),
                                                    ("held-out set", "heldout")], value="video", label="Measured on")
                         red_question = gr.Textbox(DEFAULT_QUESTION, label="Question")
                         with gr.Row():
                             fractions = gr.Textbox("1, 0.75, 0.5, 0.25, 0.125, 0.0625", label="Active fractions")
                             strategies = gr.CheckboxGroup(list(STRATEGIES), value=["random"], label="Strategies")
-                            seeds = gr.Slider(1, 5, value=3, step=1, label="Seeds (random)")
-                            max_items = gr.Slider(1, 200, value=20, step=1, label="Held-out questions")
+                            seeds = gr.Slider(1, config.max_seeds, value=min(3, config.max_seeds), step=1,
+                                              label="Seeds (random)")
+                            max_items = gr.Slider(1, config.max_heldout_items, value=min(20, config.max_heldout_items), step=1,
+                                                  label="Held-out questions")
                         zero = gr.Button("Run query zeroing", variant="primary")
                         zeroing_plot = gr.Image(label="Query-zeroing curve", type="filepath")
                         zeroing_summary = gr.JSON(label="Summary")
                         zeroing_files = gr.File(label="Download figure and data", file_count="multiple")
                     with gr.Tab("Compare", id="compare"):
                         cmp_models = gr.Dropdown(choices, value=distinct_models(service.choices),
-                                                 multiselect=True, max_choices=3, label="Models (2-3)")
+                                                 multiselect=True, max_choices=config.max_compare_models,
+                                                 label=f"Models (2-{config.max_compare_models})")
                         cmp_question = gr.Textbox(DEFAULT_QUESTION, label="Question")
                         run_compare = gr.Button("Compare", variant="primary")
                         cmp_table = gr.Markdown()
@@ -190,23 +238,104 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
         sampling_inputs = [mode, num_frames, fps, max_frames]
         budget_inputs = [groups, queries, frame_tokens, active_fraction, strategy]
         generation_inputs = [do_sample, temperature, top_p, max_new_tokens, seed]
+        checked_by_limits(*sampling_inputs, *budget_inputs, *generation_inputs, model, red_models, red_source,
+                          strategies, seeds, max_items, fmt, dpi, layer, head, query, group, picture_frames, cmp_models)
 
         # ---- callbacks --------------------------------------------------------------------------------------
+        # Each endpoint's raw values are parsed by one function (`app.limits`), which also runs as the event's
+        # validator: an over-limit request is refused before it joins the queue. Model work runs through
+        # `relay`, so a cancelled or disconnected request stops and frees the model slot.
+        def sampling_of(mode, num_frames, fps, max_frames, most=None):
+            return limits.sampling(mode, num_frames, max_frames, fps, most=most)
+
+        def budget_of(groups, queries, frame_tokens, active_fraction, strategy):
+            return limits.budget(groups, queries, frame_tokens, active_fraction, strategy)
+
+        def generation_of(do_sample, temperature, top_p, max_new_tokens, seed):
+            return limits.generation(max_new_tokens, do_sample, temperature, top_p, seed)
+
+        def check_settings(model, mode, num_frames, fps, max_frames, groups, queries, frame_tokens,
+                           active_fraction, strategy):
+            service.models.resolve(model)
+            sampling_of(mode, num_frames, fps, max_frames)
+            budget_of(groups, queries, frame_tokens, active_fraction, strategy)
+
+        def check_preview(video, model, *settings):
+            check_settings(model, *settings)
+            if video:
+                service.check_video(video)
+
+        def check_ask(session, video, question, model, mode, num_frames, fps, max_frames, groups, queries,
+                      frame_tokens, active_fraction, strategy, do_sample, temperature, top_p, max_new_tokens, seed,
+                      history=None):
+            limits.question(question)
+            limits.history(history)
+            check_settings(model, mode, num_frames, fps, max_frames, groups, queries, frame_tokens, active_fraction,
+                           strategy)
+            generation_of(do_sample, temperature, top_p, max_new_tokens, seed)
+            service.check_video(video)
+
+        def check_chat(session, video, question, messages, model, *settings):
+            check_ask(session, video, question, model, *settings)
+
+        def check_attention(session, video, model, mode, num_frames, fps, max_frames, layer, head, query, group,
+                            log_scale, fmt, dpi):
+            service.models.resolve(model)
+            sampling_of(mode, num_frames, fps, max_frames, config.max_attention_frames)
+            limits.layer(layer)
+            for value, what, name in ((head, "The head", "head"), (query, "The query", "query"),
+                                      (group, "The group", "group")):
+                limits.index(value, what, name)
+            limits.figure(fmt, dpi)
+            service.check_video(video)
+
+        def check_picture(session, video, model, mode, num_frames, fps, max_frames, frames, fmt, dpi):
+            service.models.resolve(model)
+            limits.picture_frames(frames)
+            sampling_of(mode, num_frames, fps, max_frames, config.max_attention_frames)
+            limits.figure(fmt, dpi)
+            service.check_video(video)
+
+        def check_redundancy(session, video, question, models, source, fractions, strategies, seeds, max_items,
+                             mode, num_frames, fps, max_frames, fmt, dpi):
+            for name in limits.models(models or ["default"], config.max_redundancy_models, "to overlay"):
+                service.models.resolve(name)
+            limits.fractions(fractions)
+            limits.strategies(strategies or [])
+            limits.seeds(seeds)
+            sampling_of(mode, num_frames, fps, max_frames)
+            limits.figure(fmt, dpi)
+            if source == "heldout":
+                limits.heldout_items(max_items)
+            else:
+                limits.question(question)
+                service.check_video(video)
+
+        def check_compare(session, video, question, models, mode, num_frames, fps, max_frames, do_sample,
+                          temperature, top_p, max_new_tokens, seed, fmt, dpi):
+            for name in limits.models(models, config.max_compare_models, "to compare"):
+                service.models.resolve(name)
+            limits.question(question)
+            sampling_of(mode, num_frames, fps, max_frames, config.max_attention_frames)
+            generation_of(do_sample, temperature, top_p, max_new_tokens, seed)
+            limits.figure(fmt, dpi)
+            service.check_video(video)
+
         def preview(video: str | None, model: str, mode: str, num_frames: int, fps: float, max_frames: int,
                     groups: int, queries: int, frame_tokens: int, active_fraction: float, strategy: str):
             """Sampled frames with timestamps, and the visual-token count the LLM will receive."""
             if not video:
                 return [], "Upload a video to see its frames and visual-token count."
             try:
-                result = service.preview(video, model, make_sampling(mode, num_frames, max_frames, fps, limit),
-                                         make_budget(groups, queries, frame_tokens, active_fraction, strategy))
+                result = service.preview(video, model, sampling_of(mode, num_frames, fps, max_frames),
+                                         budget_of(groups, queries, frame_tokens, active_fraction, strategy))
             except Exception as err:  # noqa: BLE001 - shown as one sentence
                 raise user_error(err) from None
             return result.frames, result.summary
 
         def on_model(model: str):
-            """Load the model (progress shown) and adapt the resampler switch, budget controls and attention tab
-            to it."""
+            """Load the model (inside the model slot; progress shown) and adapt the resampler switch, budget
+            controls and attention tab to it."""
             try:
                 info = service.budget_info(model)
             except Exception as err:  # noqa: BLE001
@@ -219,6 +348,8 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
             elif info["queries"]:
                 status += f" · {info['queries']} queries {info['queries_unit']}"
             status += f" · trained sampling: {info['sampling'].describe()}"
+            if info["precision"]:
+                status += f" · runs in **{info['precision']['name']}**: {html.escape(info['precision']['reason'])}"
             group_update = gr.update(value=0, interactive=bool(info["groups"]),
                                      label=f"Groups (0 = checkpoint's {info['groups'] or '-'})")
             query_update = gr.update(value=0, interactive=bool(info["queries"]), maximum=max(1, info["latents"]),
@@ -245,10 +376,11 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
 
         def use_local_folder(folder: str):
             folder = (folder or "").strip()
-            if not folder:
+            if not folder or not config.allow_custom_models:
                 return gr.skip()
             if not (Path(folder).expanduser() / "config.json").is_file():
-                gr.Warning(html.escape(f"'{folder}' is not a checkpoint folder (it has no config.json).", quote=False))
+                gr.Warning(html.escape(f"'{Path(folder).name}' is not a checkpoint folder (it has no config.json).",
+                                       quote=False))
                 return gr.skip()
             return gr.update(value=str(Path(folder).expanduser()))
 
@@ -270,13 +402,14 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
                                                {"role": "assistant", "content": ""}]
             yield session, messages, "", "…", gr.skip()
             try:
-                stream = service.ask(session, video, question, model=model,
-                                     sampling=make_sampling(mode, num_frames, max_frames, fps, limit),
-                                     budget=make_budget(groups, queries, frame_tokens, active_fraction, strategy),
-                                     generation=make_generation(max_new_tokens, do_sample, temperature, top_p, seed),
-                                     progress=_progress(progress))
-                for item in stream:
-                    if isinstance(item, AskResult):
+                settings = dict(sampling=sampling_of(mode, num_frames, fps, max_frames),
+                                budget=budget_of(groups, queries, frame_tokens, active_fraction, strategy),
+                                generation=generation_of(do_sample, temperature, top_p, max_new_tokens, seed))
+                work = functools.partial(_ask_job, service, session, video, question, model, settings)
+                for item in relay(work, _progress(progress)):
+                    if item is HEARTBEAT:
+                        yield session, messages, "", gr.skip(), gr.skip()
+                    elif isinstance(item, AskResult):
                         messages[-1] = {"role": "assistant", "content": item.answer}
                         yield session, messages, "", item.summary, item.details
                     else:
@@ -298,14 +431,15 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
             session = ensure_session(session)
             text = ""
             try:
-                turns = history_pairs(history)
-                stream = service.ask(session, video, question, model=model,
-                                     sampling=make_sampling(mode, num_frames, max_frames, fps, limit),
-                                     budget=make_budget(groups, queries, frame_tokens, active_fraction, strategy),
-                                     generation=make_generation(max_new_tokens, do_sample, temperature, top_p, seed),
-                                     history=turns, progress=_progress(progress))
-                for item in stream:
-                    if isinstance(item, AskResult):
+                settings = dict(sampling=sampling_of(mode, num_frames, fps, max_frames),
+                                budget=budget_of(groups, queries, frame_tokens, active_fraction, strategy),
+                                generation=generation_of(do_sample, temperature, top_p, max_new_tokens, seed),
+                                history=limits.history(history))
+                work = functools.partial(_ask_job, service, session, video, question, model, settings)
+                for item in relay(work, _progress(progress)):
+                    if item is HEARTBEAT:
+                        yield gr.skip(), gr.skip(), gr.skip()
+                    elif isinstance(item, AskResult):
                         yield session, item.answer, item.details
                     else:
                         text += item
@@ -319,30 +453,39 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
             """Connector attention: heatmap, per-frame overlays, temporal profile, redundancy statistics, files."""
             session = ensure_session(session)
             try:
-                out = service.attention(session, video, model=model,
-                                        sampling=make_sampling(mode, num_frames, max_frames, fps, limit),
-                                        layer=int(layer), head=None if head is None or int(head) < 0 else int(head),
-                                        query=None if query is None or int(query) < 0 else int(query),
-                                        group=None if group is None or int(group) < 0 else int(group),
-                                        log_scale=bool(log_scale), fmt=fmt, dpi=int(dpi),
-                                        progress=_progress(progress))
+                fmt, dpi = limits.figure(fmt, dpi)
+                settings = dict(model=model, layer=limits.layer(layer), head=limits.index(head, "The head", "head"),
+                                query=limits.index(query, "The query", "query"),
+                                group=limits.index(group, "The group", "group"), log_scale=bool(log_scale),
+                                fmt=fmt, dpi=dpi,
+                                sampling=sampling_of(mode, num_frames, fps, max_frames, config.max_attention_frames))
+                out = None
+                for out in relay(lambda job: service.attention(session, video, job=job, **settings),
+                                 _progress(progress)):
+                    if out is HEARTBEAT:
+                        yield (gr.skip(),) * 7
             except Exception as err:  # noqa: BLE001
                 raise user_error(err) from None
             im = out.images
-            return (session, str(im["heatmap"]), str(im["overlays"]), str(im["temporal"]),
-                    str(im["redundancy_stats"]), out.data, [str(p) for p in out.downloads])
+            yield (session, str(im["heatmap"]), str(im["overlays"]), str(im["temporal"]),
+                   str(im["redundancy_stats"]), out.data, [str(p) for p in out.downloads])
 
         def show_connector_picture(session, video: str | None, model: str, mode: str, num_frames: int, fps: float,
                                    max_frames: int, frames: int, fmt: str, dpi: int, progress=gr.Progress()):
             """What a per-frame compressor (llava_mini, pool, tome, topk) does to each frame: figure, numbers, files."""
             session = ensure_session(session)
             try:
-                out = service.picture(session, video, model=model,
-                                      sampling=make_sampling(mode, num_frames, max_frames, fps, limit),
-                                      frames=int(frames), fmt=fmt, dpi=int(dpi), progress=_progress(progress))
+                fmt, dpi = limits.figure(fmt, dpi)
+                settings = dict(model=model, frames=frames, fmt=fmt, dpi=dpi,
+                                sampling=sampling_of(mode, num_frames, fps, max_frames, config.max_attention_frames))
+                out = None
+                for out in relay(lambda job: service.picture(session, video, job=job, **settings),
+                                 _progress(progress)):
+                    if out is HEARTBEAT:
+                        yield (gr.skip(),) * 4
             except Exception as err:  # noqa: BLE001
                 raise user_error(err) from None
-            return session, str(out.images["picture"]), out.data, [str(p) for p in out.downloads]
+            yield session, str(out.images["picture"]), out.data, [str(p) for p in out.downloads]
 
         def redundancy(session, video: str | None, question: str, models: list[str], source: str, fractions: str,
                        strategies: list[str], seeds: int, max_items: int, mode: str, num_frames: int, fps: float,
@@ -350,14 +493,18 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
             """Query-zeroing curves (several connectors overlaid) on this video and question or the held-out set."""
             session = ensure_session(session)
             try:
-                out = service.redundancy(session, video, question, models=list(models or []), source=source,
-                                         fractions=fractions, strategies=list(strategies or []), seeds=int(seeds),
-                                         max_items=int(max_items),
-                                         sampling=make_sampling(mode, num_frames, max_frames, fps, limit),
-                                         fmt=fmt, dpi=int(dpi), progress=_progress(progress))
+                fmt, dpi = limits.figure(fmt, dpi)
+                settings = dict(models=models, source=source, fractions=fractions, strategies=strategies,
+                                seeds=seeds, max_items=max_items, fmt=fmt, dpi=dpi,
+                                sampling=sampling_of(mode, num_frames, fps, max_frames))
+                out = None
+                for out in relay(lambda job: service.redundancy(session, video, question, job=job, **settings),
+                                 _progress(progress)):
+                    if out is HEARTBEAT:
+                        yield (gr.skip(),) * 4
             except Exception as err:  # noqa: BLE001
                 raise user_error(err) from None
-            return session, str(out.images["zeroing"]), out.data, [str(p) for p in out.downloads]
+            yield session, str(out.images["zeroing"]), out.data, [str(p) for p in out.downloads]
 
         def compare(session, video: str | None, question: str, models: list[str], mode: str, num_frames: int,
                     fps: float, max_frames: int, do_sample: bool, temperature: float, top_p: float,
@@ -366,14 +513,19 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
             token counts, timings."""
             session = ensure_session(session)
             try:
-                out = service.compare(session, video, question, models=list(models or []),
-                                      sampling=make_sampling(mode, num_frames, max_frames, fps, limit),
-                                      generation=make_generation(max_new_tokens, do_sample, temperature, top_p, seed),
-                                      fmt=fmt, dpi=int(dpi), progress=_progress(progress))
+                fmt, dpi = limits.figure(fmt, dpi)
+                settings = dict(models=models, fmt=fmt, dpi=dpi,
+                                sampling=sampling_of(mode, num_frames, fps, max_frames, config.max_attention_frames),
+                                generation=generation_of(do_sample, temperature, top_p, max_new_tokens, seed))
+                out = None
+                for out in relay(lambda job: service.compare(session, video, question, job=job, **settings),
+                                 _progress(progress)):
+                    if out is HEARTBEAT:
+                        yield (gr.skip(),) * 5
             except Exception as err:  # noqa: BLE001
                 raise user_error(err) from None
-            return (session, compare_table(out.data["rows"]), [(str(p), name) for name, p in out.images],
-                    out.data, [str(p) for p in out.downloads])
+            yield (session, compare_table(out.data["rows"]), [(str(p), name) for name, p in out.images],
+                   out.data, [str(p) for p in out.downloads])
 
         # ---- wiring -----------------------------------------------------------------------------------------
         preview_inputs = [video, model, *sampling_inputs, *budget_inputs]
@@ -381,7 +533,7 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
         gr.on([c.change for c in (video, mode, num_frames, fps, max_frames, groups, queries, frame_tokens,
                                   active_fraction, strategy)],
               preview, preview_inputs, [strip, token_count], api_name="preview", show_progress="minimal",
-              trigger_mode="always_last", **light)
+              trigger_mode="always_last", validator=validator(preview, check_preview), **light)
         video.change(new_conversation, [session], [session, chatbot, timings, details], api_visibility="private",
                      queue=False)
         clear.click(new_conversation, [session], [session, chatbot, timings, details], api_visibility="private",
@@ -398,33 +550,24 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
                        *generation_inputs]
         chat_outputs = [session, chatbot, question, timings, details]
         gr.on([send.click, question.submit], chat, chat_inputs, chat_outputs, api_visibility="private",
-              show_progress="minimal", **heavy)
+              show_progress="minimal", **heavy)  # the chat shows its own refusals in the conversation
         api_trigger.click(ask, [session, video, question, model, *sampling_inputs, *budget_inputs,
                                 *generation_inputs, api_history], [session, api_answer, api_details],
-                          api_name="ask", **heavy)
+                          api_name="ask", validator=validator(ask, check_ask), **heavy)
         attend.click(attention, [session, video, model, *sampling_inputs, layer, head, query, group, log_scale, fmt,
                                  dpi], [session, heatmap, overlays, temporal, stats_plot, stats, attention_files],
-                     api_name="attention", **heavy)
+                     api_name="attention", validator=validator(attention, check_attention), **heavy)
         show_picture.click(show_connector_picture, [session, video, model, *sampling_inputs, picture_frames, fmt, dpi],
-                           [session, picture, stats, attention_files], api_name="picture", **heavy)
+                           [session, picture, stats, attention_files], api_name="picture",
+                           validator=validator(show_connector_picture, check_picture), **heavy)
         zero.click(redundancy, [session, video, red_question, red_models, red_source, fractions, strategies, seeds,
                                 max_items, *sampling_inputs, fmt, dpi],
-                   [session, zeroing_plot, zeroing_summary, zeroing_files], api_name="redundancy", **heavy)
+                   [session, zeroing_plot, zeroing_summary, zeroing_files], api_name="redundancy",
+                   validator=validator(redundancy, check_redundancy), **heavy)
         run_compare.click(compare, [session, video, cmp_question, cmp_models, *sampling_inputs, *generation_inputs,
                                     fmt, dpi], [session, cmp_table, cmp_maps, cmp_data, cmp_files],
-                          api_name="compare", **heavy)
+                          api_name="compare", validator=validator(compare, check_compare), **heavy)
     return demo
-
-
-def history_pairs(history) -> list[tuple[str, str]]:
-    """An API caller's history ([[question, answer], ...]) as pairs; anything else is a one-sentence error."""
-    from .service import UserError
-
-    if history in (None, ""):
-        return []
-    if not isinstance(history, list) or not all(isinstance(t, (list, tuple)) and len(t) == 2 for t in history):
-        raise UserError("history must be a list of [question, answer] pairs.")
-    return [(str(q), str(a)) for q, a in history]
 
 
 def compare_table(rows: list[dict]) -> str:

@@ -28,6 +28,8 @@ from gradio_client import Client, handle_file  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "What is moving in the video?"
 MAX_DURATION_S = 5.0
+MAX_PIXELS = 10_000  # above every test clip (96x72 at most), below a 128x96 "decode bomb"
+MAX_NEW_TOKENS = 2048  # room for an answer long enough to cancel in the middle
 FAST = dict(max_new_tokens=6)  # the tiny models answer nonsense; a few tokens show everything
 
 
@@ -83,7 +85,8 @@ def server(models_dir, tiny_checkpoints, heldout):
 
     config = AppConfig(model=str(tiny_checkpoints["group"]), models_dir=str(models_dir), host="127.0.0.1",
                        port=free_port(), max_duration_s=MAX_DURATION_S, max_upload_mb=1, preload=False,
-                       max_loaded_models=3, cache_mb=64, eval_set=str(heldout))
+                       cache_mb=64, eval_set=str(heldout), max_video_pixels=MAX_PIXELS,
+                       max_new_tokens=MAX_NEW_TOKENS)
     demo, service = build_app(config)
     launch(demo, config, prevent_thread_lock=True, quiet=True)
     try:
@@ -99,6 +102,23 @@ def client(server):
 
 def _assert_one_sentence(message: str):
     assert message and "\n" not in message and "Traceback" not in message, message
+
+
+def refusal(call) -> str:
+    """Run `call`, which must be refused, and return the refusal's one sentence: a validator's ValidationError
+    (before the request is queued: '1 parameter(s) failed validation:\n- name: sentence') or the callback's
+    AppError."""
+    from gradio_client.exceptions import AppError, ValidationError
+
+    with pytest.raises((AppError, ValidationError)) as info:
+        call()
+    message = str(info.value)
+    if isinstance(info.value, ValidationError):
+        header, *lines = message.splitlines()
+        assert header == "1 parameter(s) failed validation:" and len(lines) == 1, message
+        message = lines[0].split(": ", 1)[1]
+    _assert_one_sentence(message)
+    return message
 
 
 # ---- endpoints ---------------------------------------------------------------------------------------------------
@@ -321,10 +341,7 @@ def test_bad_uploads_give_one_readable_sentence_and_the_app_keeps_answering(clie
     for kind, path in bad_uploads.items():
         for endpoint in ("/ask", "/preview"):
             args = dict(question=QUESTION, **FAST) if endpoint == "/ask" else {}
-            with pytest.raises(AppError) as info:
-                client.predict(video=handle_file(str(path)), api_name=endpoint, **args)
-            message = str(info.value)
-            _assert_one_sentence(message)
+            message = refusal(lambda: client.predict(video=handle_file(str(path)), api_name=endpoint, **args))
             assert f"Cannot read video '{path.name}'" in message and reasons[kind] in message, message
     answer, details = client.predict(video=handle_file(videos["a"]), question=QUESTION, api_name="/ask", **FAST)
     assert details["answer"] == answer
@@ -341,17 +358,195 @@ def test_limits_and_bad_settings_are_sentences(client, videos, tmp_path):
         (dict(video=handle_file(videos["a"]), question=QUESTION, model="no/such-model"), "Model 'no/such-model'"),
         (dict(video=handle_file(videos["a"]), question=QUESTION, model="naive", groups=2), "has no groups"),
         (dict(video=handle_file(videos["a"]), question=QUESTION, history=[["one"]]), "history must be a list"),
-        (dict(video=handle_file(videos["a"]), question=QUESTION, num_frames=0), "less than minimum value 1"),
+        (dict(video=handle_file(videos["a"]), question=QUESTION, num_frames=0), "Frames must be between 1 and 128 (got 0)"),
     ]
     for kwargs, expected in cases:
-        with pytest.raises(AppError) as info:
-            client.predict(api_name="/ask", **kwargs, **FAST)
-        _assert_one_sentence(str(info.value))
-        assert expected in str(info.value), (expected, str(info.value))
+        message = refusal(lambda: client.predict(api_name="/ask", **kwargs, **FAST))
+        assert expected in message, (expected, message)
     big = tmp_path / "big.mp4"
     big.write_bytes(os.urandom(1024 * 1024 + 4096))  # over the 1 MiB upload limit of this server
     with pytest.raises(Exception):
         client.predict(video=handle_file(str(big)), question=QUESTION, api_name="/ask", **FAST)
+
+
+# ---- every limit, on the server, at once ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory):
+    """A clip whose frames are over this server's pixel limit (a 4K frame would be, over a real server's)."""
+    return write_video(tmp_path_factory.mktemp("bomb") / "bomb.mp4", make_moving_square_frames(2, 96, 128), fps=10)
+
+
+def limit_cases(videos, bomb):
+    a = handle_file(videos["a"])
+    over = 2001 * "x"
+    return [  # (endpoint, arguments, words of the sentence that names the limit)
+        ("/ask", dict(video=a, question=over), "2,001 characters long, over the limit of 2,000"),
+        ("/ask", dict(video=a, question=QUESTION, history=[["q", "a"]] * 17), "17 turns, over the limit of 16"),
+        ("/ask", dict(video=a, question=QUESTION, history=[["q" * 9000, "a" * 9000]]),
+         "18,000 characters long, over the limit of 16,000"),
+        ("/ask", dict(video=a, question=QUESTION, max_new_tokens=2049), "Max new tokens must be between 1 and 2048"),
+        ("/ask", dict(video=a, question=QUESTION, num_frames=129), "Frames must be between 1 and 128"),
+        ("/ask", dict(video=a, question=QUESTION, mode="fps", max_frames=1000), "Max frames must be between 1 and 128"),
+        ("/ask", dict(video=a, question=QUESTION, mode="fps", fps=1e9), "Frames per second must be between"),
+        ("/ask", dict(video=a, question=QUESTION, seed=-7), "The seed must be between 0 and"),
+        ("/ask", dict(video=a, question=QUESTION, queries=10**9), "Queries must be between 0 and"),
+        ("/ask", dict(video=a, question=QUESTION, active_fraction=3), "active fraction must be above 0"),
+        ("/ask", dict(video=a, question=QUESTION, strategy="bogus"), "Unknown zeroing strategy 'bogus'"),
+        ("/ask", dict(video=handle_file(bomb), question=QUESTION), "over the 0.0-megapixel limit"),
+        ("/preview", dict(video=handle_file(bomb)), "its frames are 128x96"),
+        ("/attention", dict(video=a, num_frames=33), "Frames must be between 1 and 32"),
+        ("/attention", dict(video=a, dpi=5000), "DPI must be between 50 and 300"),
+        ("/attention", dict(video=a, fmt="bmp"), "Unknown figure format 'bmp'"),
+        ("/attention", dict(video=a, layer=10**9), "The layer must be between"),
+        ("/picture", dict(video=a, model="pool", frames=17), "Frames shown must be between 1 and 16"),
+        ("/redundancy", dict(video=a, question=QUESTION, fractions=", ".join(f"{k / 20:g}" for k in range(1, 14))),
+         "13 active fractions asked, over the limit of 12"),
+        ("/redundancy", dict(video=a, question=QUESTION, fractions="1, 2"), "Fraction 2 is not in (0, 1]"),
+        ("/redundancy", dict(video=a, question=QUESTION, seeds=6), "Seeds must be between 1 and 5"),
+        ("/redundancy", dict(video=a, question=QUESTION, strategies=["random", "sideways"]),
+         "Unknown zeroing strategy 'sideways'"),
+        ("/redundancy", dict(video=a, question=QUESTION, models=["group", "naive", "image", "pool", "llava_mini"]),
+         "Pick one to 4 different models to overlay (got 5)"),
+        ("/redundancy", dict(video=a, question=QUESTION, source="heldout", max_items=201),
+         "Held-out questions must be between 1 and 200"),
+        ("/compare", dict(video=a, question=QUESTION, models=["group", "naive", "image", "pool"]),
+         "Pick one to 3 different models to compare (got 4)"),
+        ("/compare", dict(video=a, question=over, models=["group"]), "over the limit of 2,000"),
+    ]
+
+
+def test_every_limit_is_refused_at_once_with_a_sentence_that_names_it(server, videos, bomb, chatty):
+    """Each limit holds on the server, whatever the client sends, and is refused before the request is queued:
+    here, while another client's long answer holds the model."""
+    client = Client(server[0], verbose=False)
+    busy = Client(server[0], verbose=False).submit(video=handle_file(videos["b"]), question=QUESTION, model=chatty,
+                                                   max_new_tokens=2000, api_name="/ask")
+    assert wait_until(lambda: server[1].slot.holders() == 1, 30) is not None
+    try:
+        for endpoint, kwargs, words in limit_cases(videos, bomb):
+            start = time.perf_counter()
+            message = refusal(lambda: client.predict(api_name=endpoint, **kwargs))
+            took = time.perf_counter() - start
+            assert words in message, (endpoint, words, message)
+            assert took < 1.0, (endpoint, words, took)
+    finally:
+        busy.cancel()
+
+
+def test_an_answer_that_cannot_fit_the_context_is_refused_before_generating(client, videos, tiny_checkpoints,
+                                                                          tmp_path):
+    import shutil
+
+    folder = tmp_path / "short-context"  # the group model with a 256-token window (this server allows folders)
+    shutil.copytree(tiny_checkpoints["group"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tokenizer_model_max_length": 256}))
+    message = refusal(lambda: client.predict(video=handle_file(videos["a"]), question=QUESTION, model=str(folder),
+                                             max_new_tokens=512, api_name="/ask"))
+    assert "and 512 new tokens do not fit the model's context of 256 tokens" in message, message
+    answer, _ = client.predict(video=handle_file(videos["a"]), question=QUESTION, model=str(folder),
+                               max_new_tokens=60, api_name="/ask")  # 174 with the video + 60 fit in 256
+    assert isinstance(answer, str)
+
+
+def wait_until(condition, timeout: float, step: float = 0.02) -> float | None:
+    """Seconds until condition() held (None if it never did within timeout)."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        if condition():
+            return time.perf_counter() - start
+        time.sleep(step)
+    return None
+
+
+@pytest.fixture(scope="module")
+def chatty(tiny_checkpoints, tmp_path_factory):
+    """The tiny group model with an end-of-sequence token it never writes: every answer takes all its new tokens
+    (2000 take several seconds), so a job can be cancelled in the middle."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("chatty") / "chatty"
+    shutil.copytree(tiny_checkpoints["group"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": config["text_config"]["vocab_size"] - 1}))
+    return str(folder)
+
+
+@pytest.mark.parametrize("endpoint", ["/ask", "/redundancy", "/compare"])
+def test_a_cancelled_job_frees_the_model_within_a_second(server, videos, chatty, endpoint):
+    """Each of these runs for several seconds when left alone (the answers: 2000 new tokens; the curves: 200 masks
+    on three models); cancelled in the middle, the model is free for the next request within a second."""
+    url, service = server
+    client = Client(url, verbose=False)
+    long = {"/ask": dict(question=QUESTION, model=chatty, max_new_tokens=2000),
+            "/redundancy": dict(question=QUESTION, fractions="1, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1",
+                                strategies=["random", "even", "groups", "contiguous"], seeds=5,
+                                models=["group", "naive", "image"]),
+            "/compare": dict(question=QUESTION, models=[chatty, "naive", "image"], max_new_tokens=2000)}[endpoint]
+    job = client.submit(video=handle_file(videos["c"]), api_name=endpoint, **long)
+    assert wait_until(lambda: service.slot.holders() == 1, 30) is not None, "the job never started"
+    time.sleep(0.5)  # well inside the work
+    assert not job.done()
+    job.cancel()
+    freed = wait_until(lambda: service.slot.holders() == 0, 5)
+    assert freed is not None and freed < 1.0, freed
+    # the next request gets the model and its answer
+    answer, details = client.predict(video=handle_file(videos["a"]), question=QUESTION, api_name="/ask", **FAST)
+    assert details["answer"] == answer
+
+
+def test_a_model_over_the_memory_budget_is_refused_before_it_is_read(tiny_checkpoints, monkeypatch):
+    from app.models import ModelPool, discover_models
+    from vidlmm.errors import CheckpointError
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("load_model ran")
+
+    monkeypatch.setattr("vidlmm.checkpoint.load_model", no_loading)
+    choices = discover_models("no-such-folder", str(tiny_checkpoints["group"]), True, hub=False)
+    pool = ModelPool(choices, max_bytes=1000, allow_custom=False)
+    with pytest.raises(CheckpointError) as info:
+        pool.get("default")
+    message = str(info.value)
+    _assert_one_sentence(message)
+    assert message.startswith("Model 'group' needs ") and "over this app's model memory of" in message, message
+    assert pool.loaded_names() == []
+
+
+def test_the_pool_keeps_the_loaded_weights_within_its_bytes(tiny_checkpoints):
+    from app.models import ModelPool, discover_models
+    from vidlmm.checkpoint import check_checkpoint_fits
+
+    one = check_checkpoint_fits(tiny_checkpoints["group"]).weight_bytes
+    choices = discover_models("no-such-folder", str(tiny_checkpoints["group"]), True, hub=False)
+    pool = ModelPool(choices, max_bytes=int(1.5 * one), allow_custom=True)
+    pool.get("default")
+    pool.get(str(tiny_checkpoints["naive"]))  # a second one does not fit beside the first: the first goes
+    assert pool.loaded_names() == [str(tiny_checkpoints["naive"])] and pool.loaded_bytes <= 1.5 * one
+
+
+def test_custom_and_hub_models_only_on_loopback_unless_asked(monkeypatch):
+    from app.config import load_config
+
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    for host, expected in (("127.0.0.1", True), ("localhost", True), ("::1", True), ("0.0.0.0", False),
+                           ("192.168.1.20", False)):
+        config = load_config(["--host", host])
+        assert (config.allow_custom_models, config.hub_models) == (expected, expected), host
+    config = load_config(["--host", "0.0.0.0", "--allow-custom-models", "--hub-models"])
+    assert config.allow_custom_models and config.hub_models
+    assert load_config(["--no-allow-custom-models"]).allow_custom_models is False
+
+
+def test_errors_shown_to_visitors_never_include_server_paths():
+    from app.service import one_sentence
+
+    err = OSError(2, "No such file or directory", "/srv/app/cache/7f3a/clip.mp4")
+    assert one_sentence(err) == "Something went wrong (FileNotFoundError: [Errno 2] No such file or directory: " \
+                                "'clip.mp4')." or "/srv" not in one_sentence(err)
+    assert "/srv" not in one_sentence(err) and "clip.mp4" in one_sentence(err)
+    assert one_sentence(ValueError("bad shard /home/me/ckpt/model.safetensors here")) == \
+        "bad shard model.safetensors here"
 
 
 # ---- pieces without the server -------------------------------------------------------------------------------

@@ -6,10 +6,11 @@ sampling and the model, so a follow-up question on the same video skips decoding
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -73,6 +74,18 @@ class StepClock:
         return scores
 
 
+class StopWhen:
+    """A stopping criterion: generation ends after the current token once `should_stop()` is true (a cancelled
+    request, a closed stream)."""
+
+    def __init__(self, should_stop: Callable[[], bool]):
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), bool(self.should_stop()), dtype=torch.bool,
+                          device=input_ids.device)
+
+
 class VideoLMM:
     """High-level inference over one loaded model. Thread-safe for concurrent callers on a CPU.
 
@@ -88,6 +101,16 @@ class VideoLMM:
         self.cache = ByteLRU(cache_bytes)
         self.limits = limits or ReadLimits()
         self._lock = threading.Lock()  # one generate at a time per model: torch on CPU gains nothing from more
+
+    def view(self, *, cache=None, limits: ReadLimits | None = None) -> "VideoLMM":
+        """The same model (and its one-at-a-time lock) with another feature cache (any get/put object) and
+        other read limits: one per session, request or run."""
+        other = copy.copy(self)
+        if cache is not None:
+            other.cache = cache
+        if limits is not None:
+            other.limits = limits
+        return other
 
     # ---- video side ------------------------------------------------------------------------------------
     def prepare(self, video: str, sampling: FrameSampling | None = None) -> tuple[PreparedVideo, bool]:
@@ -140,9 +163,11 @@ class VideoLMM:
         return answer
 
     def stream(self, video, question, history=(), generation=None, sampling=None, visual=None,
-               _stream: bool = True) -> Iterator[str | Answer]:
-        """Yield text pieces as they are generated, then the final Answer."""
-        from transformers import LogitsProcessorList, TextIteratorStreamer
+               should_stop: Callable[[], bool] | None = None, _stream: bool = True) -> Iterator[str | Answer]:
+        """Yield text pieces as they are generated, then the final Answer. Generation stops after the current
+        token when `should_stop()` turns true or when the caller closes this generator (the answer so far is
+        then not returned); either way the model is free again at once."""
+        from transformers import LogitsProcessorList, StoppingCriteriaList, TextIteratorStreamer
 
         generation = generation or GenerationSettings()
         if isinstance(video, PreparedVideo):
@@ -157,7 +182,10 @@ class VideoLMM:
         ids = self.prompt_ids(question, list(history))
         embeds, mask, _ = self.model.build_inputs([ids], [visual])
         clock = StepClock()
-        kwargs = dict(self._gen_kwargs(generation), logits_processor=LogitsProcessorList([clock]))
+        closed = threading.Event()  # set when the consumer stops reading (GeneratorExit below)
+        stop = StopWhen(lambda: closed.is_set() or bool(should_stop and should_stop()))
+        kwargs = dict(self._gen_kwargs(generation), logits_processor=LogitsProcessorList([clock]),
+                      stopping_criteria=StoppingCriteriaList([stop]))
         result: dict = {}
         streamer = TextIteratorStreamer(self.model.tokenizer, skip_prompt=True, skip_special_tokens=True) \
             if _stream else None
@@ -178,9 +206,12 @@ class VideoLMM:
         else:
             worker = threading.Thread(target=run, daemon=True)
             worker.start()
-            for piece in streamer:
-                if piece:
-                    yield piece
+            try:
+                for piece in streamer:
+                    if piece:
+                        yield piece
+            finally:
+                closed.set()  # a consumer that leaves early stops generation after the current token
             worker.join()
         if "error" in result:
             raise result["error"]
