@@ -83,7 +83,7 @@ _OPTIONS = {
     "port": ("VIDLMM_PORT", int, "port to listen on"),
     "dtype": ("VIDLMM_DTYPE", str, "auto, fp32, bf16 or fp16"),
     "device": ("VIDLMM_DEVICE", str, "auto, cpu or cuda"),
-    "quantization": ("VIDLMM_QUANTIZATION", str, "8bit or 4bit (bitsandbytes, language model only)"),
+    "quantization": ("VIDLMM_QUANTIZATION", str, "int8 (torch, CPU), 8bit or 4bit (bitsandbytes); language model only"),
     "max_upload_mb": ("VIDLMM_MAX_UPLOAD_MB", int, "largest accepted upload, MiB"),
     "max_duration_s": ("VIDLMM_MAX_DURATION_S", float, "longest accepted video, seconds"),
     "max_video_pixels": ("VIDLMM_MAX_VIDEO_PIXELS", int, "largest accepted frame, pixels (width x height)"),

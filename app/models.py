@@ -164,7 +164,8 @@ class ModelPool:
         from vidlmm.memory import gigabytes
         from vidlmm.pipeline import VideoLMM
 
-        plan = check_checkpoint_fits(choice.source, **self.load_kwargs)  # config.json only; refuses what cannot fit
+        # config.json only; refuses what cannot fit the device even once every loaded model is dropped
+        plan = check_checkpoint_fits(choice.source, free=self._free_bytes() + self.loaded_bytes, **self.load_kwargs)
         need = int(plan.weight_bytes or 0)
         if need > self.max_bytes:
             raise CheckpointError(f"Model '{display_name(choice.source)}' needs {gigabytes(need)} for its weights in "
@@ -180,6 +181,12 @@ class ModelPool:
         return LoadedModel(choice.value, choice.source, VideoLMM(model, cache_bytes=0),
                            model.connector._connector.registry_name, trained,
                            weight_bytes=int(precision.get("weight_bytes") or need), precision=precision)
+
+    def _free_bytes(self) -> int:
+        from vidlmm.checkpoint import pick_device
+        from vidlmm.memory import free_memory_bytes
+
+        return free_memory_bytes(pick_device(self.load_kwargs["device"]))
 
     def loaded_names(self) -> list[str]:
         with self._lock:

@@ -309,24 +309,35 @@ def test_hub_download_is_safetensors_only_and_pins_on_first_use(fake_hub, monkey
     calls, state, pins = fake_hub
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     model = load_model("org/tiny", tokenizer=False)
-    assert calls[0]["revision"] is None and calls[0]["repo_id"] == "org/tiny"  # first use resolves main...
-    assert json.loads(pins.read_text()) == {"org/tiny": COMMIT_A}  # ...and records the commit it got
-    patterns = calls[0]["allow_patterns"]
+    # first use resolves main for config.json alone (checked before any weight is fetched)...
+    assert calls[0]["revision"] is None and calls[0]["repo_id"] == "org/tiny"
+    assert calls[0]["allow_patterns"] == ["config.json"]
+    assert json.loads(pins.read_text()) == {"org/tiny": COMMIT_A}  # ...records the commit it got...
+    assert calls[1]["revision"] == COMMIT_A  # ...and fetches the weights of that same commit
+    patterns = calls[1]["allow_patterns"]
     assert "*.safetensors" in patterns and not any(p.endswith(".bin") for p in patterns)
     assert model.precision.name == "fp32"
     state["main"] = COMMIT_B  # someone pushes to the hub: a pinned load does not follow
     load_model("org/tiny", tokenizer=False)
-    assert calls[1]["revision"] == COMMIT_A
+    assert [c["revision"] for c in calls[2:]] == [COMMIT_A, COMMIT_A]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline too
     load_model("org/tiny", tokenizer=False)
-    assert calls[2]["revision"] == COMMIT_A and calls[2]["local_files_only"] is True
+    assert [(c["revision"], c["local_files_only"]) for c in calls[4:]] == [(COMMIT_A, True)] * 2
     assert not any(p.endswith(".bin") for c in calls for p in c["allow_patterns"])
+
+
+def test_a_hub_model_that_cannot_fit_is_refused_before_its_weights_are_fetched(fake_hub, monkeypatch):
+    calls, _, _ = fake_hub
+    monkeypatch.setattr("vidlmm.memory.free_memory_bytes", lambda device="cpu": 1000)
+    with pytest.raises(CheckpointError, match="Model .org/tiny. needs .* free on this machine"):
+        load_model("org/tiny", tokenizer=False)
+    assert [c["allow_patterns"] for c in calls] == [["config.json"]]  # no weight file was asked for
 
 
 def test_hub_download_with_an_explicit_revision(fake_hub):
     calls, _, pins = fake_hub
     load_model("org/tiny", revision=COMMIT_B, tokenizer=False)
-    assert calls[0]["revision"] == COMMIT_B
+    assert [c["revision"] for c in calls] == [COMMIT_B, COMMIT_B]
     assert not pins.exists()  # an explicit revision is the caller's pin: nothing recorded
 
 

@@ -103,7 +103,17 @@ def _record_pin(repo_id: str, commit: str) -> None:
         log.warning("could not record the pinned revision of %s (%s)", repo_id, err.strerror or type(err).__name__)
 
 
-def download(repo_id: str, *, revision: str | None = None) -> Path:
+def config_folder(path_or_id: str | os.PathLike, *, revision: str | None = None) -> Path:
+    """The folder holding a checkpoint's config.json: a local folder as is; for a hub id, a snapshot of its
+    config.json alone (pinned like `download`), so its size can be checked before gigabytes of weights are fetched."""
+    path = Path(path_or_id).expanduser()
+    name = str(path_or_id)
+    if path.is_dir() or path.exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
+        return resolve_checkpoint(path_or_id)  # a folder, or its one-sentence error
+    return download(name, revision=revision, patterns=["config.json"])
+
+
+def download(repo_id: str, *, revision: str | None = None, patterns: list[str] | None = None) -> Path:
     """A hub snapshot (configs, tokenizer files, safetensors weights; never .bin pickles), from the local cache
     only when HF_HUB_OFFLINE is set.
 
@@ -116,7 +126,7 @@ def download(repo_id: str, *, revision: str | None = None) -> Path:
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     pinned = revision or read_pins().get(repo_id)
     try:
-        folder = Path(snapshot_download(repo_id, revision=pinned, allow_patterns=HUB_PATTERNS,
+        folder = Path(snapshot_download(repo_id, revision=pinned, allow_patterns=patterns or HUB_PATTERNS,
                                         local_files_only=offline))
     except Exception as err:  # network, auth or not-in-cache: one sentence for the user
         where = "in the local Hugging Face cache (offline mode)" if offline else "on the Hugging Face Hub"
@@ -356,11 +366,11 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None
     from .memory import parameter_breakdown, quantizable_linears
     from .precision import check_precision_fits, plan_precision
 
-    folder = resolve_checkpoint(path_or_id, revision=revision)
+    folder = config_folder(path_or_id, revision=revision)  # a hub id: its config.json only, until it is checked
     try:
         config = TinyLlavaConfig.from_json_file(folder / "config.json")
     except (ValueError, KeyError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"Bad config.json in '{folder.name}': {err}") from None
+        raise CheckpointError(f"Bad config.json in '{display_name(path_or_id)}': {err}") from None
     device = pick_device(device)
     attn = attn_implementation or choose_attn_implementation(device)
     try:
@@ -372,6 +382,7 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None
     precision = plan_precision(params, device, dtype=dtype, quantization=quantization)
     if check_memory:
         check_precision_fits(precision, name=display_name(path_or_id), device=device)
+    folder = resolve_checkpoint(path_or_id, revision=revision)  # now the weights (a hub id: the pinned commit)
     dtype, quantization = precision.dtype, precision.quantization
     load_device = device if quantization is None else torch.device("cpu")
     with CheckpointWeights(folder, load_device) as weights:
@@ -430,13 +441,13 @@ def check_checkpoint_fits(path_or_id: str | os.PathLike, *, dtype="auto", device
     from .memory import parameter_breakdown
     from .precision import check_precision_fits, plan_precision
 
-    folder = resolve_checkpoint(path_or_id, revision=revision)
+    folder = config_folder(path_or_id, revision=revision)
     try:
         config = TinyLlavaConfig.from_json_file(folder / "config.json")
         device = pick_device(device)
         model = _build_empty(config, "sdpa")
     except (ValueError, KeyError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"Bad config.json in '{folder.name}': {err}") from None
+        raise CheckpointError(f"Bad config.json in '{display_name(path_or_id)}': {err}") from None
     precision = plan_precision(parameter_breakdown(model), device, dtype=dtype, quantization=quantization, free=free)
     check_precision_fits(precision, name=display_name(path_or_id), device=device, free=free)
     return precision
