@@ -37,7 +37,7 @@ def preload(service, name: str = "default") -> threading.Thread:
 
         start = time.perf_counter()
         try:
-            service.models.get(name)
+            service.model(name)  # inside the model slot, like every load
             log.info("model '%s' loaded in %.1f s", name, time.perf_counter() - start)
         except Exception as err:  # noqa: BLE001 - a failed preload is reported again on first use
             log.warning("preloading model '%s' failed: %s", name, err)

@@ -14,12 +14,15 @@ loaded beside a running job.
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import threading
+import time
 from typing import Callable, Iterator
 
 from vidlmm.errors import VidlmmError
 
+log = logging.getLogger("vidlmm.app")
 HEARTBEAT = object()  # yielded while the work runs: the moment Gradio may close the generator
 BEAT_S = 0.2
 
@@ -37,9 +40,12 @@ class Job:
     def __init__(self, progress: Callable[[float, str], None] | None = None):
         self._cancelled = threading.Event()
         self._progress = progress
+        self.cancelled_at: float | None = None  # time.monotonic() of the cancel
 
     def cancel(self) -> None:
-        self._cancelled.set()
+        if not self._cancelled.is_set():
+            self.cancelled_at = time.monotonic()
+            self._cancelled.set()
 
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
@@ -125,6 +131,8 @@ class ModelSlot:
                 self._local.depth -= 1
             return
         while not self._places.acquire(timeout=0.1):
+            if job is not None and job.cancelled():
+                log.info("cancelled request left before it got the model slot")
             if job is not None:
                 job.report(0.0, wait_text)
         self._local.depth = 1
@@ -137,3 +145,6 @@ class ModelSlot:
             with self._count:
                 self._holders -= 1
             self._places.release()
+            if job is not None and job.cancelled_at is not None:  # the load test reads this line
+                log.info("cancelled request freed the model slot %.3f s after its client left",
+                         time.monotonic() - job.cancelled_at)

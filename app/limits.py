@@ -30,6 +30,14 @@ class UserError(VidlmmError):
         self.field = field
 
 
+@dataclass(frozen=True)
+class RefusedInput:
+    """A value Gradio's own preprocessing refused (an upload of a type the File input does not take): passed on as
+    this, so the callback refuses it with Gradio's sentence instead of the request failing as a bare HTTP 400."""
+
+    message: str
+
+
 def _number(value, what: str, field: str, kind=float):
     """A finite number from a widget or JSON value (int, float, numeric string), or a one-sentence error."""
     try:
@@ -136,9 +144,13 @@ class Limits:
         if isinstance(text, (list, tuple)):
             items = list(text)
         elif isinstance(text, (str, int, float)):
-            items = str(text)[: 64 * self.config.max_fractions].replace(";", ",").split(",")
+            items = str(text).replace(";", ",").split(",")
         else:
             raise UserError("Active fractions must be text like '1, 0.5, 0.25' or a list of numbers.", field)
+        items = [item for item in items if str(item).strip()]
+        if len(items) > self.config.max_fractions:  # before parsing any of them
+            raise UserError(f"{len(items)} active fractions asked, over the limit of {self.config.max_fractions}.",
+                            field)
         out = []
         for item in items:
             item = str(item).strip()
@@ -154,8 +166,6 @@ class Limits:
         out = sorted(set(out), reverse=True)
         if not out:
             raise UserError("Give at least one active fraction.", field)
-        if len(out) > self.config.max_fractions:
-            raise UserError(f"{len(out)} active fractions asked, over the limit of {self.config.max_fractions}.", field)
         return out
 
     def strategies(self, names, field: str = "strategies") -> list[str]:

@@ -109,8 +109,8 @@ class LoadedModel:
 class ModelPool:
     """Loaded models whose weights together stay within `max_bytes` (least recently used dropped first to make
     room). Each checkpoint's weight bytes are estimated from its config.json before anything is read, and one that
-    cannot fit the budget or the device's free memory is refused with one sentence. Not thread-safe for loading:
-    callers load inside the app's model slot (`app.jobs.ModelSlot`), so no load overlaps another or a running job.
+    cannot fit the budget or the device's free memory is refused with one sentence. Callers load inside the app's
+    model slot (`app.jobs.ModelSlot`), so no load runs beside a job (two loads never overlap in any case).
     """
 
     def __init__(self, choices: list[ModelChoice], *, max_bytes: int, dtype="auto", device="auto",
@@ -122,6 +122,7 @@ class ModelPool:
         self.default_trained = default_trained
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()  # guards the dict: light endpoints read it while a job loads
+        self._loading = threading.Lock()
 
     def resolve(self, name: str | None) -> ModelChoice:
         """A user's model string -> the choice to load. Unknown names are a one-sentence CheckpointError."""
@@ -147,14 +148,16 @@ class ModelPool:
 
     def get(self, name: str | None) -> LoadedModel:
         """The loaded model for a name (two names of one checkpoint share it), loading it when needed: call
-        inside the model slot."""
+        inside the model slot. Loads never overlap (building a model on the meta device patches torch for the
+        whole process while it runs)."""
         choice = self.resolve(name)
-        found = self.loaded(name)
-        if found is not None:
-            return found
-        loaded = self._load(choice)
-        with self._lock:
-            self._loaded[choice.source] = loaded
+        with self._loading:
+            found = self.loaded(name)
+            if found is not None:
+                return found
+            loaded = self._load(choice)
+            with self._lock:
+                self._loaded[choice.source] = loaded
         return replace(loaded, name=choice.value)
 
     def _load(self, choice: ModelChoice) -> LoadedModel:

@@ -29,7 +29,7 @@ from .config import AppConfig
 from .exports import export_data, export_figure, slug
 from .gpu import across, gpu, peak_memory, reset_peak_memory
 from .jobs import Job, ModelSlot
-from .limits import Limits, UserError
+from .limits import Limits, RefusedInput, UserError
 from .models import ModelPool, discover_models
 from .session import Session, SessionCache
 
@@ -130,6 +130,8 @@ class Service:
     def check_video(self, video) -> tuple[str, float]:
         """A readable video within the limits -> (path, duration s); otherwise a one-sentence error. Reads only
         the container's headers (no frame is decoded), so it also runs in the validators."""
+        if isinstance(video, RefusedInput):
+            raise UserError(video.message, "video")
         if not video:
             raise UserError("Upload a video (or pick an example) first.", "video")
         path = _video_path(video)

@@ -23,7 +23,7 @@ from .budget import STRATEGIES
 from .config import EXAMPLES_DIR, AppConfig
 from .models import RESAMPLER_LABELS, RESAMPLERS, distinct_models, matching_model
 from .jobs import HEARTBEAT, relay
-from .limits import MAX_PICTURE_FRAMES
+from .limits import MAX_PICTURE_FRAMES, RefusedInput
 from .service import AskResult, Service, one_sentence
 from .session import close_session, ensure_session
 
@@ -60,6 +60,21 @@ def checked_by_limits(*components) -> None:
 
 def _unchanged(payload):
     return payload
+
+
+def refusals_as_values(component) -> None:
+    """Gradio's own refusal of an upload (a file type the input does not take) becomes a `RefusedInput` value that
+    the callbacks refuse with its sentence (raised while a validator's inputs are preprocessed, it would reach
+    `gradio_client` as a bare HTTP 400)."""
+    preprocess = component.preprocess
+
+    def refusing(payload):
+        try:
+            return preprocess(payload)
+        except Exception as err:  # noqa: BLE001 - Gradio's Error or a bad payload: one sentence either way
+            return RefusedInput(one_sentence(err))
+
+    component.preprocess = refusing
 
 
 def validator(fn, check):
@@ -240,6 +255,7 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
         generation_inputs = [do_sample, temperature, top_p, max_new_tokens, seed]
         checked_by_limits(*sampling_inputs, *budget_inputs, *generation_inputs, model, red_models, red_source,
                           strategies, seeds, max_items, fmt, dpi, layer, head, query, group, picture_frames, cmp_models)
+        refusals_as_values(video)
 
         # ---- callbacks --------------------------------------------------------------------------------------
         # Each endpoint's raw values are parsed by one function (`app.limits`), which also runs as the event's

@@ -189,9 +189,9 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, default=16, help="uniform frames to sample (default 16)")
     ap.add_argument("--bomb-frames", type=int, default=128, help="frames for the one-frame 4K clip (default 128)")
     args = ap.parse_args(argv)
-    from common import machine
+    from common import machine_line
 
-    print(f"machine: {machine()}")
+    print(machine_line())
 
     with tempfile.TemporaryDirectory(prefix="bench_decode_") as tmp:
         path = args.video

@@ -114,3 +114,17 @@ def test_bench_fullsize_weight_formula_matches_what_bitsandbytes_stores(tmp_path
         assert 0.999 < actual / estimated[mode] < 1.02, (mode, actual, estimated[mode])
     int8 = result["int8_layers_measured"]  # torch's packed int8 layers, counted as the RSS they add
     assert 0.9 < int8["measured_bytes_per_layer"] / int8["estimated_bytes_per_layer"] < 1.1, int8
+
+
+@pytest.mark.skipif(not (ROOT / "assets" / "models" / "group" / "config.json").is_file(),
+                    reason="the load test serves the embedded models")
+def test_bench_load_serves_hostile_and_normal_clients_within_its_goals(tmp_path):
+    """A short run of the load test: the server as a Space starts it, three sessions mixing normal and hostile
+    requests. The script exits 0 only when every goal holds (alive, no traceback to a client, no failed request,
+    RSS under 2 GiB, cancelled jobs' slots freed within 1 s)."""
+    out_json = tmp_path / "load.json"
+    run = run_bench("bench_load.py", "--sessions", "3", "--seconds", "15", "--json", str(out_json), timeout=600)
+    result = json.loads(out_json.read_text())
+    outcomes = {r["outcome"] for r in result["results"]}
+    assert {"served", "refused"} <= outcomes and "failed" not in outcomes, run.stdout[-2000:]
+    assert all(result["goals"].values()) and result["peak_rss_mb"] < 2048
