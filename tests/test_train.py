@@ -1,10 +1,12 @@
 """The training recipe: plan of the A100 stages, what each stage trains, a tiny two-stage run end to end,
-kill-and-resume to the same weights, and 2-process data parallel on CPU (gloo)."""
+kill-and-resume to the same weights, 2-process data parallel on CPU (gloo), and bad data: a rank that reads
+nothing, skips repeated after a resume, a decoder that hangs or crashes, a damaged last checkpoint."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,8 +18,9 @@ import yaml
 
 from tests.videos import make_moving_square_frames, write_video
 from train.recipe import load_recipe
-from train.trainer import apply_tuning
-from vidlmm.checkpoint import load_model, read_state_dict
+from train.trainer import apply_tuning, build_model, checkpoint_damage, epoch_order, resume_point
+from vidlmm.checkpoint import load_model
+from vidlmm.errors import VideoReadError
 from vidlmm.tiny import build_tiny_model, write_tiny_parts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,9 +141,39 @@ def test_two_stages_end_to_end(tmp_path, tiny_world):
     assert list((tmp_path / "s2").rglob("events.out.tfevents*"))  # TensorBoard logs
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_world):
-    straight = run_train([stage1_recipe(tmp_path, tiny_world, "straight")])
-    assert straight.returncode == 0, straight.stderr[-2000:]
+def connector_of(model_folder: Path) -> dict:
+    return torch.load(model_folder / "connector" / "pytorch_model.bin", weights_only=True)
+
+
+def assert_same_trained_weights(a: dict, b: dict, start: dict, atol: float = 0.0) -> None:
+    """a == b (within atol), and training moved them from the start, so the equality is not vacuous."""
+    assert a.keys() == b.keys() == start.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= atol
+    assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-3
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_world):
+    """An uninterrupted stage-1 run over the captions (clip7 unreadable throughout), and its starting weights."""
+    tmp = tmp_path_factory.mktemp("straight")
+    recipe = stage1_recipe(tmp, tiny_world, "straight")
+    out = run_train([recipe])
+    assert out.returncode == 0, out.stderr[-2000:]
+    start = build_model(load_recipe(recipe)).state_dict()
+    start = {k[len("connector."):]: v for k, v in start.items() if k.startswith("connector.")}
+    return {"model": tmp / "straight" / "model", "start": start,
+            "state": json.loads((tmp / "straight" / "model" / "trainer_state.json").read_text())}
+
+
+def copy_world(world: dict, dest: Path) -> Path:
+    """A private copy of the tiny world's videos and annotations, for a test that changes files."""
+    shutil.copytree(world["root"] / "videos", dest / "videos")
+    for name in ("captions.json", "qa.json"):
+        shutil.copy(world["root"] / name, dest / name)
+    return dest
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_world, straight):
     recipe = stage1_recipe(tmp_path, tiny_world, "killed")
     killed = run_train([recipe], env={"VIDLMM_TRAIN_DIE_AFTER_STEP": "5"})
     assert killed.returncode == -9  # really killed, after the checkpoint of step 4 and one more step
@@ -148,13 +181,83 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_world):
     resumed = run_train([recipe])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from step-0000004" in resumed.stdout + resumed.stderr
-    a = torch.load(tmp_path / "straight" / "model" / "connector" / "pytorch_model.bin", weights_only=True)
-    b = torch.load(tmp_path / "killed" / "model" / "connector" / "pytorch_model.bin", weights_only=True)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_trained_weights(connector_of(straight["model"]), connector_of(tmp_path / "killed" / "model"),
+                                straight["start"])
 
 
-def test_two_cpu_processes_match_one(tmp_path, tiny_world):
-    single = run_train([stage1_recipe(tmp_path, tiny_world, "one"), "epochs=1"])
+def test_resumed_run_repeats_its_skips(tmp_path, tiny_world, straight):
+    """clip7 is skipped at step 2 (epoch 0) and comes again at step 7 (epoch 1). Killed after step 3, the run
+    resumes from step 2 with clip7 repaired: it must still drop c7 at step 7, as the uninterrupted run did."""
+    assert epoch_order(8, 0, 0)[2] == 7 and epoch_order(8, 0, 1)[4] == 7  # steps 2 and 7 at 2 samples a step
+    world = copy_world(tiny_world, tmp_path / "world")
+    recipe = write_recipe(tmp_path / "r.yaml", stage="pretrain", template="pretrain", learning_rate=1e-3,
+                          llm=str(tiny_world["llm"]), vision_tower=str(tiny_world["vision"]),
+                          annotations=[str(world / "captions.json")], video_roots=[str(world)],
+                          output_dir=str(tmp_path / "run"))
+    killed = run_train([recipe], env={"VIDLMM_TRAIN_DIE_AFTER_STEP": "3"})
+    assert killed.returncode == -9
+    saved = json.loads((tmp_path / "run" / "checkpoints" / "step-0000002" / "train_state.json").read_text())
+    assert [(s["id"], s["epoch"], s["step"]) for s in saved["skipped"]] == [("c7", 0, 2)]
+    write_video(world / "videos" / "clip7.mp4", make_moving_square_frames(12, 48, 48, seed=7), fps=6)
+    resumed = run_train([recipe])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from step-0000002" in resumed.stdout + resumed.stderr
+    state = json.loads((tmp_path / "run" / "model" / "trainer_state.json").read_text())
+    strip = [{k: v for k, v in s.items() if k != "video"} for s in state["skipped"]]  # paths differ by world
+    assert strip == [{k: v for k, v in s.items() if k != "video"} for s in straight["state"]["skipped"]]
+    assert state["skipped"] == saved["skipped"]
+    assert state["samples"] == straight["state"]["samples"] == 14  # 2 epochs x 8, c7 dropped in both
+    assert_same_trained_weights(connector_of(straight["model"]), connector_of(tmp_path / "run" / "model"),
+                                straight["start"])
+
+
+def test_damaged_last_checkpoint_falls_back_to_the_one_before(tmp_path, tiny_world, straight):
+    recipe = stage1_recipe(tmp_path, tiny_world, "damaged")
+    killed = run_train([recipe], env={"VIDLMM_TRAIN_DIE_AFTER_STEP": "5"})
+    assert killed.returncode == -9
+    checkpoints = tmp_path / "damaged" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000002", "step-0000004"]  # keep=2
+    last = checkpoints / "step-0000004"
+    assert checkpoint_damage(last) is None and resume_point(tmp_path / "damaged")[0] == last
+    weights = next(last.glob("model*.safetensors"))
+    original = {p: p.read_bytes() for p in (weights, last / "train_state.json")}
+    damages = [(last / "train_state.json", lambda p: p.write_bytes(original[p][:40]), "train_state.json is damaged"),
+               (weights, lambda p: p.write_bytes(original[p][: len(original[p]) // 2]), "has"),
+               (weights, lambda p: p.unlink(), "is missing")]
+    for path, damage, why in damages:
+        damage(path)
+        assert why in checkpoint_damage(last)
+        assert resume_point(tmp_path / "damaged")[0].name == "step-0000002"
+        path.write_bytes(original[path])
+    weights.write_bytes(original[weights][:100])  # the run itself resumes past a truncated weights file
+    resumed = run_train([recipe])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    log = resumed.stdout + resumed.stderr
+    warning = [line for line in log.splitlines() if "is damaged" in line]
+    assert len(warning) == 1 and "step-0000004" in warning[0] and "resuming from step-0000002" in warning[0]
+    assert all(checkpoint_damage(p) is None for p in checkpoints.glob("step-*"))  # the damaged one was replaced
+    assert_same_trained_weights(connector_of(straight["model"]), connector_of(tmp_path / "damaged" / "model"),
+                                straight["start"])
+
+
+def test_two_cpu_processes_match_one_when_a_rank_reads_nothing(tmp_path, tiny_world, straight):
+    """Step 2 of epoch 0 holds (c7, c3): with 2 processes rank 0's whole batch is the unreadable clip7, so it
+    must still enter every collective (else rank 1 hangs in DDP's all-reduce), and the step's gradient must be
+    the mean over the one sample read. The reference is one process accumulating the same two micro-batches,
+    with clip7 replaced by a copy of clip3 and c7's caption by c3's: its step 2 is the mean over (c3, c3),
+    which is the gradient of c3 alone, i.e. that step without c7, computed with no sample skipped at all.
+    A skipped sample counted as a zero loss in the full batch would halve that step and not match."""
+    assert epoch_order(8, 0, 0)[2:4] == [7, 3]
+    world = copy_world(tiny_world, tmp_path / "world")
+    shutil.copy(world / "videos" / "clip3.mp4", world / "videos" / "clip7.mp4")
+    captions = json.loads((world / "captions.json").read_text())
+    captions[7]["conversations"] = captions[3]["conversations"]
+    (world / "captions.json").write_text(json.dumps(captions))
+    reference = write_recipe(tmp_path / "one.yaml", stage="pretrain", template="pretrain", learning_rate=1e-3,
+                             llm=str(tiny_world["llm"]), vision_tower=str(tiny_world["vision"]),
+                             annotations=[str(world / "captions.json")], video_roots=[str(world)],
+                             output_dir=str(tmp_path / "one"))
+    single = run_train([reference, "epochs=1"])
     assert single.returncode == 0, single.stderr[-2000:]
     recipe = stage1_recipe(tmp_path, tiny_world, "two")
     with socket.socket() as sock:  # a free loopback port for the two processes' rendezvous
@@ -162,16 +265,56 @@ def test_two_cpu_processes_match_one(tmp_path, tiny_world):
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "train/configs/cpu_2proc.yaml",
            "--main_process_port", str(port), "-m", "train", "run", str(recipe), "epochs=1", "--no-progress"]
-    double = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    double = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,  # a hang fails here
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert double.returncode == 0, double.stderr[-3000:]
     assert "accumulation 1" in double.stdout + double.stderr  # 2 processes x 1 per device = global batch 2
     assert "accumulation 2" in single.stdout + single.stderr
-    a = torch.load(tmp_path / "one" / "model" / "connector" / "pytorch_model.bin", weights_only=True)
-    b = torch.load(tmp_path / "two" / "model" / "connector" / "pytorch_model.bin", weights_only=True)
-    start = read_state_dict(tmp_path / "one" / "model")  # sanity: training moved the weights
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
-    assert start
+    state = json.loads((tmp_path / "two" / "model" / "trainer_state.json").read_text())
+    assert [(s["id"], s["step"]) for s in state["skipped"]] == [("c7", 2)] and state["samples"] == 7
+    assert_same_trained_weights(connector_of(tmp_path / "one" / "model"), connector_of(tmp_path / "two" / "model"),
+                                straight["start"], atol=1e-5)
+
+
+def test_decode_worker_survives_a_hang_and_a_crash(tmp_path, monkeypatch):
+    from train.data import _decode_pixels
+    from train.decode_worker import DecodeFailed, DecodeWorker
+    from vidlmm.preprocess import ImageProcessor
+    from vidlmm.video import FrameSampling
+
+    good = write_video(tmp_path / "good.mp4", make_moving_square_frames(12, 48, 48), fps=6)
+    for name in ("hang.mp4", "crash.mp4"):
+        shutil.copy(good, tmp_path / name)
+    (tmp_path / "text.mp4").write_text("not a video")
+    monkeypatch.setenv("VIDLMM_DECODE_FAULT", "hang:hang.mp4,crash:crash.mp4")
+    args = (FrameSampling.uniform(4), ImageProcessor.for_tower("siglip", 32))
+    worker = DecodeWorker(_decode_pixels, *args, time_limit_s=2)
+    try:
+        assert torch.equal(worker(good), _decode_pixels(good, *args))
+        with pytest.raises(VideoReadError, match="text file"):
+            worker(tmp_path / "text.mp4")
+        with pytest.raises(DecodeFailed, match="did not finish within 2 s"):
+            worker(tmp_path / "hang.mp4")
+        assert torch.equal(worker(good), _decode_pixels(good, *args))  # a fresh worker
+        with pytest.raises(DecodeFailed, match="crashed .*SIGSEGV"):
+            worker(tmp_path / "crash.mp4")
+        assert torch.equal(worker(good), _decode_pixels(good, *args))
+    finally:
+        worker.close()
+
+
+@pytest.mark.parametrize("workers", [0, 2])  # 2: the decoder's child runs under each DataLoader worker
+def test_a_hanging_or_crashing_decoder_costs_only_its_sample(tmp_path, tiny_world, workers):
+    recipe = stage1_recipe(tmp_path, tiny_world, "faults")
+    out = run_train([recipe, "epochs=1", "decode_time_limit_s=3", f"dataloader_workers={workers}"],
+                    env={"VIDLMM_DECODE_FAULT": "hang:clip2.mp4,crash:clip5.mp4"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = (out.stdout + out.stderr).splitlines()
+    assert any("clip2.mp4" in line and "did not finish within 3 s" in line for line in lines)
+    assert any("clip5.mp4" in line and "crashed" in line for line in lines)
+    state = json.loads((tmp_path / "faults" / "model" / "trainer_state.json").read_text())
+    assert sorted(s["id"] for s in state["skipped"]) == ["c2", "c5", "c7"]
+    assert state["samples"] == 5 and state["step"] == 4  # every other sample read, every step taken
 
 
 def test_feature_cache_changes_nothing_but_the_work(tmp_path, tiny_world):
@@ -194,6 +337,9 @@ def test_overrides_read_numbers_without_a_dot():
     recipe = load_recipe("train/configs/toy_stage1.yaml", ["learning_rate=2e-3", "epochs=3", "seed=7"])
     assert recipe.learning_rate == 0.002 and recipe.epochs == 3 and recipe.seed == 7
     assert isinstance(recipe.seed, int)
+    assert load_recipe("train/configs/toy_stage1.yaml", ["decode_time_limit_s=2.5"]).decode_time_limit_s == 2.5
+    with pytest.raises(ValueError, match="decode_time_limit_s"):
+        load_recipe("train/configs/toy_stage1.yaml", ["decode_time_limit_s=-1"])
 
 
 @pytest.mark.parametrize("connector, options", [("pool", {"token_budget": 144}), ("tome", {"token_budget": 64}),

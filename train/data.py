@@ -2,7 +2,8 @@
 
 An annotation file is a JSON list of `{"id", "video": relative path, "conversations": [{"from": "human"|"gpt",
 "value": ...}, ...]}`. `<video>` placeholders and user/assistant roles are normalised (with a warning). A video
-that cannot be read is skipped, counted and logged with its path: it never stops a run.
+that cannot be read (or whose decoder hangs or crashes, see `decode_worker`) is dropped from the run and logged
+with its path: it never stops a run.
 """
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vidlmm.conversation import make_training_example, normalize_conversations
 from vidlmm.errors import VideoReadError
-from vidlmm.video import FrameSampling, read_video
+from vidlmm.preprocess import read_pixels
+from vidlmm.video import FrameSampling
+
+from .decode_worker import DecodeFailed, DecodeWorker
 
 log = logging.getLogger(__name__)
 
@@ -125,56 +130,86 @@ def shared_feature_cache(max_bytes: int) -> FeatureCache:
     return _SHARED_CACHES.setdefault(max_bytes, FeatureCache(max_bytes))
 
 
+def _decode_pixels(path, sampling: FrameSampling, image_processor) -> torch.Tensor:
+    """A video file -> the model's pixel tensor [T, 3, S, S]: the one place training turns a video into pixels."""
+    return read_pixels(path, sampling, image_processor)[1]
+
+
 class VideoConversationDataset(torch.utils.data.Dataset):
     """Items: {"pixel_values" [T,3,S,S] or None, "features" [T,N,C] or None, "cache_key", "input_ids", "labels",
-    "skipped"}. With a feature cache that already holds a clip, the clip is not decoded at all.
+    "id", "index", "video", "weight", "skipped", "num_visual_tokens"}. With a feature cache that already holds a
+    clip, the clip is not decoded at all.
 
-    A video that fails to decode is logged and replaced by the next readable sample, so every process of a
-    distributed run still does the same number of steps (a process skipping a step would hang the others).
+    A sample whose video cannot be read is dropped, not replaced by the next readable one: its item is a
+    placeholder (a blank one-frame clip with the sample's own text) of weight 0 and `skipped` says why. Every
+    process thus runs the same forward and backward and enters every collective, and the trainer takes each step's
+    gradient as the mean over the samples of weight 1, so a step with a skipped sample is exactly that step without
+    it (a replacement would instead add a neighbour, seen twice that epoch). A sample in `excluded` (skipped
+    earlier in the run, restored from the checkpoint) is not tried again, so a resumed run repeats the same steps
+    whether or not its file has since been repaired.
+
+    decode_time_limit_s > 0 decodes in a child process (`DecodeWorker`), so a hang or a crash costs the sample;
+    0 decodes in this process.
     """
 
     def __init__(self, samples: list[Sample], *, tokenizer, image_processor, template: str,
                  sampling: FrameSampling, visual_tokens_for, max_length: int = 3072,
-                 feature_cache: FeatureCache | None = None):
+                 feature_cache: FeatureCache | None = None, decode_time_limit_s: float = 0.0):
         self.samples = samples
         self.feature_cache = feature_cache
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.template, self.sampling = template, sampling
         # frames -> visual tokens the connector makes (the image-level resampler's grow with the frame count)
         self.visual_tokens_for, self.max_length = visual_tokens_for, max_length
+        self.excluded: set[int] = set()
+        self.placeholder = image_processor(np.zeros((1, 2, 2, 3), np.uint8))
+        self.worker = (DecodeWorker(_decode_pixels, sampling, image_processor, time_limit_s=decode_time_limit_s)
+                       if decode_time_limit_s > 0 else None)
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def decode(self, path: Path) -> torch.Tensor:
+        if self.worker is not None:
+            return self.worker(path)
+        return _decode_pixels(path, self.sampling, self.image_processor)
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+
     def __getitem__(self, index: int):
-        pixels = features = key = None
-        for skipped in range(min(len(self.samples), 16)):
-            sample = self.samples[(index + skipped) % len(self.samples)]
+        sample = self.samples[index]
+        pixels = features = key = why = None
+        if index not in self.excluded:
             if self.feature_cache is not None:
                 key = self.feature_cache.key(sample.video)
                 features = self.feature_cache.get(key)
-                if features is not None:
-                    break
-            try:
-                pixels = self.image_processor(read_video(sample.video, self.sampling).frames)
-                break
-            except VideoReadError as err:
-                log.warning("skipping unreadable video %s: %s", sample.video, err)
-        else:
-            return None
+            if features is None:
+                try:
+                    pixels = self.decode(sample.video)
+                except (VideoReadError, DecodeFailed) as err:
+                    why = str(err)
+                    log.warning("skipping unreadable video %s: %s", sample.video, why)
+        read = pixels is not None or features is not None
+        if not read:
+            pixels, key = self.placeholder, None
         frames = len(features if features is not None else pixels)
         num_visual = self.visual_tokens_for(frames)
         example = make_training_example(self.template, sample.conversations, self.tokenizer,
                                         max_length=self.max_length, num_visual_tokens=num_visual)
         return {"pixel_values": pixels, "features": features, "cache_key": key, "input_ids": example.input_ids,
-                "labels": example.labels, "id": sample.id, "skipped": skipped, "num_visual_tokens": num_visual}
+                "labels": example.labels, "id": sample.id, "index": index, "video": str(sample.video),
+                "weight": float(read), "skipped": why, "num_visual_tokens": num_visual}
 
 
 def collate(batch: list) -> dict:
-    """Keep lists (clips may have different frame counts in fps mode); count skipped videos."""
-    kept = [b for b in batch if b is not None]
-    return {"pixel_values": [b["pixel_values"] for b in kept], "features": [b.get("features") for b in kept],
-            "cache_keys": [b.get("cache_key") for b in kept], "input_ids": [b["input_ids"] for b in kept],
-            "labels": [b["labels"] for b in kept], "ids": [b["id"] for b in kept],
-            "visual_tokens": sum(b["num_visual_tokens"] for b in kept),
-            "skipped": len(batch) - len(kept) + sum(b["skipped"] for b in kept)}
+    """Keep lists (clips may have different frame counts in fps mode); `weights` [B] is 0 for a placeholder;
+    `skipped` lists the samples that failed just now."""
+    return {"pixel_values": [b["pixel_values"] for b in batch], "features": [b["features"] for b in batch],
+            "cache_keys": [b["cache_key"] for b in batch], "input_ids": [b["input_ids"] for b in batch],
+            "labels": [b["labels"] for b in batch], "ids": [b["id"] for b in batch],
+            "weights": torch.tensor([b["weight"] for b in batch]),
+            "visual_tokens": sum(b["num_visual_tokens"] for b in batch if b["weight"]),
+            "skipped": [{"index": b["index"], "id": b["id"], "video": b["video"], "why": b["skipped"]}
+                        for b in batch if b["skipped"]]}

@@ -63,6 +63,9 @@ class Recipe:
     log_every_steps: int = 1
     seed: int = 0
     dataloader_workers: int = 0
+    # seconds a video may take to decode in its own child process, so a decoder that hangs or crashes costs
+    # that sample, not the run (0: decode in the training process, unprotected)
+    decode_time_limit_s: float = 60.0
     # frozen tower: keep its features per clip in memory (MiB; 0 = off) so a clip is decoded and encoded once
     feature_cache_mb: int = 0
     # shapes of the named backbones, for planning without downloading them
@@ -123,11 +126,14 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
     unknown = set(data) - known
     if unknown:
         raise ValueError(f"Unknown recipe field(s) in {path.name}: {', '.join(sorted(unknown))}.")
-    for name in ("learning_rate", "warmup_ratio", "weight_decay", "epochs"):  # the same for the YAML files
+    # the same for the YAML files
+    for name in ("learning_rate", "warmup_ratio", "weight_decay", "epochs", "decode_time_limit_s"):
         if isinstance(data.get(name), str) and _NUMBER.match(data[name].strip()):
             data[name] = float(data[name])
     recipe = Recipe(**data)
     if set(recipe.tune) != set(PARTS) or not set(recipe.tune.values()) <= {"full", "frozen"}:
         raise ValueError(f"tune must give full|frozen for each of {', '.join(PARTS)}.")
+    if not recipe.decode_time_limit_s >= 0:
+        raise ValueError("decode_time_limit_s must be a number of seconds (0 turns the isolated decoder off).")
     recipe.gradient_accumulation_steps  # validates the batch arithmetic
     return recipe

@@ -3,6 +3,11 @@
 Reads top to bottom: build the model -> freeze per the recipe -> data in a seeded order -> AdamW + cosine ->
 accumulate to the global batch -> log -> checkpoint atomically -> resume where a killed run stopped -> save the
 model (stage 1: the reference's split layout; stage 2: the published layout the loader reads).
+
+Bad data never desyncs or stops a run: an unreadable sample is a zero-weight placeholder (see
+`VideoConversationDataset`), so every process runs the same forward, backward and collectives; each optimizer
+step's gradient is the mean over the samples actually read on all processes and micro-steps (one all-reduce of
+the count per step); skipped samples are recorded in the checkpoint and stay dropped for the rest of the run.
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vidlmm.checkpoint import build_from_parts, load_model, save_model, save_split_layout
-
+from vidlmm.conversation import IGNORE_INDEX
 from vidlmm.video import FrameSampling
 
 from .data import VideoConversationDataset, VisualTokenCount, collate, load_annotations, shared_feature_cache
@@ -29,8 +35,8 @@ log = logging.getLogger(__name__)
 
 
 class TrainingStep(nn.Module):
-    """Wraps the model so one forward = the whole step (vision -> connector -> LLM loss); the distributed wrapper
-    then sees every trainable parameter used inside its own forward."""
+    """Wraps the model so one forward = the whole step (vision -> connector -> LLM loss per sample [B]); the
+    distributed wrapper then sees every trainable parameter used inside its own forward."""
 
     def __init__(self, model, feature_cache=None):
         super().__init__()
@@ -51,7 +57,16 @@ class TrainingStep(nn.Module):
             # the whole output (batch 1): a fusing connector (LLaVA-Mini) also rewrites the prompt's embeddings
             visual.append(m.connector(feats.unsqueeze(0).to(device=m.device, dtype=m.dtype)))
         embeds, mask, lab = m.build_inputs(input_ids, visual, labels, padding_side="right")
-        return m(embeds, mask, labels=lab).loss
+        return per_sample_loss(m(embeds, mask).logits, lab)
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """logits [B, L, V], labels [B, L] -> [B]: each sample's mean next-token loss over its supervised tokens
+    (0 for a sample with none), so a step can weight and count samples rather than tokens."""
+    targets = labels[:, 1:]
+    tokens = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                             reduction="none")
+    return tokens.sum(1) / (targets != IGNORE_INDEX).sum(1).clamp(min=1)
 
 
 def build_model(recipe: Recipe):
@@ -100,13 +115,65 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------------
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    folders = [p for p in (output_dir / "checkpoints").glob("step-*") if (p / "train_state.json").is_file()]
-    return max(folders, key=lambda p: int(p.name.split("-")[1]), default=None)
+def _step_of(folder: Path) -> int:
+    return int(folder.name.split("-")[1])
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under `folder` (folders too: a new file's name lives in its folder)."""
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        _fsync(path)
+    _fsync(folder)
+
+
+def checkpoint_damage(folder: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (a few words), or None when it is whole: train_state.json parses
+    and every file it lists is there at the size it was written."""
+    try:
+        saved = json.loads((folder / "train_state.json").read_text())
+    except FileNotFoundError:
+        return "train_state.json is missing"
+    except (OSError, ValueError):
+        return "train_state.json is damaged"
+    for name, size in saved.get("checkpoint_files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} of its {size} bytes"
+    return None
+
+
+def resume_point(output_dir: Path, warn: bool = True) -> tuple[Path, dict] | None:
+    """The newest whole checkpoint and its training state; a damaged newer one is passed over with a one-line
+    warning (it is deleted by the next save, which also keeps the previous one whole)."""
+    damaged = []
+    for folder in sorted((output_dir / "checkpoints").glob("step-*"), key=_step_of, reverse=True):
+        why = checkpoint_damage(folder)
+        if why is None:
+            if warn and damaged:
+                log.warning("checkpoint %s is damaged (%s); resuming from %s instead", *damaged[0], folder.name)
+            state = json.loads((folder / "train_state.json").read_text())
+            state.pop("checkpoint_files", None)
+            return folder, state
+        damaged.append((folder.name, why))
+    if warn and damaged:
+        log.warning("checkpoint %s is damaged (%s) and no earlier one is whole; starting over", *damaged[0])
+    return None
 
 
 def save_checkpoint(accelerator, output_dir: Path, state: dict, keep: int = 2) -> None:
-    """Write to a temporary folder, then rename: a run killed mid-save leaves the previous checkpoint intact."""
+    """Write to a temporary folder, fsync it, rename, fsync the parent: a run killed (or a machine that loses
+    power) mid-save leaves the previous checkpoint whole. train_state.json lists every file with its size, so
+    a damaged checkpoint is recognised at resume and the one before it (`keep` >= 2) is used instead."""
     root = output_dir / "checkpoints"
     final = root / f"step-{state['step']:07d}"
     tmp = root / f".tmp-step-{state['step']:07d}"
@@ -114,14 +181,62 @@ def save_checkpoint(accelerator, output_dir: Path, state: dict, keep: int = 2) -
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process's random states are written
     if accelerator.is_main_process:
-        (tmp / "train_state.json").write_text(json.dumps(state))
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / "train_state.json").write_text(json.dumps({**state, "checkpoint_files": files}))
+        fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        old = sorted(p for p in root.glob("step-*") if p != final)
-        for folder in old[: max(0, len(old) - (keep - 1))]:
+        _fsync(root)
+        # a newer step is left from a run that resumed before it (it was damaged): never the one to resume from
+        others = [p for p in root.glob("step-*") if p != final]
+        older = sorted((p for p in others if _step_of(p) < state["step"]), key=_step_of)
+        newer = [p for p in others if _step_of(p) > state["step"]]
+        for folder in newer + older[: max(0, len(older) - (keep - 1))]:
             shutil.rmtree(folder, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+class StepTally:
+    """What the micro-steps of one optimizer step read on this process, summed over all processes by `reduce`
+    (one all-reduce, every process, every step; the skip records are gathered only when there are any)."""
+
+    def __init__(self):
+        self.read, self.loss, self.visual_tokens, self.skipped = 0.0, 0.0, 0.0, []
+
+    def add(self, losses: torch.Tensor, weights: torch.Tensor, batch: dict, where: dict) -> None:
+        self.read += float(weights.sum())
+        self.loss += float((losses.detach().float() * weights).sum())
+        self.visual_tokens += batch["visual_tokens"]
+        self.skipped += [{**skip, **where} for skip in batch["skipped"]]
+
+    def reduce(self, accelerator) -> tuple[int, float, int, list[dict]]:
+        """(samples read, their loss sum, visual tokens, skip records) over all processes."""
+        from accelerate.utils import gather_object
+
+        local = torch.tensor([self.read, self.loss, self.visual_tokens, len(self.skipped)], dtype=torch.float64,
+                             device=accelerator.device)
+        read, loss, tokens, skips = accelerator.reduce(local, reduction="sum").tolist()
+        skipped = gather_object(self.skipped) if skips else []
+        return int(read), loss, int(tokens), skipped
+
+
+def optimizer_step(accelerator, module, optimizer, scheduler, rescale: float) -> None:
+    """Rescale the accumulated gradients (to the mean over the samples actually read), clip, step. rescale 0:
+    nothing was read, so the weights and AdamW's moments stay as they were; the schedule advances either way."""
+    from accelerate.utils import DistributedType
+
+    if rescale:
+        # DeepSpeed owns its gradients: there a skipped sample counts as a zero loss in the full batch
+        if accelerator.distributed_type != DistributedType.DEEPSPEED:
+            for param in module.parameters():
+                if param.grad is not None:
+                    param.grad.mul_(rescale)
+        accelerator.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
 
 
 # ---- the loop --------------------------------------------------------------------------------------------
@@ -162,8 +277,8 @@ def run(recipe: Recipe, *, max_steps: int | None = None, progress: bool = True) 
     dataset = VideoConversationDataset(samples, tokenizer=model.tokenizer, image_processor=model.image_processor,
                                        template=recipe.template, sampling=sampling,
                                        visual_tokens_for=VisualTokenCount.of(model, sampling.max_frames_taken()),
-                                       max_length=recipe.max_length,
-                                       feature_cache=cache)
+                                       max_length=recipe.max_length, feature_cache=cache,
+                                       decode_time_limit_s=recipe.decode_time_limit_s)
     total_steps = recipe.optimizer_steps(len(samples))
     optimizer = torch.optim.AdamW(optimizer_groups(model, recipe.weight_decay), lr=recipe.learning_rate)
     schedule = get_cosine_schedule_with_warmup if recipe.lr_scheduler == "cosine" else \
@@ -172,12 +287,16 @@ def run(recipe: Recipe, *, max_steps: int | None = None, progress: bool = True) 
     step_module = TrainingStep(model, cache)
     step_module, optimizer, scheduler = accelerator.prepare(step_module, optimizer, scheduler)
 
-    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples": 0, "skipped_videos": 0}
-    last = latest_checkpoint(output_dir)
-    if last is not None:
+    # skipped: {"index", "id", "video", "why", "epoch", "batch", "step"} per sample dropped so far
+    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples": 0, "skipped": []}
+    resumed = resume_point(output_dir, warn=accelerator.is_main_process)
+    if resumed is not None:
+        last, state = resumed
         accelerator.load_state(str(last))
-        state = json.loads((last / "train_state.json").read_text())
-        accelerator.print(f"resuming from {last.name} (step {state['step']} of {total_steps})")
+        state.setdefault("skipped", [])
+        accelerator.print(f"resuming from {last.name} (step {state['step']} of {total_steps}, "
+                          f"{len(state['skipped'])} samples skipped so far)")
+    dataset.excluded.update(skip["index"] for skip in state["skipped"])
     if accelerator.is_main_process:
         accelerator.init_trackers("train", config={k: v for k, v in recipe.to_dict().items()
                                                    if isinstance(v, (int, float, str, bool))})
@@ -188,7 +307,8 @@ def run(recipe: Recipe, *, max_steps: int | None = None, progress: bool = True) 
     bar = tqdm(total=stop_at, initial=state["step"], disable=not (progress and accelerator.is_main_process),
                desc=recipe.name, dynamic_ncols=True)
     epochs = math.ceil(recipe.epochs)
-    window_start, window_samples, window_tokens, losses = time.perf_counter(), 0, 0, []
+    window_start, window_read, window_loss, window_tokens = time.perf_counter(), 0, 0.0, 0
+    tally = StepTally()
     while state["step"] < stop_at and state["epoch"] < epochs:
         order = epoch_order(len(dataset), recipe.seed, state["epoch"])
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, order),
@@ -197,37 +317,41 @@ def run(recipe: Recipe, *, max_steps: int | None = None, progress: bool = True) 
         loader = accelerator.prepare_data_loader(loader, device_placement=False)
         loader = accelerator.skip_first_batches(loader, state["batches_in_epoch"])
         for batch in loader:
+            where = {"epoch": state["epoch"], "batch": state["batches_in_epoch"], "step": state["step"] + 1}
             state["batches_in_epoch"] += 1
-            state["skipped_videos"] += batch["skipped"]
-            if not batch["input_ids"]:
-                continue
             with accelerator.accumulate(step_module):
-                loss = step_module(batch["pixel_values"], batch["input_ids"], batch["labels"], batch["features"],
-                                   batch["cache_keys"])
-                accelerator.backward(loss)
+                losses = step_module(batch["pixel_values"], batch["input_ids"], batch["labels"], batch["features"],
+                                     batch["cache_keys"])
+                weights = batch["weights"].to(losses.device)
+                # a sum over the nominal global batch; rescaled below once the step's read count is known
+                accelerator.backward((losses * weights).sum() / recipe.per_device_batch_size)
+                tally.add(losses, weights, batch, where)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(step_module.parameters(), 1.0)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
-            losses.append(loss.detach().float().item())
-            n = len(batch["input_ids"]) * accelerator.num_processes
-            window_samples += n
-            window_tokens += batch["visual_tokens"] * accelerator.num_processes
-            state["samples"] += n
+                    read, loss_sum, tokens, skipped = tally.reduce(accelerator)
+                    tally = StepTally()
+                    optimizer_step(accelerator, step_module, optimizer, scheduler, recipe.global_batch_size / read
+                                   if read else 0.0)
             if not accelerator.sync_gradients:
                 continue
+            for skip in skipped:
+                if skip["index"] not in dataset.excluded:
+                    dataset.excluded.add(skip["index"])
+                    state["skipped"].append(skip)
+            state["samples"] += read
+            window_read += read
+            window_loss += loss_sum
+            window_tokens += tokens
             state["step"] += 1
             bar.update(1)
             if state["step"] % recipe.log_every_steps == 0 or state["step"] == stop_at:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
-                logs = {"loss": sum(losses) / len(losses), "lr": scheduler.get_last_lr()[0],
-                        "samples_per_s": window_samples / elapsed, "visual_tokens_per_s": window_tokens / elapsed}
+                logs = {"loss": window_loss / max(window_read, 1), "lr": scheduler.get_last_lr()[0],
+                        "samples_per_s": window_read / elapsed, "visual_tokens_per_s": window_tokens / elapsed,
+                        "skipped_samples": len(state["skipped"])}
                 accelerator.log(logs, step=state["step"])
                 bar.set_postfix(loss=f"{logs['loss']:.3f}", lr=f"{logs['lr']:.2e}",
                                 sps=f"{logs['samples_per_s']:.1f}")
-                window_start, window_samples, window_tokens, losses = time.perf_counter(), 0, 0, []
+                window_start, window_read, window_loss, window_tokens = time.perf_counter(), 0, 0.0, 0
             if state["step"] % recipe.save_every_steps == 0 and state["step"] < total_steps:
                 save_checkpoint(accelerator, output_dir, state)
             if os.environ.get("VIDLMM_TRAIN_DIE_AFTER_STEP") == str(state["step"]):
@@ -237,6 +361,7 @@ def run(recipe: Recipe, *, max_steps: int | None = None, progress: bool = True) 
         else:
             state["epoch"] += 1
             state["batches_in_epoch"] = 0
+    dataset.close()
     bar.close()
     out = _save_model(accelerator, step_module, recipe, state, finished=state["step"] >= total_steps)
     accelerator.end_training()  # last: it also tears down the process group
@@ -252,6 +377,8 @@ def _save_model(accelerator, step_module, recipe: Recipe, state: dict, finished:
             save_split_layout(model, out)  # the reference's stage-1 output, read back by stage 2
         else:
             save_model(model, out)
+        fsync_tree(out)  # trainer_state.json marks the stage done: the model is on disk before it
         (out / "trainer_state.json").write_text(json.dumps({**state, "recipe": recipe.to_dict()}, indent=2))
+        fsync_tree(out)
     accelerator.wait_for_everyone()
     return out
