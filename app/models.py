@@ -164,11 +164,18 @@ class ModelPool:
         import gc
 
         from vidlmm.checkpoint import check_checkpoint_fits, display_name, load_model
-        from vidlmm.memory import gigabytes
+        from vidlmm.memory import gigabytes, needed_bytes
         from vidlmm.pipeline import VideoLMM
 
-        # config.json only; refuses what cannot fit the device even once every loaded model is dropped
-        plan = check_checkpoint_fits(choice.source, free=self._free_bytes() + self.loaded_bytes, **self.load_kwargs)
+        # config.json only; refuses what cannot fit the device even once every loaded model is dropped. The
+        # precision is chosen among those whose weights fit this pool too (needed_bytes is monotonic)
+        device_free, budget = self._free_bytes() + self.loaded_bytes, needed_bytes(self.max_bytes)
+        try:
+            plan = check_checkpoint_fits(choice.source, free=min(device_free, budget), **self.load_kwargs)
+        except CheckpointError:
+            if device_free <= budget:
+                raise
+            plan = check_checkpoint_fits(choice.source, free=device_free, **self.load_kwargs)  # refused below
         need = int(plan.weight_bytes or 0)
         if need > self.max_bytes:
             raise CheckpointError(f"Model '{display_name(choice.source)}' needs {gigabytes(need)} for its weights in "
@@ -178,7 +185,7 @@ class ModelPool:
             while self._loaded and sum(m.weight_bytes for m in self._loaded.values()) + need > self.max_bytes:
                 self._loaded.popitem(last=False)
         gc.collect()  # the evicted weights are freed before the new ones are read
-        model = load_model(choice.source, **self.load_kwargs)
+        model = load_model(choice.source, precision=plan, **self.load_kwargs)
         trained = self.default_trained if choice.kind == "default" else True
         precision = model.precision.to_json() if getattr(model, "precision", None) is not None else {}
         return LoadedModel(choice.value, choice.source, VideoLMM(model, cache_bytes=0),

@@ -62,9 +62,11 @@ def test_micro_benchmark_measures_three_precisions_quickly():
 
 
 # ------------------------------------------------------------------ the choice
-def test_gpu_keeps_bf16():
-    chosen = choose_precision(FULL, "cuda", speeds=must_not_measure, free=0)
+def test_gpu_keeps_bf16_where_it_has_it():
+    chosen = choose_precision(FULL, "cuda", speeds=must_not_measure, free=0, gpu_bf16=True)
     assert chosen.dtype == torch.bfloat16 and chosen.quantization is None and "GPU" in chosen.reason
+    t4 = choose_precision(FULL, "cuda", speeds=must_not_measure, free=0, gpu_bf16=False)  # compute capability 7.5
+    assert t4.dtype == torch.float16 and t4.weight_bytes == FULL["bf16"] and "no bf16" in t4.reason
 
 
 def test_tiny_models_stay_fp32_without_measuring():

@@ -325,17 +325,6 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """"auto": fp32 on CPU, bf16 on GPU (what `load_model` used before it chose by the CPU; kept for callers)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise CheckpointError(f"Unknown dtype '{dtype}' (use fp32, bf16 or fp16).")
-    return DTYPES[dtype]
-
-
 def check_shapes(model: TinyLlavaVideo, shapes: dict[str, tuple[int, ...]]) -> None:
     """Raise CheckpointError when a stored tensor's shape differs from the one the config builds."""
     expected = model.state_dict()
@@ -347,7 +336,8 @@ def check_shapes(model: TinyLlavaVideo, shapes: dict[str, tuple[int, ...]]) -> N
 
 def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None = "auto", device: str | None = "auto",
                quantization: str | None = None, attn_implementation: str | None = None,
-               tokenizer: bool = True, revision: str | None = None, check_memory: bool = True) -> TinyLlavaVideo:
+               tokenizer: bool = True, revision: str | None = None, check_memory: bool = True,
+               precision=None) -> TinyLlavaVideo:
     """Load a TinyLLaVA-Video checkpoint (either layout) into a ready-to-use model in eval mode.
 
     dtype: "auto" picks by device and model (`vidlmm.precision.plan_precision`): bf16 on a GPU; fp32 on CPU for a
@@ -359,6 +349,8 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None
         resolved and later loads reuse it, offline too (see `download`).
     check_memory: estimate the weights' bytes from config.json and refuse (one-sentence CheckpointError naming the
         bytes needed and free) before reading any weights when they cannot fit the device's free memory.
+    precision: a `Precision` planned earlier (`check_checkpoint_fits`, e.g. against a memory budget), used
+        instead of dtype / quantization.
     The loaded model carries `model.precision` (a `vidlmm.precision.Precision`: dtype, quantization, measured
     GFLOPS, the reason, the weight estimate). The tokenizer is read from the checkpoint folder itself, never from
     `tokenizer_name_or_path`.
@@ -379,7 +371,8 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None
     except ValueError as err:
         raise CheckpointError(f"Cannot build the model of '{folder.name}': {err}") from None
     params = parameter_breakdown(model)  # the meta model: counting allocates nothing
-    precision = plan_precision(params, device, dtype=dtype, quantization=quantization)
+    if precision is None:
+        precision = plan_precision(params, device, dtype=dtype, quantization=quantization)
     if check_memory:
         check_precision_fits(precision, name=display_name(path_or_id), device=device)
     folder = resolve_checkpoint(path_or_id, revision=revision)  # now the weights (a hub id: the pinned commit)

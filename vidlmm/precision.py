@@ -199,18 +199,23 @@ def _gflops_text(speeds: Mapping[str, float]) -> str:
 
 def choose_precision(weights: Mapping[str, int], device: str | torch.device = "cpu", *, free: int | None = None,
                      speeds: Mapping[str, float] | Callable[[], Mapping[str, float]] | None = None,
-                     capability: CpuCapability | None = None) -> Precision:
+                     capability: CpuCapability | None = None, gpu_bf16: bool | None = None) -> Precision:
     """The precision for a model whose weights take `weights[mode]` bytes (modes fp32, bf16, int8) on `device`.
 
-    GPU: bf16. CPU: fp32 when the fp32 weights are under TINY_WEIGHT_BYTES; otherwise the fastest (GFLOPS of a
-    linear layer, `speeds`, default measured once per process) of fp32, bf16, int8 whose weights plus the margin
-    fit `free` bytes (default: the CPU's free memory); a less exact precision wins only when LESS_EXACT_SPEEDUP
+    GPU: bf16, or fp16 on a GPU without bf16 (`gpu_bf16`, default from its compute capability). CPU: fp32 when
+    the fp32 weights are under TINY_WEIGHT_BYTES; otherwise the fastest (GFLOPS of a linear layer, `speeds`,
+    default measured once per process) of fp32, bf16, int8 whose weights plus the margin fit `free` bytes (default: the CPU's free memory); a less exact precision wins only when LESS_EXACT_SPEEDUP
     times faster. When none fits, the smallest is returned and `vidlmm.memory.check_weights_fit` refuses it.
-    speeds / free / capability are injectable for tests and for callers that measured already."""
+    speeds / free / capability / gpu_bf16 are injectable for tests and for callers that measured already."""
     device = torch.device(device)
     if device.type == "cuda":
-        return Precision(torch.bfloat16, None, None, "bf16 on the GPU: its native fast dtype, half the memory of fp32.",
-                         weights.get("bf16"))
+        if gpu_bf16 is None:
+            gpu_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
+        if gpu_bf16:
+            return Precision(torch.bfloat16, None, None, "bf16 on the GPU: its native fast dtype, half the memory "
+                             "of fp32.", weights.get("bf16"))
+        return Precision(torch.float16, None, None, "fp16 because this GPU has no bf16 (compute capability under "
+                         "8.0, e.g. a T4): half the memory of fp32.", weights.get("bf16"))
     fp32 = weights["fp32"]
     if fp32 < TINY_WEIGHT_BYTES:
         return Precision(torch.float32, None, None,
