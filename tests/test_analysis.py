@@ -196,6 +196,73 @@ def test_redundancy_stats(maps):
     assert naive["summary"]["overlap_mean"] > 0
 
 
+def hand_made_maps(tokens) -> "AttentionMaps":
+    """Attention written by hand: one layer, two heads, two groups of unequal size (visual tokens 0-3 and 4-9), two
+    queries each, and one latent column.
+
+    q0: in both heads 0.2 on the latent and 0.2 on each of tokens 0-3 (uniform over its group, after the latent)
+    q1: the same distribution as q0
+    q2: 1/6 on each of tokens 4-9 (uniform over its group), nothing on the latent
+    q3: head 0 all on token 4, head 1 all on token 5: the head mean is 1/2 on tokens 4 and 5
+    """
+    from vidlmm.analysis import AttentionMaps
+    from vidlmm.connectors import TokenLayout
+
+    media = np.zeros((1, 2, 4, 10))
+    latents = np.zeros((1, 2, 4, 1))
+    media[0, :, 0, 0:4] = media[0, :, 1, 0:4] = 0.2
+    latents[0, :, 0:2, 0] = 0.2
+    media[0, :, 2, 4:10] = 1 / 6
+    media[0, 0, 3, 4] = media[0, 1, 3, 5] = 1.0
+    return AttentionMaps(media=media, latents=latents, layout=TokenLayout(2, 5, (2, 3), 1),
+                         query_groups=np.array([0, 0, 1, 1]), group_spans=[(0, 4), (4, 10)],
+                         frames=np.zeros((2, 6, 6, 3), np.uint8), frame_indices=[0, 1], timestamps=[0.0, 0.5],
+                         grid=(2, 3), tokens=np.asarray(tokens, np.float64), connector_type="groupresampler")
+
+
+def test_redundancy_stats_equal_hand_computed_values():
+    s = redundancy_stats(hand_made_maps(np.eye(4)))
+    # entropy (nats) of each query's visual attention, renormalised to sum 1 (q0 and q1 drop their latent share)
+    log = np.log
+    assert s["entropy"] == pytest.approx([log(4), log(4), log(6), log(2)], abs=1e-6)
+    # normalised by the log of the tokens the query's own group holds: 4 for q0 and q1, 6 for q2 and q3, so
+    # uniform attention within a group is 1 whatever the group's size
+    assert s["entropy_normalized"] == pytest.approx([1, 1, 1, log(2) / log(6)], abs=1e-6)
+    # Bhattacharyya overlap: identical 1, disjoint 0, q2 and q3 share tokens 4 and 5: 2 * sqrt(1/6 * 1/2)
+    expected = np.eye(4)
+    expected[0, 1] = expected[1, 0] = 1.0
+    expected[2, 3] = expected[3, 2] = 2 * np.sqrt(1 / 6 * 1 / 2)
+    assert s["overlap"] == pytest.approx(expected, abs=1e-6)
+    assert s["latent_share"] == pytest.approx([0.2, 0.2, 0.0, 0.0], abs=1e-6)
+    summary = s["summary"]
+    assert summary["overlap_within_group_mean"] == pytest.approx((1 + 1 + 2 * expected[2, 3]) / 4, abs=1e-6)
+    assert summary["overlap_across_groups_mean"] == 0.0
+    assert summary["entropy_mean"] == pytest.approx((2 * log(4) + log(6) + log(2)) / 4, abs=1e-6)
+    assert summary["latent_share_mean"] == pytest.approx(0.1, abs=1e-6)
+    assert [(r["query"], r["group"]) for r in s["rows"]] == [(0, 0), (1, 0), (2, 1), (3, 1)]
+    assert s["rows"][2]["overlap_mean"] == pytest.approx(expected[2, 3] / 3, abs=1e-6)  # mean over the 3 others
+
+
+@pytest.mark.parametrize("tokens, cosine_mean, effective", [
+    # orthogonal tokens of different lengths: cosine = I, eigenvalues 1, 1, 1, 1: (sum)^2 / sum of squares = Q
+    (np.diag([1.0, 2.0, 3.0, 4.0]), 0.0, 4.0),
+    # parallel tokens (any positive lengths): cosine all 1, eigenvalues 4, 0, 0, 0: 16 / 16 = 1
+    (np.outer([1.0, 2.0, 0.5, 3.0], [1.0, -2.0, 0.5, 0.0]), 1.0, 1.0),
+    # two orthogonal pairs of parallel tokens: eigenvalues 2, 2, 0, 0: 16 / 8 = 2; 4 of the 12 ordered pairs: cosine 1
+    (np.array([[1.0, 0, 0], [3.0, 0, 0], [0, 2.0, 0], [0, 5.0, 0]]), 4 / 12, 2.0),
+    # three parallel tokens and one orthogonal to them: eigenvalues 3, 1, 0, 0: 16 / 10 (not sum / max = 4 / 3)
+    (np.array([[1.0, 0], [2.0, 0], [5.0, 0], [0, 1.0]]), 6 / 12, 1.6),
+])
+def test_effective_tokens_and_cosine_equal_hand_computed_values(tokens, cosine_mean, effective):
+    from vidlmm.analysis import token_redundancy
+
+    s = redundancy_stats(hand_made_maps(tokens))["summary"]
+    t = token_redundancy(tokens)["summary"]
+    for summary in (s, t):
+        assert summary["effective_tokens"] == pytest.approx(effective, abs=1e-6)
+        assert summary["cosine_mean"] == pytest.approx(cosine_mean, abs=1e-6)
+
+
 # ---- zeroing masks --------------------------------------------------------------------------------------------
 
 def test_zero_mask_strategies():

@@ -26,11 +26,44 @@ def test_smoke_rebuild_writes_loadable_models_and_a_table(tmp_path):
     assert json.loads((tmp_path / "models" / "results.json").read_text())["smoke"] is True
     items = json.loads((tmp_path / "heldout" / "eval_mc.json").read_text())
     assert all((tmp_path / "heldout" / item["video"]).is_file() for item in items)
+    assert_every_model_trained(tmp_path / "work")
     # a second run finds every phase done: nothing is retrained, the recorded phase times are reused
     state = json.loads((tmp_path / "work" / "build_state.json").read_text())
     again = build(tmp_path / "models", tmp_path / "work", seed=0, smoke=True, progress=False)
     for phase in ("world", "stage0", "train_group", "train_naive", "train_image"):
         assert again["timings_s"][phase] == state["phases"][phase]
+
+
+def assert_every_model_trained(work) -> None:
+    """Each shipped model trained in both stages: stage 1 moved the connector from the initialisation the trainer
+    started from (and left the LLM and the tower), stage 2 moved the connector and the LLM from stage 1's (and
+    left the tower), and stage 2's loss fell (smoke: 6 logged steps; the last 3 below the first 3)."""
+    from accelerate.utils import set_seed
+
+    from tests.test_train import logged_losses
+    from train.build_embedded import SHIPPED
+    from train.recipe import Recipe
+    from train.trainer import build_model
+
+    def moved(a: dict, b: dict, part: str) -> float:
+        keys = [k for k in a if k.startswith(part + ".")]
+        assert keys and all(k in b for k in keys), part
+        return max((a[k].float() - b[k].float()).abs().max().item() for k in keys)
+
+    for name in SHIPPED:
+        one, two = work / name / "stage1" / "model", work / name / "stage2" / "model"
+        recipe = Recipe(**json.loads((one / "trainer_state.json").read_text())["recipe"])
+        set_seed(recipe.seed)  # as the trainer does before it builds the model
+        start, after_one, after_two = (build_model(recipe).state_dict(), load_model(one).state_dict(),
+                                       load_model(two).state_dict())
+        assert moved(after_one, start, "connector") > 1e-3, name
+        assert moved(after_one, start, "language_model") == moved(after_one, start, "vision_tower") == 0.0, name
+        assert moved(after_two, after_one, "connector") > 1e-3, name
+        assert moved(after_two, after_one, "language_model") > 1e-3, name
+        assert moved(after_two, after_one, "vision_tower") == 0.0, name
+        losses = logged_losses(work / name / "stage2")
+        assert sorted(losses) == list(range(1, 7)), (name, losses)
+        assert sum(losses[s] for s in (4, 5, 6)) < sum(losses[s] for s in (1, 2, 3)), (name, losses)
 
 
 def test_a_partial_rebuild_keeps_the_other_models_rows(tmp_path):

@@ -156,13 +156,16 @@ def good_runs(env, model_dir, videos) -> dict[str, Run]:
         return {name: f.result() for name, f in futures.items()}
 
 
-def test_ask_json_uniform(good_runs, tiny_model):
+def test_ask_json_uniform(good_runs, tiny_model, model_dir):
     run = good_runs["uniform"]
     assert run.returncode == 0, run.describe()
     assert "Traceback" not in run.stderr
     out = parse_json_stdout(run)
     assert {"answer", "token_ids", "frame_indices", "timestamps", "num_visual_tokens", "timings"} <= set(out)
-    assert isinstance(out["answer"], str)
+    from vidlmm.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    assert out["answer"] == tokenizer.decode(out["token_ids"], skip_special_tokens=True).strip()
     assert out["token_ids"] and all(isinstance(t, int) and not isinstance(t, bool) for t in out["token_ids"])
     assert len(out["token_ids"]) <= 4
     assert out["frame_indices"] == uniform(GOOD_T, 8)

@@ -227,6 +227,20 @@ def test_pruning_keeps_exactly_k_tokens_in_raster_order():
     assert torch.allclose(out.tokens[0], expected.reshape(15, D), atol=1e-6)
 
 
+@pytest.mark.parametrize("p, k", [(15, 5), (17, 3)])  # SigLIP's grid without its first cell; a class token
+def test_topk_equals_an_independent_computation(p, k):
+    from tests.reference_impl import ref_topk
+
+    module = make("topk", seed=3, frame_tokens=k)
+    x = torch.randn(1, 4, p, DV)
+    with torch.no_grad():
+        out = module(x)
+    tokens, kept = ref_topk(module.state_dict(), x[0], k)
+    assert out.picture["kept_indices"].tolist() == kept
+    assert out.picture["kept"].nonzero().tolist() == [[t, i] for t in range(4) for i in kept[t]]
+    assert torch.allclose(out.tokens[0].double(), tokens, atol=1e-5)
+
+
 def test_gradients_reach_the_topk_scorer_in_training():
     module = make("topk", frame_tokens=4).train()
     x = torch.randn(1, 2, 15, DV)
@@ -267,6 +281,25 @@ def test_llava_mini_without_prefusion_is_compression_alone():
         context = fused(x).fusion_context
     assert context.shape == (2, 3, 15 + 4, D)
     assert torch.allclose(context[:, :, 15:].reshape(2, 12, D), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("queries, p", [(4, 15), (1, 15), (9, 37)])  # 37 = 6 x 6 patches + a class token
+def test_llava_mini_equals_an_independent_computation(queries, p):
+    from tests.reference_impl import ref_llava_mini
+
+    module = make("llava_mini", seed=4, num_queries=queries, prefusion_layers=0, compressor_heads=4)
+    with torch.no_grad():  # layer norms that are not the identity, and not equal to each other
+        for norm in (module.ln_q, module.ln_kv):
+            norm.weight.normal_(1.0, 0.3)
+            norm.bias.normal_(0.0, 0.3)
+    x = torch.randn(2, 3, p, DV)
+    with torch.no_grad():
+        out = module(x, output_attentions=True)
+    for b in range(2):
+        tokens, attention = ref_llava_mini(module.state_dict(), x[b], queries, heads=4)
+        assert torch.allclose(out.tokens[b].double(), tokens, atol=1e-5)
+        if b == 0:  # the picture is the first video's
+            assert torch.allclose(out.picture["attention"].double(), attention, atol=1e-6)
 
 
 def test_llava_mini_visual_tokens_do_not_see_the_text_and_text_is_fused():
@@ -319,7 +352,10 @@ def test_round_trip_in_the_published_layout_and_ask(name, checkpoints, small_vid
         assert torch.equal(value, again.state_dict()[key]), key
     lmm = VideoLMM(again, sampling=FOUR, cache_bytes=0)
     answer = lmm.ask(small_video, "What moves?", generation=GenerationSettings(max_new_tokens=8))
-    assert isinstance(answer.text, str) and answer.token_ids
+    before = VideoLMM(model, sampling=FOUR, cache_bytes=0).ask(small_video, "What moves?",
+                                                                generation=GenerationSettings(max_new_tokens=8))
+    assert answer.token_ids and answer.token_ids == before.token_ids  # the copy answers like the original
+    assert answer.text == again.tokenizer.decode(answer.token_ids, skip_special_tokens=True).strip()
     assert answer.num_visual_tokens == again.num_visual_tokens(4)
     expected = {"llava_mini": 4 * 4, "pool": 4 * 4, "tome": 4 * 5, "topk": 4 * 4}[name]
     assert answer.num_visual_tokens == expected

@@ -172,3 +172,50 @@ def test_mlp_connector_keeps_every_token():
     out = module(torch.randn(1, 3, 15, DV))
     assert out.tokens.shape == (1, 45, D) and out.attentions is None
     assert out.query_groups.tolist()[:16] == [0] * 15 + [1]
+
+
+def _count_resample_calls(module, monkeypatch) -> list[int]:
+    """Record the number of chunks each `resample` call gets (one call per slice on the CPU path)."""
+    calls, original = [], module.resample
+
+    def counting(chunks, *args, **kwargs):
+        calls.append(chunks.shape[0])
+        return original(chunks, *args, **kwargs)
+
+    monkeypatch.setattr(module, "resample", counting)
+    return calls
+
+
+@pytest.mark.parametrize("chunks_per_slice", [1, 2, 4])
+def test_group_resampler_in_several_cpu_slices_matches_reference(monkeypatch, chunks_per_slice):
+    """The CPU path that feeds the B x G chunks through the Perceiver a few at a time (`_resample_in_slices`; the
+    full-size model on CPU takes it) with unequal groups (63 tokens in 5 groups: 13, 13, 13, 12, 12, so masks
+    are sliced too), batch 3 and slices that cross from one sample's groups into the next one's."""
+    batch, frames, tokens, group = 3, 7, 9, 5
+    module = make("groupresampler", num_queries=4 * group, group=group)
+    longest = max(group_sizes(frames * tokens, group))
+    assert len(set(group_sizes(frames * tokens, group))) == 2
+    inner = module.layers[0][0].to_kv.out_features
+    module.cpu_slice_bytes = chunks_per_slice * longest * inner * 4  # fp32 key/value activations of k chunks
+    calls = _count_resample_calls(module, monkeypatch)
+    x = torch.randn(batch, frames, tokens, DV)
+    with torch.no_grad():
+        ours = module(x).tokens
+        ref = ref_group(state(module), x.reshape(batch, frames * tokens, DV), group)
+    assert sum(calls) == batch * group and max(calls) <= chunks_per_slice
+    assert len(calls) == -(-batch * group // chunks_per_slice) > 1  # really several slices
+    assert ours.shape == (batch, 4 * group, D)
+    assert (ours - ref).abs().max().item() < 1e-5
+
+
+def test_image_level_resampler_in_several_cpu_slices_matches_reference(monkeypatch):
+    """The same slicing with equal chunks (one per frame, no mask), batch 2, against the per-frame reference."""
+    module = make("resampler", num_queries=4)
+    module.cpu_slice_bytes = 3 * 15 * module.layers[0][0].to_kv.out_features * 4  # 3 frames a slice
+    calls = _count_resample_calls(module, monkeypatch)
+    x = torch.randn(2, 5, 15, DV)
+    with torch.no_grad():
+        ours = module(x).tokens
+        ref = ref_image_level(state(module), x.reshape(2, 75, DV), 15)
+    assert calls == [3, 3, 3, 1]
+    assert (ours - ref).abs().max().item() < 1e-5

@@ -62,6 +62,35 @@ def test_parse_choice_is_deterministic_and_respects_letters():
     assert parse_choice("maybe D or a blue square", OPTS, ABCD) == "D"
 
 
+# Real datasets (MVBench, Video-MME) write options as sentences with a final period; a reply quotes the sentence
+# inside its own ("... the man closes the door and leaves"), where the option's period is not.
+SENTENCES = ["The man opens the door.", "The man closes the door.", "A dog barks at the door.", "Nothing happens."]
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("I think the man closes the door and then he leaves", "B"),
+    ("the man opens the door", "A"),              # a short reply that is an option's text, without its period
+    ("Nothing happens", "D"),
+    ("NOTHING   HAPPENS at all", "D"),               # case and spacing are ignored too
+    ("first the man opens the door, then a dog barks at the door", "C"),  # several texts: the last one wins
+    ("The man opens the door.", "A"),             # the reply's own period is stripped before comparing
+    ("the man walks to the door", None),
+])
+def test_option_texts_are_compared_without_their_trailing_period(reply, expected):
+    assert parse_choice(reply, SENTENCES, ABCD) == expected
+
+
+def test_answers_given_as_option_text_ignore_the_trailing_period(tmp_path):
+    (tmp_path / "v.mp4").write_bytes(b"x")
+    options = [f"{letter}. {text}" for letter, text in zip("ABCD", SENTENCES)]
+    answers = ["The man closes the door", "nothing happens.", "C. a dog barks at the door", "(A)", 3]
+    data = [{"video": "v.mp4", "question": "What happens?", "options": options, "answer": a} for a in answers]
+    assert [i.answer_letter for i in load_mc_items(_write(tmp_path, data))] == ["B", "D", "C", "A", "D"]
+    # the answer must equal an option's text (not merely start it): one match, not two
+    bare = [{"video": "v.mp4", "question": "Q", "options": ["Red.", "Red and blue."], "answer": "red"}]
+    assert load_mc_items(_write(tmp_path, bare, "bare.json"))[0].answer_letter == "A"
+
+
 def test_build_mc_question_styles():
     item = MCItem("0", "v.mp4", "What moves?", ["a car", "a square"], ["A", "B"], "B")
     suffix = "Answer with the option's letter from the given choices directly."

@@ -68,15 +68,23 @@ def test_composes_into_a_model_that_answers(stage0, world):
     video = sorted((world / "videos").glob("train_*"))[0]
     answer = VideoLMM(model).ask(str(video), "What colour is the circle?",
                                  generation=GenerationSettings(max_new_tokens=4))
-    assert isinstance(answer.text, str) and 1 <= len(answer.token_ids) <= 4
+    assert 1 <= len(answer.token_ids) <= 4
+    assert answer.text == model.tokenizer.decode(answer.token_ids, skip_special_tokens=True).strip()
     assert answer.num_visual_tokens == 16
     # the whole SiglipModel (vision + text tower) is a valid tower folder too
     build_from_parts(str(out / "llm"), str(out / "siglip"), connector_type="groupresampler", num_queries=16, group=4)
 
 
 def test_same_seed_same_weights(stage0, world, tmp_path):
-    out, _ = stage0
-    S.run_stage0(world, tmp_path, budget="smoke", seed=0, progress=False)
+    out, stats = stage0
+    again = S.run_stage0(world, tmp_path, budget="smoke", seed=0, progress=False)
+    # the second run trained (its losses fell well beyond batch noise, the LLM's on held-out text too; smoke:
+    # LLM 5.9 -> 3.3, tower 14.7 -> 6.1), with the first run's losses
+    for part in ("llm", "vision"):
+        assert again[part]["final_loss"] < 0.8 * again[part]["first_loss"], part
+        assert (again[part]["first_loss"], again[part]["final_loss"]) == \
+            (stats[part]["first_loss"], stats[part]["final_loss"]), part
+    assert again["llm"]["val_loss"] < again["llm"]["val_loss_init"]
     for part in ("llm", "vision"):
         a, b = load_file(out / part / "model.safetensors"), load_file(tmp_path / part / "model.safetensors")
         assert a.keys() == b.keys()

@@ -152,6 +152,32 @@ def assert_same_trained_weights(a: dict, b: dict, start: dict, atol: float = 0.0
     assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-3
 
 
+def logged_losses(output_dir: Path) -> dict[int, float]:
+    """{step: loss} as the trainer logged it to TensorBoard (every step: the mean loss of the samples read in
+    that step). A resumed run writes a second event file; its values win for the steps it logged again."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    losses = {}
+    for events in sorted(Path(output_dir).rglob("events.out.tfevents*"), key=lambda p: p.stat().st_mtime_ns):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        if "loss" in accumulator.Tags()["scalars"]:
+            losses.update({event.step: event.value for event in accumulator.Scalars("loss")})
+    return losses
+
+
+def assert_loss_fell(losses: dict[int, float], steps_per_epoch: int = 4, epochs: int = 2) -> None:
+    """Every step logged; with two epochs over the same samples, the second epoch's mean loss is lower than the
+    first's; with one, the last step's is lower than the first's."""
+    assert sorted(losses) == list(range(1, steps_per_epoch * epochs + 1)), sorted(losses)
+    if epochs == 1:
+        assert losses[steps_per_epoch] < losses[1], losses
+        return
+    first = [losses[s] for s in range(1, steps_per_epoch + 1)]
+    second = [losses[s] for s in range(steps_per_epoch + 1, 2 * steps_per_epoch + 1)]
+    assert sum(second) < sum(first), losses
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, tiny_world):
     """An uninterrupted stage-1 run over the captions (clip7 unreadable throughout), and its starting weights."""
@@ -161,8 +187,16 @@ def straight(tmp_path_factory, tiny_world):
     assert out.returncode == 0, out.stderr[-2000:]
     start = build_model(load_recipe(recipe)).state_dict()
     start = {k[len("connector."):]: v for k, v in start.items() if k.startswith("connector.")}
-    return {"model": tmp / "straight" / "model", "start": start,
+    losses = logged_losses(tmp / "straight")
+    assert_loss_fell(losses)  # the run every comparison below is measured against learned something
+    return {"model": tmp / "straight" / "model", "start": start, "losses": losses,
             "state": json.loads((tmp / "straight" / "model" / "trainer_state.json").read_text())}
+
+
+def assert_same_losses(run_dir: Path, reference: dict[int, float], steps, rel: float = 1e-6) -> None:
+    """The run logged the reference's loss at each of these steps (the steps it trained itself after a resume)."""
+    losses = logged_losses(run_dir)
+    assert {s: losses.get(s) for s in steps} == pytest.approx({s: reference[s] for s in steps}, rel=rel)
 
 
 def copy_world(world: dict, dest: Path) -> Path:
@@ -183,6 +217,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_world, straight):
     assert "resuming from step-0000004" in resumed.stdout + resumed.stderr
     assert_same_trained_weights(connector_of(straight["model"]), connector_of(tmp_path / "killed" / "model"),
                                 straight["start"])
+    assert_same_losses(tmp_path / "killed", straight["losses"], range(5, 9))  # the steps after the resume
 
 
 def test_resumed_run_repeats_its_skips(tmp_path, tiny_world, straight):
@@ -209,6 +244,7 @@ def test_resumed_run_repeats_its_skips(tmp_path, tiny_world, straight):
     assert state["samples"] == straight["state"]["samples"] == 14  # 2 epochs x 8, c7 dropped in both
     assert_same_trained_weights(connector_of(straight["model"]), connector_of(tmp_path / "run" / "model"),
                                 straight["start"])
+    assert_same_losses(tmp_path / "run", straight["losses"], range(3, 9))
 
 
 def test_damaged_last_checkpoint_falls_back_to_the_one_before(tmp_path, tiny_world, straight):
@@ -238,6 +274,7 @@ def test_damaged_last_checkpoint_falls_back_to_the_one_before(tmp_path, tiny_wor
     assert all(checkpoint_damage(p) is None for p in checkpoints.glob("step-*"))  # the damaged one was replaced
     assert_same_trained_weights(connector_of(straight["model"]), connector_of(tmp_path / "damaged" / "model"),
                                 straight["start"])
+    assert_same_losses(tmp_path / "damaged", straight["losses"], range(3, 9))
 
 
 def test_two_cpu_processes_match_one_when_a_rank_reads_nothing(tmp_path, tiny_world, straight):
@@ -274,6 +311,10 @@ def test_two_cpu_processes_match_one_when_a_rank_reads_nothing(tmp_path, tiny_wo
     assert [(s["id"], s["step"]) for s in state["skipped"]] == [("c7", 2)] and state["samples"] == 7
     assert_same_trained_weights(connector_of(tmp_path / "one" / "model"), connector_of(tmp_path / "two" / "model"),
                                 straight["start"], atol=1e-5)
+    # the same loss at every step (step 2: c3's alone in both), and it fell over the epoch
+    single_losses = logged_losses(tmp_path / "one")
+    assert_loss_fell(single_losses, epochs=1)
+    assert_same_losses(tmp_path / "two", single_losses, range(1, 5), rel=1e-5)
 
 
 def test_decode_worker_survives_a_hang_and_a_crash(tmp_path, monkeypatch):
@@ -323,14 +364,18 @@ def test_feature_cache_changes_nothing_but_the_work(tmp_path, tiny_world):
     from train.data import shared_feature_cache
     from train.trainer import run
 
-    plain = run(load_recipe(stage1_recipe(tmp_path, tiny_world, "plain")), progress=False)
+    plain_recipe = load_recipe(stage1_recipe(tmp_path, tiny_world, "plain"))
+    plain = run(plain_recipe, progress=False)
     cached_recipe = load_recipe(stage1_recipe(tmp_path, tiny_world, "cached"), ["feature_cache_mb=7"])
     cached = run(cached_recipe, progress=False)
     cache = shared_feature_cache(7 << 20)
     assert cache.hits >= 7  # epoch 2: the 7 readable clips (the corrupt one is never cached)
-    a = torch.load(plain / "connector" / "pytorch_model.bin", weights_only=True)
-    b = torch.load(cached / "connector" / "pytorch_model.bin", weights_only=True)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    start = {k[len("connector."):]: v for k, v in build_model(plain_recipe).state_dict().items()
+             if k.startswith("connector.")}
+    assert_same_trained_weights(connector_of(plain), connector_of(cached), start)  # identical, and trained
+    plain_losses = logged_losses(tmp_path / "plain")
+    assert_loss_fell(plain_losses)
+    assert_same_losses(tmp_path / "cached", plain_losses, range(1, 9), rel=0)  # the same loss at every step
 
 
 def test_overrides_read_numbers_without_a_dot():

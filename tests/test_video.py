@@ -244,6 +244,38 @@ def test_import_is_light():
     assert out.stdout.strip() == "[]"
 
 
+def test_a_decode_leaves_the_other_libraries_vp8_and_vp9_encoders_working(tmp_path):
+    """decord bundles an old libvpx; loaded into the global symbol scope (its own import does that) it takes over
+    the VP8/VP9 encoders of every FFmpeg user loaded after it ("ABI version mismatch"). After read_video, in a
+    fresh process where OpenCV and PyAV load only afterwards, both still write WebM: OpenCV's VP80 (the tests'
+    writer) and PyAV's libvpx / libvpx-vp9 (`train.world.write_clip` without libx264)."""
+    mp4 = write_video(tmp_path / "clip.mp4", make_moving_square_frames(8, 48, 64), 8)
+    code = f"""
+import sys
+from tests.videos import make_moving_square_frames, write_video
+from vidlmm.video import FrameSampling, read_video
+assert read_video({mp4!r}, FrameSampling.uniform(4)).backend == "decord" and "cv2" not in sys.modules
+frames = make_moving_square_frames(8, 48, 64)
+write_video({str(tmp_path / "cv2.webm")!r}, frames, 8, "VP80")
+import av
+for name in ("libvpx", "libvpx-vp9"):
+    if name not in av.codecs_available:
+        continue
+    with av.open({str(tmp_path)!r} + "/" + name + ".webm", "w", format="webm") as out:
+        stream = out.add_stream(name, rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for f in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(stream.encode())
+print("written")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0 and out.stdout.strip() == "written", out.stderr[-2000:]
+    clip = read_video(str(tmp_path / "cv2.webm"), FrameSampling.uniform(8), backend="pyav")
+    assert [locate_square(f) for f in clip.frames] == [square_box(t, 8, 48, 64)[0] for t in range(8)]
+
+
 # ------------------------------------------------------------------ bad inputs
 def _bad_inputs(tmp_path, good_mp4):
     cases = {}

@@ -226,10 +226,36 @@ def _sane_fps(fps) -> bool:
     return fps is not None and math.isfinite(float(fps)) and 0 < float(fps) <= 1000
 
 
+_decord_import_lock = threading.Lock()
+
+
+def _import_decord():
+    """``import decord``, keeping decord's own FFmpeg out of the process's global symbol scope.
+
+    decord loads ``libdecord.so`` with ``RTLD_GLOBAL``, and with it its bundled FFmpeg 4 and libvpx 6. libvpx's
+    symbols are not versioned, so every FFmpeg user loaded after that (PyAV, OpenCV: each bundles its own
+    FFmpeg and a newer libvpx) binds its VP8/VP9 encoders to decord's old libvpx, and they fail ("ABI version
+    mismatch"): after one decode, ``write_clip``'s WebM fallbacks and OpenCV's VP80/VP90 writers no longer
+    work in that process. decord's Python side finds its functions on its own library handle, so it works
+    the same loaded ``RTLD_LOCAL``; `ctypes.RTLD_GLOBAL` is read when decord loads, so it is swapped for the
+    length of the import (once per process)."""
+    import ctypes
+
+    with _decord_import_lock:
+        if sys.modules.get("decord") is not None:
+            return sys.modules["decord"]
+        saved = ctypes.RTLD_GLOBAL
+        ctypes.RTLD_GLOBAL = ctypes.RTLD_LOCAL
+        try:
+            return importlib.import_module("decord")
+        finally:
+            ctypes.RTLD_GLOBAL = saved
+
+
 def _import_decoder(module: str, label: str):
     """Decoder libraries load lazily; a missing one is a backend failure like any other (the next is tried)."""
     try:
-        return importlib.import_module(module)
+        return _import_decord() if module == "decord" else importlib.import_module(module)
     except ImportError as exc:
         raise _Fail("not_a_video", f"{label} is not installed") from exc
 
