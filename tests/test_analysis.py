@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tests.videos import make_moving_square_frames, write_video
-from vidlmm.analysis import (STRATEGIES, ZeroingResult, attention_maps, connector_variants, query_group_spans,
-                             redundancy_stats, token_budget, zero_mask, zero_tokens, zeroing_curve,
-                             zeroing_mc_curve)
+from vidlmm.analysis import (STRATEGIES, AttentionMaps, ZeroingResult, attention_maps, connector_variants,
+                             query_group_spans, redundancy_stats, token_budget, zero_mask, zero_tokens,
+                             zeroing_curve, zeroing_mc_curve)
 from vidlmm.checkpoint import load_model
 from vidlmm.connectors import create_connector, group_sizes
 from vidlmm.errors import VidlmmError
@@ -196,7 +196,7 @@ def test_redundancy_stats(maps):
     assert naive["summary"]["overlap_mean"] > 0
 
 
-def hand_made_maps(tokens) -> "AttentionMaps":
+def hand_made_maps(tokens) -> AttentionMaps:
     """Attention written by hand: one layer, two heads, two groups of unequal size (visual tokens 0-3 and 4-9), two
     queries each, and one latent column.
 

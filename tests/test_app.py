@@ -335,8 +335,6 @@ def bad_uploads(videos, tmp_path_factory):
 
 
 def test_bad_uploads_give_one_readable_sentence_and_the_app_keeps_answering(client, bad_uploads, videos):
-    from gradio_client.exceptions import AppError
-
     reasons = {"text": "text file", "truncated": "damaged or incomplete", "empty": "empty"}
     for kind, path in bad_uploads.items():
         for endpoint in ("/ask", "/preview"):
@@ -348,8 +346,6 @@ def test_bad_uploads_give_one_readable_sentence_and_the_app_keeps_answering(clie
 
 
 def test_limits_and_bad_settings_are_sentences(client, videos, tmp_path):
-    from gradio_client.exceptions import AppError
-
     long_clip = write_video(tmp_path / "long.mp4", make_moving_square_frames(60, 32, 32), fps=10)  # 6 s > 5 s
     cases = [
         (dict(video=handle_file(long_clip), question=QUESTION), "longer than the 5 s limit"),
