@@ -2,7 +2,6 @@
 
     .venv/bin/python tests/mutation.py                          # every core module with its own tests
     .venv/bin/python tests/mutation.py evaluate compressors     # some of them
-    .venv/bin/python tests/mutation.py evaluate --rerun         # again, after changing the tests
 
 Each module runs in its own scratch copy of the working tree (tracked and untracked files, not ignored ones) under
 `runs/mutation/<module>`, so the checkout is never mutated. mutmut runs only the tests that cover the mutated
@@ -55,16 +54,6 @@ def configure(folder: Path, module: str) -> None:
         f.write(block)
 
 
-def configure_tests(folder: Path, module: str) -> None:
-    """Point the copy's test selection at the module's test files that exist now (a rerun may have new ones)."""
-    pyproject = folder / "pyproject.toml"
-    existing = [t for t in CORE[module] if (folder / t).is_file()]
-    lines = [f"pytest_add_cli_args_test_selection = {json.dumps(existing)}"
-             if line.startswith("pytest_add_cli_args_test_selection") else line
-             for line in pyproject.read_text().splitlines()]
-    pyproject.write_text("\n".join(lines) + "\n")
-
-
 def mutmut(folder: Path, *args: str, log=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
            "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
@@ -72,23 +61,14 @@ def mutmut(folder: Path, *args: str, log=None) -> subprocess.CompletedProcess:
                           stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def run_module(module: str, work: Path, jobs: int, rerun: bool) -> dict:
+def run_module(module: str, work: Path, jobs: int) -> dict:
     folder = work / module
-    if rerun and (folder / "survivors.txt").is_file():
-        # new tests only add assertions: a killed mutant stays killed, so only the survivors run again
-        targets = (folder / "survivors.txt").read_text().split()
-        shutil.rmtree(folder / "tests")  # the current tests (mutmut copies them into mutants/ as it starts)
-        shutil.copytree(ROOT / "tests", folder / "tests", ignore=shutil.ignore_patterns("__pycache__"))
-        (folder / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)  # which tests cover what, found again
-        configure_tests(folder, module)
-    else:
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        scratch_copy(folder)
-        configure(folder, module)
-        targets = []
+    shutil.rmtree(folder, ignore_errors=True)  # a full run: mutmut's rerun of named mutants keeps stale coverage
+    folder.mkdir(parents=True)
+    scratch_copy(folder)
+    configure(folder, module)
     with open(folder / "mutmut.log", "a") as log:
-        mutmut(folder, "run", "--max-children", str(jobs), *targets, log=log)
+        mutmut(folder, "run", "--max-children", str(jobs), log=log)
     mutmut(folder, "export-cicd-stats")
     stats = json.loads((folder / "mutants" / "mutmut-cicd-stats.json").read_text())
     listing = mutmut(folder, "results").stdout
@@ -102,15 +82,13 @@ def main(argv=None) -> int:
     parser.add_argument("modules", nargs="*", metavar="MODULE", help=f"any of {', '.join(CORE)} (default: all)")
     parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "mutation")
-    parser.add_argument("--rerun", action="store_true", help="test only the last run's survivors again, with the "
-                        "current tests")
     args = parser.parse_args(argv)
     unknown = set(args.modules) - set(CORE)
     if unknown:
         parser.error(f"unknown module(s) {', '.join(sorted(unknown))}; pick from {', '.join(CORE)}")
     rows = []
     for module in args.modules or list(CORE):
-        stats = run_module(module, args.work, args.jobs, args.rerun)
+        stats = run_module(module, args.work, args.jobs)
         rows.append((module, stats))
         print(f"{module}: {json.dumps(stats)}", flush=True)
     print("\n| module | mutants | killed | survived | timeout | no tests |\n|---|---:|---:|---:|---:|---:|")
