@@ -204,7 +204,8 @@ def choose_precision(weights: Mapping[str, int], device: str | torch.device = "c
 
     GPU: bf16, or fp16 on a GPU without bf16 (`gpu_bf16`, default from its compute capability). CPU: fp32 when
     the fp32 weights are under TINY_WEIGHT_BYTES; otherwise the fastest (GFLOPS of a linear layer, `speeds`,
-    default measured once per process) of fp32, bf16, int8 whose weights plus the margin fit `free` bytes (default: the CPU's free memory); a less exact precision wins only when LESS_EXACT_SPEEDUP
+    default measured once per process) of fp32, bf16, int8 whose weights plus the margin fit `free` bytes
+    (default: the CPU's free memory); a less exact precision wins only when LESS_EXACT_SPEEDUP
     times faster. When none fits, the smallest is returned and `vidlmm.memory.check_weights_fit` refuses it.
     speeds / free / capability / gpu_bf16 are injectable for tests and for callers that measured already."""
     device = torch.device(device)
