@@ -125,7 +125,7 @@ class Limits:
                                   seed=seed)
 
     def budget(self, groups=0, queries=0, frame_tokens=0, active_fraction=1.0, strategy="random", seed=0):
-        from .budget import TokenBudget
+        from vidlmm.budget import TokenBudget
 
         fraction = 1.0 if active_fraction in (None, "") else _number(active_fraction, "The active fraction",
                                                                       "active_fraction")

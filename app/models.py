@@ -14,6 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from vidlmm.connectors import CONNECTORS, connector_class, resolve_connector_name
 from vidlmm.errors import CheckpointError
 
 # Published TinyLLaVA-Video checkpoints (need internet once, then the Hugging Face cache).
@@ -23,13 +24,25 @@ HUB_MODELS = {
     "Zhang199/TinyLLaVA-Video-Qwen2.5-3B-Naive-16-512": "naiveresampler",
     "Zhang199/TinyLLaVA-Video-Phi2-Naive-16-512": "naiveresampler",
 }
-# The resampler switch: short name -> registry name of the connector (the related-work compressors keep theirs).
-RESAMPLERS = {"group": "groupresampler", "naive": "naiveresampler", "image": "resampler",
-              "llava_mini": "llava_mini", "pool": "pool", "tome": "tome", "topk": "topk"}
-RESAMPLER_LABELS = {"group": "group resampler", "naive": "naive resampler", "image": "image-level resampler",
-                    "llava_mini": "LLaVA-Mini", "pool": "Dynamic-VLM pooling",
-                    "tome": "ToMe merging (reimplementation)", "topk": "top-k pruning"}
-_LEGACY = {"resamplerwithpe": "naiveresampler"}
+
+
+def resampler_switch() -> dict:
+    """The resampler switch: short name -> connector class, for every registered resampler and compressor (in
+    registration order; a connector registered later, e.g. by a plugin, is offered too)."""
+    return {cls.switch_name(): cls for cls in CONNECTORS.values() if cls.family != "projector"}
+
+
+def switch_name_of(connector: str | None) -> str | None:
+    """The switch's short name for a connector registry name (None when the switch does not offer it)."""
+    return next((k for k, cls in resampler_switch().items() if cls.registry_name == connector), None)
+
+
+def has_picture(connector: str | None) -> bool:
+    """Whether a connector draws its own picture (the per-frame compressors) rather than attention maps."""
+    try:
+        return connector is not None and connector_class(connector).picture_kind is not None
+    except ValueError:  # not a registered connector
+        return False
 
 
 def connector_of(folder: Path) -> str | None:
@@ -38,7 +51,10 @@ def connector_of(folder: Path) -> str | None:
         kind = json.loads((folder / "config.json").read_text())["connector_type"].lower()
     except (OSError, ValueError, KeyError, AttributeError):
         return None
-    return _LEGACY.get(kind, kind)
+    try:
+        return resolve_connector_name(kind)
+    except ValueError:  # unknown here: loading it will say so
+        return kind
 
 
 @dataclass(frozen=True)
@@ -85,7 +101,8 @@ def matching_model(choices: list[ModelChoice], current: str, resampler: str) -> 
     """The model to switch to when the user picks a resampler: the current one if it already has that connector,
     else one with it from the same family (embedded or hub; the default counts as embedded), else any; the current
     model when none has it."""
-    wanted = RESAMPLERS.get(resampler, resampler)
+    cls = resampler_switch().get(resampler)
+    wanted = cls.registry_name if cls is not None else resampler
     now = next((c for c in choices if c.value == current), None)
     if now is not None and now.connector == wanted:
         return current
@@ -189,7 +206,7 @@ class ModelPool:
         trained = self.default_trained if choice.kind == "default" else True
         precision = model.precision.to_json() if getattr(model, "precision", None) is not None else {}
         return LoadedModel(choice.value, choice.source, VideoLMM(model, cache_bytes=0),
-                           model.connector._connector.registry_name, trained,
+                           model.connector.registry_name, trained,
                            weight_bytes=int(precision.get("weight_bytes") or need), precision=precision)
 
     def _free_bytes(self) -> int:

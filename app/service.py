@@ -10,6 +10,7 @@ the work once the request is cancelled; models are loaded and run only inside th
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import functools
 import os
 import re
@@ -22,9 +23,9 @@ from typing import Iterator
 
 import numpy as np
 
+from vidlmm.budget import TokenBudget, token_counts
 from vidlmm.errors import VidlmmError, VideoReadError
 
-from .budget import TokenBudget, describe_limits, token_counts
 from .config import AppConfig
 from .exports import export_data, export_figure, slug
 from .gpu import across, gpu, peak_memory, reset_peak_memory
@@ -156,9 +157,9 @@ class Service:
 
     def budget_info(self, model: str | None) -> dict:
         loaded = self.model(model)
-        module = loaded.lmm.model.connector._connector
-        return {"connector": loaded.connector, **describe_limits(module),
-                "latents": int(module.latents.shape[0]) if hasattr(module, "latents") else 0,
+        controls = loaded.lmm.model.connector.budget_controls()
+        return {"connector": loaded.connector, **dataclasses.asdict(controls),
+                "latents": controls.queries or 0,  # the learned queries there are to choose from
                 "tokens_per_frame_in": loaded.lmm.model.vision_tower.tokens_per_frame,
                 "sampling": loaded.lmm.sampling, "precision": loaded.precision}
 
@@ -175,7 +176,7 @@ class Service:
         t = clip.num_frames
         per_frame = model_obj.vision_tower.tokens_per_frame
         try:
-            tokens, active = token_counts(model_obj.connector._connector, budget, t, per_frame)
+            tokens, active = token_counts(model_obj.connector, budget, t, per_frame)
         except ValueError as err:
             raise UserError(str(err)) from None
         default = model_obj.num_visual_tokens(t)
@@ -299,7 +300,8 @@ class Service:
         """What a per-frame compressor (llava_mini, pool, tome, topk) does to `frames` frames of this video,
         drawn over them (`visualizations.plot_connector_picture`), with its numbers and the output tokens'
         redundancy summary."""
-        from vidlmm.analysis import PICTURE_KINDS, to_jsonable
+        from vidlmm.analysis import to_jsonable
+        from vidlmm.connectors import connector_class
         from visualizations import picture_data, plot_connector_picture
 
         job = job or Job()
@@ -308,7 +310,7 @@ class Service:
         with self.slot.hold(job):
             job.report(0.05, "loading model")
             loaded, lmm = self.lmm(session, model, job)
-            if loaded.connector not in PICTURE_KINDS:
+            if connector_class(loaded.connector).picture_kind is None:
                 raise UserError(f"The '{loaded.connector}' connector has no picture of its own; its attention shows "
                                 "what it looks at.")
             job.report(0.2, "running the connector")
@@ -389,7 +391,7 @@ class Service:
                 generation=None, layer: int = -1, fmt: str = "png", dpi: int = 150, job: Job | None = None) -> FigureSet:
         """The same video and question through 1-3 models: answers, attention heatmaps (a per-frame compressor's
         picture instead), token counts, timings. Stops between models (and between tokens) once cancelled."""
-        from vidlmm.analysis import PICTURE_KINDS
+        from vidlmm.connectors import connector_class
         from visualizations import plot_attention_heatmap, plot_connector_picture
 
         job = job or Job()
@@ -408,7 +410,7 @@ class Service:
                     if isinstance(item, AskResult):
                         result = item
                 loaded, lmm = self.lmm(session, name, job)
-                if loaded.connector in PICTURE_KINDS:  # compressors have no attention maps to draw: their picture
+                if connector_class(loaded.connector).picture_kind:  # compressors have no attention maps to draw: their picture
                     job.report((k + 0.6) / len(models), f"{name}: picture")
                     picture, _ = _picture_gpu(lmm, path, self._analysis_sampling(sampling, lmm))
                     figure, kind = plot_connector_picture(picture), "picture"
@@ -435,15 +437,13 @@ class Service:
 # ---- GPU work (decorated for ZeroGPU; each returns CPU objects) --------------------------------------------------
 @gpu(duration=120)
 def _ask_gpu(lmm, path, question, history, sampling, budget, generation, progress, should_stop=None):
-    from .budget import connect
-
     reset_peak_memory()
     progress(0.15, "reading video and running the vision tower")
     prepared, cached = lmm.prepare(path, sampling)
     progress(0.5, "connector")
     t0 = time.perf_counter()
     try:
-        out, active = connect(lmm.model, prepared.features, budget)
+        out = lmm.model.connect(prepared.features, budget=budget)
     except ValueError as err:
         raise UserError(str(err)) from None
     connector_s = time.perf_counter() - t0
@@ -456,7 +456,7 @@ def _ask_gpu(lmm, path, question, history, sampling, budget, generation, progres
             yield item
         else:
             answer = item
-    yield answer, connector_s, active, dict(prepared.timings), cached, peak_memory()
+    yield answer, connector_s, out.num_active(), dict(prepared.timings), cached, peak_memory()
 
 
 def _check_context(lmm, question, history, visual_tokens: int, generation) -> None:

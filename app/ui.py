@@ -17,11 +17,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from vidlmm.analysis import PICTURE_KINDS
+from vidlmm.analysis import STRATEGIES
 
-from .budget import STRATEGIES
 from .config import EXAMPLES_DIR, AppConfig
-from .models import RESAMPLER_LABELS, RESAMPLERS, distinct_models, matching_model
+from .models import distinct_models, has_picture, matching_model, resampler_switch, switch_name_of
 from .jobs import HEARTBEAT, relay
 from .limits import MAX_PICTURE_FRAMES, RefusedInput
 from .service import AskResult, Service, one_sentence
@@ -114,7 +113,8 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
     import matplotlib.pyplot  # noqa: F401
     choices = [(c.label, c.value) for c in service.choices]
     default_choice = service.choices[0]
-    default_resampler = next((k for k, v in RESAMPLERS.items() if v == default_choice.connector), "group")
+    switch = resampler_switch()
+    default_resampler = switch_name_of(default_choice.connector) or "group"
     limit = config.max_frames
     heavy = dict(concurrency_id="model", concurrency_limit=config.concurrency)
     light = dict(concurrency_id="cpu", concurrency_limit=2)
@@ -142,7 +142,7 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
                 local_folder = gr.Textbox(label="Local checkpoint folder", placeholder="/path/to/checkpoint",
                                           visible=config.allow_custom_models, submit_btn="Use",
                                           info="a folder in the published layout (config.json + safetensors)")
-                resampler = gr.Radio([(RESAMPLER_LABELS[k], k) for k in RESAMPLERS], value=default_resampler,
+                resampler = gr.Radio([(cls.label or k, k) for k, cls in switch.items()], value=default_resampler,
                                      label="Resampler", info="switching loads the matching checkpoint")
                 model_status = gr.Markdown(elem_id="model-status")
                 with gr.Accordion("Frames", open=True):
@@ -190,7 +190,7 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
                             details = gr.JSON(label="details")
                     with gr.Tab("Attention", id="attention", elem_id="attention-tab"):
                         # resamplers: their attention; per-frame compressors: their picture (see on_model)
-                        compressor = default_choice.connector in PICTURE_KINDS
+                        compressor = has_picture(default_choice.connector)
                         with gr.Column(visible=not compressor) as attention_view:
                             with gr.Row():
                                 layer = gr.Number(-1, precision=0, label="Layer (-1 = last)")
@@ -357,7 +357,7 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
             except Exception as err:  # noqa: BLE001
                 gr.Warning(html.escape(one_sentence(err), quote=False))
                 return (gr.skip(), f"⚠ {html.escape(one_sentence(err), quote=False)}", *[gr.skip()] * 5)
-            short = next((k for k, v in RESAMPLERS.items() if v == info["connector"]), None)
+            short = switch_name_of(info["connector"])
             status = f"Loaded **{html.escape(str(model))}** · connector `{info['connector']}`"
             if info["groups"]:
                 status += f" · {info['groups']} groups × {info['queries']} queries"
@@ -374,7 +374,7 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
             frame_update = gr.update(value=0, interactive=bool(info["frame_tokens"]),
                                      maximum=info["tokens_per_frame_in"],
                                      label=f"Tokens per frame (0 = checkpoint's {info['frame_tokens'] or '-'})")
-            compressor = info["connector"] in PICTURE_KINDS
+            compressor = has_picture(info["connector"])
             return ((gr.update(value=short) if short else gr.skip()), status, group_update, query_update, frame_update,
                     gr.update(visible=not compressor), gr.update(visible=compressor))
 
@@ -382,11 +382,13 @@ def build_ui(service: Service, config: AppConfig) -> gr.Blocks:
             """Switch to a model with this connector; when none is installed, say so and keep the current one."""
             picked = matching_model(service.choices, model, resampler)
             current = service.models.resolve(model).connector
-            if picked == model and current != RESAMPLERS[resampler]:
+            wanted = switch.get(resampler)
+            if wanted is None:
+                return gr.skip(), gr.skip()
+            if picked == model and current != wanted.registry_name:
                 hint = "; type its checkpoint folder to load one." if config.allow_custom_models else "."
-                gr.Warning(f"No installed checkpoint uses {RESAMPLER_LABELS[resampler]} ({RESAMPLERS[resampler]})"
-                           + hint)
-                short = next((k for k, v in RESAMPLERS.items() if v == current), None)
+                gr.Warning(f"No installed checkpoint uses {wanted.label} ({wanted.registry_name})" + hint)
+                short = switch_name_of(current)
                 return gr.skip(), (gr.update(value=short) if short else gr.skip())
             return gr.update(value=picked), gr.skip()
 

@@ -109,7 +109,7 @@ def ref_image_level(sd, x, tokens_per_frame):
 
 
 def connector_state(model) -> dict:
-    return {k: v.float() for k, v in model.connector._connector.state_dict().items()}
+    return {k: v.float() for k, v in model.connector.state_dict().items()}
 
 
 def ref_frames(path, num_frames):

@@ -28,7 +28,7 @@ def lmm_for(path, cache_bytes=64 * 1024**2, **connector):
     model = load_model(path, dtype="fp32", device="cpu")
     if connector:
         torch.manual_seed(0)
-        model.connector._connector = create_connector(
+        model.connector = create_connector(
             "groupresampler", vision_hidden_size=model.config.vision_hidden_size,
             hidden_size=model.config.hidden_size, **connector).eval()
     return VideoLMM(model, sampling=SIXTEEN, cache_bytes=cache_bytes)
@@ -163,7 +163,7 @@ def test_spatial_selection_and_errors(maps):
 
 def test_connector_without_attention_says_so(tiny_checkpoints, small_video):
     lmm = lmm_for(tiny_checkpoints["naive"])
-    lmm.model.connector._connector = create_connector("mlp2x_gelu", vision_hidden_size=32, hidden_size=64)
+    lmm.model.connector = create_connector("mlp2x_gelu", vision_hidden_size=32, hidden_size=64)
     with pytest.raises(VidlmmError, match="no attention"):
         attention_maps(lmm, small_video)
 

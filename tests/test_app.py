@@ -576,38 +576,42 @@ def test_errors_shown_to_visitors_never_include_server_paths():
 def test_budget_view_leaves_the_shared_connector_untouched(tiny_checkpoints):
     import torch
 
-    from app.budget import TokenBudget, budgeted_connector, connect, token_counts
+    from vidlmm.budget import TokenBudget, token_counts
     from vidlmm.checkpoint import load_model
 
     model = load_model(tiny_checkpoints["group"])
-    module = model.connector._connector
+    module = model.connector
     before = (module.group, module.queries_per_group, module.latents.shape[0])
-    view = budgeted_connector(module, TokenBudget(groups=2, queries=3), 16 * 15)
+    view = TokenBudget(groups=2, queries=3).connector(module, 16 * 15)
     assert view.num_output_tokens(16, 15) == 6
     assert (module.group, module.queries_per_group, module.latents.shape[0]) == before
+    # a real module of the connector's class, sharing its weights (nothing copied)
+    assert type(view) is type(module) and view.linear is module.linear and view.layers is module.layers
+    assert view.latents.data_ptr() == module.latents.data_ptr() and not module.latents.requires_grad
     features = torch.randn(4, model.vision_tower.tokens_per_frame, model.config.vision_hidden_size)
-    out, active = connect(model, features, TokenBudget(groups=2, queries=3, active_fraction=0.5,
-                                                       strategy="groups"))
+    out = model.connect(features, budget=TokenBudget(groups=2, queries=3, active_fraction=0.5, strategy="groups"))
+    active = out.num_active()
     assert out.tokens.shape[1] == 6 and active == 3
     assert int((out.tokens[0].abs().sum(-1) == 0).sum()) == 3  # one of the two groups zeroed
     assert token_counts(module, TokenBudget(groups=2, queries=3, active_fraction=0.5, strategy="groups"), 4,
                         model.vision_tower.tokens_per_frame) == (6, 3)
-    full, _ = connect(model, features, TokenBudget())
+    full = model.connect(features, budget=TokenBudget())
     assert torch.equal(full.tokens, model.connect(features).tokens)  # no budget: exactly the model's own output
     with pytest.raises(ValueError, match="Queries must be between 1 and 16"):
-        budgeted_connector(module, TokenBudget(queries=17))
+        TokenBudget(queries=17).connector(module)
 
 
 def test_tokens_per_frame_view_leaves_the_shared_compressor_untouched(models_dir):
-    from app.budget import TokenBudget, budgeted_connector, describe_limits
+    from vidlmm.budget import TokenBudget
     from vidlmm.checkpoint import load_model
 
-    module = load_model(models_dir / "pool").connector._connector
-    view = budgeted_connector(module, TokenBudget(frame_tokens=9))
+    module = load_model(models_dir / "pool").connector
+    view = TokenBudget(frame_tokens=9).connector(module)
     assert view.num_output_tokens(4, 15) == 36 and module.num_output_tokens(4, 15) == 16
-    assert module.frame_tokens is None and describe_limits(module)["frame_tokens"] == "16 // frames"
+    assert module.frame_tokens is None and module.budget_controls().frame_tokens == "16 // frames"
+    assert view.projector is module.projector
     with pytest.raises(ValueError, match="at least 1"):
-        budgeted_connector(module, TokenBudget(frame_tokens=-1))
+        TokenBudget(frame_tokens=-1).connector(module)
 
 
 def test_config_from_command_line_and_environment(monkeypatch):
@@ -636,10 +640,14 @@ def test_resampler_switch_picks_the_matching_checkpoint(server):
 
 
 def test_resampler_switch_offers_the_related_work_compressors(server):
-    from app.models import RESAMPLER_LABELS, RESAMPLERS, matching_model
+    from app.models import matching_model, resampler_switch
     from vidlmm.connectors import CONNECTORS
 
+    switch = resampler_switch()
+    RESAMPLERS = {k: cls.registry_name for k, cls in switch.items()}
+    RESAMPLER_LABELS = {k: cls.label for k, cls in switch.items()}
     assert set(RESAMPLERS.values()) <= set(CONNECTORS) and set(RESAMPLER_LABELS) == set(RESAMPLERS)
+    assert {"group", "naive", "image", "llava_mini", "pool", "tome", "topk"} <= set(RESAMPLERS)
     assert [RESAMPLER_LABELS[k] for k in ("llava_mini", "pool", "tome", "topk")] == \
         ["LLaVA-Mini", "Dynamic-VLM pooling", "ToMe merging (reimplementation)", "top-k pruning"]
     choices = server[1].choices

@@ -132,4 +132,4 @@ def test_every_shipped_model_reads_the_same_64_visual_tokens():
     if not (models / "group" / "config.json").is_file():
         pytest.skip("the embedded models are not built")
     assert {name: visual_tokens(load_model(models / name)) for name in SHIPPED} == {name: 64 for name in SHIPPED}
-    assert load_model(models / "pool").connector._connector.train_token_budget == 144
+    assert load_model(models / "pool").connector.train_token_budget == 144

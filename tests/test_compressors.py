@@ -342,7 +342,7 @@ def checkpoints(tmp_path_factory):
 @pytest.mark.parametrize("name", list(TYPES))
 def test_round_trip_in_the_published_layout_and_ask(name, checkpoints, small_video, tmp_path):
     model = load_model(checkpoints[name], dtype="fp32", device="cpu")
-    assert model.connector._connector.registry_name == name
+    assert model.connector.registry_name == name
     config = json.loads((checkpoints[name] / "config.json").read_text())
     assert config["connector_type"] == name and all(config[k] == v for k, v in TYPES[name][1].items())
     state = read_state_dict(checkpoints[name])
@@ -391,7 +391,7 @@ def test_connector_trains_through_the_llm_loss(name, checkpoints):
     model(embeds, mask, labels=labels).loss.backward()
     grads = {n: p.grad for n, p in model.connector.named_parameters()}
     assert grads and all(g is not None for g in grads.values())
-    assert model.connector._connector.projector[0].weight.grad.abs().sum() > 0
+    assert model.connector.projector[0].weight.grad.abs().sum() > 0
 
 
 # ---- analysis ---------------------------------------------------------------------------------------------------

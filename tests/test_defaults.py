@@ -47,7 +47,7 @@ def test_stand_in_is_written_once_and_answers(no_embedded, small_video, monkeypa
     assert defaults.default_model() == (source, False)
     assert (Path(source) / "config.json").stat().st_mtime_ns == stamp  # not rewritten
     model = load_model(source)
-    assert isinstance(model.connector._connector, GroupResampler)
+    assert isinstance(model.connector, GroupResampler)
     answer = VideoLMM(model).ask(small_video, "What moves?", generation=GenerationSettings(max_new_tokens=3))
     assert len(answer.frame_indices) == 16 and answer.num_visual_tokens == 64
     assert 1 <= len(answer.token_ids) <= 3
@@ -114,4 +114,4 @@ def test_app_without_model_offers_the_stand_in_labelled_as_such(no_embedded, tmp
     assert first.source == service.default_source and "random stand-in" in first.label
     assert len(service.choices) == 1  # nothing embedded, no hub models
     loaded = service.model(None)
-    assert not loaded.trained and isinstance(loaded.lmm.model.connector._connector, GroupResampler)
+    assert not loaded.trained and isinstance(loaded.lmm.model.connector, GroupResampler)

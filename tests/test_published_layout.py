@@ -221,9 +221,14 @@ def test_hand_written_files_have_the_published_shape(published):
 
 # ------------------------------------------------------------------ vidlmm's loader, value by value
 def _file_key(module_key: str) -> str:
-    """The published key of a vidlmm module key: the tower's modules lack the files' `vision_model.` level."""
-    tower = "vision_tower._vision_tower."
-    return tower + "vision_model." + module_key[len(tower):] if module_key.startswith(tower) else module_key
+    """The published key of a vidlmm module key: the tower's modules lack the files' `vision_model.` level and
+    the connector the reference's `_connector.` wrapper level."""
+    tower, connector = "vision_tower._vision_tower.", "connector."
+    if module_key.startswith(tower):
+        return tower + "vision_model." + module_key[len(tower):]
+    if module_key.startswith(connector):
+        return "connector._connector." + module_key[len(connector):]
+    return module_key
 
 
 def test_every_loaded_tensor_equals_its_file_tensor(published):
@@ -246,7 +251,7 @@ def test_every_loaded_tensor_equals_its_file_tensor(published):
     assert torch.equal(lm.lm_head.weight, embed)
     assert lm.lm_head.weight.data_ptr() == lm.get_input_embeddings().weight.data_ptr()
     # the config fields the geometry comes from were read, not defaulted
-    connector = model.connector._connector
+    connector = model.connector
     assert len(connector.layers) == RESAMPLER_LAYERS and connector.group == GROUP
     assert model.num_visual_tokens(16) == NUM_QUERIES
     assert model.vision_tower.tokens_per_frame == TOKENS_PER_FRAME

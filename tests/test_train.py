@@ -142,7 +142,14 @@ def test_two_stages_end_to_end(tmp_path, tiny_world):
 
 
 def connector_of(model_folder: Path) -> dict:
+    """The connector's weights as the stage-1 split layout stores them (the reference's `_connector.` keys)."""
     return torch.load(model_folder / "connector" / "pytorch_model.bin", weights_only=True)
+
+
+def connector_start(model) -> dict:
+    """A freshly built model's connector weights under the split layout's key names (see `connector_of`)."""
+    return {"_connector." + k[len("connector."):]: v for k, v in model.state_dict().items()
+            if k.startswith("connector.")}
 
 
 def assert_same_trained_weights(a: dict, b: dict, start: dict, atol: float = 0.0) -> None:
@@ -185,8 +192,7 @@ def straight(tmp_path_factory, tiny_world):
     recipe = stage1_recipe(tmp, tiny_world, "straight")
     out = run_train([recipe])
     assert out.returncode == 0, out.stderr[-2000:]
-    start = build_model(load_recipe(recipe)).state_dict()
-    start = {k[len("connector."):]: v for k, v in start.items() if k.startswith("connector.")}
+    start = connector_start(build_model(load_recipe(recipe)))
     losses = logged_losses(tmp / "straight")
     assert_loss_fell(losses)  # the run every comparison below is measured against learned something
     return {"model": tmp / "straight" / "model", "start": start, "losses": losses,
@@ -370,8 +376,7 @@ def test_feature_cache_changes_nothing_but_the_work(tmp_path, tiny_world):
     cached = run(cached_recipe, progress=False)
     cache = shared_feature_cache(7 << 20)
     assert cache.hits >= 7  # epoch 2: the 7 readable clips (the corrupt one is never cached)
-    start = {k[len("connector."):]: v for k, v in build_model(plain_recipe).state_dict().items()
-             if k.startswith("connector.")}
+    start = connector_start(build_model(plain_recipe))
     assert_same_trained_weights(connector_of(plain), connector_of(cached), start)  # identical, and trained
     plain_losses = logged_losses(tmp_path / "plain")
     assert_loss_fell(plain_losses)

@@ -50,7 +50,7 @@ def make_plan(recipe: Recipe) -> dict:
     samples, source = count_samples(recipe)
     steps = recipe.optimizer_steps(samples)
     frames = recipe.sampling.get("num_frames", 16) if recipe.sampling.get("mode") == "uniform" else 16
-    visual = model.connector._connector.num_output_tokens(frames, model.vision_tower.tokens_per_frame)
+    visual = model.connector.num_output_tokens(frames, model.vision_tower.tokens_per_frame)
     return {
         "name": recipe.name, "stage": recipe.stage, "template": recipe.template, "samples": samples,
         "samples_from": source, "epochs": recipe.epochs, "global_batch_size": recipe.global_batch_size,

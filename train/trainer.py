@@ -55,7 +55,7 @@ class TrainingStep(nn.Module):
                 if self.feature_cache is not None and cache_keys and cache_keys[i]:
                     self.feature_cache.put(cache_keys[i], feats.cpu())
             # the whole output (batch 1): a fusing connector (LLaVA-Mini) also rewrites the prompt's embeddings
-            visual.append(m.connector(feats.unsqueeze(0).to(device=m.device, dtype=m.dtype)))
+            visual.append(m.connect(feats))
         embeds, mask, lab = m.build_inputs(input_ids, visual, labels, padding_side="right")
         return per_sample_loss(m(embeds, mask).logits, lab)
 

@@ -212,7 +212,7 @@ def attention_maps(lmm: "VideoLMM", video, *, sampling=None) -> AttentionMaps:
     model = lmm.model
     prepared = _prepared(lmm, video, sampling)
     out = lmm.visual_tokens(prepared, output_attentions=True)
-    name = model.connector._connector.registry_name
+    name = model.connector.registry_name
     if not out.attentions:
         if getattr(out, "picture", None) is not None:  # pooling / merging / pruning: a picture, no attention
             raise VidlmmError(f"The '{name}' connector has no attention to show; connector_picture shows what it "
@@ -302,9 +302,6 @@ def redundancy_stats(maps: AttentionMaps, layer: int = -1) -> dict:
 
 # ---- per-connector pictures -----------------------------------------------------------------------------------
 
-PICTURE_KINDS = {"llava_mini": "query_attention", "pool": "pooling_grid", "tome": "source_map", "topk": "kept_mask"}
-
-
 def connector_picture(lmm: "VideoLMM", video, *, sampling=None) -> dict:
     """What a per-frame compressor (`vidlmm.compressors`) does to each frame, from one connector pass.
 
@@ -329,37 +326,21 @@ def connector_picture(lmm: "VideoLMM", video, *, sampling=None) -> dict:
     model = lmm.model
     prepared = _prepared(lmm, video, sampling)
     out = lmm.visual_tokens(prepared, output_attentions=True)
-    name = model.connector._connector.registry_name
+    connector = model.connector
+    name = connector.registry_name
     picture = getattr(out, "picture", None)
-    if name not in PICTURE_KINDS or picture is None:
+    if connector.picture_kind is None or picture is None:
         raise VidlmmError(f"The '{name}' connector has no picture of its own; attention_maps shows what it looks at.")
     layout = model.token_layout(prepared.num_frames)
     t, p = layout.num_frames, layout.tokens_per_frame
-
-    def grid(values, fill):  # [T, P] -> [T, rows, cols]
-        values = values.detach().cpu()
-        return layout.to_grid(values.reshape(t * p), fill).numpy()
-
     clip = prepared.clip
     k = int(out.tokens.shape[1]) // t
-    result = {"connector_type": name, "kind": PICTURE_KINDS[name], "frames": clip.sampled_frames(),
+    result = {"connector_type": name, "kind": connector.picture_kind, "frames": clip.sampled_frames(),
               "frame_aspect": frame_aspect(model.image_processor, clip), "grid": tuple(layout.grid),
               "frame_indices": [int(i) for i in clip.indices], "timestamps": [float(x) for x in clip.timestamps],
               "num_frames": t, "tokens_per_frame": p, "output_tokens_per_frame": k,
               "tokens": out.tokens[0].float().cpu().numpy()}
-    if name == "llava_mini":
-        attn = picture["attention"].detach().float().cpu()  # [T, k, P]
-        maps = layout.to_grid(attn.transpose(0, 1).reshape(k, t * p))  # [k, T, rows, cols]
-        result["attention"] = maps.transpose(0, 1).numpy()
-    elif name == "pool":
-        result.update(pool_size=int(picture["pool_size"]), row_edges=picture["row_edges"].numpy(),
-                      col_edges=picture["col_edges"].numpy(),
-                      cell_token=grid(picture["cell_token"].expand(t, -1), -1))
-    elif name == "tome":
-        result.update(source=grid(picture["source"], -1), size=picture["size"].detach().cpu().round().long().numpy())
-    else:
-        result.update(kept=grid(picture["kept"], False), scores=grid(picture["scores"].float(), float("nan")),
-                      kept_indices=picture["kept_indices"].cpu().numpy())
+    result.update(connector.picture_grids(picture, layout, k))
     return result
 
 
@@ -429,7 +410,10 @@ def zero_tokens(tokens, mask):
 def zeroed_output(out, mask):
     """A connector output of one video with its tokens zeroed where mask [Q] is False (see `zero_tokens`) and the
     rest kept: zeroing acts on the visual tokens only, and LLaVA-Mini's fusion_context still fuses the prompt."""
-    return replace(out, tokens=zero_tokens(out.tokens[0], mask).unsqueeze(0))
+    import torch
+
+    keep = torch.as_tensor(np.asarray(mask, dtype=bool))
+    return replace(out, tokens=zero_tokens(out.tokens[0], mask).unsqueeze(0), active=keep)
 
 
 @dataclass
@@ -554,7 +538,7 @@ def _score_answer(lmm: "VideoLMM", prompt_ids: list[int], answer_ids: list[int],
     a = len(answer_ids)
     # answer labels keep the answer's raw embeddings out of LLaVA-Mini's pre-fusion, as in generation
     labels = [IGNORE_INDEX] * len(prompt_ids) + list(answer_ids)
-    with torch.no_grad(), lmm._lock:  # noqa: SLF001 - the pipeline's one-model-at-a-time lock
+    with torch.no_grad(), lmm.exclusive():
         embeds, mask, _ = model.build_inputs([ids] * len(visuals), visuals, [labels] * len(visuals))
         expected = len(ids) - 1 + int(visuals[0].tokens.shape[1])
         if embeds.shape[1] != expected:
@@ -572,7 +556,7 @@ def _greedy_batch(lmm: "VideoLMM", prompt_ids: list[int], visuals: list, max_new
     import torch
 
     model = lmm.model
-    with torch.no_grad(), lmm._lock:  # noqa: SLF001
+    with torch.no_grad(), lmm.exclusive():
         embeds, mask, _ = model.build_inputs([list(prompt_ids)] * len(visuals), visuals)
         out = model.generate(embeds, mask, max_new_tokens=max_new_tokens, do_sample=False).tolist()
     eos = model.config.eos_token_id
@@ -594,7 +578,7 @@ def _model_name(lmm: "VideoLMM", name: str | None) -> str:
     if name:
         return name
     source = getattr(lmm.model, "source", None)
-    return os.path.basename(str(source).rstrip("/")) if source else lmm.model.connector._connector.registry_name
+    return os.path.basename(str(source).rstrip("/")) if source else lmm.model.connector.registry_name
 
 
 def zeroing_curve(lmm: "VideoLMM", video, question: str, *, fractions=FRACTIONS, strategies=STRATEGIES,
@@ -656,7 +640,7 @@ def zeroing_curve(lmm: "VideoLMM", video, question: str, *, fractions=FRACTIONS,
                  "masks_evaluated": total, "teacher_forced_reproduces_answer": teacher_forced_ok}
     return ZeroingResult(model=_model_name(lmm, name), fractions=[float(f) for f in fractions],
                          strategies=list(strategies), seeds=[int(s) for s in seeds], points=points,
-                         kind="likelihood", connector_type=lmm.model.connector._connector.registry_name,
+                         kind="likelihood", connector_type=lmm.model.connector.registry_name,
                          num_tokens=int(tokens.shape[0]), reference=reference)
 
 
@@ -736,7 +720,7 @@ def zeroing_mc_curve(lmm: "VideoLMM", items, *, video_root=None, fractions=FRACT
                  "chance": float(np.mean([1 / len(i.options) for i in items])), "items": records}
     return ZeroingResult(model=_model_name(lmm, name), fractions=[float(f) for f in fractions],
                          strategies=list(strategies), seeds=[int(s) for s in seeds], points=out_points, kind="mc",
-                         connector_type=lmm.model.connector._connector.registry_name, num_tokens=num_tokens,
+                         connector_type=lmm.model.connector.registry_name, num_tokens=num_tokens,
                          reference=reference)
 
 
@@ -796,27 +780,9 @@ def _llm_costs(text_config: dict) -> tuple[int, int, int, int]:
 
 def connector_setting(config) -> str:
     """A short description of a config's connector setting, e.g. 'groupresampler, 512 queries, 16 groups'."""
-    from .connectors import resolve_connector_name
+    from .connectors import connector_class
 
-    name = resolve_connector_name(config.connector_type)
-    extra = config.extra
-    if name == "llava_mini":
-        layers = extra.get("prefusion_layers")
-        return f"{name}, {config.num_queries} queries per frame, {4 if layers is None else layers} pre-fusion layers"
-    if name in ("pool", "tome", "topk"):
-        if extra.get("frame_tokens") is not None:
-            return f"{name}, {extra['frame_tokens']} tokens per frame"
-        cap = extra.get("max_frame_tokens")
-        budget = extra.get("token_budget")
-        return f"{name}, budget {512 if budget is None else budget} tokens" + (f", at most {cap} per frame" if cap
-                                                                               else "")
-    if name == "mlp2x_gelu":
-        return f"{name}, every patch"
-    if name == "groupresampler":
-        return f"{name}, {config.num_queries} queries, {config.group} groups"
-    if name == "resampler":
-        return f"{name}, {config.num_queries} queries per frame"
-    return f"{name}, {config.num_queries} queries"
+    return connector_class(config.connector_type).describe_config(config)
 
 
 def connector_variants(config, related: bool = False) -> dict:
@@ -883,7 +849,7 @@ def token_budget(models: dict, frames=(1, 2, 4, 8, 16, 32, 64), text_tokens: int
 
 
 __all__ = [
-    "AttentionMaps", "BudgetResult", "DEFAULT_CHUNKS", "FRACTIONS", "PICTURE_KINDS", "STRATEGIES", "ZeroingResult",
+    "AttentionMaps", "BudgetResult", "DEFAULT_CHUNKS", "FRACTIONS", "STRATEGIES", "ZeroingResult",
     "attention_maps", "connector_picture", "connector_setting", "connector_variants", "model_config",
     "query_group_spans", "redundancy_stats", "to_jsonable", "token_budget", "token_redundancy", "zero_mask",
     "zero_tokens", "zeroed_output", "zeroing_curve", "zeroing_mc_curve",

@@ -3,8 +3,9 @@
 Published layout (a folder or a hub id):
     config.json (model_type "tinyllava"), model.safetensors or model-0000k-of-0000n.safetensors + index,
     tokenizer files, generation_config.json. Keys: `language_model.*`, `vision_tower._vision_tower.vision_model.*`
-    (SigLIP/CLIP; one level more than transformers 5's module), `connector._connector.*`. A tied `lm_head` is
-    usually absent and is re-tied.
+    (SigLIP/CLIP; one level more than transformers 5's module), `connector._connector.*` (the reference's wrapper;
+    our model's `connector.*`). Both are renamed at load and back at save. A tied `lm_head` is usually absent and
+    is re-tied.
 Stage-1 split layout (the reference's pretrain output): config.json + tokenizer at the root and
     `language_model/`, `vision_tower/`, `connector/` sub-folders, each with a `pytorch_model.bin`.
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 TOWER_PREFIX = "vision_tower._vision_tower."
+PUBLISHED_CONNECTOR_PREFIX = "connector._connector."
 # hub downloads: configs, tokenizer files and safetensors only (never pickles: a .bin can run code when loaded)
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
 PINS_ENV = "VIDLMM_HUB_PINS"
@@ -281,26 +283,41 @@ def read_split_layout(folder: Path, device="cpu") -> dict[str, torch.Tensor]:
 
 
 # ---- key mapping ---------------------------------------------------------------------------------------
+def _renames(tower_type: str) -> tuple[tuple[str, str], ...]:
+    """(published prefix, module prefix) pairs: the tower's extra published level (`vision_model.`) that
+    transformers 5 modules do not have, and the reference's `Connector` wrapper around the connector module."""
+    return ((TOWER_PREFIX + TOWERS[tower_type].published_level, TOWER_PREFIX),
+            (PUBLISHED_CONNECTOR_PREFIX, "connector."))
+
+
+def _rename(key: str, pairs) -> str:
+    for old, new in pairs:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
 def published_to_module_keys(state: dict, tower_type: str) -> dict:
-    """Drop the tower's extra published level (`vision_model.`) that transformers 5 modules do not have."""
-    level = TOWER_PREFIX + TOWERS[tower_type].published_level
-    return {(TOWER_PREFIX + k[len(level):] if k.startswith(level) else k): v for k, v in state.items()}
+    """Published key names -> the model's (see `_renames`)."""
+    return {_rename(k, _renames(tower_type)): v for k, v in state.items()}
 
 
 def module_to_published_keys(state: dict, tower_type: str) -> dict:
-    level = TOWER_PREFIX + TOWERS[tower_type].published_level
-    return {(level + k[len(TOWER_PREFIX):] if k.startswith(TOWER_PREFIX) else k): v for k, v in state.items()}
+    """The model's key names -> the published ones."""
+    return {_rename(k, [(new, old) for old, new in _renames(tower_type)]): v for k, v in state.items()}
 
 
-def check_keys(model: TinyLlavaVideo, state: dict) -> list[str]:
-    """Raise CheckpointError on unexpected keys or missing keys; return the missing keys that are allowed."""
-    expected = set(model.state_dict().keys())
-    got = set(state)
-    unexpected = sorted(got - expected)
-    missing = sorted(expected - got)
+def check_keys(model: TinyLlavaVideo, file_keys) -> list[str]:
+    """Raise CheckpointError on unexpected or missing keys, named as in the files (published names); return the
+    model's keys that may be missing (the tied lm_head, tower weights the features never use)."""
+    module_of = module_to_published_keys({k: k for k in model.state_dict()}, model.tower_type)  # published -> ours
+    got = set(file_keys)
+    unexpected = sorted(got - set(module_of))
+    missing = sorted(set(module_of) - got)
     tied = model.language_model.config.tie_word_embeddings
     unused = tuple(TOWER_PREFIX + p for p in model.vision_tower.spec.unused_prefixes)
-    allowed = [k for k in missing if k.startswith(unused) or (tied and k.startswith("language_model.lm_head."))]
+    allowed = [k for k in missing if module_of[k].startswith(unused)
+               or (tied and module_of[k].startswith("language_model.lm_head."))]
     missing = [k for k in missing if k not in allowed]
     if missing or unexpected:
         parts = []
@@ -309,7 +326,7 @@ def check_keys(model: TinyLlavaVideo, state: dict) -> list[str]:
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s) ({_few(unexpected)})")
         raise CheckpointError("Checkpoint does not match the model: " + "; ".join(parts) + ".")
-    return allowed
+    return [module_of[k] for k in allowed]
 
 
 def _few(keys: list[str], n: int = 4) -> str:
@@ -326,8 +343,9 @@ def pick_device(device: str | None) -> torch.device:
 
 
 def check_shapes(model: TinyLlavaVideo, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Raise CheckpointError when a stored tensor's shape differs from the one the config builds."""
-    expected = model.state_dict()
+    """Raise CheckpointError when a stored tensor's shape (by published name) differs from the one the config
+    builds."""
+    expected = module_to_published_keys(model.state_dict(), model.tower_type)
     for key, shape in shapes.items():
         if key in expected and tuple(expected[key].shape) != tuple(shape):
             raise CheckpointError(f"Checkpoint does not match the model: '{key}' is {list(shape)} in the file but "
@@ -379,9 +397,9 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None
     dtype, quantization = precision.dtype, precision.quantization
     load_device = device if quantization is None else torch.device("cpu")
     with CheckpointWeights(folder, load_device) as weights:
+        allowed_missing = check_keys(model, weights.keys())
+        check_shapes(model, {k: weights.shape(k) for k in weights.keys()})
         published = published_to_module_keys({k: k for k in weights.keys()}, tower_type)  # module key -> file key
-        allowed_missing = check_keys(model, published)
-        check_shapes(model, {k: weights.shape(v) for k, v in published.items()})
         # int8: each LLM linear is read just before it is quantized, so its fp32 copy never sits beside the rest
         later = ({f"language_model.{name}.weight" for name, _ in quantizable_linears(model.language_model)}
                  if quantization == "int8" else set())

@@ -84,7 +84,7 @@ def _load(args):
 
 def set_token_budget(model, budget: int) -> None:
     """Serve a per-frame compressor at another budget (tokens per frame: min(budget // frames, P))."""
-    connector = model.connector._connector
+    connector = model.connector
     if not hasattr(connector, "token_budget"):
         raise VidlmmError(f"--token-budget applies to the pool, tome and topk compressors; this model's connector "
                           f"is {connector.registry_name}")
@@ -137,7 +137,7 @@ def cmd_info(args) -> int:
     frames = sampling.num_frames if sampling.mode == "uniform" else 16
     info = {
         "source": model.source,
-        "connector": model.connector._connector.registry_name,
+        "connector": model.connector.registry_name,
         "connector_type": cfg.connector_type,
         "num_queries": cfg.num_queries,
         "groups": cfg.group,

@@ -17,7 +17,7 @@ topk             the K highest-scoring patches of a trainable       kept-token m
 
 All four work in the vision tower's feature space (Dv) and then map the kept tokens to the LLM with a
 `projector` (Linear -> GELU -> Linear, the `mlp2x_gelu` of LLaVA). Output tokens are frame-major: frame t's
-tokens are [t * k, (t + 1) * k). State-dict keys sit under `connector._connector.` like every connector.
+tokens are [t * k, (t + 1) * k). State-dict keys sit under `connector.` (published: `connector._connector.`) like every connector.
 
 Config keys (config.json; `TinyLlavaConfig` keeps them in `extra`; `connectors.connector_kwargs_from_config`
 passes each class's `config_keys`):
@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .connectors import ConnectorModule, ConnectorOutput, LayerAttention, register_connector
+from .connectors import BudgetControls, ConnectorModule, ConnectorOutput, LayerAttention, register_connector
 
 DEFAULT_TOKEN_BUDGET = 512
 
@@ -98,10 +98,16 @@ def _frame_spans(t: int, p: int) -> list[tuple[int, int]]:
     return [(f * p, (f + 1) * p) for f in range(t)]
 
 
+def _grid(layout, values: torch.Tensor, fill):
+    """Per-token values [T, P] -> numpy [T, rows, cols] over each frame's patch grid (`fill`: cells without one)."""
+    return layout.to_grid(values.detach().cpu().reshape(-1), fill).numpy()
+
+
 class _BudgetCompressor(ConnectorModule):
     """A per-frame compressor with the shared budget rule and a projector to the LLM."""
 
     config_keys = ("frame_tokens", "token_budget", "max_frame_tokens", "min_frame_tokens", "train_token_budget")
+    family = "compressor"
     square = False
 
     def __init__(self, *, vision_hidden_size: int, hidden_size: int, frame_tokens: int | None = None,
@@ -119,6 +125,30 @@ class _BudgetCompressor(ConnectorModule):
         self.min_frame_tokens = min_frame_tokens
         self.train_token_budget = None if train_token_budget is None else int(train_token_budget)
         self.projector = projector(vision_hidden_size, hidden_size)
+
+    @classmethod
+    def describe_config(cls, config) -> str:
+        extra = config.extra
+        if extra.get("frame_tokens") is not None:
+            return f"{cls.registry_name}, {extra['frame_tokens']} tokens per frame"
+        cap, budget = extra.get("max_frame_tokens"), extra.get("token_budget")
+        return (f"{cls.registry_name}, budget {DEFAULT_TOKEN_BUDGET if budget is None else budget} tokens"
+                + (f", at most {cap} per frame" if cap else ""))
+
+    def budget_controls(self) -> BudgetControls:
+        return BudgetControls(frame_tokens=str(self.frame_tokens or f"{self.token_budget} // frames"))
+
+    def settings(self) -> dict:
+        """The constructor arguments that rebuild this module."""
+        return dict(vision_hidden_size=self.projector[0].in_features, hidden_size=self.projector[2].out_features,
+                    frame_tokens=self.frame_tokens, token_budget=self.token_budget,
+                    max_frame_tokens=self.max_frame_tokens, min_frame_tokens=self.min_frame_tokens,
+                    train_token_budget=self.train_token_budget)
+
+    def _budget_settings(self, *, groups, queries, frame_tokens, num_visual):
+        if frame_tokens < 1:
+            raise ValueError("Tokens per frame must be at least 1 (0: the checkpoint's).")
+        return {**self.settings(), "frame_tokens": frame_tokens}, {}
 
     def budget(self) -> int:
         """The video's token budget for this forward pass: `train_token_budget` in training when it is set (the
@@ -172,7 +202,15 @@ class PoolCompressor(_BudgetCompressor):
     the (first) output token of the frame whose bin holds each input token (-1 for non-patch tokens).
     """
 
+    label = "Dynamic-VLM pooling"
+    picture_kind = "pooling_grid"
     square = True
+
+    def picture_grids(self, picture, layout, tokens_per_frame_out):
+        t = layout.num_frames
+        return {"pool_size": int(picture["pool_size"]), "row_edges": picture["row_edges"].numpy(),
+                "col_edges": picture["col_edges"].numpy(),
+                "cell_token": _grid(layout, picture["cell_token"].expand(t, -1), -1)}
 
     def pool(self, x: torch.Tensor, out: int) -> torch.Tensor:
         """x [F, P, Dv] -> [F, out * out, Dv] (raster order) averages of the patch cells of each bin."""
@@ -274,6 +312,13 @@ class ToMeCompressor(_BudgetCompressor):
     [T, M] input tokens per output token.
     """
 
+    label = "ToMe merging (reimplementation)"
+    picture_kind = "source_map"
+
+    def picture_grids(self, picture, layout, tokens_per_frame_out):
+        return {"source": _grid(layout, picture["source"], -1),
+                "size": picture["size"].detach().cpu().round().long().numpy()}
+
     def forward(self, x, output_attentions: bool = False) -> CompressorOutput:
         b, t, p, d = x.shape
         k = self._step_tokens_per_frame(t, p)
@@ -298,6 +343,8 @@ class TopKCompressor(_BudgetCompressor):
     """
 
     config_keys = _BudgetCompressor.config_keys + ("topk_temperature",)
+    label = "top-k pruning"
+    picture_kind = "kept_mask"
 
     def __init__(self, *, vision_hidden_size: int, hidden_size: int, topk_temperature: float = 1.0, **kwargs):
         budget = {k: kwargs[k] for k in _BudgetCompressor.config_keys if k in kwargs}
@@ -308,6 +355,14 @@ class TopKCompressor(_BudgetCompressor):
         inner = max(1, vision_hidden_size // 4)
         self.scorer = nn.Sequential(nn.LayerNorm(vision_hidden_size), nn.Linear(vision_hidden_size, inner), nn.GELU(),
                                     nn.Linear(inner, 1))
+
+    def settings(self) -> dict:
+        return {**super().settings(), "topk_temperature": self.temperature}
+
+    def picture_grids(self, picture, layout, tokens_per_frame_out):
+        return {"kept": _grid(layout, picture["kept"], False), "scores": _grid(layout, picture["scores"].float(),
+                                                                              float("nan")),
+                "kept_indices": picture["kept_indices"].cpu().numpy()}
 
     def select(self, x: torch.Tensor, k: int):
         """x [F, P, Dv] -> (kept [F, k, Dv], indices [F, k] sorted, logits [F, P])."""
@@ -391,6 +446,21 @@ class LlavaMiniCompressor(ConnectorModule):
     """
 
     config_keys = ("prefusion_layers", "compressor_heads")
+    label = "LLaVA-Mini"
+    family = "compressor"
+    picture_kind = "query_attention"
+
+    @classmethod
+    def describe_config(cls, config) -> str:
+        layers = config.extra.get("prefusion_layers")
+        return (f"{cls.registry_name}, {config.num_queries} queries per frame, "
+                f"{4 if layers is None else layers} pre-fusion layers")
+
+    def picture_grids(self, picture, layout, tokens_per_frame_out):
+        t, p, k = layout.num_frames, layout.tokens_per_frame, tokens_per_frame_out
+        attn = picture["attention"].detach().float().cpu()  # [T, k, P]
+        maps = layout.to_grid(attn.transpose(0, 1).reshape(k, t * p))  # [k, T, rows, cols]
+        return {"attention": maps.transpose(0, 1).numpy()}
 
     def __init__(self, *, vision_hidden_size: int, hidden_size: int, num_queries: int = 1, prefusion_layers: int = 4,
                  compressor_heads: int = 8, text_config: dict | None = None, **_):

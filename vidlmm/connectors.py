@@ -15,8 +15,8 @@ mlp2x_gelu      no compression (baseline)           T*P                    none
 The per-frame compressors of the related work (`llava_mini`, `pool`, `tome`, `topk`) live in `compressors.py`
 and register into the same `CONNECTORS`.
 
-State-dict keys equal the reference's (`latents`, `linear`, `layers.{i}.0.to_q`, ...), so a published
-checkpoint loads with no renaming below the `connector._connector.` prefix.
+State-dict keys equal the reference's (`latents`, `linear`, `layers.{i}.0.to_q`, ...) below the model's
+`connector.` (the published files' `connector._connector.`, renamed at load and save by `checkpoint.py`).
 
 Each forward can also return the query-to-token attention of every layer and head (`output_attentions`)
 together with which group each output token belongs to and which span of visual tokens each group saw,
@@ -55,9 +55,14 @@ def resolve_connector_name(connector_type: str) -> str:
     return name
 
 
+def connector_class(connector_type: str) -> type["ConnectorModule"]:
+    """The registered class of a config's `connector_type` (see `resolve_connector_name`)."""
+    return CONNECTORS[resolve_connector_name(connector_type)]
+
+
 def create_connector(connector_type: str, *, vision_hidden_size: int, hidden_size: int, **kwargs) -> "ConnectorModule":
     """Build a connector from its checkpoint name, e.g. ``create_connector("groupresampler", ...)``."""
-    cls = CONNECTORS[resolve_connector_name(connector_type)]
+    cls = connector_class(connector_type)
     return cls(vision_hidden_size=vision_hidden_size, hidden_size=hidden_size, **kwargs)
 
 
@@ -100,25 +105,108 @@ class ConnectorOutput:
 
     query_groups: [Q] group index of each output token (all 0 for the naive resampler, the frame for
     image-level). group_spans: per group, the [start, end) range of flat visual-token indices it attends to.
-    attentions: one LayerAttention per layer when asked for, else None.
+    attentions: one LayerAttention per layer when asked for, else None. active: bool [Q] when some tokens were
+    zeroed under a token budget (True = kept), else None.
     """
 
     tokens: torch.Tensor
     query_groups: torch.Tensor
     group_spans: list[tuple[int, int]]
     attentions: list[LayerAttention] | None = None
+    active: torch.Tensor | None = None
+
+    def num_active(self) -> int:
+        """Tokens that carry information: all of them unless some were zeroed (`active`: bool [Q], True = kept)."""
+        return int(self.tokens.shape[1]) if self.active is None else int(self.active.sum())
+
+
+@dataclass(frozen=True)
+class BudgetControls:
+    """The token-budget settings a connector takes at serving time without retraining (None: not one of its
+    settings). groups: its number of groups; queries: its learned queries, counted `queries_unit` ("per group",
+    "per frame" or "in total"); frame_tokens: its output tokens per frame as text ("5" or "512 // frames")."""
+
+    groups: int | None = None
+    queries: int | None = None
+    queries_unit: str | None = None
+    frame_tokens: str | None = None
 
 
 class ConnectorModule(nn.Module):
-    """Base for connectors. Subclasses implement ``forward(x [B, T, P, Dv], output_attentions=False)``.
+    """Base for connectors: ``forward(x [B, T, P, Dv], output_attentions=False) -> ConnectorOutput``.
 
-    config_keys: extra config.json keys passed to the constructor when present (see connector_kwargs_from_config).
+    A connector describes itself, so the rest of the code (analysis, the app, the CLI, `train/`) asks it rather
+    than switching on its name:
+
+    - registry_name (set by `register_connector`, the checkpoint's `connector_type`), label (what a user reads),
+      short_name (the app's resampler switch; the registry name when empty), family ("resampler", "compressor"
+      or "projector"; the switch offers the first two);
+    - config_keys: extra config.json keys passed to the constructor when present (`connector_kwargs_from_config`);
+      `describe_config(config)`: its setting in a few words;
+    - `num_output_tokens` and `output_groups` for a clip before any forward pass;
+    - `budget_controls()` and `at_budget(...)`: the settings it can be served at and a module built at them;
+    - picture_kind and `picture_grids(...)`: its own picture for connectors without attention maps (None: none).
     """
 
     registry_name = ""
+    label = ""
+    short_name = ""
+    family = "resampler"
+    picture_kind: str | None = None
     config_keys: tuple[str, ...] = ()
 
+    @classmethod
+    def switch_name(cls) -> str:
+        return cls.short_name or cls.registry_name
+
+    @classmethod
+    def describe_config(cls, config) -> str:
+        """A config's setting of this connector in a few words, e.g. 'groupresampler, 512 queries, 16 groups'."""
+        return f"{cls.registry_name}, {config.num_queries} queries"
+
     def num_output_tokens(self, num_frames: int, tokens_per_frame: int) -> int:
+        raise NotImplementedError
+
+    def output_groups(self, num_frames: int, tokens_per_frame: int) -> torch.Tensor:
+        """[Q] group of each output token for a clip (what `ConnectorOutput.query_groups` will be); by default
+        the frame, every frame giving the same number of tokens."""
+        per_frame = self.num_output_tokens(num_frames, tokens_per_frame) // num_frames
+        return torch.arange(num_frames).repeat_interleave(per_frame)
+
+    def budget_controls(self) -> BudgetControls:
+        return BudgetControls()
+
+    def at_budget(self, *, groups: int | None = None, queries: int | None = None, frame_tokens: int | None = None,
+                  num_visual: int | None = None) -> "ConnectorModule":
+        """This connector at another token budget: a module of the same class built with those settings that
+        shares this one's weights (nothing is copied and this module is unchanged, so other users of it are not
+        affected). None or 0 keeps the checkpoint's setting; `num_visual` (T * P) bounds the groups. Raises
+        ValueError with one sentence for a setting this connector cannot take."""
+        controls = self.budget_controls()
+        for value, have, what in ((groups, controls.groups, "groups to set"),
+                                  (queries, controls.queries, "learned queries to choose from"),
+                                  (frame_tokens, controls.frame_tokens, "tokens per frame to set")):
+            if value and have is None:
+                raise ValueError(f"The {self.registry_name} connector has no {what}.")
+        if not (groups or queries or frame_tokens):
+            return self
+        kwargs, replaced = self._budget_settings(groups=groups or None, queries=queries or None,
+                                                 frame_tokens=frame_tokens or None, num_visual=num_visual)
+        with torch.device("meta"):
+            module = type(self)(**kwargs)
+        for name, child in self.named_children():
+            setattr(module, name, child)
+        for name, param in self.named_parameters(recurse=False):
+            setattr(module, name, replaced.get(name, param))
+        return module.train(self.training)
+
+    def _budget_settings(self, *, groups, queries, frame_tokens, num_visual) -> tuple[dict, dict]:
+        """(constructor arguments at this budget, own parameters to use instead of the shared ones)."""
+        raise NotImplementedError
+
+    def picture_grids(self, picture: dict, layout: "TokenLayout", tokens_per_frame_out: int) -> dict:
+        """The forward pass's `picture` tensors (batch 1) as numpy arrays over each frame's patch grid (see
+        `analysis.connector_picture`); only for connectors with a picture_kind."""
         raise NotImplementedError
 
 
@@ -180,6 +268,22 @@ class PerceiverResampler(ConnectorModule):
         )
         self.norm = nn.LayerNorm(hidden_size)
 
+    def _budget_settings(self, *, groups, queries, frame_tokens, num_visual):
+        controls = self.budget_controls()
+        available = int(self.latents.shape[0])
+        if queries and not 1 <= queries <= available:
+            raise ValueError(f"Queries must be between 1 and {available} ({controls.queries_unit}) for this model.")
+        if groups and (groups < 1 or (num_visual is not None and groups > num_visual)):
+            raise ValueError(f"Groups must be between 1 and the number of visual tokens ({num_visual}).")
+        kwargs = dict(vision_hidden_size=self.linear.in_features, hidden_size=self.hidden_size,
+                      num_resampler_layers=len(self.layers), **self._query_settings(groups, queries))
+        latents = nn.Parameter(self.latents[:queries].detach(), requires_grad=False) if queries else self.latents
+        return kwargs, {"latents": latents}
+
+    def _query_settings(self, groups: int | None, queries: int | None) -> dict:
+        """The constructor's query arguments for `groups` and `queries` (None: this module's)."""
+        raise NotImplementedError
+
     def resample(self, x, media_mask=None, output_attentions=False):
         """x: [B, N, D] (already projected) -> ([B, L, D], list of [B, H, L, N + L] or None)."""
         latents = self.latents.unsqueeze(0).expand(x.shape[0], -1, -1)
@@ -200,6 +304,9 @@ class NaiveResampler(PerceiverResampler):
     The position encoding is added to the T*P input tokens (frame-major flat index).
     """
 
+    label = "naive resampler"
+    short_name = "naive"
+
     def __init__(self, *, vision_hidden_size: int, hidden_size: int, num_queries: int = 512,
                  num_resampler_layers: int = 3, **_):
         super().__init__(vision_hidden_size=vision_hidden_size, hidden_size=hidden_size, num_latents=num_queries,
@@ -209,6 +316,15 @@ class NaiveResampler(PerceiverResampler):
     def num_output_tokens(self, num_frames: int, tokens_per_frame: int) -> int:
         return self.num_queries
 
+    def output_groups(self, num_frames: int, tokens_per_frame: int) -> torch.Tensor:
+        return torch.zeros(self.num_queries, dtype=torch.long)
+
+    def budget_controls(self) -> BudgetControls:
+        return BudgetControls(queries=self.num_queries, queries_unit="in total")
+
+    def _query_settings(self, groups, queries) -> dict:
+        return {"num_queries": queries or self.num_queries}
+
     def forward(self, x, output_attentions: bool = False) -> ConnectorOutput:
         b, t, p, _ = x.shape
         x = self.linear(x.reshape(b, t * p, -1))
@@ -217,8 +333,7 @@ class NaiveResampler(PerceiverResampler):
         layers = None
         if attn is not None:
             layers = [LayerAttention(media=a[..., : t * p], latents=a[..., t * p:]) for a in attn]
-        groups = torch.zeros(self.num_queries, dtype=torch.long)
-        return ConnectorOutput(tokens, groups, [(0, t * p)], layers)
+        return ConnectorOutput(tokens, self.output_groups(t, p), [(0, t * p)], layers)
 
 
 class _ChunkedResampler(PerceiverResampler):
@@ -292,6 +407,9 @@ class GroupResampler(_ChunkedResampler):
     each chunk; the position encoding is added to the G * L output tokens.
     """
 
+    label = "group resampler"
+    short_name = "group"
+
     def __init__(self, *, vision_hidden_size: int, hidden_size: int, num_queries: int = 512, group: int = 16,
                  num_resampler_layers: int = 3, **_):
         super().__init__(vision_hidden_size=vision_hidden_size, hidden_size=hidden_size,
@@ -299,8 +417,22 @@ class GroupResampler(_ChunkedResampler):
         self.group = group
         self.queries_per_group = int(num_queries / group)
 
+    @classmethod
+    def describe_config(cls, config) -> str:
+        return f"{cls.registry_name}, {config.num_queries} queries, {config.group} groups"
+
     def num_output_tokens(self, num_frames: int, tokens_per_frame: int) -> int:
         return self.group * self.queries_per_group
+
+    def output_groups(self, num_frames: int, tokens_per_frame: int) -> torch.Tensor:
+        return torch.arange(self.group).repeat_interleave(self.queries_per_group)
+
+    def budget_controls(self) -> BudgetControls:
+        return BudgetControls(groups=self.group, queries=self.queries_per_group, queries_unit="per group")
+
+    def _query_settings(self, groups, queries) -> dict:
+        groups, queries = groups or self.group, queries or self.queries_per_group
+        return {"num_queries": groups * queries, "group": groups}
 
     def forward(self, x, output_attentions: bool = False) -> ConnectorOutput:
         b, t, p, _ = x.shape
@@ -308,8 +440,7 @@ class GroupResampler(_ChunkedResampler):
         tokens, spans, layers = self.run_chunks(x, group_sizes(t * p, self.group), output_attentions)
         tokens = tokens + sinusoidal_position_encoding(tokens.shape[1], self.hidden_size, dtype=tokens.dtype,
                                                        device=tokens.device)
-        groups = torch.arange(self.group).repeat_interleave(self.queries_per_group)
-        return ConnectorOutput(tokens, groups, spans, layers)
+        return ConnectorOutput(tokens, self.output_groups(t, p), spans, layers)
 
 
 @register_connector("resampler")
@@ -320,26 +451,46 @@ class ImageResampler(_ChunkedResampler):
     Note `num_queries` is per frame here, as in the Factory; the token budget is frames x num_queries.
     """
 
+    label = "image-level resampler"
+    short_name = "image"
+
     def __init__(self, *, vision_hidden_size: int, hidden_size: int, num_queries: int = 32,
                  num_resampler_layers: int = 3, **_):
         super().__init__(vision_hidden_size=vision_hidden_size, hidden_size=hidden_size, num_latents=num_queries,
                          depth=num_resampler_layers)
         self.num_queries = num_queries
 
+    @classmethod
+    def describe_config(cls, config) -> str:
+        return f"{cls.registry_name}, {config.num_queries} queries per frame"
+
     def num_output_tokens(self, num_frames: int, tokens_per_frame: int) -> int:
         return num_frames * self.num_queries
+
+    def budget_controls(self) -> BudgetControls:
+        return BudgetControls(queries=self.num_queries, queries_unit="per frame")
+
+    def _query_settings(self, groups, queries) -> dict:
+        return {"num_queries": queries or self.num_queries}
 
     def forward(self, x, output_attentions: bool = False) -> ConnectorOutput:
         b, t, p, _ = x.shape
         x = self.linear(x.reshape(b, t * p, -1))
         tokens, spans, layers = self.run_chunks(x, [p] * t, output_attentions)
-        groups = torch.arange(t).repeat_interleave(self.num_queries)
-        return ConnectorOutput(tokens, groups, spans, layers)
+        return ConnectorOutput(tokens, self.output_groups(t, p), spans, layers)
 
 
 @register_connector("mlp2x_gelu")
 class MLPConnector(ConnectorModule):
     """Baseline with no compression: Linear -> GELU -> Linear on every visual token (T*P tokens out)."""
+
+    label = "MLP projector (no compression)"
+    short_name = "mlp"
+    family = "projector"
+
+    @classmethod
+    def describe_config(cls, config) -> str:
+        return f"{cls.registry_name}, every patch"
 
     def __init__(self, *, vision_hidden_size: int, hidden_size: int, **_):
         super().__init__()
@@ -356,19 +507,8 @@ class MLPConnector(ConnectorModule):
         tokens = x.reshape(b, t * p, -1)
         for layer in self.children():
             tokens = layer(tokens)
-        groups = torch.arange(t).repeat_interleave(p)  # token i comes from frame i // P: no attention to report
-        return ConnectorOutput(tokens, groups, [(f * p, (f + 1) * p) for f in range(t)], None)
-
-
-class Connector(nn.Module):
-    """Holds the real module as `_connector`, so state-dict keys read `connector._connector.*` as published."""
-
-    def __init__(self, module: ConnectorModule):
-        super().__init__()
-        self._connector = module
-
-    def forward(self, x, output_attentions: bool = False) -> ConnectorOutput:
-        return self._connector(x, output_attentions=output_attentions)
+        # token i comes from frame i // P: no attention to report
+        return ConnectorOutput(tokens, self.output_groups(t, p), [(f * p, (f + 1) * p) for f in range(t)], None)
 
 
 @dataclass
@@ -420,7 +560,7 @@ def connector_kwargs_from_config(config) -> dict:
             pass
     if config.group is not None:
         kwargs["group"] = config.group
-    cls = CONNECTORS[resolve_connector_name(config.connector_type)]
+    cls = connector_class(config.connector_type)
     kwargs.update({key: config.extra[key] for key in cls.config_keys if config.extra.get(key) is not None})
     return kwargs
 
@@ -429,7 +569,7 @@ def connector_kwargs_from_config(config) -> dict:
 from . import compressors  # noqa: E402,F401
 
 __all__ = [
-    "CONNECTORS", "Connector", "ConnectorModule", "ConnectorOutput", "GroupResampler", "ImageResampler",
-    "LayerAttention", "MLPConnector", "NaiveResampler", "PerceiverResampler", "TokenLayout", "create_connector",
-    "group_sizes", "register_connector", "resolve_connector_name", "sinusoidal_position_encoding",
+    "BudgetControls", "CONNECTORS", "ConnectorModule", "ConnectorOutput", "GroupResampler", "ImageResampler",
+    "LayerAttention", "MLPConnector", "NaiveResampler", "PerceiverResampler", "TokenLayout", "connector_class",
+    "create_connector", "group_sizes", "register_connector", "resolve_connector_name", "sinusoidal_position_encoding",
 ]

@@ -1,7 +1,8 @@
 """The composed video LMM: vision tower -> connector -> visual tokens spliced into a causal LM.
 
-Module names (`language_model`, `vision_tower._vision_tower`, `connector._connector`) are the published
-checkpoints' key prefixes, so loading is a straight state-dict copy (see `checkpoint.py`).
+Module names (`language_model`, `vision_tower._vision_tower`, `connector`) are the published checkpoints' key
+prefixes, but for the connector's: the published files keep it one level down, as `connector._connector.*`, and
+`checkpoint.py` renames that prefix at load and back at save.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import TinyLlavaConfig
-from .connectors import Connector, ConnectorOutput, TokenLayout, connector_kwargs_from_config, create_connector
+from .connectors import ConnectorOutput, TokenLayout, connector_kwargs_from_config, create_connector
 from .conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from .vision import VisionTower, build_transformers_config, tower_type_for
 
@@ -44,7 +45,7 @@ class TinyLlavaVideo(nn.Module):
         self.vision_tower = VisionTower(config.vision_config, tower_type=self.tower_type,
                                         feature_layer=config.vision_feature_layer,
                                         select_strategy=config.vision_feature_select_strategy)
-        self.connector = Connector(create_connector(config.connector_type, **connector_kwargs_from_config(config)))
+        self.connector = create_connector(config.connector_type, **connector_kwargs_from_config(config))
         self.tokenizer = None
 
     # ---- shapes and maps -------------------------------------------------------------------------------
@@ -61,7 +62,7 @@ class TinyLlavaVideo(nn.Module):
         return next(self.connector.parameters()).dtype
 
     def num_visual_tokens(self, num_frames: int) -> int:
-        return self.connector._connector.num_output_tokens(num_frames, self.vision_tower.tokens_per_frame)
+        return self.connector.num_output_tokens(num_frames, self.vision_tower.tokens_per_frame)
 
     def token_layout(self, num_frames: int) -> TokenLayout:
         """Map from flat visual-token index to (frame, patch row, patch col) for a clip of `num_frames`."""
@@ -74,12 +75,27 @@ class TinyLlavaVideo(nn.Module):
         """pixel_values [T, 3, S, S] -> vision features [T, P, Dv] (all frames batched, chunked for memory)."""
         return self.vision_tower(pixel_values)
 
-    def connect(self, features: torch.Tensor, output_attentions: bool = False) -> ConnectorOutput:
-        """features [T, P, Dv] or [B, T, P, Dv] -> ConnectorOutput with tokens [B, Q, D]."""
+    def connect(self, features: torch.Tensor, output_attentions: bool = False, budget=None) -> ConnectorOutput:
+        """features [T, P, Dv] or [B, T, P, Dv] -> ConnectorOutput with tokens [B, Q, D]: the one way from vision
+        features to visual tokens (the pipeline, the app, analysis and training all come here).
+
+        budget: a `vidlmm.budget.TokenBudget` to serve the connector at other groups / queries / tokens per frame
+        (a module sharing the connector's weights; the connector itself is unchanged) and to zero a share of the
+        output tokens (one video; `ConnectorOutput.active` marks the kept ones). Raises ValueError with one
+        sentence for a setting the connector cannot take."""
         if features.dim() == 3:
             features = features.unsqueeze(0)
         features = features.to(device=self.device, dtype=self.dtype)
-        return self.connector(features, output_attentions=output_attentions)
+        connector = self.connector
+        if budget is not None:
+            connector = budget.connector(connector, int(features.shape[1] * features.shape[2]))
+        out = connector(features, output_attentions=output_attentions)
+        keep = None if budget is None else budget.active_mask(out.query_groups.cpu().numpy())
+        if keep is not None:
+            from .analysis import zeroed_output
+
+            out = zeroed_output(out, keep)
+        return out
 
     # ---- splicing --------------------------------------------------------------------------------------
     def embed_with_visual_tokens(self, input_ids: list[int], visual_tokens: torch.Tensor | ConnectorOutput | None,
@@ -117,7 +133,7 @@ class TinyLlavaVideo(nn.Module):
                 # the prompt is fused; answer tokens (training labels) keep their raw embeddings
                 prompt = torch.ones(len(ids) - 1, dtype=torch.bool) if lab is None else \
                     torch.cat([lab[:s], lab[s + 1:]]) == IGNORE_INDEX
-                fused = self.connector._connector.fuse_text(context, torch.cat([before, after]), prompt.to(device))
+                fused = self.connector.fuse_text(context, torch.cat([before, after]), prompt.to(device))
                 before, after = fused[:s], fused[s:]
             pieces = [before, visual_tokens.to(device=device, dtype=embed.weight.dtype), after]
             embeds = torch.cat(pieces)

@@ -112,6 +112,11 @@ class VideoLMM:
             other.limits = limits
         return other
 
+    def exclusive(self):
+        """A context manager holding the model for one pass (shared by every view): torch on CPU gains nothing from
+        two passes at once, and generation state must not interleave."""
+        return self._lock
+
     # ---- video side ------------------------------------------------------------------------------------
     def prepare(self, video: str, sampling: FrameSampling | None = None) -> tuple[PreparedVideo, bool]:
         """Decode and encode a video, or fetch it from the cache. Returns (prepared, was_cached)."""
