@@ -62,7 +62,8 @@ def configure(folder: Path, module: str) -> None:
     existing = [t for t in CORE[module] if (folder / t).is_file()]
     copied = sorted({p.split("/")[0] for p in ("assets/", "app/", "train/", "visualizations/", "benchmarks/")
                      if (folder / p).exists()} | {"app.py"})
-    block = (f'\n[tool.mutmut]\nsource_paths = ["vidlmm"]\nonly_mutate = ["vidlmm/{module}.py"]\n'
+    block = (f'\n[tool.mutmut]\nsource_paths = ["vidlmm"]\n'
+             f'only_mutate = ["vidlmm/{module}.py", "vidlmm/{module}/*.py"]\n'
              f"pytest_add_cli_args_test_selection = {json.dumps(existing)}\n"
              f"also_copy = {json.dumps(copied)}\nprocess_isolation = \"forkserver\"\n")
     with open(folder / "pyproject.toml", "a") as f:
@@ -77,9 +78,12 @@ def mutmut(folder: Path, *args: str, log=None) -> subprocess.CompletedProcess:
 
 
 def outcomes(folder: Path, module: str) -> dict[str, int | None]:
-    """Every mutant of the module -> mutmut's exit code for it (None: not tested)."""
-    meta = json.loads((folder / "mutants" / "vidlmm" / f"{module}.py.meta").read_text())
-    return meta["exit_code_by_key"]
+    """Every mutant of the module (a file, or a package's files) -> mutmut's exit code for it (None: not tested)."""
+    root = folder / "mutants" / "vidlmm"
+    codes = {}
+    for meta in sorted([*root.glob(f"{module}.py.meta"), *root.glob(f"{module}/*.py.meta")]):
+        codes.update(json.loads(meta.read_text())["exit_code_by_key"])
+    return codes
 
 
 def run_module(module: str, work: Path, jobs: int, sample: int, seed: int, tests_from: str | None) -> dict:

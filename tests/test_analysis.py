@@ -321,6 +321,14 @@ def test_full_zeroing_reproduces_the_model_exactly(lmms, small_video):
                            regenerate=True)
     assert result.reference["answer_token_ids"] == plain.token_ids
     assert result.reference["teacher_forced_reproduces_answer"]
+    # the full model's log-likelihood of its answer, computed here on its own: one teacher-forced pass, log-softmax
+    # over the vocabulary at each answer position
+    ids, a = lmm.prompt_ids(question) + plain.token_ids, len(plain.token_ids)
+    embeds, mask, _ = lmm.model.build_inputs([ids], [lmm.visual_tokens(prepared)])
+    with torch.no_grad():
+        logits = lmm.model(embeds, mask).logits[0, -a - 1:-1].float()
+    expected = torch.log_softmax(logits, dim=-1)[torch.arange(a), torch.tensor(plain.token_ids)].sum().item()
+    assert [p["log_likelihood"] for p in result.points if p["fraction"] == 1.0][0] == pytest.approx(expected, abs=1e-3)
     for p in result.points:
         if p["fraction"] == 1.0:
             assert p["delta_log_likelihood"] == 0.0 and p["relative_likelihood"] == 1.0
@@ -415,7 +423,11 @@ def test_token_budget_matches_the_models(lmms, tiny_checkpoints):
     _, flops = budget.series("image", "prefill_gflops")
     assert np.all(np.diff(flops) > 0)
     row = budget.rows[0]
-    assert row["sequence_length"] == row["visual_tokens"] + 32 and row["fits_context"]
+    assert row["sequence_length"] == row["visual_tokens"] + 32 and row["fits_context"] and row["text_tokens"] == 32
+    text = lmms["group"].model.config.text_config  # bf16 keys and values of every layer, by hand
+    kv_width = text["num_key_value_heads"] * (text["hidden_size"] // text["num_attention_heads"])
+    assert row["kv_cache_mib"] == pytest.approx(2 * text["num_hidden_layers"] * row["sequence_length"] * kv_width * 2
+                                                / 2**20)
     variants = token_budget(connector_variants(lmms["group"].model.config), frames=(16,))
     assert [r["visual_tokens"] for r in variants.rows] == [64, 64, 64, 16 * 15]
     json.dumps(budget.to_json(), allow_nan=False)

@@ -60,6 +60,13 @@ def test_published_key_names(tiny_checkpoints):
     assert "vision_tower._vision_tower.vision_model.embeddings.patch_embedding.weight" in keys
     assert "vision_tower._vision_tower.vision_model.head.probe" in keys
     assert {"connector._connector.latents", "connector._connector.layers.0.0.to_kv.weight"} <= keys
+    shards = sorted(set(index["weight_map"].values()))  # the published naming: 1-based, zero-padded
+    assert shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    tensors = read_state_dict(folder)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    generation = json.loads((folder / "generation_config.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    assert generation["eos_token_id"] == config["text_config"]["eos_token_id"] and "bos_token_id" in generation
     model = load_model(folder)
     lm = model.language_model
     assert lm.lm_head.weight.data_ptr() == lm.get_input_embeddings().weight.data_ptr()
@@ -67,7 +74,7 @@ def test_published_key_names(tiny_checkpoints):
 
 def test_save_load_round_trip(tiny_checkpoints, tmp_path):
     model = load_model(tiny_checkpoints["naive"])
-    out = save_model(model, tmp_path / "copy")
+    out = save_model(model, tmp_path / "new" / "copy")  # parents are made
     again = load_model(out)
     a, b = model.state_dict(), again.state_dict()
     assert a.keys() == b.keys()

@@ -260,6 +260,29 @@ def test_gradients_reach_the_topk_scorer_in_training():
         assert torch.equal(module(x).tokens, module(x).tokens)  # deterministic at inference
 
 
+def test_topk_straight_through_gradient_is_a_softmax_over_each_frames_tokens():
+    """d(kept features)/d(logits) comes from a softmax over the tokens of a frame, so each frame's logit gradient
+    sums to zero (a softmax over anything else would not)."""
+    module = make("topk", frame_tokens=3).train()
+    logits = torch.randn(2, 15, 1, requires_grad=True)
+
+    class Fixed(torch.nn.Module):  # the scorer's output, as a leaf to read the gradient of
+        def forward(self, x):
+            return logits
+
+    module.scorer = Fixed()
+    kept, _, _ = module.select(torch.randn(2, 15, DV), 3)
+    (kept * torch.randn_like(kept)).sum().backward()
+    grad = logits.grad[..., 0]
+    assert grad.abs().sum() > 0
+    assert torch.allclose(grad.sum(-1), torch.zeros(2), atol=1e-5)
+
+
+def test_llava_mini_queries_start_small():
+    query = make("llava_mini", num_queries=4, prefusion_layers=0, seed=1).query
+    assert 0.01 < float(query.detach().std()) < 0.04  # N(0, 0.02), as LLaVA-Mini initialises them
+
+
 # ---- LLaVA-Mini -------------------------------------------------------------------------------------------------
 
 def test_llava_mini_without_prefusion_is_compression_alone():
@@ -433,6 +456,12 @@ def test_picture_of_a_resampler_says_so(small_video, tmp_path):
         connector_picture(lmm, small_video)
 
 
+def test_attention_of_a_compressor_without_attention_says_where_to_look(checkpoints, small_video):
+    lmm = VideoLMM(load_model(checkpoints["pool"], dtype="fp32", device="cpu"), sampling=FOUR)
+    with pytest.raises(VidlmmError, match="^The 'pool' connector has no attention to show; connector_picture"):
+        attention_maps(lmm, small_video)
+
+
 def test_token_budget_and_variants_include_the_compressors(checkpoints):
     configs = {name: TinyLlavaConfig.from_json_file(folder / "config.json") for name, folder in checkpoints.items()}
     budget = token_budget(configs, frames=(1, 4, 16))
@@ -443,9 +472,14 @@ def test_token_budget_and_variants_include_the_compressors(checkpoints):
     settings = {r["name"]: r["setting"] for r in budget.rows}
     assert settings["llava_mini"] == "llava_mini, 4 queries per frame, 2 pre-fusion layers"
     assert settings["pool"] == "pool, budget 16 tokens"
+    default = configs["llava_mini"]
+    default = TinyLlavaConfig.from_dict({**default.to_dict(), "prefusion_layers": None})
+    assert token_budget({"m": default}, frames=(1,)).rows[0]["setting"].endswith(", 4 pre-fusion layers")
     base = configs["pool"]
     assert list(connector_variants(base)) == ["naive", "group", "image-level", "mlp"]
     variants = connector_variants(base, related=True)
     assert list(variants)[4:] == ["llava-mini", "pool", "tome", "topk"]
+    assert all(isinstance(v, TinyLlavaConfig) and v.connector_type == n for n, v in variants.items()
+               if n in ("pool", "tome", "topk"))
     rows = {r["name"]: r["visual_tokens"] for r in token_budget(variants, frames=(16,)).rows}
     assert rows["llava-mini"] == 16 * 4 and rows["pool"] == 16 * 4 and rows["tome"] == rows["topk"] == 16 * 4

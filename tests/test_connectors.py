@@ -139,6 +139,26 @@ def test_token_layout_for_siglip_patch_strategy():
     grid = layout.to_grid(torch.arange(16 * 15, dtype=torch.float32))
     assert torch.isnan(grid[:, 0, 0]).all()  # the dropped patch is put back as an empty cell
     assert grid[3, 2, 1].item() == 3 * 15 + (2 * 4 + 1) - 1
+    assert grid[3, 0, 1].item() == 3 * 15 and int(torch.isnan(grid).sum()) == 16  # row 0 holds tokens too
+    maps = layout.to_grid(torch.stack([torch.arange(16 * 15.0), -torch.arange(16 * 15.0)]))  # leading dims kept
+    assert maps.shape == (2, 16, 4, 4) and torch.equal(maps[0].nan_to_num(-1), grid.nan_to_num(-1))
+    assert maps[1, 3, 2, 1].item() == -grid[3, 2, 1]
+
+
+def test_output_groups_are_integer_ids_before_and_after_a_pass():
+    x = torch.randn(1, 3, 15, DV)
+    for name, kwargs in [("naiveresampler", {"num_queries": 8}), ("groupresampler", {"num_queries": 8, "group": 4}),
+                         ("resampler", {"num_queries": 2}), ("mlp2x_gelu", {})]:
+        module = make(name, **kwargs)
+        groups = module(x).query_groups
+        assert groups.dtype == torch.long, name  # they index spans and numpy arrays
+        assert torch.equal(groups, module.output_groups(3, 15)), name
+
+
+def test_unknown_connector_type_names_the_known_ones():
+    with pytest.raises(ValueError, match=r"Unknown connector type 'Perceiver' \(known: .*groupresampler.*"
+                                         r"resamplerwithpe"):
+        resolve_connector_name("Perceiver")
 
 
 def test_token_layout_when_groups_split_frames():

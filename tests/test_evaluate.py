@@ -44,6 +44,7 @@ ABCD = list("ABCD")
     ("   ", None),
     (".,!?", None),
     ("purple elephants everywhere", None),
+    ("An owl flies", None),       # a capital letter starting a word is not a letter answer
 ])
 def test_parse_choice(reply, expected):
     assert parse_choice(reply, OPTS, ABCD) == expected
@@ -264,6 +265,18 @@ def test_evaluate_end_to_end(tiny_checkpoints, eval_set, monkeypatch):
     with redirect_stdout(out):
         assert run_eval_cli(args, model) == 0
     assert "| **overall** | 3 |" in out.getvalue()
+    # no sampling arguments: the model's own sampling; --progress: one line per question on stderr
+    from vidlmm.pipeline import default_sampling
+
+    args = parser.parse_args(["--data", str(eval_set), "--max-new-tokens", "2", "--limit", "2", "--json",
+                              "--progress"])
+    out, err = io.StringIO(), io.StringIO()
+    from contextlib import redirect_stderr
+
+    with redirect_stdout(out), redirect_stderr(err):
+        assert run_eval_cli(args, model) == 0
+    assert json.loads(out.getvalue())["sampling"] == default_sampling(model).describe()
+    assert [line.split(" ")[0] for line in err.getvalue().splitlines() if line.startswith("[")] == ["[1/2]", "[2/2]"]
 
 
 def test_cli_arguments_and_errors(tmp_path):
@@ -302,3 +315,6 @@ def test_evaluate_scripted_replies(tmp_path):
     assert [r.parsed for r in result.items] == ["A", None, "C", None]
     assert result.correct == 1 and result.unparsable == 2 and result.accuracy == 0.25
     assert result.per_category["c"]["unparsable"] == 2 and result.per_category["d"]["accuracy"] == 1.0
+    assert [r.question for r in result.items] == ["Q0", "Q1", "Q2", "Q3"]  # records keep what was asked
+    rows = result.to_markdown().split("\n\n")[0].splitlines()[2:]  # categories in order of first appearance
+    assert rows == ["| d | 1 | 100.0 | 25.0 |", "| c | 3 | 0.0 | 25.0 |", "| **overall** | 4 | 25.0 | 25.0 |"]

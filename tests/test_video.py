@@ -61,6 +61,7 @@ def test_frame_sampling_describe_and_validation():
     assert FrameSampling.at_rate(0.5, 32).describe() == "0.5 fps (max 32)"
     assert FrameSampling.from_reference(16, 16) == FrameSampling.uniform(16)
     assert FrameSampling.from_reference(-1, 128) == FrameSampling.fps(128)
+    assert FrameSampling.from_reference(0, 64) == FrameSampling.fps(64)  # the 1fps checkpoints' num_frame 0
     for bad in (dict(mode="zoom"), dict(num_frames=0), dict(max_frames=0), dict(mode="rate", rate=0.0)):
         with pytest.raises(ValueError):
             FrameSampling(**bad)
@@ -482,3 +483,16 @@ def test_a_transform_that_changes_shape_is_a_bug_not_a_bad_file(clips):
     sizes = iter(range(8, 100))
     with pytest.raises(TransformError):
         read_video(clips["mp4"], FrameSampling.uniform(4), transform=lambda f: f[: next(sizes)])
+
+
+def test_decord_is_imported_on_first_use(monkeypatch):
+    """`_import_decord` imports decord when no one has (conftest preloads it, so take it out of sys.modules) and
+    returns the loaded module afterwards."""
+    decord = pytest.importorskip("decord")
+    from vidlmm.video import _import_decord
+
+    monkeypatch.delitem(sys.modules, "decord")
+    first = _import_decord()
+    assert hasattr(first, "VideoReader") and sys.modules["decord"] is first
+    assert _import_decord() is first
+    monkeypatch.setitem(sys.modules, "decord", decord)

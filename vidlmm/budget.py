@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .analysis import query_group_spans, zero_mask
+from .analysis.zeroing import query_group_spans, zero_mask
 
 
 @dataclass(frozen=True)
