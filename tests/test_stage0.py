@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from train import stage0 as S
 from train.world import WorldConfig, generate_world, load_clips, render_clip, timeline
 from vidlmm.conversation import IMAGE_TOKEN_INDEX, build_prompt, tokenizer_image_token
+from vidlmm.evaluate import SUFFIX
 from vidlmm.preprocess import ImageProcessor
 from vidlmm.tokenizer import EOS_TOKEN, load_tokenizer
 
@@ -105,7 +106,7 @@ def test_text_is_rendered_like_stage_two_without_the_video(stage0, world):
 
     clips = load_clips(world)
     convs = S.mc_conversations(clips["train"][:4], seed=0)
-    assert convs and all(c[0][0].endswith(S.SUFFIX) for c in convs)
+    assert convs and all(c[0][0].endswith(SUFFIX) for c in convs)
     for (question, answer), in convs:
         assert answer[0] not in "(" and f". {answer}\n" in question or f") {answer}\n" in question
     # template strings are compact
@@ -175,6 +176,7 @@ def test_single_object_annotations_ask_the_lone_objects_colour_and_shape(world, 
 def test_one_mc_question_per_clip_still_asks_both_categories(world, tmp_path):
     """Stage 2's MC records (per_clip=1) alternate static and temporal, like the held-out set (half each)."""
     from train import world as W
+    from train.world import text as WT
     from train.stage0 import write_mc_annotations
 
     records = json.loads(write_mc_annotations(world, tmp_path / "mc1.json", seed=0, per_clip=1).read_text())
@@ -183,7 +185,7 @@ def test_one_mc_question_per_clip_still_asks_both_categories(world, tmp_path):
     categories = []
     for r in records:
         spec = specs[r["id"].rsplit("_mc", 1)[0]]
-        kind = {t: q.category for q in W._question_pool(spec, np.random.default_rng(0)) for t in q.texts}
+        kind = {t: q.category for q in WT._question_pool(spec, np.random.default_rng(0)) for t in q.texts}
         categories.append(kind[r["conversations"][0]["value"].splitlines()[1]])
     assert categories[0::2] == ["static"] * len(categories[0::2])
     assert categories[1::2] == ["temporal"] * len(categories[1::2])

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from train import world as W
+from train.world import text as WT
 from train.world import (COLOURS, SHAPES, ClipSpec, WorldConfig, generate_world, load_clips, mc_items, option_text,
                          qa_turns, render_clip, sample_clip, timeline, world_corpus, write_clip)
 from vidlmm.video import FrameSampling, read_video
@@ -185,7 +186,7 @@ def test_annotation_format(worlds):
 def test_qa_mixes_static_and_temporal(specs):
     cats = Counter()
     for spec in specs[:100]:
-        turns = W._qa_select(spec, np.random.default_rng(0), 2, 4)
+        turns = WT._qa_select(spec, np.random.default_rng(0), 2, 4)
         assert 2 <= len(turns) <= 4 and len({q.type for q, _ in turns}) == len(turns)
         cats.update({q.category for q, _ in turns})
         assert qa_turns(spec, np.random.default_rng(0)) == [(t, q.answer + ".") for q, t in turns]

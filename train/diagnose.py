@@ -122,7 +122,7 @@ def context_reading(llm_dir: Path, world_dir: Path, limit: int = 64, seed: int =
 
     model = AutoModelForCausalLM.from_pretrained(llm_dir).eval()
     tokenizer = load_tokenizer(llm_dir)
-    _, held, _ = stage0._split_clips(world_dir)  # noqa: SLF001 - the clips stage 0 kept out of LM training
+    _, held, _ = stage0.split_clips(world_dir)  # the clips stage 0 kept out of LM training
     held = held[:limit]
     captions = [tokenizer(world.caption(spec, np.random.default_rng([seed, k])), add_special_tokens=False)
                 ["input_ids"] for k, spec in enumerate(held)]
@@ -140,8 +140,8 @@ def context_reading(llm_dir: Path, world_dir: Path, limit: int = 64, seed: int =
     with_caption = [c for c in stage0.context_conversations(held, seed + 1, per_clip=1) if SUFFIX in c[0][0]]
     return {"static_qa": static_lookup(model, tokenizer, held, seed), "clips": len(held),
             "caption_loss_own_caption_before": own, "caption_loss_other_caption_before": other,
-            "mc_without_context": stage0._mc_check(model, tokenizer, stage0.mc_conversations(held, seed + 1)),  # noqa: SLF001
-            "mc_with_caption": stage0._mc_check(model, tokenizer, with_caption)}  # noqa: SLF001
+            "mc_without_context": stage0.mc_check(model, tokenizer, stage0.mc_conversations(held, seed + 1)),
+            "mc_with_caption": stage0.mc_check(model, tokenizer, with_caption)}
 
 
 LOOKUP_TYPES = ("colour", "shape", "exists", "count")

@@ -1,0 +1,151 @@
+"""The language model: a Qwen2-architecture causal LM pretrained on the world's training text
+(`pretrain_llm`), with its validation loss and multiple-choice check."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vidlmm.conversation import IMAGE_TOKEN_INDEX, build_prompt, tokenizer_image_token
+from vidlmm.evaluate import SUFFIX
+from vidlmm.tokenizer import EOS_TOKEN, load_tokenizer
+
+from .common import TEMPLATE, _count_params, _fit, split_clips
+from .text import context_conversations, conversation_ids, mc_conversations, restatement_ids, world_conversations
+
+
+def _lm_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)] = torch.tensor(s)
+        mask[r, :len(s)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return ids, mask, labels
+
+
+@torch.no_grad()
+def _lm_eval_loss(model, seqs: list[list[int]], pad_id: int, batch_size: int = 32) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(seqs), batch_size):
+        ids, mask, labels = _lm_batch(seqs[i:i + batch_size], pad_id)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        target = labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+        total += float(loss)
+        count += int((target != -100).sum())
+    model.train()
+    return total / max(count, 1)
+
+
+_OPTION_LINE = re.compile(r"^(?:\(([A-D])\)|([A-D])\.) (.+)$")
+
+
+@torch.no_grad()
+def greedy_reply(model, tokenizer, question: str, max_new_tokens: int = 12) -> str:
+    """The LM's greedy reply to one user turn in the stage-2 template, without a video."""
+    eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    ids = [i for i in tokenizer_image_token(build_prompt(TEMPLATE, [(question, None)]), tokenizer)
+           if i != IMAGE_TOKEN_INDEX]
+    reply: list[int] = []
+    for _ in range(max_new_tokens):
+        nxt = int(model(input_ids=torch.tensor([ids + reply])).logits[0, -1].argmax())
+        if nxt == eos:
+            break
+        reply.append(nxt)
+    return tokenizer.decode(reply)
+
+
+def mc_check(model, tokenizer, convs: list, limit: int = 200, max_new_tokens: int = 12) -> dict:
+    """Held-out MC prompts (generation prompt, no video): the greedy reply parsed as the evaluation parses it
+    (`vidlmm.evaluate.parse_choice`). ``parsed_rate``: replies that name an option; ``accuracy_no_video``: the
+    right one (text priors only without a video or caption: near chance, 0.25, is expected)."""
+    from vidlmm.evaluate import parse_choice
+
+    parsed = right = n = 0
+    for conv in convs[:limit]:
+        (question, answer), = conv
+        options = [m.groups() for m in map(_OPTION_LINE.match, question.splitlines()) if m]
+        letters, texts = [a or b for a, b, _ in options], [t for _, _, t in options]
+        choice = parse_choice(greedy_reply(model, tokenizer, question, max_new_tokens), texts, letters)
+        gold = letters[texts.index(answer)] if answer in texts else answer.lstrip("(")[:1]
+        parsed += choice is not None
+        right += choice == gold
+        n += 1
+    return {"parsed_rate": parsed / max(n, 1), "accuracy_no_video": right / max(n, 1), "items": n}
+
+
+def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, layers: int = 4, heads: int = 4,
+                 kv_heads: int = 2, intermediate: int = 384, steps: int = 1400, batch_size: int = 32,
+                 lr: float = 2e-3, seed: int = 0, variants: int = 3, context_per_clip: int = 2,
+                 restatements: int = 2, weight_decay: float = 0.05, max_length: int = 512, init_std: float = 0.02,
+                 progress: bool = True) -> dict:
+    """Train a Qwen2ForCausalLM on the world's training text and save it (with the tokenizer) to ``out_dir``.
+
+    ``init_std`` is the config's ``initializer_range`` (every Linear and the embeddings ~ N(0, init_std)). Qwen2's
+    0.02 is made for width 2048+; at width 128 it leaves query-key logits near zero, attention uniform, and the model
+    on a long plateau where it learns token statistics but no lookup: it counts the objects of a caption yet cannot
+    find the colour of a named one. About 1/sqrt(width) (0.1 here) lets it leave that plateau: with the caption in
+    front, colour of a named object 18 -> 46 of 108 and shape 40 -> 82 of 154 (`python -m train.diagnose context`,
+    static_qa; `diagnose recall` shows the plateau on abstract tokens). The connector of stages 1-2 is initialised with the same value,
+    as the reference initialises it with the LLM's initializer_range."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(tokenizer_dir)
+    eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    fit, held, _ = split_clips(world_dir)
+    train_convs = (world_conversations(world_dir, fit, seed, variants=variants) + mc_conversations(fit, seed)
+                   + (context_conversations(fit, seed, per_clip=context_per_clip) if context_per_clip else []))
+    val_convs = world_conversations(world_dir, held, seed) + mc_conversations(held, seed + 1)
+    train = [conversation_ids(c, tokenizer)[:max_length] for c in train_convs]
+    for r in range(restatements):
+        train += [ids[:max_length] for ids in restatement_ids(fit, tokenizer, seed + 100 * r)]
+    val = [conversation_ids(c, tokenizer)[:max_length] for c in val_convs]
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=eos, eos_token_id=eos,
+                         pad_token_id=eos, use_sliding_window=False, initializer_range=init_std)
+    model = Qwen2ForCausalLM(config)
+    model.train()
+    rng = np.random.default_rng([seed, 1])
+    order: list[int] = []
+    val_before = _lm_eval_loss(model, val, eos) if val else float("nan")
+
+    def next_loss():
+        nonlocal order
+        if len(order) < batch_size:
+            order += rng.permutation(len(train)).tolist()
+        batch, order = [train[i] for i in order[:batch_size]], order[batch_size:]
+        ids, mask, labels = _lm_batch(batch, eos)
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    losses = _fit(model, next_loss, steps=steps, lr=lr, weight_decay=weight_decay, desc="llm", progress=progress)
+    model.eval()
+    val_after = _lm_eval_loss(model, val, eos) if val else float("nan")
+    mc = mc_check(model, tokenizer, mc_conversations(held, seed + 1))
+    if context_per_clip:  # the same check with the clip's caption where the video goes: can it read a context?
+        with_caption = [c for c in context_conversations(held, seed + 1, per_clip=1) if SUFFIX in c[0][0]]
+        mc["accuracy_with_caption"] = mc_check(model, tokenizer, with_caption)["accuracy_no_video"]
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    for f in Path(tokenizer_dir).iterdir():
+        if f.is_file():
+            shutil.copy2(f, out / f.name)
+    tail = max(1, min(20, len(losses) // 5))
+    return {"params": _count_params(model), "vocab": len(tokenizer), "steps": steps, "batch_size": batch_size,
+            "train_sequences": len(train), "train_tokens": int(sum(map(len, train))),
+            "first_loss": losses[0], "final_loss": float(np.mean(losses[-tail:])),
+            "val_loss_init": val_before, "val_loss": val_after, "mc_check": mc, "seconds": time.perf_counter() - t0}

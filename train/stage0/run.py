@@ -1,0 +1,101 @@
+"""Stage 0 from end to end (`run_stage0`), its summary and `python -m train.stage0`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .common import BUDGETS
+from .lm import pretrain_llm
+from .text import build_tokenizer, tokenizer_report
+from .tower import pretrain_vision
+
+
+def run_stage0(world_dir, out_dir, *, budget: str = "full", seed: int = 0, progress: bool = True) -> dict:
+    """Tokenizer -> LLM -> vision tower into ``out_dir/{tokenizer,llm,vision,siglip}``; returns and saves stats."""
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, not {budget!r}")
+    b = BUDGETS[budget]
+    threads = torch.get_num_threads()
+    if b.get("threads"):
+        torch.set_num_threads(b["threads"])
+    try:
+        return _run_stage0(world_dir, Path(out_dir), b, budget, seed, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_stage0(world_dir, out: Path, b: dict, budget: str, seed: int, progress: bool) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    tok = build_tokenizer(world_dir, out / "tokenizer", b["vocab_size"], seed=seed)
+    stats = {"budget": budget, "seed": seed, "world": str(world_dir), "tokenizer": tokenizer_report(tok),
+             "threads": torch.get_num_threads()}
+    stats["tokenizer"]["seconds"] = time.perf_counter() - t0
+    if progress:
+        print(f"tokenizer: {stats['tokenizer']}", file=sys.stderr, flush=True)
+    stats["llm"] = pretrain_llm(world_dir, out / "tokenizer", out / "llm", seed=seed, progress=progress, **b["llm"])
+    stats["vision"] = pretrain_vision(world_dir, out / "vision", seed=seed, progress=progress,
+                                      siglip_dir=out / "siglip", **b["vision"])
+    stats["seconds"] = time.perf_counter() - t0
+    (out / "stage0.json").write_text(json.dumps(stats, indent=1) + "\n")
+    return stats
+
+
+def format_summary(stats: dict) -> str:
+    tk, lm, vi = stats["tokenizer"], stats["llm"], stats["vision"]
+    lines = [
+        f"stage 0 ({stats['budget']}, seed {stats['seed']}, {stats['threads']} threads): {stats['seconds']:.0f} s",
+        f"tokenizer: vocab {tk['vocab']}; tokens: system {tk['system']}, 'USER: ' {tk['USER: ']}, "
+        f"' ASSISTANT:' {tk[' ASSISTANT:']}, MC suffix {tk['mc_suffix']}, '(A) Red' {tk['(A) Red']} "
+        f"({tk['seconds']:.1f} s)",
+        f"llm: {lm['params'] / 1e6:.2f} M params, {lm['steps']} steps x {lm['batch_size']} seqs "
+        f"({lm['train_sequences']} sequences, {lm['train_tokens'] / 1e6:.2f} M tokens), loss {lm['first_loss']:.3f} -> "
+        f"{lm['final_loss']:.3f}, held-out {lm['val_loss_init']:.3f} -> {lm['val_loss']:.3f} ({lm['seconds']:.0f} s); "
+        f"held-out MC prompts without video: replies naming an option {lm['mc_check']['parsed_rate']:.2f}, right "
+        f"{lm['mc_check']['accuracy_no_video']:.2f} (chance 0.25)"
+        + (f", with the caption in the video's place {lm['mc_check']['accuracy_with_caption']:.2f}"
+           if "accuracy_with_caption" in lm["mc_check"] else ""),
+        f"vision: {vi['params'] / 1e6:.2f} M params, {vi['tokens_per_frame']} tokens/frame, {vi['steps']} steps x "
+        f"{vi['batch_size']} frames, sigmoid loss {vi['first_loss']:.3f} -> {vi['final_loss']:.3f} "
+        f"({vi['seconds']:.0f} s, data {vi['data_seconds']:.0f} s)",
+    ]
+    if vi.get("retrieval"):
+        r = vi["retrieval"]
+        lines.append(f"retrieval on eval frames (batch {r['batch']}, chance {r['chance']:.3f}): image->text "
+                     f"{r['image_to_text_top1']:.3f}, text->image {r['text_to_image_top1']:.3f}; own description "
+                     f"above a one-change hard negative {r['own_vs_hard_negative']:.3f} (chance 0.5)")
+    if vi.get("patch_classes"):
+        d = vi["patch_classes"]
+        lines.append(f"patch (colour, shape) head on eval frames: object patches {d['object_patches']:.3f}, "
+                     f"background {d['background']:.3f}")
+    if vi.get("probe"):
+        for kind in ("flat", "mean"):
+            pi, pf = vi["probe_init"][kind], vi["probe"][kind]
+            lines.append(f"linear probe ({kind} layer -2 patches), eval frames, untrained -> trained tower: "
+                         + ", ".join(f"{k} {pi[k]:.2f}->{pf[k]:.2f}" for k in pf))
+    return "\n".join(lines)
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    summary = sys.modules[__package__].__doc__.split("\n\n")[0]  # the package's docstring
+    p = argparse.ArgumentParser(prog="python -m train.stage0", description=summary)
+    p.add_argument("--world", required=True, help="a world folder written by `python -m train.world`")
+    p.add_argument("--out", required=True, help="output folder (tokenizer/, llm/, vision/, siglip/, stage0.json)")
+    p.add_argument("--smoke", action="store_true", help="tiny models, a few steps (seconds; for tests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    a = p.parse_args(None if argv is None else list(argv))
+    if a.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    stats = run_stage0(a.world, a.out, budget="smoke" if a.smoke else "full", seed=a.seed, progress=not a.quiet)
+    print(format_summary(stats))
+    return 0

@@ -1,0 +1,214 @@
+"""Stage 0's text: the conversations and multiple-choice prompts the LM is trained on (rendered as stage 2
+renders them) and the BPE tokenizer built for them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from train import world as W
+from vidlmm.conversation import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, build_prompt, get_template, tokenizer_image_token
+from vidlmm.evaluate import SUFFIX, MCItem, build_mc_question
+from vidlmm.tokenizer import EOS_TOKEN, build_bpe_tokenizer
+
+from .common import MC_STYLES, TEMPLATE, split_clips
+
+
+def template_strings() -> list[str]:
+    """The fixed strings every stage-2 / eval prompt is made of (qwen2_base template and the MC prompt pieces)."""
+    t = get_template(TEMPLATE)
+    letters = "ABCD"
+    return [
+        t.system,
+        "USER: ",
+        " ASSISTANT:",
+        "ASSISTANT: ",
+        EOS_TOKEN,
+        SUFFIX,
+        "\n".join(f"({c}) Red" for c in letters),
+        "\n".join(f"{c}. Red" for c in letters),
+        " ".join(f"({c})" for c in letters),
+        " ".join(f"{c}." for c in letters),
+    ]
+
+
+def _mc_item(d: dict) -> MCItem:
+    return MCItem(id=d["id"], video=d["video"], question=d["question"],
+                  options=[W.option_text(o) for o in d["options"]], letters=list("ABCD"), answer_letter=d["answer"],
+                  category=d.get("category", "all"))
+
+
+def _mc_answer(item: MCItem) -> str:
+    """The correct option's text ("Red"), which `vidlmm.evaluate.parse_choice` reads as that option, as the
+    reference's parser does. Not the letter: a 0.9 M-parameter LM does not learn to bind an option's text to its
+    letter in this budget (`python -m train.diagnose context`: 29.7 % right with letter answers even with the
+    clip's caption in context; one constant letter after stage 2), while answering with the content is the same
+    skill as open-ended QA."""
+    return item.answer_text
+
+
+def _mc_prompts(spec, rng: np.random.Generator, per_clip: int, first: str = "static"):
+    """(MC item, its prompt in a random evaluation style) for `per_clip` of the clip's questions."""
+    for d in W.mc_items(spec, rng, n=per_clip, first=first):
+        item = _mc_item(d)
+        yield item, build_mc_question(item, MC_STYLES[int(rng.integers(len(MC_STYLES)))])
+
+
+def mc_conversations(specs: Iterable, seed: int, *, per_clip: int = 2,
+                     first: str = "static") -> list[list[tuple[str, str]]]:
+    """Multiple-choice (question, answer) conversations of the given clips (pass TRAINING clips only), in both
+    evaluation prompt styles, built with the world's own MC generator and :func:`vidlmm.evaluate.build_mc_question`.
+    Each clip's first question is of category ``first`` (static or temporal), its second of the other."""
+    convs = []
+    for k, spec in enumerate(specs):
+        rng = np.random.default_rng([seed, 7, k])
+        convs += [[(prompt, _mc_answer(item))] for item, prompt in _mc_prompts(spec, rng, per_clip, first)]
+    return convs
+
+
+def write_mc_annotations(world_dir, out_file, *, seed: int = 0, per_clip: int = 3) -> Path:
+    """Multiple-choice QA on every TRAINING clip in the reference annotation format (``<image>`` first), for
+    stage 2: the paper's mix has multiple-choice QA beside open-ended QA, and the held-out set is multiple-choice.
+    Clips alternate which category comes first, so that even ``per_clip=1`` asks static and temporal questions
+    (half each), as the held-out set does (with static first everywhere, a model never saw a temporal question with
+    options and answered "Which object moves?" with a colour)."""
+    train = W.load_clips(world_dir)["train"]
+    records = []
+    for n, spec in enumerate(train):
+        # a seed per clip (not the LM's: these draws are new questions and letter orders for the same clips)
+        for k, ((question, answer),) in enumerate(mc_conversations([spec], seed=1_000_003 * (seed + 1) + n,
+                                                                  per_clip=per_clip,
+                                                                  first=("static", "temporal")[n % 2])):
+            records.append({"id": f"{spec.id}_mc{k}", "video": f"videos/{spec.id}.mp4",
+                            "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"},
+                                              {"from": "gpt", "value": answer}]})
+    out_file = Path(out_file)
+    out_file.write_text(json.dumps(records, indent=1))
+    return out_file
+
+
+def write_single_object_annotations(world_dir, out_file, *, seed: int = 0) -> Path:
+    """Single-turn colour and shape questions about the TRAINING clips that show one object, for stage 2.
+
+    In the world's QA mix a single object's colour or shape is a small share of the answers, most of them about
+    clips with several objects. These records put the easy case (nothing to bind: one object) in the mix, so
+    reading colour and shape off the visual tokens can start there (`build_embedded --single-object-qa`; its
+    measured effect, on group before the init fix and on pool now, is in the README)."""
+    rng = np.random.default_rng([seed, 29])
+    records = []
+    for spec in W.load_clips(world_dir)["train"]:
+        if len(spec.objects) != 1:
+            continue
+        for q, question in W.asked_questions(spec, rng, ("colour", "shape")):
+            records.append({"id": f"{spec.id}_{q.key}", "video": f"videos/{spec.id}.mp4",
+                            "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"},
+                                              {"from": "gpt", "value": f"{q.answer}."}]})
+    out_file = Path(out_file)
+    out_file.write_text(json.dumps(records, indent=1))
+    return out_file
+
+
+def _record_pairs(record: dict) -> list[tuple[str, str]]:
+    conv = record["conversations"]
+    return [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv), 2)]
+
+
+def world_conversations(world_dir, specs: list, seed: int, *, variants: int = 0) -> list[list[tuple[str, str]]]:
+    """Caption and QA conversations of ``specs`` (training clips): the world's own records (captions.json,
+    qa.json) plus ``variants`` more caption and QA draws per clip from the world's public text generators."""
+    ids = {s.id for s in specs}
+    root = Path(world_dir)
+    convs = []
+    for name in ("captions.json", "qa.json"):
+        for rec in json.loads((root / name).read_text()):
+            if rec["id"] in ids:
+                convs.append(_record_pairs(rec))
+    cfg = _world_config(world_dir)
+    for k, spec in enumerate(specs):
+        for v in range(variants):
+            rng = np.random.default_rng([seed, 11, k, v])
+            prompt = W.CAPTION_PROMPTS[int(rng.integers(len(W.CAPTION_PROMPTS)))]
+            convs.append([(prompt, W.caption(spec, rng))])
+            convs.append(W.qa_turns(spec, rng, min_turns=cfg.min_turns, max_turns=cfg.max_turns))
+    return convs
+
+
+def context_conversations(specs: Iterable, seed: int, *, per_clip: int = 2) -> list[list[tuple[str, str]]]:
+    """Reading-comprehension conversations of the given (TRAINING) clips: a caption of the clip stands where stage 2
+    puts the video (right after ``USER: ``), then a multiple-choice or open question about the clip.
+
+    A pretrained LLM arrives knowing how to answer from its context; ours learns it here, so that stage 2 only has
+    to teach it to read the video the way it reads a caption, not also how to pick an option letter."""
+    convs = []
+    for k, spec in enumerate(specs):
+        rng = np.random.default_rng([seed, 13, k])
+        for item, prompt in _mc_prompts(spec, rng, per_clip):  # a caption drawn after each prompt, as before
+            convs.append([(f"{W.caption(spec, rng)}\n{prompt}", _mc_answer(item))])
+        turns = W.qa_turns(spec, rng, min_turns=1, max_turns=2)
+        convs.append([(f"{W.caption(spec, rng)}\n{turns[0][0]}", turns[0][1]), *turns[1:]])
+    return convs
+
+
+def restatement_ids(specs: Iterable, tokenizer, seed: int) -> list[list[int]]:
+    """Stage 1's layout (``pretrain`` template: the video, then its caption and eos) with a caption in the video's
+    place: ``caption_1 caption_2 <|endoftext|>``, where caption_2 is the same caption (half of the time) or another
+    draw for the same clip (same facts, other words). Predicting caption_2 needs reading caption_1: this is what
+    teaches the LM to take facts from its context (induction / copying), which a pretrained LLM brings to stage 1
+    and which soft visual tokens can only steer if it is there. (`python -m train.diagnose context`: an LM trained
+    on conversations alone scored a caption 3.36 after its own caption and 3.29 after another clip's; with these
+    sequences 0.77 and 1.24.)"""
+    eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    seqs = []
+    for k, spec in enumerate(specs):
+        rng = np.random.default_rng([seed, 17, k])
+        first = W.caption(spec, rng)
+        second = first if rng.random() < 0.5 else W.caption(spec, rng)
+        seqs.append(tokenizer(first, add_special_tokens=False)["input_ids"]
+                    + tokenizer(second, add_special_tokens=False)["input_ids"] + [eos])
+    return seqs
+
+
+def _world_config(world_dir) -> W.WorldConfig:
+    path = Path(world_dir) / "world.json"
+    if not path.is_file():
+        return W.WorldConfig()
+    raw = json.loads(path.read_text()).get("config", {})
+    known = set(W.WorldConfig.__dataclass_fields__)
+    return W.WorldConfig(**{k: v for k, v in raw.items() if k in known})
+
+
+def render_conversation(pairs: list[tuple[str, str]]) -> str:
+    """The stage-2 training string (qwen2_base, answers closed by <|endoftext|>) with its ``<image>`` slot."""
+    return build_prompt(TEMPLATE, pairs, add_generation_prompt=False)
+
+
+def conversation_ids(pairs: list[tuple[str, str]], tokenizer) -> list[int]:
+    """Token ids as stage 2 sees them, minus the video: pieces around ``<image>`` tokenized separately."""
+    return [i for i in tokenizer_image_token(render_conversation(pairs), tokenizer) if i != IMAGE_TOKEN_INDEX]
+
+
+def build_tokenizer(world_dir, out_dir, vocab_size: int = 512, *, seed: int = 0):
+    """Train the world's BPE tokenizer (Qwen2 pre-tokenization, hub layout) into ``out_dir`` and return it loaded.
+
+    Corpus: the world's training text (:func:`train.world.world_corpus`), MC prompts of training clips, and the
+    template strings repeated as often as they occur in training sequences (so they get merged early)."""
+    fit, held, _ = split_clips(world_dir)
+    corpus = [t.replace(IMAGE_TOKEN, "") for t in W.world_corpus(world_dir)]
+    mc = mc_conversations(fit + held, seed)
+    corpus += [q + " " + a for conv in mc for q, a in conv]
+    weight = max(1, len(corpus))
+    corpus += template_strings() * weight
+    return build_bpe_tokenizer(corpus, vocab_size, out_dir, layout="hub")
+
+
+def tokenizer_report(tokenizer) -> dict:
+    """Tokens per template piece (what 'compact' means here)."""
+    def n(s):
+        return len(tokenizer(s, add_special_tokens=False)["input_ids"])
+
+    t = get_template(TEMPLATE)
+    return {"vocab": len(tokenizer), "system": n(t.system), "USER: ": n("USER: "), " ASSISTANT:": n(" ASSISTANT:"),
+            "eos": n(EOS_TOKEN), "mc_suffix": n(SUFFIX), "(A) Red": n("(A) Red"), "A. Red": n("A. Red")}
