@@ -1,6 +1,7 @@
 """The Gradio app: `build_app(config)` returns (demo, service); `main(argv)` builds and launches it.
 
-Layout and callbacks are in `ui.py`, what they do in `service.py` (no Gradio there), settings in `config.py`.
+Layout and wiring are in `ui.py`, the callbacks in `handlers.py`, what they do in `service.py` (no Gradio there),
+settings in `config.py`.
 Heavy imports (gradio, torch, transformers) happen in `build_app` / on first use, so `import app` is cheap.
 """
 
