@@ -410,7 +410,8 @@ class Service:
                     if isinstance(item, AskResult):
                         result = item
                 loaded, lmm = self.lmm(session, name, job)
-                if connector_class(loaded.connector).picture_kind:  # compressors have no attention maps to draw: their picture
+                # compressors have no attention maps to draw: their picture
+                if connector_class(loaded.connector).picture_kind:
                     job.report((k + 0.6) / len(models), f"{name}: picture")
                     picture, _ = _picture_gpu(lmm, path, self._analysis_sampling(sampling, lmm))
                     figure, kind = plot_connector_picture(picture), "picture"
