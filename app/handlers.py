@@ -37,6 +37,16 @@ def _progress(progress):
     return lambda fraction, text: progress(fraction, desc=text)
 
 
+def _figure_job(work, progress, outputs: int):
+    """Run `work(job)` through `relay` (cancelled, with the model slot freed, when the client goes away); each
+    heartbeat yields a no-change update of the event's `outputs` outputs. Returns what `work` returned."""
+    out = None
+    for out in relay(work, _progress(progress)):
+        if out is HEARTBEAT:
+            yield (gr.skip(),) * outputs
+    return out
+
+
 def _ask_job(service: Service, session, video, question, model, settings: dict, job):
     return service.ask(session, video, question, model=model, job=job, **settings)
 
@@ -274,11 +284,8 @@ class Handlers:
                             group=self.limits.index(group, "The group", "group"), log_scale=bool(log_scale),
                             fmt=fmt, dpi=dpi,
                             sampling=self.attention_sampling(mode, num_frames, fps, max_frames))
-            out = None
-            for out in relay(lambda job: self.service.attention(session, video, job=job, **settings),
-                             _progress(progress)):
-                if out is HEARTBEAT:
-                    yield (gr.skip(),) * 7
+            work = lambda job: self.service.attention(session, video, job=job, **settings)  # noqa: E731
+            out = yield from _figure_job(work, progress, 7)
         except Exception as err:  # noqa: BLE001
             raise user_error(err) from None
         im = out.images
@@ -293,11 +300,8 @@ class Handlers:
             fmt, dpi = self.limits.figure(fmt, dpi)
             settings = dict(model=model, frames=frames, fmt=fmt, dpi=dpi,
                             sampling=self.attention_sampling(mode, num_frames, fps, max_frames))
-            out = None
-            for out in relay(lambda job: self.service.picture(session, video, job=job, **settings),
-                             _progress(progress)):
-                if out is HEARTBEAT:
-                    yield (gr.skip(),) * 4
+            work = lambda job: self.service.picture(session, video, job=job, **settings)  # noqa: E731
+            out = yield from _figure_job(work, progress, 4)
         except Exception as err:  # noqa: BLE001
             raise user_error(err) from None
         yield session, str(out.images["picture"]), out.data, [str(p) for p in out.downloads]
@@ -312,11 +316,8 @@ class Handlers:
             settings = dict(models=models, source=source, fractions=fractions, strategies=strategies,
                             seeds=seeds, max_items=max_items, fmt=fmt, dpi=dpi,
                             sampling=self.sampling_of(mode, num_frames, fps, max_frames))
-            out = None
-            for out in relay(lambda job: self.service.redundancy(session, video, question, job=job, **settings),
-                             _progress(progress)):
-                if out is HEARTBEAT:
-                    yield (gr.skip(),) * 4
+            work = lambda job: self.service.redundancy(session, video, question, job=job, **settings)  # noqa: E731
+            out = yield from _figure_job(work, progress, 4)
         except Exception as err:  # noqa: BLE001
             raise user_error(err) from None
         yield session, str(out.images["zeroing"]), out.data, [str(p) for p in out.downloads]
@@ -332,11 +333,8 @@ class Handlers:
             settings = dict(models=models, fmt=fmt, dpi=dpi,
                             sampling=self.attention_sampling(mode, num_frames, fps, max_frames),
                             generation=self.generation_of(do_sample, temperature, top_p, max_new_tokens, seed))
-            out = None
-            for out in relay(lambda job: self.service.compare(session, video, question, job=job, **settings),
-                             _progress(progress)):
-                if out is HEARTBEAT:
-                    yield (gr.skip(),) * 5
+            work = lambda job: self.service.compare(session, video, question, job=job, **settings)  # noqa: E731
+            out = yield from _figure_job(work, progress, 5)
         except Exception as err:  # noqa: BLE001
             raise user_error(err) from None
         yield (session, compare_table(out.data["rows"]), [(str(p), name) for name, p in out.images],

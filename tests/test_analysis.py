@@ -66,6 +66,7 @@ def test_shapes_and_metadata(maps):
     assert m.grid == (4, 4) and m.tokens.shape == (64, 64)
     assert m.connector_type == "groupresampler" and m.group_spans == [(0, 60), (60, 120), (120, 180), (180, 240)]
     assert m.layer().shape == (64, 240) and m.layer(0, head=3).shape == (64, 240)
+    assert np.array_equal(m.layer(0, head=0), m.media[0, 0])  # head 0 is a head
     assert m.spatial().shape == (16, 4, 4) and m.temporal_profile().shape == (4, 16)
     # the tower's square view of each frame, drawn at the source's 96x72 shape (SigLIP squashes the whole frame)
     assert m.frames.shape[1:] == (56, 56, 3) and m.frame_aspect == pytest.approx(96 / 72)
@@ -428,6 +429,12 @@ def test_token_budget_matches_the_models(lmms, tiny_checkpoints):
     kv_width = text["num_key_value_heads"] * (text["hidden_size"] // text["num_attention_heads"])
     assert row["kv_cache_mib"] == pytest.approx(2 * text["num_hidden_layers"] * row["sequence_length"] * kv_width * 2
                                                 / 2**20)
+    # prefill: 2 x non-embedding parameters x tokens + causal attention + the LM head, parameters by hand
+    h, layers, inter = text["hidden_size"], text["num_hidden_layers"], text["intermediate_size"]
+    per_layer = 2 * h * h + 2 * h * kv_width + 3 * h * inter  # q, o; k, v; gate, up, down
+    n = row["sequence_length"]
+    flops = 2 * per_layer * layers * n + 2 * layers * n**2 * h + 2 * h * text["vocab_size"]
+    assert row["prefill_gflops"] == pytest.approx(flops / 1e9)
     variants = token_budget(connector_variants(lmms["group"].model.config), frames=(16,))
     assert [r["visual_tokens"] for r in variants.rows] == [64, 64, 64, 16 * 15]
     json.dumps(budget.to_json(), allow_nan=False)

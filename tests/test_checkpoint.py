@@ -66,7 +66,8 @@ def test_published_key_names(tiny_checkpoints):
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
     generation = json.loads((folder / "generation_config.json").read_text())
     config = json.loads((folder / "config.json").read_text())
-    assert generation["eos_token_id"] == config["text_config"]["eos_token_id"] and "bos_token_id" in generation
+    assert generation["eos_token_id"] == config["text_config"]["eos_token_id"]
+    assert generation["bos_token_id"] == config["text_config"].get("bos_token_id", generation["eos_token_id"])
     model = load_model(folder)
     lm = model.language_model
     assert lm.lm_head.weight.data_ptr() == lm.get_input_embeddings().weight.data_ptr()

@@ -58,6 +58,10 @@ def test_image_level_resampler_matches_reference():
         ref = ref_image_level(state(module), x.reshape(1, 90, DV), 15)
     assert ours.shape == (1, 6 * 4, D)
     assert (ours - ref).abs().max().item() < 1e-5
+    with torch.no_grad():
+        out = module(x, output_attentions=True)
+    assert len(out.attentions) == 3 and out.attentions[0].media.shape == (1, 8, 24, 90)
+    assert torch.equal(out.tokens, ours)
 
 
 def test_registry_names_and_legacy_alias():

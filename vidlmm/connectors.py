@@ -198,6 +198,8 @@ class ConnectorModule(nn.Module):
             setattr(module, name, child)
         for name, param in self.named_parameters(recurse=False):
             setattr(module, name, replaced.get(name, param))
+        for name, buffer in self.named_buffers(recurse=False):
+            setattr(module, name, buffer)
         return module.train(self.training)
 
     def _budget_settings(self, *, groups, queries, frame_tokens, num_visual) -> tuple[dict, dict]:
