@@ -6,7 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-FIGURE_FORMATS = ("png", "svg", "pdf")
+from visualizations.io import FIGURE_FORMATS  # the one list of figure formats (limits and ui read it here)
+
 SHOW_DPI = 110
 
 

@@ -20,6 +20,7 @@ import gradio as gr
 from vidlmm.analysis import STRATEGIES
 
 from .config import EXAMPLES_DIR, AppConfig
+from .exports import FIGURE_FORMATS
 from .handlers import Handlers
 from .limits import MAX_PICTURE_FRAMES, RefusedInput
 from .models import distinct_models, has_picture, resampler_switch, switch_name_of
@@ -156,7 +157,7 @@ def _input_panel(service: Service, config: AppConfig) -> SimpleNamespace:
                                        label="Max new tokens")
             seed = gr.Number(0, precision=0, label="Seed (sampling)")
         with gr.Accordion("Downloads", open=False):
-            fmt = gr.Radio(["png", "svg", "pdf"], value="png", label="Figure format")
+            fmt = gr.Radio(list(FIGURE_FORMATS), value="png", label="Figure format")
             dpi = gr.Slider(72, config.max_dpi, value=min(150, config.max_dpi), step=1, label="DPI")
     return SimpleNamespace(video=video, model=model, local_folder=local_folder, resampler=resampler,
                            model_status=model_status, mode=mode, num_frames=num_frames, fps=fps,

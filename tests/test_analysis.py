@@ -442,3 +442,16 @@ def test_token_budget_matches_the_models(lmms, tiny_checkpoints):
         token_budget({}, frames=(1,))
     with pytest.raises(VidlmmError):
         token_budget({"x": 3.5})
+
+
+def test_generated_ids_are_cut_after_the_first_end_of_sequence_id(lmms):
+    """One owner of EOS trimming (batched answers and zeroing): the config's eos may be one id or a list."""
+    from types import SimpleNamespace
+
+    from vidlmm.model import TinyLlavaVideo
+
+    model = lmms["group"].model
+    eos = model.config.eos_token_id
+    assert model.trim_at_eos([5, eos, eos, eos]) == [5, eos] and model.trim_at_eos([5, 6]) == [5, 6]
+    several = SimpleNamespace(config=SimpleNamespace(eos_token_id=[7, 9]))
+    assert TinyLlavaVideo.trim_at_eos(several, [1, 9, 7, 2]) == [1, 9]

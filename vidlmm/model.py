@@ -192,6 +192,14 @@ class TinyLlavaVideo(nn.Module):
         gen.update(kwargs)
         return self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **gen)
 
+    def trim_at_eos(self, ids: list[int]) -> list[int]:
+        """Generated ids up to and including the first end-of-sequence id (the config's eos may be one id or a
+        list); what a batched `generate` pads a finished row with is dropped."""
+        eos = self.config.eos_token_id
+        ends = set(eos if isinstance(eos, (list, tuple)) else [eos])
+        cut = next((i for i, t in enumerate(ids) if t in ends), None)
+        return list(ids) if cut is None else list(ids[: cut + 1])
+
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per part: vision_tower, connector, language_model (tied weights counted once)."""
         return {name: sum(p.numel() for p in dict.fromkeys(getattr(self, name).parameters()))

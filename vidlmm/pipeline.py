@@ -242,11 +242,9 @@ class VideoLMM:
         embeds, mask, _ = self.model.build_inputs(ids, visual)
         with self._lock:
             out = self.model.generate(embeds, mask, **self._gen_kwargs(generation))
-        eos = self.model.config.eos_token_id
         answers = []
         for row, p, vis in zip(out.tolist(), prepared, visual):
-            if eos in row:
-                row = row[: row.index(eos) + 1]
+            row = self.model.trim_at_eos(row)
             text = clean_answer(self.model.tokenizer.decode(row, skip_special_tokens=True), self.template)
             answers.append(Answer(text, row, p.clip.indices.tolist(), p.clip.timestamps.tolist(),
                                   int(vis.tokens.shape[1]), {}))

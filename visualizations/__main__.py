@@ -21,7 +21,7 @@ from pathlib import Path
 
 from vidlmm.errors import VidlmmError
 
-FORMATS = ("png", "svg", "pdf")
+from .io import FIGURE_FORMATS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif video == "optional":
             p.add_argument("--video", help="video file")
         p.add_argument("--out", required=True, help="output folder")
-        p.add_argument("--formats", nargs="+", choices=FORMATS, default=["png"], help="figure formats")
+        p.add_argument("--formats", nargs="+", choices=FIGURE_FORMATS, default=["png"], help="figure formats")
         p.add_argument("--dpi", type=int, default=150)
         p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

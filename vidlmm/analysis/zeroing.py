@@ -243,13 +243,7 @@ def _greedy_batch(lmm: "VideoLMM", prompt_ids: list[int], visuals: list, max_new
     with torch.no_grad(), lmm.exclusive():
         embeds, mask, _ = model.build_inputs([list(prompt_ids)] * len(visuals), visuals)
         out = model.generate(embeds, mask, max_new_tokens=max_new_tokens, do_sample=False).tolist()
-    eos = model.config.eos_token_id
-    eos = set(eos if isinstance(eos, (list, tuple)) else [eos])
-    rows = []
-    for row in out:
-        cut = next((i for i, t in enumerate(row) if t in eos), None)
-        rows.append(row[: cut + 1] if cut is not None else row)
-    return rows
+    return [model.trim_at_eos(row) for row in out]
 
 
 def _decode(lmm: "VideoLMM", ids: list[int]) -> str:
