@@ -174,7 +174,7 @@ class Handlers:
             status += f" · runs in **{info['precision']['name']}**: {html.escape(info['precision']['reason'])}"
         group_update = gr.update(value=0, interactive=bool(info["groups"]),
                                  label=f"Groups (0 = checkpoint's {info['groups'] or '-'})")
-        query_update = gr.update(value=0, interactive=bool(info["queries"]), maximum=max(1, info["latents"]),
+        query_update = gr.update(value=0, interactive=bool(info["queries"]), maximum=max(1, info["queries"] or 0),
                                  label=f"Queries {info['queries_unit'] or ''} (0 = checkpoint's "
                                        f"{info['queries'] or '-'})")
         frame_update = gr.update(value=0, interactive=bool(info["frame_tokens"]),

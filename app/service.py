@@ -31,7 +31,7 @@ from .exports import export_data, export_figure, slug
 from .gpu import across, gpu, peak_memory, reset_peak_memory
 from .jobs import Job, ModelSlot
 from .limits import Limits, RefusedInput, UserError
-from .models import ModelPool, discover_models
+from .models import ModelPool, discover_models, has_picture
 from .session import Session, SessionCache
 
 TIMING_ORDER = ("decode", "preprocess", "vision", "connector", "prefill", "generation")
@@ -159,7 +159,6 @@ class Service:
         loaded = self.model(model)
         controls = loaded.lmm.model.connector.budget_controls()
         return {"connector": loaded.connector, **dataclasses.asdict(controls),
-                "latents": controls.queries or 0,  # the learned queries there are to choose from
                 "tokens_per_frame_in": loaded.lmm.model.vision_tower.tokens_per_frame,
                 "sampling": loaded.lmm.sampling, "precision": loaded.precision}
 
@@ -301,7 +300,6 @@ class Service:
         drawn over them (`visualizations.plot_connector_picture`), with its numbers and the output tokens'
         redundancy summary."""
         from vidlmm.analysis import to_jsonable
-        from vidlmm.connectors import connector_class
         from visualizations import picture_data, plot_connector_picture
 
         job = job or Job()
@@ -310,7 +308,7 @@ class Service:
         with self.slot.hold(job):
             job.report(0.05, "loading model")
             loaded, lmm = self.lmm(session, model, job)
-            if connector_class(loaded.connector).picture_kind is None:
+            if not has_picture(loaded.connector):
                 raise UserError(f"The '{loaded.connector}' connector has no picture of its own; its attention shows "
                                 "what it looks at.")
             job.report(0.2, "running the connector")
@@ -391,7 +389,6 @@ class Service:
                 generation=None, layer: int = -1, fmt: str = "png", dpi: int = 150, job: Job | None = None) -> FigureSet:
         """The same video and question through 1-3 models: answers, attention heatmaps (a per-frame compressor's
         picture instead), token counts, timings. Stops between models (and between tokens) once cancelled."""
-        from vidlmm.connectors import connector_class
         from visualizations import plot_attention_heatmap, plot_connector_picture
 
         job = job or Job()
@@ -411,7 +408,7 @@ class Service:
                         result = item
                 loaded, lmm = self.lmm(session, name, job)
                 # compressors have no attention maps to draw: their picture
-                if connector_class(loaded.connector).picture_kind:
+                if has_picture(loaded.connector):
                     job.report((k + 0.6) / len(models), f"{name}: picture")
                     picture, _ = _picture_gpu(lmm, path, self._analysis_sampling(sampling, lmm))
                     figure, kind = plot_connector_picture(picture), "picture"
