@@ -15,13 +15,13 @@ import pytest  # noqa: E402
 from tests.videos import make_moving_square_frames, write_video  # noqa: E402
 
 from vidlmm.tiny import write_tiny_checkpoint  # noqa: E402
-from vidlmm.video import _import_decord  # noqa: E402
+from vidlmm.decoders import import_decord  # noqa: E402
 
 # decord loaded the way vidlmm loads it (its FFmpeg kept out of the global symbol scope), before any test or the
 # parity reference imports it directly: loaded globally, it breaks every later libvpx encoder in the process
 # (OpenCV's VP80 writer in tests/videos.py), so test files would pass or fail by the order they run in
 try:
-    _import_decord()
+    import_decord()
 except ImportError:  # decord is optional: read_video falls back to PyAV / OpenCV
     pass
 

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # module -> the test files that exercise it
 CORE = {
     "video": ["tests/test_video.py"],
+    "decoders": ["tests/test_video.py"],
     "connectors": ["tests/test_connectors.py"],
     "compressors": ["tests/test_compressors.py"],
     "checkpoint": ["tests/test_checkpoint.py", "tests/test_published_layout.py"],

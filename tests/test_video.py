@@ -486,13 +486,13 @@ def test_a_transform_that_changes_shape_is_a_bug_not_a_bad_file(clips):
 
 
 def test_decord_is_imported_on_first_use(monkeypatch):
-    """`_import_decord` imports decord when no one has (conftest preloads it, so take it out of sys.modules) and
+    """`import_decord` imports decord when no one has (conftest preloads it, so take it out of sys.modules) and
     returns the loaded module afterwards."""
     decord = pytest.importorskip("decord")
-    from vidlmm.video import _import_decord
+    from vidlmm.decoders import import_decord
 
     monkeypatch.delitem(sys.modules, "decord")
-    first = _import_decord()
+    first = import_decord()
     assert hasattr(first, "VideoReader") and sys.modules["decord"] is first
-    assert _import_decord() is first
+    assert import_decord() is first
     monkeypatch.setitem(sys.modules, "decord", decord)

@@ -6,30 +6,28 @@ frames, one at a time, as uint8 RGB. Memory follows what the caller keeps, not t
 (the tower's resize, a thumbnail) runs on each frame as it is decoded, a frame sampled twice is decoded and
 stored once (``VideoClip.frame_map``), and a pixel-count limit is checked from the container before decoding.
 
-Backends, tried in this order by ``backend="auto"``: decord (by path; its frame count and average fps are
-the reference's ground truth), PyAV, OpenCV. Decoder libraries are imported lazily. Every failure the
-user can cause ends as a one-line :class:`~vidlmm.errors.VideoReadError`.
+Backends (:mod:`vidlmm.decoders`), tried in this order by ``backend="auto"``: decord (by path; its frame count
+and average fps are the reference's ground truth), PyAV, OpenCV. Decoder libraries are imported lazily. Every
+failure the user can cause ends as a one-line :class:`~vidlmm.errors.VideoReadError`.
 """
 
 from __future__ import annotations
 
-import bisect
-import contextlib
 import importlib
 import math
 import os
 import stat
-import sys
-import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
+from vidlmm.decoders import BACKENDS, DecoderFailure, backend_order, import_decord, open_first, quiet_stderr, sniff
 from vidlmm.errors import VideoReadError
 
-BACKENDS = ("decord", "pyav", "opencv")
+__all__ = ["BACKENDS", "CHUNK_BYTES", "MAX_PIXELS", "FrameSampling", "ReadLimits", "TransformError", "VideoClip",
+           "check_video_path", "frame_size", "import_decord", "probe_video", "read_video", "sample_frame_indices"]
 MAX_PIXELS = 4096 * 2160  # DCI 4K: the default largest frame read_video decodes (UHD 3840x2160 fits)
 CHUNK_BYTES = 64 << 20  # full-size frames a backend may hold at once before the transform shrinks them
 
@@ -180,246 +178,6 @@ class TransformError(Exception):
     """A read_video transform returned frames of the wrong type or of changing shapes (a bug, not a bad file)."""
 
 
-class _Fail(Exception):
-    """A backend could not read the file; ``rank`` orders how informative ``reason`` is."""
-
-    def __init__(self, kind: str, reason: str, rank: int = 0):
-        super().__init__(reason)
-        self.kind, self.reason, self.rank = kind, reason, rank
-
-
-# --- keep decoders' own stderr lines (decord may echo file contents) out of the user's terminal -----------
-_quiet_lock = threading.Lock()
-_quiet_depth = 0
-_saved_fd: int | None = None
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    global _quiet_depth, _saved_fd
-    if os.environ.get("VIDLMM_DECODER_LOGS"):  # set to see the decoders' own messages
-        yield
-        return
-    with _quiet_lock:
-        if _quiet_depth == 0:
-            try:
-                sys.stderr.flush()
-                _saved_fd = os.dup(2)
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, 2)
-                os.close(devnull)
-            except (OSError, ValueError):
-                _saved_fd = None
-        _quiet_depth += 1
-    try:
-        yield
-    finally:
-        with _quiet_lock:
-            _quiet_depth -= 1
-            if _quiet_depth == 0 and _saved_fd is not None:
-                os.dup2(_saved_fd, 2)
-                os.close(_saved_fd)
-                _saved_fd = None
-
-
-def _sane_fps(fps) -> bool:
-    return fps is not None and math.isfinite(float(fps)) and 0 < float(fps) <= 1000
-
-
-_decord_import_lock = threading.Lock()
-
-
-def _import_decord():
-    """``import decord``, keeping decord's own FFmpeg out of the process's global symbol scope.
-
-    decord loads ``libdecord.so`` with ``RTLD_GLOBAL``, and with it its bundled FFmpeg 4 and libvpx 6. libvpx's
-    symbols are not versioned, so every FFmpeg user loaded after that (PyAV, OpenCV: each bundles its own
-    FFmpeg and a newer libvpx) binds its VP8/VP9 encoders to decord's old libvpx, and they fail ("ABI version
-    mismatch"): after one decode, ``write_clip``'s WebM fallbacks and OpenCV's VP80/VP90 writers no longer
-    work in that process. decord's Python side finds its functions on its own library handle, so it works
-    the same loaded ``RTLD_LOCAL``; `ctypes.RTLD_GLOBAL` is read when decord loads, so it is swapped for the
-    length of the import (once per process)."""
-    import ctypes
-
-    with _decord_import_lock:
-        if sys.modules.get("decord") is not None:
-            return sys.modules["decord"]
-        saved = ctypes.RTLD_GLOBAL
-        ctypes.RTLD_GLOBAL = ctypes.RTLD_LOCAL
-        try:
-            return importlib.import_module("decord")
-        finally:
-            ctypes.RTLD_GLOBAL = saved
-
-
-def _import_decoder(module: str, label: str):
-    """Decoder libraries load lazily; a missing one is a backend failure like any other (the next is tried)."""
-    try:
-        return _import_decord() if module == "decord" else importlib.import_module(module)
-    except ImportError as exc:
-        raise _Fail("not_a_video", f"{label} is not installed") from exc
-
-
-class _Decord:
-    name = "decord"
-
-    def __init__(self, path: str, size):
-        decord = _import_decoder("decord", "decord")
-        w, h = size if size else (-1, -1)
-        try:
-            self.vr = decord.VideoReader(path, ctx=decord.cpu(0), width=w, height=h)
-            self.total, self.fps = len(self.vr), float(self.vr.get_avg_fps())
-        except Exception as exc:  # noqa: BLE001 - decord raises several unrelated types
-            if "cannot find video stream" in str(exc):
-                raise _Fail("no_video_stream", "it has no video stream (audio only?)", 3) from exc
-            raise _Fail("not_a_video", f"decord cannot open it ({type(exc).__name__})") from exc
-        if self.total < 1 or not _sane_fps(self.fps):
-            raise _Fail("no_frames", "decord finds no frames in it")
-
-    def frames(self, unique: np.ndarray, per_call: int) -> Iterator[np.ndarray]:
-        for start in range(0, len(unique), per_call):  # a few frames per call: decord seeks well in batches
-            try:
-                batch = self.vr.get_batch([int(i) for i in unique[start:start + per_call]])
-            except Exception as exc:  # noqa: BLE001
-                raise _Fail("no_frames", f"decord cannot decode its frames ({type(exc).__name__})", 1) from exc
-            # a globally set decord bridge (e.g. torch) changes the return type
-            batch = np.asarray(batch.asnumpy() if hasattr(batch, "asnumpy") else batch.cpu().numpy())
-            for k in range(len(batch)):
-                yield batch[k]
-            del batch
-
-    def close(self):
-        self.vr = None
-
-
-class _PyAV:
-    name = "pyav"
-
-    def __init__(self, path: str, size):
-        av = _import_decoder("av", "PyAV")
-        self.av, self.size = av, size
-        try:
-            self.container = av.open(path)
-        except Exception as exc:  # noqa: BLE001
-            raise _Fail("not_a_video", f"PyAV cannot open it ({type(exc).__name__})") from exc
-        try:
-            self._scan()
-        except BaseException:
-            self.container.close()
-            raise
-
-    def _scan(self):
-        c = self.container
-        fmt = c.format.name
-        if not c.streams.video:
-            if c.streams.audio:
-                raise _Fail("no_video_stream", "it contains only audio, no video stream", 3)
-            raise _Fail("not_a_video", "it contains no video stream", 2)
-        if fmt.endswith("_pipe") or fmt == "image2":  # ffmpeg's single-image demuxers
-            kind = fmt.replace("_pipe", "").upper()
-            raise _Fail("not_a_video", f"it is a still image ({kind}), not a video", 2)
-        self.stream = s = c.streams.video[0]
-        # count frames by demuxing (no decoding): container metadata lies for truncated files, and the
-        # packet timestamps map frame index -> pts exactly for seeking
-        pts, keys = [], []
-        try:
-            for pkt in c.demux(s):
-                if not pkt.size:
-                    continue
-                t = pkt.pts if pkt.pts is not None else pkt.dts
-                if t is None:
-                    raise _Fail("no_frames", "its video packets carry no timestamps", 1)
-                pts.append(t)
-                if pkt.is_keyframe:
-                    keys.append(t)
-        except self.av.error.FFmpegError:
-            pass  # damaged tail: keep the packets read so far
-        if not pts:
-            raise _Fail("no_frames", "its video stream holds no frames", 2)
-        self.pts, self.keys = sorted(pts), sorted(keys)
-        self.total = len(self.pts)
-        rate = s.average_rate or s.guessed_rate
-        self.fps = float(rate) if rate and _sane_fps(float(rate)) else 0.0
-        if not self.fps and self.total > 1 and s.time_base:  # no rate in the header: from the timestamps
-            self.fps = (self.total - 1) / float((self.pts[-1] - self.pts[0]) * s.time_base)
-        if not _sane_fps(self.fps):
-            raise _Fail("no_frames", "it has no usable frame rate", 1)
-
-    def _frames(self):
-        for pkt in self.container.demux(self.stream):
-            yield from pkt.decode()
-
-    def frames(self, unique: np.ndarray, per_call: int) -> Iterator[np.ndarray]:
-        it, last = None, None
-        w, h = self.size if self.size else (None, None)
-        try:
-            for i in unique:
-                target = self.pts[int(i)]
-                # seek when not decoding yet, going backwards, or when a keyframe lies between here and the
-                # target (decoding forward would pass through it anyway; seeking skips the frames before it)
-                keyframe_ahead = it is not None and bisect.bisect_right(self.keys, target) > bisect.bisect_right(
-                    self.keys, last)
-                if it is None or target <= last or keyframe_ahead:
-                    self.container.seek(target, stream=self.stream, backward=True, any_frame=False)
-                    it = self._frames()
-                for frame in it:
-                    t = frame.pts if frame.pts is not None else frame.dts
-                    if t is None:
-                        raise _Fail("no_frames", "decoded frames carry no timestamps", 1)
-                    last = t
-                    if t >= target:
-                        break
-                else:
-                    raise _Fail("no_frames", f"decoding stopped before frame {int(i)} of {self.total} "
-                                "(the file is damaged or truncated)", 2)
-                rgb = frame.to_ndarray(format="rgb24", width=w, height=h)
-                yield rgb
-        except self.av.error.FFmpegError as exc:
-            raise _Fail("no_frames", f"its frames fail to decode ({type(exc).__name__}); "
-                        "the file is damaged", 2) from exc
-
-    def close(self):
-        self.container.close()
-
-
-class _OpenCV:
-    name = "opencv"
-
-    def __init__(self, path: str, size):
-        cv2 = _import_decoder("cv2", "OpenCV")
-        self.cv2, self.size = cv2, size
-        self.cap = cv2.VideoCapture(path)
-        if not self.cap.isOpened():
-            raise _Fail("not_a_video", "OpenCV cannot open it")
-        count = self.cap.get(cv2.CAP_PROP_FRAME_COUNT)
-        self.fps = float(self.cap.get(cv2.CAP_PROP_FPS))
-        # OpenCV "opens" still images with a frame count like -9.2e18: demand a plausible count and rate
-        if not (1 <= count < 1e8 and _sane_fps(self.fps)):
-            self.cap.release()
-            raise _Fail("not_a_video", "OpenCV reports no plausible frame count or rate")
-        self.total = int(count)
-
-    def frames(self, unique: np.ndarray, per_call: int) -> Iterator[np.ndarray]:
-        cv2, wanted = self.cv2, set(int(i) for i in unique)
-        for pos in range(int(unique[-1]) + 1):  # sequential grab: exact frame positions, one frame in memory
-            if not self.cap.grab():
-                raise _Fail("no_frames", f"decoding stopped at frame {pos} of {self.total} "
-                            "(the file is damaged or truncated)", 2 if pos else 1)
-            if pos in wanted:
-                ok, bgr = self.cap.retrieve()
-                if not ok:
-                    raise _Fail("no_frames", f"frame {pos} does not decode", 1)
-                if self.size:
-                    bgr = cv2.resize(bgr, tuple(self.size), interpolation=cv2.INTER_AREA)
-                yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-    def close(self):
-        self.cap.release()
-
-
-_CLASSES = {"decord": _Decord, "pyav": _PyAV, "opencv": _OpenCV}
-
-
 def check_video_path(path: str) -> str:
     """Stat the path before any decoder sees it (a FIFO would block a decoder forever); returns basename."""
     name = os.path.basename(os.path.normpath(path)) or path
@@ -441,49 +199,9 @@ def check_video_path(path: str) -> str:
     return name
 
 
-_SIGNATURES = ((4, b"ftyp", "an MP4/MOV"), (0, b"\x1a\x45\xdf\xa3", "a WebM/Matroska"), (8, b"AVI ", "an AVI"),
-               (0, b"GIF8", "a GIF"), (0, b"\x00\x00\x01\xba", "an MPEG"), (0, b"OggS", "an Ogg"),
-               (0, b"FLV", "an FLV"))
-
-
-def _sniff(path: str) -> str:
-    """Why no decoder could read it, judged from the first bytes."""
-    with open(path, "rb") as fh:
-        head = fh.read(512)
-    for offset, magic, what in _SIGNATURES:
-        if head[offset:offset + len(magic)] == magic:
-            return (f"it looks like {what} file but is damaged or incomplete (e.g. a truncated upload); "
-                    "no decoder could read it")
-    text = head.decode("utf-8", errors="replace")  # a multi-byte character may be cut at byte 512
-    if text.count("\ufffd") <= 3 and all(ch.isprintable() or ch in "\r\n\t" for ch in text):
-        return "it is a text file, not a video"
-    return "its contents are not in any video format the decoders recognise"
-
-
-def _order(backend: str) -> tuple[str, ...]:
-    if backend == "auto":
-        return BACKENDS
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown video backend {backend!r} (use auto, {', '.join(BACKENDS)})")
-    return (backend,)
-
-
-def _open(path: str, backend: str, size, fails: list):
-    """The first backend (from ``backend``'s order) whose metadata validates, or None; failures go to ``fails``."""
-    for which in _order(backend):
-        try:
-            with _quiet_stderr():
-                return _CLASSES[which](path, size)
-        except _Fail as fail:
-            fails.append(fail)
-        except Exception as exc:  # noqa: BLE001 - a decoder's surprise must not reach the user as a traceback
-            fails.append(_Fail("not_a_video", f"{which} failed ({type(exc).__name__})"))
-    return None
-
-
-def _raise_best(path: str, name: str, fails: list[_Fail]):
+def _raise_best(path: str, name: str, fails: list[DecoderFailure]):
     best = max(fails, key=lambda f: f.rank)  # first of the most informative reasons
-    reason = best.reason if best.rank > 0 else _sniff(path)
+    reason = best.reason if best.rank > 0 else sniff(path)
     raise VideoReadError(best.kind, f"Cannot read video '{name}': {reason}.", path)
 
 
@@ -494,7 +212,7 @@ def probe_video(path, *, backend: str = "auto") -> tuple[int, float, str]:
     """
     path = os.fspath(path)
     name, fails = check_video_path(path), []
-    reader = _open(path, backend, None, fails)
+    reader = open_first(path, backend, None, fails)
     if reader is None:
         _raise_best(path, name, fails)
     try:
@@ -507,7 +225,7 @@ def frame_size(path) -> tuple[int, int] | None:
     """``(width, height)`` of the video stream from the container's headers (PyAV, else OpenCV), without
     decoding a frame into our memory; None when neither can tell."""
     path = os.fspath(path)
-    with _quiet_stderr():
+    with quiet_stderr():
         try:
             av = importlib.import_module("av")
             with av.open(path) as container:
@@ -568,9 +286,9 @@ def read_video(path, sampling: FrameSampling = FrameSampling(), *, backend: str 
             raise VideoReadError("too_slow", f"Cannot read video '{name}': decoding it takes longer than the "
                                  f"{time_limit:g} s limit.", path)
 
-    fails: list[_Fail] = []
-    for which in _order(backend):
-        reader = _open(path, which, size, fails)
+    fails: list[DecoderFailure] = []
+    for which in backend_order(backend):
+        reader = open_first(path, which, size, fails)
         if reader is None:
             continue
         try:
@@ -583,11 +301,11 @@ def read_video(path, sampling: FrameSampling = FrameSampling(), *, backend: str 
             unique, frame_map = np.unique(indices, return_inverse=True)
             frames, decoded_size = _decode(reader, unique, size, source, transform, max_pixels, check_time,
                                            lambda w, h: _too_large(name, path, w, h, max_pixels))
-        except _Fail as fail:
+        except DecoderFailure as fail:
             fails.append(fail)
             continue
         except (ValueError, RuntimeError, OSError, MemoryError, TypeError, IndexError) as exc:
-            fails.append(_Fail("no_frames", f"{which} failed while decoding ({type(exc).__name__})"))
+            fails.append(DecoderFailure("no_frames", f"{which} failed while decoding ({type(exc).__name__})"))
             continue
         finally:
             reader.close()
@@ -603,19 +321,21 @@ def _decode(reader, unique: np.ndarray, size, source, transform, max_pixels, che
     w_h = size or source
     per_call = max(1, CHUNK_BYTES // (3 * w_h[0] * w_h[1])) if w_h else 1
     out, decoded_size, count = None, None, 0
-    with _quiet_stderr():
+    with quiet_stderr():
         for frame in reader.frames(unique, per_call):
             if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
-                raise _Fail("no_frames", f"{reader.name} returned a frame of an unexpected shape {frame.shape}", 1)
+                raise DecoderFailure("no_frames", f"{reader.name} returned a frame of an unexpected shape "
+                                     f"{frame.shape}", 1)
             h, w = frame.shape[:2]
             if max_pixels is not None and h * w > max_pixels:  # the headers said less (or nothing)
                 raise too_large(w, h)
             if expect_hw is not None and (h, w) != expect_hw:
-                raise _Fail("no_frames", f"{reader.name} returned frames of an unexpected shape {frame.shape}", 1)
+                raise DecoderFailure("no_frames", f"{reader.name} returned frames of an unexpected shape "
+                                     f"{frame.shape}", 1)
             if decoded_size is None:
                 decoded_size = (w, h)
             elif decoded_size != (w, h):  # a mid-stream size change: nothing downstream expects it
-                raise _Fail("no_frames", f"{reader.name} returned frames of two sizes", 1)
+                raise DecoderFailure("no_frames", f"{reader.name} returned frames of two sizes", 1)
             view = transform(frame) if transform is not None else frame
             if out is None:
                 out = np.empty((len(unique), *view.shape), np.uint8)
@@ -627,5 +347,5 @@ def _decode(reader, unique: np.ndarray, size, source, transform, max_pixels, che
             del frame, view
             check_time()
     if count != len(unique):
-        raise _Fail("no_frames", f"{reader.name} returned {count} of {len(unique)} frames", 1)
+        raise DecoderFailure("no_frames", f"{reader.name} returned {count} of {len(unique)} frames", 1)
     return out, decoded_size
