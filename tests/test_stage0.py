@@ -192,3 +192,22 @@ def test_one_mc_question_per_clip_still_asks_both_categories(world, tmp_path):
     rng = np.random.default_rng(3)
     assert [d["category"] for d in W.mc_items(specs[records[1]["id"].rsplit("_mc", 1)[0]], rng, first="temporal")] \
         == ["temporal", "static"]
+
+
+def test_stage0_reads_its_tower_through_the_library_tower():
+    """Stage 0's probes read the training tower with VisionTower (shared weights, no copy): the features equal the
+    transformers model's hidden layer -2 without token 0 ("patch") or with it ("cls_patch")."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from vidlmm.vision import VisionTower
+
+    torch.manual_seed(0)
+    model = SiglipVisionModel(SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3,
+                                                 num_attention_heads=2, intermediate_size=64)).eval()
+    pixels = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+    assert torch.equal(S.patch_features(model, pixels), hidden[:, 1:])
+    assert torch.equal(S.patch_features(model, pixels, select_strategy="cls_patch"), hidden)
+    tower = VisionTower.around(model)
+    assert tower.tokens_per_frame == 15 and next(tower.parameters()) is next(model.parameters())

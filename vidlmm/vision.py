@@ -86,7 +86,7 @@ class VisionTower(nn.Module):
     """
 
     def __init__(self, vision_config: dict, *, tower_type: str, feature_layer: int = -2,
-                 select_strategy: str = "patch"):
+                 select_strategy: str = "patch", model: nn.Module | None = None):
         super().__init__()
         import transformers
 
@@ -96,7 +96,7 @@ class VisionTower(nn.Module):
         cfg = dict(vision_config)
         cfg["model_type"] = self.spec.config_type
         self.config = build_transformers_config("vision", cfg)
-        self._vision_tower = getattr(transformers, self.spec.model_class)(self.config)
+        self._vision_tower = model if model is not None else getattr(transformers, self.spec.model_class)(self.config)
         self.feature_layer = feature_layer
         self.select_strategy = select_strategy
         self.image_processor = ImageProcessor.for_tower(tower_type, self.config.image_size)
@@ -104,6 +104,14 @@ class VisionTower(nn.Module):
         self._layers_path = next((name for name, module in self._vision_tower.named_modules()
                                   if isinstance(module, nn.ModuleList)
                                   and name.endswith(("encoder.layers", "encoder.layer"))), None)
+
+    @classmethod
+    def around(cls, vision_model: nn.Module, *, tower_type: str = "siglip", feature_layer: int = -2,
+               select_strategy: str = "patch") -> "VisionTower":
+        """The tower's feature read-out over a transformers vision model that already exists (stage 0's tower
+        while it trains), sharing its weights."""
+        return cls(vision_model.config.to_dict(), tower_type=tower_type, feature_layer=feature_layer,
+                   select_strategy=select_strategy, model=vision_model)
 
     @property
     def grid(self) -> tuple[int, int]:

@@ -145,7 +145,7 @@ def context_conversations(specs: Iterable, seed: int, *, per_clip: int = 2) -> l
     convs = []
     for k, spec in enumerate(specs):
         rng = np.random.default_rng([seed, 13, k])
-        for item, prompt in _mc_prompts(spec, rng, per_clip):  # a caption drawn after each prompt, as before
+        for item, prompt in _mc_prompts(spec, rng, per_clip):  # a caption after each prompt: this draw order fixes the seeded data
             convs.append([(f"{W.caption(spec, rng)}\n{prompt}", _mc_answer(item))])
         turns = W.qa_turns(spec, rng, min_turns=1, max_turns=2)
         convs.append([(f"{W.caption(spec, rng)}\n{turns[0][0]}", turns[0][1]), *turns[1:]])

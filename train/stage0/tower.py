@@ -198,14 +198,13 @@ def _siglip_config(vocab: int, *, image_size, patch_size, hidden_size, layers, h
 
 
 @torch.no_grad()
-def patch_features(vision_model, pixels: torch.Tensor, feature_layer: int = -2, chunk: int = 256,
-                   drop_first: bool = True) -> torch.Tensor:
-    """What the TinyLLaVA connector reads: hidden layer ``feature_layer`` without token 0 ("patch" strategy)."""
-    out = []
-    for c in pixels.split(chunk):
-        hidden = vision_model(pixel_values=c, output_hidden_states=True).hidden_states[feature_layer]
-        out.append(hidden[:, 1:] if drop_first else hidden)
-    return torch.cat(out)
+def patch_features(vision_model, pixels: torch.Tensor, feature_layer: int = -2,
+                   select_strategy: str = "patch") -> torch.Tensor:
+    """What the TinyLLaVA connector reads from ``vision_model``: the library's own tower read-out (hidden layer
+    ``feature_layer``; "patch" drops token 0 like the reference, "cls_patch" keeps every token)."""
+    from vidlmm.vision import VisionTower
+
+    return VisionTower.around(vision_model, feature_layer=feature_layer, select_strategy=select_strategy)(pixels)
 
 
 def _ridge_probe(train_x, train_y, test_x, test_y, lam: float = 1.0) -> dict:
@@ -243,10 +242,11 @@ def _probe(vision_model, train: FrameSet, test: FrameSet, n_train: int, n_test: 
 def _dense_accuracy(vision_model, head, frames: FrameSet, n: int = 1000) -> dict:
     """The auxiliary head's per-patch (colour, shape) accuracy on eval frames, over object patches only."""
     idx = np.arange(min(n, len(frames.texts)))
-    pred = head(patch_features(vision_model, frames.pixels(idx), drop_first=False)).argmax(-1)
+    pred = head(patch_features(vision_model, frames.pixels(idx), select_strategy="cls_patch")).argmax(-1)
     y = frames.patch_labels[idx]
     on = y > 0
-    return {"object_patches": float((pred[on] == y[on]).double().mean()), "background": float((pred[~on] == 0).double().mean())}
+    return {"object_patches": float((pred[on] == y[on]).double().mean()),
+            "background": float((pred[~on] == 0).double().mean())}
 
 
 @torch.no_grad()
@@ -351,5 +351,5 @@ def pretrain_vision(world_dir, out_dir, *, image_size: int = 64, patch_size: int
     return {"params": _count_params(tower), "tokens_per_frame": (image_size // patch_size) ** 2 - 1,
             "train_frames": len(train.texts), "steps": steps, "batch_size": bsz, "first_loss": losses[0],
             "final_loss": float(np.mean(losses[-tail:])), "retrieval": retrieval, "probe_init": probe_init,
-            "probe": probe_final, "patch_classes": dense, "data_seconds": data_s, "train_seconds": train_s, "eval_seconds": eval_s,
-            "seconds": time.perf_counter() - t0}
+            "probe": probe_final, "patch_classes": dense, "data_seconds": data_s, "train_seconds": train_s,
+            "eval_seconds": eval_s, "seconds": time.perf_counter() - t0}
