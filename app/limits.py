@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from vidlmm.errors import VidlmmError
 
 from .config import AppConfig
-from .exports import FIGURE_FORMATS
+from visualizations.io import FIGURE_FORMATS
 
 SEED_LIMIT = 2**32 - 1
 MAX_PICTURE_FRAMES = 16  # frames drawn in one connector picture

@@ -27,7 +27,7 @@ from vidlmm.budget import TokenBudget, token_counts
 from vidlmm.errors import VidlmmError, VideoReadError
 
 from .config import AppConfig
-from .exports import export_data, export_figure, slug
+from visualizations.io import Exporter, slug
 from .gpu import across, gpu, peak_memory, reset_peak_memory
 from .jobs import Job, ModelSlot
 from .limits import Limits, RefusedInput, UserError
@@ -37,6 +37,8 @@ from .session import Session, SessionCache
 TIMING_ORDER = ("decode", "preprocess", "vision", "connector", "prefill", "generation")
 THUMB_HEIGHT = 96
 MAX_THUMBS = 64
+SHOW_DPI = 110  # the PNG shown in the page when the download is SVG or PDF
+
 # an absolute path of two or more parts (a server folder): a visitor sees only its last part
 _SERVER_PATH = re.compile(r"(?<![\w.])/(?:[^\s'\"/:]+/)+([^\s'\"/:]*)")
 
@@ -259,7 +261,7 @@ class Service:
             job.report(0.2, "running the connector with attention")
             maps, stats = _attention_gpu(lmm, path, self._analysis_sampling(sampling, lmm), int(layer))
         job.report(0.7, "drawing")
-        folder = session.files_dir(self.files_root)
+        out = self._exporter(session, fmt, dpi)
         stem = f"{slug(loaded.name)}-{Path(path).stem}"
         layer = int(layer)
         figures = {
@@ -271,18 +273,20 @@ class Service:
         images, downloads = {}, []
         for name, draw in figures.items():
             job.report(0.7, f"drawing {name}")
-            shown, files = export_figure(draw(), folder, f"{stem}-{name}", fmt, dpi)
-            images[name] = shown
+            images[name], files = out.figure(draw(), f"{stem}-{name}")
             downloads += files
-        downloads += export_data({"model": loaded.name, "layer": layer, "head": head, "attention": maps.to_json()},
-                                 folder, f"{stem}-attention", csv_rows=maps.rows(layer, head))
-        downloads += export_data({"model": loaded.name, **stats}, folder, f"{stem}-redundancy",
-                                 csv_rows=stats["rows"])
+        downloads += out.data({"model": loaded.name, "layer": layer, "head": head, "attention": maps.to_json()},
+                              f"{stem}-attention", csv_rows=maps.rows(layer, head))
+        downloads += out.data({"model": loaded.name, **stats}, f"{stem}-redundancy", csv_rows=stats["rows"])
         job.report(1.0, "done")
         data = {"model": loaded.name, "connector": loaded.connector, "layer": stats["layer"],
                 "frames": maps.num_frames, "queries": maps.num_queries, "visual_tokens_in": int(maps.media.shape[-1]),
                 "heads": maps.num_heads, "layers": maps.num_layers, "summary": to_jsonable(stats["summary"])}
         return FigureSet(images, data, downloads)
+
+    def _exporter(self, session: Session, fmt: str, dpi: int) -> Exporter:
+        """The request's figures in the chosen format for download, a PNG preview where that is not PNG."""
+        return Exporter(session.files_dir(self.files_root), (fmt,), dpi, preview_dpi=SHOW_DPI)
 
     def _analysis_sampling(self, sampling, lmm):
         """The request's sampling, or the checkpoint's own within the attention frame limit (the maps hold layers x
@@ -314,10 +318,10 @@ class Service:
             job.report(0.2, "running the connector")
             picture, redundancy = _picture_gpu(lmm, path, self._analysis_sampling(sampling, lmm))
         job.report(0.7, "drawing")
-        folder = session.files_dir(self.files_root)
+        out = self._exporter(session, fmt, dpi)
         stem = f"{slug(loaded.name)}-{Path(path).stem}-picture"
-        shown, downloads = export_figure(plot_connector_picture(picture, int(frames)), folder, stem, fmt, dpi)
-        downloads += export_data({"model": loaded.name, **picture_data(picture)}, folder, stem)
+        shown, downloads = out.figure(plot_connector_picture(picture, int(frames)), stem)
+        downloads += out.data({"model": loaded.name, **picture_data(picture)}, stem)
         job.report(1.0, "done")
         t, k = picture["num_frames"], picture["output_tokens_per_frame"]
         data = {"model": loaded.name, "connector": loaded.connector, "kind": picture["kind"], "frames": t,
@@ -361,12 +365,11 @@ class Service:
                 else:
                     results.append(_zeroing_gpu(lmm, path, question, fractions, strategies, seeds,
                                                 sampling or lmm.sampling, loaded.name, across(step)))
-        folder = session.files_dir(self.files_root)
+        out = self._exporter(session, fmt, dpi)
         stem = f"zeroing-{source}-{'-'.join(slug(m) for m in models)}"
-        shown, files = export_figure(plot_zeroing(results), folder, stem, fmt, dpi)
+        shown, files = out.figure(plot_zeroing(results), stem)
         data = {"source": source, "results": [_no_server_paths(r.to_json()) for r in results]}
-        rows = [row for r in results for row in r.rows()]
-        files += export_data(data, folder, stem, csv_rows=rows)
+        files += out.data(data, stem, csv_rows=[row for r in results for row in r.rows()])
         job.report(1.0, "done")
 
         def brief(point: dict) -> dict:  # mean and spread per metric; every seed's value is in the downloads
@@ -395,7 +398,7 @@ class Service:
         models = self.limits.models(models, self.config.max_compare_models, "to compare")
         path, _ = self.check_video(video)
         question = self.limits.question(question)
-        folder = session.files_dir(self.files_root)
+        out = self._exporter(session, fmt, dpi)
         rows, images, downloads = [], [], []
         with self.slot.hold(job):
             for k, name in enumerate(models):
@@ -418,7 +421,7 @@ class Service:
                                              stats=False)
                     figure, kind = plot_attention_heatmap(maps, int(layer)), "heatmap"
                 label = f"{k + 1}-{slug(loaded.name)}"
-                shown, files = export_figure(figure, folder, f"compare-{label}-{kind}", fmt, dpi)
+                shown, files = out.figure(figure, f"compare-{label}-{kind}")
                 images.append((f"{loaded.name} ({loaded.connector})", shown))
                 downloads += files
                 d = result.details
@@ -426,8 +429,8 @@ class Service:
                              "frames": d["frames"], "visual_tokens": d["visual_tokens"],
                              **{(k if k == "tokens_per_s" else f"{k}_s"): v for k, v in d["timings_s"].items()},
                              **{k: v for k, v in d["memory"].items()}})
-        downloads += export_data({"question": question, "video": os.path.basename(path), "rows": rows}, folder,
-                                 f"compare-{Path(path).stem}", csv_rows=rows)
+        downloads += out.data({"question": question, "video": os.path.basename(path), "rows": rows},
+                              f"compare-{Path(path).stem}", csv_rows=rows)
         job.report(1.0, "done")
         return FigureSet(images, {"question": question, "rows": rows}, downloads)
 

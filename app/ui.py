@@ -20,7 +20,7 @@ import gradio as gr
 from vidlmm.analysis import STRATEGIES
 
 from .config import EXAMPLES_DIR, AppConfig
-from .exports import FIGURE_FORMATS
+from visualizations.io import FIGURE_FORMATS
 from .handlers import Handlers
 from .limits import MAX_PICTURE_FRAMES, RefusedInput
 from .models import distinct_models, has_picture, resampler_switch, switch_name_of

@@ -201,6 +201,34 @@ def test_write_data(tmp_path, maps):
         write_data({"no": "rows"}, tmp_path / "bad.csv")
 
 
+def test_exporter_writes_each_format_a_preview_and_rows_where_there_are_rows(tmp_path):
+    """The one writer of the app's downloads and the CLI's folder: every format asked for, a PNG to show only
+    when asked and PNG is not among them, CSV only for results with rows, names made safe, every path listed."""
+    from visualizations import Exporter
+
+    def figure():
+        fig = Figure(figsize=(2, 2))
+        fig.add_subplot().plot([0, 1], [1, 0])
+        return fig
+
+    out = Exporter(tmp_path / "a", ("svg", "pdf"), dpi=80, preview_dpi=40)
+    shown, files = out.figure(figure(), "model/one: heat")
+    assert [f.name for f in files] == ["model-one-heat.svg", "model-one-heat.pdf"]
+    assert shown.name == "model-one-heat.png" and shown.read_bytes()[:4] == b"\x89PNG"
+    assert files[0].read_text().lstrip().startswith("<?xml") and files[1].read_bytes()[:4] == b"%PDF"
+    assert out.data({"no": "rows"}, "plain") == [tmp_path / "a" / "plain.json"]
+    both = out.data({"rows": [{"x": 1}, {"x": 2}]}, "tab")
+    assert [p.name for p in both] == ["tab.json", "tab.csv"] and len(list(csv.DictReader(both[1].open()))) == 2
+    assert out.written == [shown, *files, tmp_path / "a" / "plain.json", *both]
+
+    cli = Exporter(tmp_path / "b", ("png", "svg"), dpi=80)  # no preview: the PNG among the formats is the one
+    shown, files = cli.figure(figure(), "zeroing")
+    assert shown == files[0] and len(cli.written) == 2
+    assert Exporter(tmp_path / "c", ("svg",)).figure(figure(), "x")[0] is None
+    with pytest.raises(ValueError, match="png"):
+        Exporter(tmp_path, ("jpg",))
+
+
 def test_package_imports_no_torch():
     code = "import sys, visualizations; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

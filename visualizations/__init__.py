@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from .attention import plot_attention_heatmap, plot_frame_overlays, plot_redundancy_stats, plot_temporal_profile
 from .curves import plot_token_budget, plot_zeroing
-from .io import DATA_FORMATS, FIGURE_FORMATS, save_figure, write_data
+from .io import DATA_FORMATS, FIGURE_FORMATS, Exporter, save_figure, write_data
 from .pictures import picture_data, plot_connector_picture
 
 __all__ = [
-    "DATA_FORMATS", "FIGURE_FORMATS", "picture_data", "plot_attention_heatmap", "plot_connector_picture",
+    "DATA_FORMATS", "Exporter", "FIGURE_FORMATS", "picture_data", "plot_attention_heatmap", "plot_connector_picture",
     "plot_frame_overlays", "plot_redundancy_stats", "plot_temporal_profile", "plot_token_budget", "plot_zeroing",
     "save_figure", "write_data",
 ]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from vidlmm.errors import VidlmmError
 
-from .io import FIGURE_FORMATS
+from .io import FIGURE_FORMATS, Exporter
 
 
 class _Parser(argparse.ArgumentParser):
@@ -126,40 +126,9 @@ def _lmm(model, args):
     return VideoLMM(model, sampling=sampling_from_args(args, model))
 
 
-class _Writer:
-    """Writes figures in every requested format and data as JSON + CSV into one folder; remembers the paths."""
-
-    def __init__(self, args):
-        self.out = Path(args.out)
-        if self.out.exists() and not self.out.is_dir():
-            raise VidlmmError(f"--out '{args.out}' exists and is not a folder.")
-        self.formats, self.dpi, self.written = args.formats, args.dpi, []
-
-    def figure(self, fig, stem: str):
-        from visualizations import save_figure
-
-        for fmt in self.formats:
-            self.written.append(save_figure(fig, self.out / f"{stem}.{fmt}", dpi=self.dpi))
-        fig.clf()
-
-    def data(self, obj, stem: str, csv_rows=None):
-        self.json(obj, stem)
-        self.table(obj if csv_rows is None else csv_rows, stem)
-
-    def json(self, obj, stem: str):
-        from visualizations import write_data
-
-        self.written.append(write_data(obj, self.out / f"{stem}.json"))
-
-    def table(self, rows, stem: str):
-        from visualizations import write_data
-
-        self.written.append(write_data(rows, self.out / f"{stem}.csv"))
-
-
 # ---- commands -----------------------------------------------------------------------------------------------
 
-def cmd_attention(args, writer: _Writer) -> None:
+def cmd_attention(args, writer: Exporter) -> None:
     import numpy as np
 
     from vidlmm.analysis import attention_maps, redundancy_stats
@@ -182,16 +151,16 @@ def cmd_attention(args, writer: _Writer) -> None:
         stats = redundancy_stats(maps, layer)
         writer.figure(plot_redundancy_stats(stats), f"{prefix}attention_redundancy")
         writer.data(stats, f"{prefix}attention_redundancy")
-        full = writer.out / f"{prefix}attention.npz"  # the full arrays, too big for JSON
+        full = writer.folder / f"{prefix}attention.npz"  # the full arrays, too big for JSON
         np.savez_compressed(full, media=maps.media, latents=maps.latents, query_groups=maps.query_groups,
                             tokens=maps.tokens, frame_indices=np.asarray(maps.frame_indices),
                             timestamps=np.asarray(maps.timestamps))
-        writer.written.append(full)
+        writer.add(full)
         del lmm, maps
         gc.collect()
 
 
-def cmd_picture(args, writer: _Writer) -> None:
+def cmd_picture(args, writer: Exporter) -> None:
     from vidlmm.analysis import connector_picture
     from vidlmm.video import check_video_path
     from visualizations import picture_data, plot_connector_picture
@@ -209,7 +178,7 @@ def cmd_picture(args, writer: _Writer) -> None:
         gc.collect()
 
 
-def cmd_redundancy(args, writer: _Writer) -> None:
+def cmd_redundancy(args, writer: Exporter) -> None:
     from vidlmm.analysis import zeroing_curve, zeroing_mc_curve
     from vidlmm.evaluate import load_mc_items
     from vidlmm.video import check_video_path
@@ -258,7 +227,7 @@ def cmd_redundancy(args, writer: _Writer) -> None:
     writer.table([row for r in results for row in r.summary()], "zeroing_summary")
 
 
-def cmd_budget(args, writer: _Writer) -> None:
+def cmd_budget(args, writer: Exporter) -> None:
     from vidlmm.analysis import model_config, connector_variants, token_budget
     from visualizations import plot_token_budget
 
@@ -281,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.dpi < 10:
             raise VidlmmError("--dpi must be at least 10.")
-        writer = _Writer(args)
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise VidlmmError(f"--out '{args.out}' exists and is not a folder.")
+        writer = Exporter(args.out, args.formats, args.dpi)
         {"attention": cmd_attention, "picture": cmd_picture, "redundancy": cmd_redundancy,
          "budget": cmd_budget}[args.command](args, writer)
         for path in writer.written:
