@@ -266,24 +266,12 @@ def run(recipe: Recipe, *, max_steps: int | None = None, progress: bool = True) 
 
     model = build_model(recipe)
     trainable = apply_tuning(model, recipe)
-    samples, problems = load_annotations(recipe.annotations, recipe.video_roots)
-    if not samples:
-        raise ValueError("No usable training samples (check annotations and video_roots).")
-    sampling = FrameSampling.from_dict(recipe.sampling)
-    cache = None
-    if recipe.feature_cache_mb and recipe.tune["vision_tower"] == "frozen" and recipe.dataloader_workers == 0:
-        cache = shared_feature_cache(recipe.feature_cache_mb << 20)
-        cache.bind(model.vision_tower, sampling)
-    dataset = VideoConversationDataset(samples, tokenizer=model.tokenizer, image_processor=model.image_processor,
-                                       template=recipe.template, sampling=sampling,
-                                       visual_tokens_for=VisualTokenCount.of(model, sampling.max_frames_taken()),
-                                       max_length=recipe.max_length, feature_cache=cache,
-                                       decode_time_limit_s=recipe.decode_time_limit_s)
-    total_steps = recipe.optimizer_steps(len(samples))
+    dataset, problems, cache = _dataset(model, recipe)
+    total_steps = recipe.optimizer_steps(len(dataset))
     optimizer = torch.optim.AdamW(optimizer_groups(model, recipe.weight_decay), lr=recipe.learning_rate)
     schedule = get_cosine_schedule_with_warmup if recipe.lr_scheduler == "cosine" else \
         get_linear_schedule_with_warmup
-    scheduler = schedule(optimizer, recipe.warmup_steps(len(samples)), total_steps)
+    scheduler = schedule(optimizer, recipe.warmup_steps(len(dataset)), total_steps)
     step_module = TrainingStep(model, cache)
     step_module, optimizer, scheduler = accelerator.prepare(step_module, optimizer, scheduler)
 
@@ -300,15 +288,14 @@ def run(recipe: Recipe, *, max_steps: int | None = None, progress: bool = True) 
     if accelerator.is_main_process:
         accelerator.init_trackers("train", config={k: v for k, v in recipe.to_dict().items()
                                                    if isinstance(v, (int, float, str, bool))})
-        accelerator.print(f"{recipe.name}: {len(samples)} samples, {total_steps} steps, accumulation {accum}, "
+        accelerator.print(f"{recipe.name}: {len(dataset)} samples, {total_steps} steps, accumulation {accum}, "
                           f"trainable {trainable}" + (f", data problems {dict(problems)}" if problems else ""))
 
     stop_at = min(total_steps, max_steps) if max_steps else total_steps
     bar = tqdm(total=stop_at, initial=state["step"], disable=not (progress and accelerator.is_main_process),
                desc=recipe.name, dynamic_ncols=True)
     epochs = math.ceil(recipe.epochs)
-    window_start, window_read, window_loss, window_tokens = time.perf_counter(), 0, 0.0, 0
-    tally = StepTally()
+    window, tally = _LogWindow(), StepTally()
     while state["step"] < stop_at and state["epoch"] < epochs:
         order = epoch_order(len(dataset), recipe.seed, state["epoch"])
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, order),
@@ -338,20 +325,14 @@ def run(recipe: Recipe, *, max_steps: int | None = None, progress: bool = True) 
                     dataset.excluded.add(skip["index"])
                     state["skipped"].append(skip)
             state["samples"] += read
-            window_read += read
-            window_loss += loss_sum
-            window_tokens += tokens
+            window.add(read, loss_sum, tokens)
             state["step"] += 1
             bar.update(1)
             if state["step"] % recipe.log_every_steps == 0 or state["step"] == stop_at:
-                elapsed = max(time.perf_counter() - window_start, 1e-9)
-                logs = {"loss": window_loss / max(window_read, 1), "lr": scheduler.get_last_lr()[0],
-                        "samples_per_s": window_read / elapsed, "visual_tokens_per_s": window_tokens / elapsed,
-                        "skipped_samples": len(state["skipped"])}
+                logs = {**window.close(), "lr": scheduler.get_last_lr()[0], "skipped_samples": len(state["skipped"])}
                 accelerator.log(logs, step=state["step"])
                 bar.set_postfix(loss=f"{logs['loss']:.3f}", lr=f"{logs['lr']:.2e}",
                                 sps=f"{logs['samples_per_s']:.1f}")
-                window_start, window_read, window_loss, window_tokens = time.perf_counter(), 0, 0.0, 0
             if state["step"] % recipe.save_every_steps == 0 and state["step"] < total_steps:
                 save_checkpoint(accelerator, output_dir, state)
             if os.environ.get("VIDLMM_TRAIN_DIE_AFTER_STEP") == str(state["step"]):
@@ -366,6 +347,43 @@ def run(recipe: Recipe, *, max_steps: int | None = None, progress: bool = True) 
     out = _save_model(accelerator, step_module, recipe, state, finished=state["step"] >= total_steps)
     accelerator.end_training()  # last: it also tears down the process group
     return out
+
+
+def _dataset(model, recipe: Recipe):
+    """The stage's training set: ``(dataset, data problems by kind, the shared feature cache or None)``. The
+    cache holds the frozen tower's features across epochs (in the main process only: workers cannot share it)."""
+    samples, problems = load_annotations(recipe.annotations, recipe.video_roots)
+    if not samples:
+        raise ValueError("No usable training samples (check annotations and video_roots).")
+    sampling = FrameSampling.from_dict(recipe.sampling)
+    cache = None
+    if recipe.feature_cache_mb and recipe.tune["vision_tower"] == "frozen" and recipe.dataloader_workers == 0:
+        cache = shared_feature_cache(recipe.feature_cache_mb << 20)
+        cache.bind(model.vision_tower, sampling)
+    dataset = VideoConversationDataset(samples, tokenizer=model.tokenizer, image_processor=model.image_processor,
+                                       template=recipe.template, sampling=sampling,
+                                       visual_tokens_for=VisualTokenCount.of(model, sampling.max_frames_taken()),
+                                       max_length=recipe.max_length, feature_cache=cache,
+                                       decode_time_limit_s=recipe.decode_time_limit_s)
+    return dataset, problems, cache
+
+
+class _LogWindow:
+    """The samples, loss and visual tokens since the last log line, for its mean loss and rates."""
+
+    def __init__(self):
+        self.start, self.read, self.loss, self.tokens = time.perf_counter(), 0, 0.0, 0
+
+    def add(self, read: int, loss_sum: float, tokens: int):
+        self.read, self.loss, self.tokens = self.read + read, self.loss + loss_sum, self.tokens + tokens
+
+    def close(self) -> dict:
+        """The window's log values; the next window starts now."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        logs = {"loss": self.loss / max(self.read, 1), "samples_per_s": self.read / elapsed,
+                "visual_tokens_per_s": self.tokens / elapsed}
+        self.__init__()
+        return logs
 
 
 def _save_model(accelerator, step_module, recipe: Recipe, state: dict, finished: bool) -> Path:
