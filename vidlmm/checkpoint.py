@@ -28,7 +28,7 @@ import torch
 
 from .config import TinyLlavaConfig
 from .errors import CheckpointError
-from .model import TinyLlavaVideo, choose_attn_implementation
+from .model import CONNECTOR_RENAMES, TinyLlavaVideo, choose_attn_implementation
 from .vision import TOWERS, tower_type_for
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 TOWER_PREFIX = "vision_tower._vision_tower."
-PUBLISHED_CONNECTOR_PREFIX = "connector._connector."
 # hub downloads: configs, tokenizer files and safetensors only (never pickles: a .bin can run code when loaded)
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
 PINS_ENV = "VIDLMM_HUB_PINS"
@@ -287,7 +286,7 @@ def _renames(tower_type: str) -> tuple[tuple[str, str], ...]:
     """(published prefix, module prefix) pairs: the tower's extra published level (`vision_model.`) that
     transformers 5 modules do not have, and the reference's `Connector` wrapper around the connector module."""
     return ((TOWER_PREFIX + TOWERS[tower_type].published_level, TOWER_PREFIX),
-            (PUBLISHED_CONNECTOR_PREFIX, "connector."))
+            *CONNECTOR_RENAMES)
 
 
 def _rename(key: str, pairs) -> str:

@@ -1,8 +1,10 @@
 """The composed video LMM: vision tower -> connector -> visual tokens spliced into a causal LM.
 
-Module names (`language_model`, `vision_tower._vision_tower`, `connector`) are the published checkpoints' key
-prefixes, but for the connector's: the published files keep it one level down, as `connector._connector.*`, and
-`checkpoint.py` renames that prefix at load and back at save.
+`TinyLlavaVideo` is a transformers `PreTrainedModel` (registered with the auto classes by `vidlmm.hf`). Module
+names (`language_model`, `vision_tower._vision_tower`, `connector`) are the published checkpoints' key prefixes,
+but for two levels: the published files keep the connector one level down, as `connector._connector.*` (renamed
+at load and back at save: `CONNECTOR_RENAMES`, read by transformers' key conversion and by `checkpoint.py`), and
+SigLIP / CLIP towers one level up, as `vision_model.*` (transformers' own conversion of its vision models).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from .config import TinyLlavaConfig
 from .connectors import ConnectorOutput, TokenLayout, connector_kwargs_from_config, create_connector
@@ -19,6 +22,8 @@ from .conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from .vision import VisionTower, build_transformers_config, tower_type_for
 
 log = logging.getLogger(__name__)
+# (published prefix, module prefix): the reference's `Connector` wrapper keeps the connector one level down
+CONNECTOR_RENAMES = (("connector._connector.", "connector."),)
 
 
 def choose_attn_implementation(device: torch.device | str, need_weights: bool = False) -> str:
@@ -30,14 +35,23 @@ def choose_attn_implementation(device: torch.device | str, need_weights: bool = 
     return "sdpa"
 
 
-class TinyLlavaVideo(nn.Module):
+class TinyLlavaVideo(PreTrainedModel):
     """A TinyLLaVA-Video model. `tokenizer` is attached by the loader (it is not a module)."""
 
-    def __init__(self, config: TinyLlavaConfig, attn_implementation: str = "sdpa"):
-        super().__init__()
+    config_class = TinyLlavaConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    # the towers' weights the features never use (SigLIP's pooling head, the post-norms) may be absent
+    _keys_to_ignore_on_load_missing = [r"^vision_tower\._vision_tower\.(head|post_layernorm|layernorm)\."]
+
+    def __init__(self, config: TinyLlavaConfig, attn_implementation: str | None = None):
+        super().__init__(config)
         from transformers import AutoModelForCausalLM
 
-        self.config = config
+        attn_implementation = attn_implementation or config._attn_implementation or "sdpa"
         text_config = dict(config.text_config, model_type=config.llm_type)
         self.language_model = AutoModelForCausalLM.from_config(
             build_transformers_config("text", text_config), attn_implementation=attn_implementation)
@@ -47,6 +61,11 @@ class TinyLlavaVideo(nn.Module):
                                         select_strategy=config.vision_feature_select_strategy)
         self.connector = create_connector(config.connector_type, **connector_kwargs_from_config(config))
         self.tokenizer = None
+        self.post_init()
+
+    def _init_weights(self, module):
+        """Nothing: the parts initialise themselves (the LM and the tower as transformers models, the connector in
+        its constructor and `init_connector_weights`); loading fills every other weight."""
 
     # ---- shapes and maps -------------------------------------------------------------------------------
     @property
@@ -169,8 +188,26 @@ class TinyLlavaVideo(nn.Module):
         return embeds, mask, (labels.to(embeds.device) if labels is not None else None)
 
     # ---- language model --------------------------------------------------------------------------------
-    def forward(self, inputs_embeds, attention_mask=None, labels=None, **kwargs):
-        """Training / scoring pass on spliced embeddings (see `build_inputs`). Returns the LLM's output."""
+    def splice(self, input_ids: torch.Tensor, pixel_values_videos: torch.Tensor | None, attention_mask=None,
+               labels=None, padding_side: str = "right"):
+        """The processor's batch (ids with one video placeholder per row, padding marked by the mask,
+        pixel_values_videos [B, T, 3, S, S]) -> (inputs_embeds, attention_mask, labels) for the LLM, re-padded
+        on `padding_side`."""
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        rows = [ids[m.bool()].tolist() for ids, m in zip(input_ids.cpu(), mask.cpu())]
+        rows_labels = None if labels is None else [lab[m.bool()].tolist() for lab, m in zip(labels.cpu(), mask.cpu())]
+        visual = [None] * len(rows)
+        if pixel_values_videos is not None:
+            visual = [self.connect(self.encode_frames(pixels)) for pixels in pixel_values_videos]
+        return self.build_inputs(rows, visual, rows_labels, padding_side=padding_side)
+
+    def forward(self, inputs_embeds=None, attention_mask=None, labels=None, *, input_ids=None,
+                pixel_values_videos=None, **kwargs):
+        """Training / scoring pass on spliced embeddings (see `build_inputs`), or on the processor's batch
+        (`input_ids` + `pixel_values_videos`). Returns the LLM's output."""
+        if inputs_embeds is None:
+            inputs_embeds, attention_mask, labels = self.splice(input_ids, pixel_values_videos, attention_mask,
+                                                                labels)
         position_ids = None
         if attention_mask is not None:  # right- or left-padded rows count positions from their first token
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -178,9 +215,15 @@ class TinyLlavaVideo(nn.Module):
                                    position_ids=position_ids, labels=labels, **kwargs)
 
     @torch.no_grad()
-    def generate(self, inputs_embeds, attention_mask, *, max_new_tokens: int = 512, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, streamer=None, **kwargs) -> torch.Tensor:
-        """Generate from spliced embeddings; returns only the new token ids [B, K] (EOS included if hit)."""
+    def generate(self, inputs_embeds=None, attention_mask=None, *, input_ids=None, pixel_values_videos=None,
+                 max_new_tokens: int = 512, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 streamer=None, **kwargs) -> torch.Tensor:
+        """Generate from spliced embeddings, or from the processor's batch (`input_ids` + `pixel_values_videos`);
+        returns only the new token ids [B, K] (EOS included if hit). The LLM's own `generate` does the work, so
+        transformers' streamers, stopping criteria and logits processors pass through `kwargs`."""
+        if inputs_embeds is None:
+            inputs_embeds, attention_mask, _ = self.splice(input_ids, pixel_values_videos, attention_mask,
+                                                           padding_side="left")
         eos = self.config.eos_token_id
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else eos
         gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos, pad_token_id=pad,
@@ -224,3 +267,9 @@ def init_connector_weights(model: TinyLlavaVideo, seed: int = 0, initializer_ran
         for name, param in model.connector.named_parameters():
             if name.endswith("latents"):
                 param.copy_(torch.randn(param.shape, generator=gen))
+
+
+# the model is complete: register it with transformers' auto classes (see vidlmm/__init__.py)
+from .hf import register  # noqa: E402
+
+register()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -80,17 +80,16 @@ def connector_variants(config, related: bool = False) -> dict:
     largest square <= Q/16 queries per frame, and "pool", "tome", "topk" with a budget of Q tokens per video
     (tokens per frame = min(Q // frames, P), pool floored to a square)."""
     q, g = int(config.num_queries), int(config.group or 16)
-    variants = {"naive": replace(config, connector_type="naiveresampler", group=None),
-                "group": replace(config, connector_type="groupresampler", group=g),
-                "image-level": replace(config, connector_type="resampler", num_queries=max(1, q // 16), group=None),
-                "mlp": replace(config, connector_type="mlp2x_gelu", group=None)}
+    variants = {"naive": config.replace(connector_type="naiveresampler", group=None),
+                "group": config.replace(connector_type="groupresampler", group=g),
+                "image-level": config.replace(connector_type="resampler", num_queries=max(1, q // 16), group=None),
+                "mlp": config.replace(connector_type="mlp2x_gelu", group=None)}
     if related:
-        budget_keys = ("frame_tokens", "token_budget", "max_frame_tokens")
-        extra = {k: v for k, v in config.extra.items() if k not in budget_keys}
-        variants["llava-mini"] = replace(config, connector_type="llava_mini", group=None,
-                                         num_queries=math.isqrt(max(1, q // 16)) ** 2)
-        for name in ("pool", "tome", "topk"):
-            variants[name] = replace(config, connector_type=name, group=None, extra={**extra, "token_budget": q})
+        variants["llava-mini"] = config.replace(connector_type="llava_mini", group=None,
+                                                num_queries=math.isqrt(max(1, q // 16)) ** 2)
+        for name in ("pool", "tome", "topk"):  # the budget in tokens per video, no other budget key kept
+            variants[name] = config.replace(connector_type=name, group=None, token_budget=q, frame_tokens=None,
+                                            max_frame_tokens=None)
     return variants
 
 

@@ -1,0 +1,125 @@
+"""TinyLLaVA-Video as a transformers model: after `import vidlmm`, AutoModelForCausalLM / AutoProcessor load the
+published layout offline and generate the reference's ids; save_pretrained writes the published key names back."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+import vidlmm  # noqa: F401 - registers the auto classes
+from tests.reference_impl import ref_answer_ids
+from vidlmm.checkpoint import load_model
+
+QUESTION = "What colour is the square, and where does it go?"
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def auto_load(folder):
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    return model, AutoProcessor.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("name", ["group", "naive", "legacy"])
+def test_auto_classes_load_the_published_layout_and_generate_the_reference_ids(tiny_checkpoints, small_video,
+                                                                                no_network, name):
+    from vidlmm.hf import TinyLlavaProcessor
+    from vidlmm.model import TinyLlavaVideo
+
+    folder = tiny_checkpoints[name]
+    model, processor = auto_load(folder)
+    assert type(model) is TinyLlavaVideo and type(processor) is TinyLlavaProcessor
+    ours = load_model(folder)  # the library's own reader of the same files: every weight the same
+    a, b = model.state_dict(), ours.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    lm = model.language_model
+    assert lm.lm_head.weight.data_ptr() == lm.get_input_embeddings().weight.data_ptr()  # tied, not loaded twice
+
+    inputs = processor(text=QUESTION, videos=small_video, num_frames=16, return_tensors="pt")
+    assert inputs["pixel_values_videos"].shape == (1, 16, 3, 56, 56)
+    assert (inputs["input_ids"] == -200).sum() == 1
+    out = model.generate(**inputs, max_new_tokens=24)
+    model.tokenizer = processor.tokenizer  # the independent reference path reads the model's modules and tokenizer
+    expected, _ = ref_answer_ids(model, small_video, QUESTION, num_frames=16, max_new_tokens=24)
+    assert out[0].tolist() == expected and len(set(expected)) > 3
+    assert processor.batch_decode(out)[0] == processor.tokenizer.decode(expected)
+
+
+def test_save_pretrained_writes_the_published_names_and_round_trips(tiny_checkpoints, small_video, tmp_path,
+                                                                     no_network):
+    model, processor = auto_load(tiny_checkpoints["group"])
+    inputs = processor(text=QUESTION, videos=small_video, num_frames=16)
+    before = model.generate(**inputs, max_new_tokens=16)
+    model.save_pretrained(tmp_path / "copy")
+    with safe_open(str(tmp_path / "copy" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "connector._connector.latents" in keys and not any(k.startswith("connector.l") for k in keys)
+    assert "vision_tower._vision_tower.vision_model.embeddings.patch_embedding.weight" in keys
+    assert "language_model.lm_head.weight" not in keys  # tied: written once, as the published files do
+    config = json.loads((tmp_path / "copy" / "config.json").read_text())
+    assert config["model_type"] == "tinyllava" and config["architectures"] == ["TinyLlavaForConditionalGeneration"]
+    assert config["connector_type"] == "groupresampler" and config["group"] == 4
+    again = load_model(tmp_path / "copy", tokenizer=False)  # the library's reader takes transformers' files too
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "copy").eval()
+    assert torch.equal(reloaded.generate(**inputs, max_new_tokens=16), before)
+    a, b = again.state_dict(), reloaded.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_processor_batches_questions_and_takes_frames(tiny_checkpoints, small_video, no_network):
+    from vidlmm.video import FrameSampling, read_video
+
+    model, processor = auto_load(tiny_checkpoints["naive"])
+    frames = read_video(small_video, FrameSampling.uniform(16)).sampled_frames()
+    one = processor(text=QUESTION, videos=frames)  # already sampled frames: the checkpoint's own sampling not used
+    assert torch.equal(one["pixel_values_videos"],
+                       processor(text=QUESTION, videos=small_video, num_frames=16)["pixel_values_videos"])
+    batch = processor(text=[QUESTION, "Is it red?"], videos=[small_video, small_video], num_frames=16)
+    assert batch["input_ids"].shape[0] == 2 and batch["attention_mask"][1, 0] == 0  # left-padded
+    both = model.generate(**batch, max_new_tokens=8)
+    alone = model.generate(**processor(text="Is it red?", videos=small_video, num_frames=16), max_new_tokens=8)
+    assert model.trim_at_eos(both[1].tolist()) == model.trim_at_eos(alone[0].tolist())
+    with pytest.raises(ValueError, match="one video per question"):
+        processor(text=[QUESTION, QUESTION], videos=small_video)
+    with pytest.raises(ValueError, match="uint8"):
+        processor(text=QUESTION, videos=np.zeros((2, 8, 8, 3), np.float32))
+
+
+def test_forward_on_the_processor_batch_gives_the_training_loss(tiny_checkpoints, small_video):
+    """model(**inputs, labels=...) splices like generate: the loss equals the one from the spliced embeddings."""
+    model, processor = auto_load(tiny_checkpoints["group"])
+    inputs = processor(text=QUESTION, videos=small_video, num_frames=16)
+    labels = inputs["input_ids"].clone()
+    labels[labels < 0] = -100
+    loss = model(**inputs, labels=labels).loss
+    embeds, mask, spliced_labels = model.splice(inputs["input_ids"], inputs["pixel_values_videos"],
+                                                inputs["attention_mask"], labels)
+    assert torch.isfinite(loss) and torch.allclose(loss, model(embeds, mask, spliced_labels).loss)
+
+
+def test_import_vidlmm_stays_cheap_and_registers_when_transformers_arrives():
+    code = ("import sys, vidlmm; heavy = {'torch', 'transformers'} & set(sys.modules)\n"
+            "from transformers import AutoConfig, AutoModelForCausalLM\n"
+            "from transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
+            "print(sorted(heavy), CONFIG_MAPPING['tinyllava'].__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[]", "TinyLlavaConfig"]
