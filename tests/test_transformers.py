@@ -123,3 +123,23 @@ def test_import_vidlmm_stays_cheap_and_registers_when_transformers_arrives():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["[]", "TinyLlavaConfig"]
+
+
+def test_config_keeps_unknown_keys_and_a_top_level_eos_it_does_not_use(tiny_checkpoints):
+    """A published config.json round-trips through the transformers config class: unknown keys (the reference's
+    training settings) come back unchanged, nothing of transformers' own defaults is added, and a top-level
+    eos_token_id is kept but the LLM's (text_config) stays the one generation stops at."""
+    from transformers import AutoConfig
+
+    from vidlmm.config import TinyLlavaConfig
+
+    data = json.loads((tiny_checkpoints["naive"] / "config.json").read_text())
+    data.update({"tune_type_llm": "full", "cache_dir": None, "eos_token_id": 7})
+    config = TinyLlavaConfig.from_dict(data)
+    assert config.to_dict() == data
+    assert config.eos_token_id == data["text_config"]["eos_token_id"] != 7
+    assert {"tune_type_llm": "full", "cache_dir": None, "eos_token_id": 7}.items() <= config.extra.items()
+    assert not set(config.extra) & {"output_hidden_states", "return_dict", "id2label", "dtype"}
+    assert type(AutoConfig.from_pretrained(tiny_checkpoints["naive"])) is TinyLlavaConfig
+    with pytest.raises(ValueError, match="model_type 'llava'"):
+        TinyLlavaConfig.from_dict({**data, "model_type": "llava"})

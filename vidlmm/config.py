@@ -104,7 +104,8 @@ class TinyLlavaConfig(PreTrainedConfig):
     @property
     def extra(self) -> dict:
         """The keys of config.json that are not fields (the reference's training settings, compressor settings)."""
-        return {k: getattr(self, k) for k in self._extra_keys if hasattr(self, k)}
+        shadowed = self.__dict__.get("_shadowed", {})  # keys a property of this class reads otherwise
+        return {k: shadowed[k] if k in shadowed else getattr(self, k) for k in self._extra_keys if hasattr(self, k)}
 
     def replace(self, **changes) -> "TinyLlavaConfig":
         """A copy with some keys changed (None drops an extra key)."""
@@ -143,8 +144,13 @@ class TinyLlavaConfig(PreTrainedConfig):
 
     @property
     def eos_token_id(self) -> int | None:
+        """The LLM's end of sequence (text_config's, as the reference generates; the first of a list)."""
         eos = self.text_config.get("eos_token_id")
         return eos[0] if isinstance(eos, list) else eos
+
+    @eos_token_id.setter
+    def eos_token_id(self, value):  # a top-level key in config.json: kept and saved back, not used
+        self.__dict__.setdefault("_shadowed", {})["eos_token_id"] = value
 
 
 _FIELDS = [name for name in TinyLlavaConfig.__dataclass_fields__
