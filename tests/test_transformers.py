@@ -143,3 +143,52 @@ def test_config_keeps_unknown_keys_and_a_top_level_eos_it_does_not_use(tiny_chec
     assert type(AutoConfig.from_pretrained(tiny_checkpoints["naive"])) is TinyLlavaConfig
     with pytest.raises(ValueError, match="model_type 'llava'"):
         TinyLlavaConfig.from_dict({**data, "model_type": "llava"})
+
+
+@pytest.mark.parametrize("mode", ["8bit", "4bit"])
+def test_bitsandbytes_config_on_cpu_is_the_library_quantization(tiny_checkpoints, small_video, mode):
+    """`BitsAndBytesConfig` through from_pretrained quantizes the LLM only (the tower, the connector and the tied
+    lm_head stay full precision) and gives the very logits of `load_model(quantization=...)`, whose error
+    against full precision tests/test_quantize.py measures (NF4 with double quantization, as ours)."""
+    from tests.test_quantize import _bitsandbytes_problem
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if problem := _bitsandbytes_problem():
+        pytest.skip(problem)
+    folder = tiny_checkpoints["group"]
+    config = BitsAndBytesConfig(load_in_8bit=True) if mode == "8bit" else BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_use_double_quant=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config)
+    ours = load_model(folder, quantization=mode)
+    quantized = {name for name, m in model.named_modules() if type(m).__name__ in ("Linear8bitLt", "Linear4bit")}
+    assert quantized == {name for name, m in ours.named_modules() if type(m).__name__ in ("Linear8bitLt",
+                                                                                         "Linear4bit")}
+    assert quantized and all(name.startswith("language_model.model.layers.") for name in quantized)
+    _, processor = auto_load(folder)
+    inputs = processor(text=QUESTION, videos=small_video, num_frames=16)
+    with torch.no_grad():
+        logits = [m(*m.splice(inputs["input_ids"], inputs["pixel_values_videos"], inputs["attention_mask"])[:2])
+                  .logits for m in (model, ours)]
+    assert torch.equal(logits[0], logits[1])
+
+
+def test_from_pretrained_options_reach_the_parts(tiny_checkpoints, small_video):
+    """dtype and attn_implementation reach the LLM built inside the model; a transformers streamer streams."""
+    import threading
+
+    from transformers import AutoModelForCausalLM, TextIteratorStreamer
+
+    folder = tiny_checkpoints["group"]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="eager")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.language_model.config._attn_implementation == "eager"
+    model, processor = auto_load(folder)
+    inputs = processor(text=QUESTION, videos=small_video, num_frames=16)
+    whole = processor.batch_decode(model.generate(**inputs, max_new_tokens=12))[0]
+    streamer = TextIteratorStreamer(processor.tokenizer)
+    worker = threading.Thread(target=model.generate, kwargs=dict(**inputs, max_new_tokens=12, streamer=streamer))
+    worker.start()
+    pieces = list(streamer)
+    worker.join()
+    assert "".join(pieces) == whole and len([p for p in pieces if p]) > 1

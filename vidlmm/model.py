@@ -53,8 +53,10 @@ class TinyLlavaVideo(PreTrainedModel):
 
         attn_implementation = attn_implementation or config._attn_implementation or "sdpa"
         text_config = dict(config.text_config, model_type=config.llm_type)
+        # the dtype being built in (from_pretrained's `dtype`), not the one text_config was saved with
         self.language_model = AutoModelForCausalLM.from_config(
-            build_transformers_config("text", text_config), attn_implementation=attn_implementation)
+            build_transformers_config("text", text_config), attn_implementation=attn_implementation,
+            dtype=torch.get_default_dtype())
         self.tower_type = tower_type_for(config.vision_config, config.vision_model_name_or_path)
         self.vision_tower = VisionTower(config.vision_config, tower_type=self.tower_type,
                                         feature_layer=config.vision_feature_layer,
@@ -62,6 +64,16 @@ class TinyLlavaVideo(PreTrainedModel):
         self.connector = create_connector(config.connector_type, **connector_kwargs_from_config(config))
         self.tokenizer = None
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, quantization_config=None, **kwargs):
+        """transformers' `from_pretrained`; a bitsandbytes `quantization_config` that names no modules to skip
+        quantizes the LLM only, like `load_model(quantization=...)`: the tower and the connector (whose attention
+        this project shows) and the tied `lm_head` stay in full precision."""
+        skip = getattr(quantization_config, "llm_int8_skip_modules", "absent")
+        if skip is None:
+            quantization_config.llm_int8_skip_modules = ["vision_tower", "connector", "lm_head"]
+        return super().from_pretrained(*args, quantization_config=quantization_config, **kwargs)
 
     def _init_weights(self, module):
         """Nothing: the parts initialise themselves (the LM and the tower as transformers models, the connector in
