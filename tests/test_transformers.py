@@ -192,3 +192,15 @@ def test_from_pretrained_options_reach_the_parts(tiny_checkpoints, small_video):
     pieces = list(streamer)
     worker.join()
     assert "".join(pieces) == whole and len([p for p in pieces if p]) > 1
+
+
+def test_save_pretrained_of_a_model_transformers_did_not_load_writes_the_published_names(tiny_checkpoints,
+                                                                                        tmp_path):
+    """transformers keeps the key conversions only for models it loaded; ours keep theirs from construction, so a
+    model from load_model (or training) saves the very key names of the published files."""
+    from vidlmm.checkpoint import read_state_dict
+
+    folder = tiny_checkpoints["group"]
+    load_model(folder).save_pretrained(tmp_path / "copy", max_shard_size=300_000)
+    written, published = read_state_dict(tmp_path / "copy"), read_state_dict(folder)
+    assert set(written) == set(published) and all(torch.equal(written[k], published[k]) for k in published)

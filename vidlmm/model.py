@@ -64,6 +64,11 @@ class TinyLlavaVideo(PreTrainedModel):
         self.connector = create_connector(config.connector_type, **connector_kwargs_from_config(config))
         self.tokenizer = None
         self.post_init()
+        # the key conversions save_pretrained reverts, whichever way the model was made (transformers keeps them
+        # only for models it loaded, and drops the tower's `vision_model.` level for the others)
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        self._weight_conversions = get_model_conversion_mapping(self)
 
     @classmethod
     def from_pretrained(cls, *args, quantization_config=None, **kwargs):
