@@ -204,3 +204,28 @@ def test_save_pretrained_of_a_model_transformers_did_not_load_writes_the_publish
     load_model(folder).save_pretrained(tmp_path / "copy", max_shard_size=300_000)
     written, published = read_state_dict(tmp_path / "copy"), read_state_dict(folder)
     assert set(written) == set(published) and all(torch.equal(written[k], published[k]) for k in published)
+
+
+def test_from_pretrained_reads_the_stage1_split_layout_and_refuses_missing_weights(tiny_checkpoints, tmp_path,
+                                                                                   no_network):
+    """The reference's stage-1 output (sub-folders of pytorch_model.bin) loads like the merged files; a file
+    without the connector's weights is an error naming them, not a model with random connector weights."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from vidlmm.errors import CheckpointError
+
+    split = tiny_checkpoints["split"]
+    model = AutoModelForCausalLM.from_pretrained(split)
+    a, b = model.state_dict(), load_model(split).state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+    broken = tmp_path / "no-connector"
+    shutil.copytree(tiny_checkpoints["naive"], broken)
+    weights = load_file(broken / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("connector.")}, broken / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="missing keys .*connector.latents"):
+        AutoModelForCausalLM.from_pretrained(broken)

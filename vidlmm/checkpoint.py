@@ -189,7 +189,7 @@ class CheckpointWeights:
                 self._open_safetensors(path)
         elif (self.folder / "model.safetensors").is_file():
             self._open_safetensors(weight_file(self.folder, "model.safetensors"))
-        elif all((self.folder / sub / "pytorch_model.bin").is_file() for sub in ("language_model", "vision_tower")):
+        elif is_split_layout(self.folder):
             self._tensors = self._read_split_layout()
             self._shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
         else:
@@ -273,6 +273,13 @@ def read_state_dict(folder: Path, device: str | torch.device = "cpu") -> dict[st
 
 # the reference's stage-1 sub-folders and the published-key prefix each one's keys sit under
 SPLIT_PREFIXES = {"language_model": "language_model.", "vision_tower": TOWER_PREFIX, "connector": "connector."}
+
+
+def is_split_layout(folder: Path) -> bool:
+    """The reference's stage-1 output: no merged weights at the root, sub-folders with pytorch_model.bin."""
+    folder = Path(folder)
+    return not any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")) \
+        and all((folder / sub / "pytorch_model.bin").is_file() for sub in ("language_model", "vision_tower"))
 
 
 def read_split_layout(folder: Path, device="cpu") -> dict[str, torch.Tensor]:

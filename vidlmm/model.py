@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 
 import torch
 from torch import nn
@@ -71,14 +72,37 @@ class TinyLlavaVideo(PreTrainedModel):
         self._weight_conversions = get_model_conversion_mapping(self)
 
     @classmethod
-    def from_pretrained(cls, *args, quantization_config=None, **kwargs):
-        """transformers' `from_pretrained`; a bitsandbytes `quantization_config` that names no modules to skip
-        quantizes the LLM only, like `load_model(quantization=...)`: the tower and the connector (whose attention
-        this project shows) and the tied `lm_head` stay in full precision."""
-        skip = getattr(quantization_config, "llm_int8_skip_modules", "absent")
-        if skip is None:
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, quantization_config=None, **kwargs):
+        """transformers' `from_pretrained`, and two things it does not know: the reference's stage-1 split layout
+        (sub-folders of pytorch_model.bin, read with weights_only and loaded like merged files), and a bitsandbytes
+        `quantization_config` that names no modules to skip quantizes the LLM only, like `load_model(quantization=
+        ...)`: the tower and the connector (whose attention this project shows) and the tied `lm_head` stay in full
+        precision."""
+        if getattr(quantization_config, "llm_int8_skip_modules", "absent") is None:
             quantization_config.llm_int8_skip_modules = ["vision_tower", "connector", "lm_head"]
-        return super().from_pretrained(*args, quantization_config=quantization_config, **kwargs)
+        kwargs["quantization_config"] = quantization_config
+        wants_info = kwargs.pop("output_loading_info", False)
+        folder = pretrained_model_name_or_path
+        if folder is not None and os.path.isdir(folder):
+            from .checkpoint import is_split_layout, read_split_layout
+
+            if is_split_layout(folder):
+                kwargs["config"] = kwargs.get("config") or TinyLlavaConfig.from_json_file(
+                    os.path.join(folder, "config.json"))
+                kwargs["state_dict"] = read_split_layout(folder)
+                pretrained_model_name_or_path = None
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                              **kwargs)
+        # strict, as `load_model`: a weight left at its initial value would answer nonsense without an error
+        problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys",
+                                                                     "mismatched_keys")}
+        if any(problems.values()):
+            from .errors import CheckpointError
+
+            parts = [f"{len(keys)} {kind.replace('_', ' ')} ({', '.join(map(str, keys[:4]))}"
+                     f"{', ...' if len(keys) > 4 else ''})" for kind, keys in problems.items() if keys]
+            raise CheckpointError("Checkpoint does not match the model: " + "; ".join(parts) + ".")
+        return (model, info) if wants_info else model
 
     def _init_weights(self, module):
         """Nothing: the parts initialise themselves (the LM and the tower as transformers models, the connector in
