@@ -45,8 +45,15 @@ def make_plan(recipe: Recipe) -> dict:
     model = _meta_model(recipe)
     per_part = {}
     for part in PARTS:
-        params = sum(p.numel() for p in dict.fromkeys(getattr(model, part).parameters()))
-        per_part[part] = {"parameters": params, "trainable": params if recipe.tune[part] == "full" else 0}
+        module = getattr(model, part)
+        params = sum(p.numel() for p in dict.fromkeys(module.parameters()))
+        trainable = params if recipe.tune[part] == "full" else 0
+        if recipe.tune[part] == "lora":  # A [r, in] and B [out, r] per targeted linear
+            targets = set(recipe.lora["target_modules"])
+            trainable = sum(int(recipe.lora["r"]) * (m.in_features + m.out_features)
+                            for name, m in module.named_modules()
+                            if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets)
+        per_part[part] = {"parameters": params, "trainable": trainable}
     samples, source = count_samples(recipe)
     steps = recipe.optimizer_steps(samples)
     frames = recipe.sampling.get("num_frames", 16) if recipe.sampling.get("mode") == "uniform" else 16

@@ -17,11 +17,16 @@ import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PARTS = ("language_model", "vision_tower", "connector")
+# LoRA on every linear of a Qwen2 decoder layer (the LLM's attention and MLP), PEFT's usual rank and scale
+LORA_DEFAULTS = {"r": 8, "alpha": 16, "dropout": 0.05,
+                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
 
 @dataclass
 class Recipe:
-    """One training stage. `tune` says, per part, `full` (trained) or `frozen`.
+    """One training stage. `tune` says, per part, `full` (trained) or `frozen`; the language model may also be
+    `lora` (PEFT adapters on `lora.target_modules`, the base frozen; merged into the saved model, the adapter
+    saved beside it in `model/adapter`).
 
     global_batch_size = per_device_batch_size x num_processes x gradient accumulation; the accumulation is
     derived, so the global batch holds whatever the number of processes.
@@ -32,6 +37,7 @@ class Recipe:
     template: str = "pretrain"                 # pretrain | qwen2_base
     tune: dict = field(default_factory=lambda: {"language_model": "frozen", "vision_tower": "frozen",
                                                 "connector": "full"})
+    lora: dict = field(default_factory=lambda: dict(LORA_DEFAULTS))
     learning_rate: float = 1e-4
     global_batch_size: int = 128
     per_device_batch_size: int = 8
@@ -101,6 +107,14 @@ def _coerce(value: str):
     return yaml.safe_load(value)
 
 
+def check_tune(tune: dict) -> None:
+    if set(tune) != set(PARTS) or not set(tune.values()) <= {"full", "frozen", "lora"}:
+        raise ValueError(f"tune must give full|frozen for each of {', '.join(PARTS)} (lora: the language model).")
+    if any(tune[part] == "lora" for part in PARTS if part != "language_model"):
+        raise ValueError("tune: lora is for the language model (the connector is small enough to train in full, "
+                         "the tower's features are what the connector's attention is read against).")
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
     """Read a YAML recipe and apply `key=value` overrides (values parsed as YAML: 1e-4, true, [a, b])."""
     path = Path(path)
@@ -131,8 +145,11 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
         if isinstance(data.get(name), str) and _NUMBER.match(data[name].strip()):
             data[name] = float(data[name])
     recipe = Recipe(**data)
-    if set(recipe.tune) != set(PARTS) or not set(recipe.tune.values()) <= {"full", "frozen"}:
-        raise ValueError(f"tune must give full|frozen for each of {', '.join(PARTS)}.")
+    check_tune(recipe.tune)
+    recipe.lora = {**LORA_DEFAULTS, **(recipe.lora or {})}
+    if set(recipe.lora) != set(LORA_DEFAULTS):
+        unknown = ", ".join(sorted(set(recipe.lora) - set(LORA_DEFAULTS)))
+        raise ValueError(f"lora takes {', '.join(LORA_DEFAULTS)}, not {unknown}.")
     if not recipe.decode_time_limit_s >= 0:
         raise ValueError("decode_time_limit_s must be a number of seconds (0 turns the isolated decoder off).")
     recipe.gradient_accumulation_steps  # validates the batch arithmetic

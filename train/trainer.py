@@ -29,7 +29,7 @@ from vidlmm.conversation import IGNORE_INDEX
 from vidlmm.video import FrameSampling
 
 from .data import VideoConversationDataset, VisualTokenCount, collate, load_annotations, shared_feature_cache
-from .recipe import PARTS, Recipe
+from .recipe import LORA_DEFAULTS, PARTS, Recipe, check_tune
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +83,37 @@ def build_model(recipe: Recipe):
 
 
 def apply_tuning(model, recipe: Recipe) -> dict[str, int]:
-    """Freeze / unfreeze each part as the recipe says; returns trainable parameters per part."""
+    """Freeze / unfreeze each part as the recipe says (`lora`: PEFT adapters on the language model, its own
+    weights frozen); returns trainable parameters per part."""
+    check_tune(recipe.tune)
     for part in PARTS:
         trainable = recipe.tune[part] == "full"
         module = getattr(model, part)
         module.requires_grad_(trainable)
         module.train(trainable)
+    if recipe.tune["language_model"] == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = {**LORA_DEFAULTS, **recipe.lora}
+        config = LoraConfig(r=int(lora["r"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora["dropout"]),
+                            target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM")
+        model.language_model = get_peft_model(model.language_model, config)  # only the adapters train
+        model.language_model.train()
     if recipe.gradient_checkpointing and recipe.tune["language_model"] == "full":
         model.language_model.gradient_checkpointing_enable()
     return trainable_parameters(model)
+
+
+def merge_adapter(model, adapter_dir: Path | None = None):
+    """Fold a LoRA-wrapped language model back into plain weights (in place), after saving its adapter to
+    `adapter_dir` (PEFT's layout: adapter_config.json + adapter_model.safetensors); nothing without LoRA."""
+    from peft import PeftModel
+
+    if isinstance(model.language_model, PeftModel):
+        if adapter_dir is not None:
+            model.language_model.save_pretrained(adapter_dir)
+        model.language_model = model.language_model.merge_and_unload()
+    return model
 
 
 def trainable_parameters(model) -> dict[str, int]:
@@ -391,6 +413,7 @@ def _save_model(accelerator, step_module, recipe: Recipe, state: dict, finished:
     out = Path(recipe.output_dir) / ("model" if finished else f"model-step-{state['step']}")
     if accelerator.is_main_process:
         model.eval()
+        merge_adapter(model, out / "adapter")  # the end of the run: the model is saved with the adapter merged
         if recipe.stage == "pretrain":
             save_split_layout(model, out)  # the reference's stage-1 output, read back by stage 2
         else:
