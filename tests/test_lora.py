@@ -99,3 +99,29 @@ def test_lora_is_for_the_language_model_only(tmp_path):
         load_recipe(bad)
     with pytest.raises(ValueError, match="lora takes"):
         load_recipe(write_recipe(tmp_path / "typo.yaml", lora={"rank": 4}))
+
+
+def test_two_cpu_processes_train_the_adapters_of_one(tmp_path, tiny_world, base, lora_run):
+    """Under `accelerate launch` (two CPU processes, gloo, one sample each per step) the adapters end as in the
+    one-process run accumulating the same global batch of two."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.test_train import ROOT
+
+    recipe = lora_recipe(tmp_path, tiny_world, base, "two")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "train/configs/cpu_2proc.yaml",
+           "--main_process_port", str(port), "-m", "train", "run", str(recipe), "--no-progress"]
+    double = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert "accumulation 1" in double.stdout + double.stderr
+    a = load_file(lora_run / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "model" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert max(a[k].abs().max().item() for k in a if "lora_B" in k) > 1e-3  # B starts at zero: it trained
