@@ -26,6 +26,18 @@ except ImportError:  # decord is optional: read_video falls back to PyAV / OpenC
     pass
 
 
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """Folders of tiny checkpoints: group (sharded), naive, legacy `resamplerwithpe`, image-level, split layout.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -14,17 +13,6 @@ from safetensors.torch import load_file, save_file
 from vidlmm.checkpoint import load_model, read_state_dict, save_model
 from vidlmm.connectors import GroupResampler, ImageResampler, NaiveResampler
 from vidlmm.errors import CheckpointError
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to open a connection fails the test."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def published_keys(folder):

@@ -4,7 +4,6 @@ published layout offline and generate the reference's ids; save_pretrained write
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 
@@ -18,15 +17,6 @@ from tests.reference_impl import ref_answer_ids
 from vidlmm.checkpoint import load_model
 
 QUESTION = "What colour is the square, and where does it go?"
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def auto_load(folder):
