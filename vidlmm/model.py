@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from .config import TinyLlavaConfig
 from .connectors import ConnectorOutput, TokenLayout, connector_kwargs_from_config, create_connector
 from .conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from .vision import VisionTower, build_transformers_config, tower_type_for
+from .vision import TOWERS, VisionTower, build_transformers_config, tower_type_for
 
 log = logging.getLogger(__name__)
 # (published prefix, module prefix): the reference's `Connector` wrapper keeps the connector one level down
@@ -46,7 +46,8 @@ class TinyLlavaVideo(PreTrainedModel):
     _supports_flash_attn = True
     _supports_attention_backend = True
     # the towers' weights the features never use (SigLIP's pooling head, the post-norms) may be absent
-    _keys_to_ignore_on_load_missing = [r"^vision_tower\._vision_tower\.(head|post_layernorm|layernorm)\."]
+    _keys_to_ignore_on_load_missing = [r"^vision_tower\._vision_tower\.(" + "|".join(sorted(
+        {p.rstrip(".") for spec in TOWERS.values() for p in spec.unused_prefixes})) + r")\."]
 
     def __init__(self, config: TinyLlavaConfig, attn_implementation: str | None = None):
         super().__init__(config)
