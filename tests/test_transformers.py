@@ -65,6 +65,8 @@ def test_save_pretrained_writes_the_published_names_and_round_trips(tiny_checkpo
     config = json.loads((tmp_path / "copy" / "config.json").read_text())
     assert config["model_type"] == "tinyllava" and config["architectures"] == ["TinyLlavaForConditionalGeneration"]
     assert config["connector_type"] == "groupresampler" and config["group"] == 4
+    published = json.loads((tiny_checkpoints["group"] / "generation_config.json").read_text())
+    assert json.loads((tmp_path / "copy" / "generation_config.json").read_text()) == published
     again = load_model(tmp_path / "copy", tokenizer=False)  # the library's reader takes transformers' files too
     from transformers import AutoModelForCausalLM
 

@@ -522,10 +522,7 @@ def save_model(model: TinyLlavaVideo, folder: str | os.PathLike, *, max_shard_by
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
     model.config.save(folder)
-    eos = model.config.eos_token_id
-    generation = {"bos_token_id": model.config.text_config.get("bos_token_id", eos), "eos_token_id": eos,
-                  "use_cache": True}
-    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps(model.config.generation_defaults(), indent=2))
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(folder)
     return folder

@@ -142,6 +142,11 @@ class TinyLlavaConfig(PreTrainedConfig):
                 return key
         raise ValueError("Cannot tell the language model type: text_config has no model_type.")
 
+    def generation_defaults(self) -> dict:
+        """generation_config.json as the published checkpoints have it."""
+        eos = self.eos_token_id
+        return {"bos_token_id": self.text_config.get("bos_token_id", eos), "eos_token_id": eos, "use_cache": True}
+
     @property
     def eos_token_id(self) -> int | None:
         """The LLM's end of sequence (text_config's, as the reference generates; the first of a list)."""

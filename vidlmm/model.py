@@ -10,6 +10,7 @@ SigLIP / CLIP towers one level up, as `vision_model.*` (transformers' own conver
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 
@@ -104,6 +105,14 @@ class TinyLlavaVideo(PreTrainedModel):
                      f"{', ...' if len(keys) > 4 else ''})" for kind, keys in problems.items() if keys]
             raise CheckpointError("Checkpoint does not match the model: " + "; ".join(parts) + ".")
         return (model, info) if wants_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' `save_pretrained` (the published key names, see __init__), plus the published files'
+        generation_config.json (transformers writes one only for its own generation classes)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        path = os.path.join(save_directory, "generation_config.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.config.generation_defaults(), f, indent=2)
 
     def _init_weights(self, module):
         """Nothing: the parts initialise themselves (the LM and the tower as transformers models, the connector in
