@@ -12,6 +12,7 @@ the count per step); skipped samples are recorded in the checkpoint and stay dro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -261,13 +262,78 @@ def optimizer_step(accelerator, module, optimizer, scheduler, rescale: float) ->
     optimizer.zero_grad()
 
 
+# ---- the engine -------------------------------------------------------------------------------------------
+def make_accelerator(recipe: Recipe, output_dir: Path):
+    """The run's Accelerator on whatever `accelerate launch` asked for: one process, data parallel, DeepSpeed
+    ZeRO or FSDP2, on GPUs or on CPU processes with gloo. Sets `recipe.num_processes` (the accumulation that keeps
+    the global batch is derived from it).
+
+    On CPU, accelerate's own `cpu` flag turns DeepSpeed off, and it enables FSDP on accelerators only; so here
+    DeepSpeed starts on its CPU accelerator (gloo) and, for FSDP, the CPU state accelerate set up (gloo, ranks)
+    is switched to its FSDP path, which then shards with torch's `fully_shard` exactly as on GPUs."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    def wants(engine):
+        return os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true"
+
+    cpu = not torch.cuda.is_available()
+    options = {}
+    if cpu and wants("DEEPSPEED"):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        options["backend"] = "gloo"  # else accelerate finds no backend and every process thinks it is alone
+    precision = recipe.mixed_precision if recipe.mixed_precision in ("bf16", "fp16") else "no"
+    cpu_flag = cpu and not wants("DEEPSPEED")
+    recipe.num_processes = PartialState(cpu=cpu_flag, **options).num_processes
+    # the scheduler is stepped by hand once per optimizer step (accelerate would step it once per process)
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+                              log_with="tensorboard", project_dir=str(output_dir), cpu=cpu_flag,
+                              step_scheduler_with_optimizer=False)
+    if accelerator.distributed_type == DistributedType.MULTI_CPU and wants("FSDP"):
+        # as accelerate does on GPUs: both shared states say FSDP (AcceleratorState re-reads PartialState's)
+        PartialState._shared_state["distributed_type"] = accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # the model is prepared before the data loader: DeepSpeed is told the micro-batch here
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = \
+            recipe.per_device_batch_size
+    return accelerator
+
+
+@contextlib.contextmanager
+def built_whole(accelerator):
+    """Models built inside are whole on each process (ZeRO-3 partitions them at `prepare`): accelerate registers
+    its ZeRO-3 config with transformers even when `zero3_init_flag` is false, and transformers then builds every
+    model partitioned (DeepSpeed's zero.Init), which the checkpoint loader cannot fill."""
+    from accelerate.utils import DistributedType
+
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    if plugin is None or plugin.zero3_init_flag:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+def sharded(accelerator) -> bool:
+    """Whether each process holds only shards of the parameters (ZeRO-3 or FSDP), so the whole model exists
+    only when gathered."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
 # ---- the loop --------------------------------------------------------------------------------------------
 def run(recipe: Recipe, *, max_steps: int | None = None, progress: bool = True) -> Path:
     """Train one stage; returns the folder of the saved model. Resumes from `output_dir/checkpoints` if present.
 
     max_steps stops early (for tests and smoke runs); the schedule still spans the whole stage.
     """
-    from accelerate import Accelerator, PartialState
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
@@ -276,18 +342,13 @@ def run(recipe: Recipe, *, max_steps: int | None = None, progress: bool = True) 
     if (output_dir / "model" / "trainer_state.json").is_file():
         print(f"{recipe.name}: already trained, {output_dir / 'model'}")  # a finished stage is not redone
         return output_dir / "model"
-    precision = recipe.mixed_precision if recipe.mixed_precision in ("bf16", "fp16") else "no"
-    # the recipe's global batch holds whatever the number of processes: accumulation is derived from it
-    recipe.num_processes = PartialState(cpu=not torch.cuda.is_available()).num_processes
+    accelerator = make_accelerator(recipe, output_dir)
     accum = recipe.gradient_accumulation_steps
-    # the scheduler is stepped by hand once per optimizer step (accelerate would step it once per process)
-    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=accum, log_with="tensorboard",
-                              project_dir=str(output_dir), cpu=not torch.cuda.is_available(),
-                              step_scheduler_with_optimizer=False)
     set_seed(recipe.seed)
 
-    model = build_model(recipe)
-    trainable = apply_tuning(model, recipe)
+    with built_whole(accelerator):
+        model = build_model(recipe)
+        trainable = apply_tuning(model, recipe)
     dataset, problems, cache = _dataset(model, recipe)
     total_steps = recipe.optimizer_steps(len(dataset))
     optimizer = torch.optim.AdamW(optimizer_groups(model, recipe.weight_decay), lr=recipe.learning_rate)
@@ -408,8 +469,23 @@ class _LogWindow:
         return logs
 
 
+def trained_model(accelerator, step_module, recipe: Recipe):
+    """The trained model with whole weights on the main process (None on the others). Under ZeRO-3 or FSDP the
+    weights are gathered (every process takes part) and loaded into the model as the recipe builds it."""
+    if not sharded(accelerator):
+        return accelerator.unwrap_model(step_module).model
+    weights = accelerator.get_state_dict(step_module)
+    if not accelerator.is_main_process:
+        return None
+    with built_whole(accelerator):
+        model = build_model(recipe)
+        apply_tuning(model, recipe)
+    TrainingStep(model).load_state_dict(weights)
+    return model
+
+
 def _save_model(accelerator, step_module, recipe: Recipe, state: dict, finished: bool) -> Path:
-    model = accelerator.unwrap_model(step_module).model
+    model = trained_model(accelerator, step_module, recipe)
     out = Path(recipe.output_dir) / ("model" if finished else f"model-step-{state['step']}")
     if accelerator.is_main_process:
         model.eval()

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
 CONNECTORS: dict[str, type["ConnectorModule"]] = {}
 # Older checkpoints (before the reference renamed the module) call the naive resampler `resamplerwithpe`.
@@ -100,8 +101,9 @@ class LayerAttention:
 
 
 @dataclass
-class ConnectorOutput:
-    """tokens: [B, Q, D] visual tokens for the LLM.
+class ConnectorOutput(ModelOutput):
+    """tokens: [B, Q, D] visual tokens for the LLM (a transformers `ModelOutput`, so the tensors inside are seen
+    by whatever walks a module's outputs: DeepSpeed ZeRO-3's backward hooks, FSDP2, torch.compile).
 
     query_groups: [Q] group index of each output token (all 0 for the naive resampler, the frame for
     image-level). group_spans: per group, the [start, end) range of flat visual-token indices it attends to.
@@ -109,9 +111,9 @@ class ConnectorOutput:
     zeroed under a token budget (True = kept), else None.
     """
 
-    tokens: torch.Tensor
-    query_groups: torch.Tensor
-    group_spans: list[tuple[int, int]]
+    tokens: torch.Tensor = None
+    query_groups: torch.Tensor = None
+    group_spans: list[tuple[int, int]] = None
     attentions: list[LayerAttention] | None = None
     active: torch.Tensor | None = None
 
