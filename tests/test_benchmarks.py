@@ -128,3 +128,18 @@ def test_bench_load_serves_hostile_and_normal_clients_within_its_goals(tmp_path)
     outcomes = {r["outcome"] for r in result["results"]}
     assert {"served", "refused"} <= outcomes and "failed" not in outcomes, run.stdout[-2000:]
     assert all(result["goals"].values()) and result["peak_rss_mb"] < 2048
+
+
+def test_bench_finetune_measures_full_lora_and_qlora(tmp_path):
+    """Each mode trains (the loss falls on its repeated batch); LoRA trains fewer LLM parameters than full
+    fine-tuning and keeps fewer gradient / AdamW bytes; QLoRA stores the LLM's weights in fewer bytes than LoRA."""
+    out_json = tmp_path / "finetune.json"
+    run_bench("bench_finetune.py", "--steps", "2", "--batch", "2", "--json", str(out_json))
+    data = json.loads(out_json.read_text())
+    full, lora, qlora = data["full"], data["lora"], data["qlora"]
+    assert all(r["losses"][-1] < r["losses"][0] and r["step_s"] > 0 and r["peak_rss_mb"] >= r["rss_loaded_mb"]
+               for r in (full, lora, qlora))
+    assert lora["trainable"]["language_model"] == qlora["trainable"]["language_model"] < \
+        full["trainable"]["language_model"]
+    assert lora["grads_adamw_mb"] < full["grads_adamw_mb"]
+    assert qlora["lm_weights_mb"] < 0.5 * lora["lm_weights_mb"]

@@ -92,11 +92,17 @@ def test_killed_lora_run_resumes_to_the_same_adapters(tmp_path, tiny_world, base
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_lora_is_for_the_language_model_only(tmp_path):
-    bad = write_recipe(tmp_path / "bad.yaml", tune={"language_model": "frozen", "vision_tower": "frozen",
-                                                    "connector": "lora"})
-    with pytest.raises(ValueError, match="lora is for the language model"):
-        load_recipe(bad)
+def test_lora_is_for_the_language_model_and_a_trained_connector(tmp_path):
+    tower = write_recipe(tmp_path / "tower.yaml", tune={"language_model": "frozen", "vision_tower": "lora",
+                                                        "connector": "full"})
+    with pytest.raises(ValueError, match="lora is for the language model and the connector"):
+        load_recipe(tower)
+    fresh = write_recipe(tmp_path / "fresh.yaml", tune={"language_model": "frozen", "vision_tower": "frozen",
+                                                        "connector": "lora"})
+    with pytest.raises(ValueError, match="adapts a trained connector"):
+        load_recipe(fresh)
+    with pytest.raises(ValueError, match="quantize_base is 4bit"):
+        load_recipe(write_recipe(tmp_path / "q.yaml", lora={"quantize_base": "3bit"}))
     with pytest.raises(ValueError, match="lora takes"):
         load_recipe(write_recipe(tmp_path / "typo.yaml", lora={"rank": 4}))
 
@@ -125,3 +131,68 @@ def test_two_cpu_processes_train_the_adapters_of_one(tmp_path, tiny_world, base,
     b = load_file(tmp_path / "two" / "model" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert max(a[k].abs().max().item() for k in a if "lora_B" in k) > 1e-3  # B starts at zero: it trained
+
+
+def test_qlora_trains_adapters_over_a_4bit_base_and_merges_them_into_the_full_precision_one(tmp_path, tiny_world,
+                                                                                            base):
+    """`lora.quantize_base: 4bit`: the LLM's linears are NF4 while the adapters train (the checkpoint holds the
+    packed weights and their quantization state), and the saved model is the full-precision base with the adapter
+    merged: every weight but the adapted ones is the base's exactly, and it answers like base + adapter."""
+    from peft import PeftModel
+
+    from vidlmm.hf import TinyLlavaProcessor
+
+    recipe = lora_recipe(tmp_path, tiny_world, base, "qlora")
+    out = run_train([recipe, "lora.quantize_base=4bit"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    model_dir = tmp_path / "qlora" / "model"
+    checkpoint = load_file(next((tmp_path / "qlora" / "checkpoints").glob("step-*")) / "model.safetensors")
+    packed = [k for k in checkpoint if "q_proj" in k and "quant_state" in k]
+    assert packed and all(checkpoint[k.split(".weight")[0] + ".weight"].dtype == torch.uint8 for k in packed)
+    adapter = load_file(model_dir / "adapter" / "adapter_model.safetensors")
+    assert max(v.abs().max().item() for k, v in adapter.items() if "lora_B" in k) > 1e-3
+    start, merged = load_model(base).state_dict(), load_model(model_dir).state_dict()
+    changed = sorted(k for k in start if not torch.equal(start[k], merged[k]))
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
+    inputs = TinyLlavaProcessor.from_pretrained(base)(text="What moves?",
+                                                      videos=str(tiny_world["root"] / "videos" / "clip0.mp4"))
+    unmerged = load_model(base)
+    unmerged.language_model = PeftModel.from_pretrained(unmerged.language_model, model_dir / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(load_model(model_dir)(**inputs).logits, unmerged(**inputs).logits, atol=1e-4)
+
+
+def test_connector_lora_trains_adapters_on_its_linears_and_merges_them(tmp_path, tiny_world, base):
+    """`connector: lora` on a trained connector: adapters on every linear of the resampler train, its learned
+    queries and every other weight stay as they were, the adapter is saved in PEFT's state-dict layout and the
+    merged model answers like the base with the adapter injected back."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    from vidlmm.hf import TinyLlavaProcessor
+
+    recipe = write_recipe(tmp_path / "c.yaml", stage="finetune", template="qwen2_base", learning_rate=5e-3,
+                          tune={"language_model": "frozen", "vision_tower": "frozen", "connector": "lora"},
+                          lora=LORA, init=str(base), annotations=[str(tiny_world["root"] / "qa.json")],
+                          video_roots=[str(tiny_world["root"])], output_dir=str(tmp_path / "c"))
+    out = run_train([recipe])
+    assert out.returncode == 0, out.stderr[-2000:]
+    model_dir = tmp_path / "c" / "model"
+    adapter = load_file(model_dir / "connector_adapter" / "adapter_model.safetensors")
+    linears = {name: m for name, m in load_model(base).connector.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert len(adapter) == 2 * len(linears) and max(v.abs().max().item() for k, v in adapter.items()
+                                                    if "lora_B" in k) > 1e-3
+    assert sum(v.numel() for v in adapter.values()) == sum(4 * (m.in_features + m.out_features)
+                                                           for m in linears.values())
+    assert make_plan(load_recipe(recipe))["parts"]["connector"]["trainable"] == sum(v.numel()
+                                                                                   for v in adapter.values())
+    start, merged = load_model(base).state_dict(), load_model(model_dir).state_dict()
+    changed = {k for k in start if not torch.equal(start[k], merged[k])}
+    assert changed and changed <= {f"connector.{name}.weight" for name in linears}
+    inputs = TinyLlavaProcessor.from_pretrained(base)(text="What moves?",
+                                                      videos=str(tiny_world["root"] / "videos" / "clip0.mp4"))
+    unmerged = load_model(base)
+    config = LoraConfig.from_pretrained(model_dir / "connector_adapter")
+    inject_adapter_in_model(config, unmerged.connector)
+    set_peft_model_state_dict(unmerged.connector, adapter)
+    with torch.no_grad():
+        assert torch.allclose(load_model(model_dir)(**inputs).logits, unmerged(**inputs).logits, atol=1e-4)

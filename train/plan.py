@@ -32,6 +32,18 @@ def _meta_model(recipe: Recipe):
         return TinyLlavaVideo(config)
 
 
+def lora_targets(recipe: Recipe, part: str) -> list[str] | None:
+    """The names (or name endings) of the linears LoRA adapts in `part`; None: every linear."""
+    return recipe.lora["target_modules"] if part == "language_model" else recipe.lora["connector_target_modules"]
+
+
+def lora_linears(module, targets: list[str] | None) -> dict:
+    """{name: nn.Linear} of `module` that LoRA adapts: a name equal to or ending in `.target` (PEFT's matching),
+    or every linear for targets None."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, torch.nn.Linear) and
+            (targets is None or any(name == t or name.endswith("." + t) for t in targets))}
+
+
 def count_samples(recipe: Recipe) -> tuple[int, str]:
     files = [Path(f) for f in recipe.annotations]
     if files and all(f.is_file() for f in files):
@@ -49,10 +61,8 @@ def make_plan(recipe: Recipe) -> dict:
         params = sum(p.numel() for p in dict.fromkeys(module.parameters()))
         trainable = params if recipe.tune[part] == "full" else 0
         if recipe.tune[part] == "lora":  # A [r, in] and B [out, r] per targeted linear
-            targets = set(recipe.lora["target_modules"])
             trainable = sum(int(recipe.lora["r"]) * (m.in_features + m.out_features)
-                            for name, m in module.named_modules()
-                            if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets)
+                            for m in lora_linears(module, lora_targets(recipe, part)).values())
         per_part[part] = {"parameters": params, "trainable": trainable}
     samples, source = count_samples(recipe)
     steps = recipe.optimizer_steps(samples)

@@ -17,16 +17,20 @@ import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PARTS = ("language_model", "vision_tower", "connector")
-# LoRA on every linear of a Qwen2 decoder layer (the LLM's attention and MLP), PEFT's usual rank and scale
+# LoRA on every linear of a Qwen2 decoder layer (the LLM's attention and MLP), PEFT's usual rank and scale;
+# quantize_base: "4bit" (QLoRA: NF4 base weights) or "8bit" (LLM.int8) for the frozen base under the adapters;
+# connector_target_modules: for `connector: lora`, names (or name endings) of its linears, null for all of them
 LORA_DEFAULTS = {"r": 8, "alpha": 16, "dropout": 0.05,
-                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                 "quantize_base": None, "connector_target_modules": None}
 
 
 @dataclass
 class Recipe:
     """One training stage. `tune` says, per part, `full` (trained) or `frozen`; the language model may also be
     `lora` (PEFT adapters on `lora.target_modules`, the base frozen; merged into the saved model, the adapter
-    saved beside it in `model/adapter`).
+    saved beside it in `model/adapter`; `lora.quantize_base: 4bit` is QLoRA, the frozen base in NF4), and so may
+    a trained connector (`init`), on its linears (`model/connector_adapter`).
 
     global_batch_size = per_device_batch_size x num_processes x gradient accumulation; the accumulation is
     derived, so the global batch holds whatever the number of processes.
@@ -109,10 +113,11 @@ def _coerce(value: str):
 
 def check_tune(tune: dict) -> None:
     if set(tune) != set(PARTS) or not set(tune.values()) <= {"full", "frozen", "lora"}:
-        raise ValueError(f"tune must give full|frozen for each of {', '.join(PARTS)} (lora: the language model).")
-    if any(tune[part] == "lora" for part in PARTS if part != "language_model"):
-        raise ValueError("tune: lora is for the language model (the connector is small enough to train in full, "
-                         "the tower's features are what the connector's attention is read against).")
+        raise ValueError(f"tune must give full|frozen for each of {', '.join(PARTS)} (lora: the language model "
+                         "or the connector).")
+    if tune["vision_tower"] == "lora":
+        raise ValueError("tune: lora is for the language model and the connector (the recipe keeps the vision "
+                         "tower as pretrained, as the paper does).")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
@@ -150,6 +155,11 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
     if set(recipe.lora) != set(LORA_DEFAULTS):
         unknown = ", ".join(sorted(set(recipe.lora) - set(LORA_DEFAULTS)))
         raise ValueError(f"lora takes {', '.join(LORA_DEFAULTS)}, not {unknown}.")
+    if recipe.lora["quantize_base"] not in (None, "4bit", "8bit"):
+        raise ValueError("lora.quantize_base is 4bit (QLoRA), 8bit or null (the base in the training precision).")
+    if recipe.tune["connector"] == "lora" and not recipe.init:
+        raise ValueError("tune connector: lora adapts a trained connector (init: a checkpoint); a new connector "
+                         "trains in full.")
     if not recipe.decode_time_limit_s >= 0:
         raise ValueError("decode_time_limit_s must be a number of seconds (0 turns the isolated decoder off).")
     recipe.gradient_accumulation_steps  # validates the batch arithmetic

@@ -30,6 +30,7 @@ from vidlmm.conversation import IGNORE_INDEX
 from vidlmm.video import FrameSampling
 
 from .data import VideoConversationDataset, VisualTokenCount, collate, load_annotations, shared_feature_cache
+from .plan import lora_linears, lora_targets
 from .recipe import LORA_DEFAULTS, PARTS, Recipe, check_tune
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,14 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return tokens.sum(1) / (targets != IGNORE_INDEX).sum(1).clamp(min=1)
 
 
-def build_model(recipe: Recipe):
-    """Stage 2 starts from a TinyLLaVA checkpoint (`init`); stage 1 composes pretrained LLM + tower parts."""
+def quantized_base(recipe: Recipe) -> str | None:
+    """"4bit" / "8bit" when the recipe trains LoRA adapters over a quantized language model (QLoRA), else None."""
+    return recipe.lora.get("quantize_base") if recipe.tune["language_model"] == "lora" else None
+
+
+def build_model(recipe: Recipe, quantize: bool = True):
+    """Stage 2 starts from a TinyLLaVA checkpoint (`init`); stage 1 composes pretrained LLM + tower parts. The
+    language model is quantized (bitsandbytes, on CPU too) for QLoRA unless `quantize` is False."""
     if recipe.init:
         model = load_model(recipe.init, dtype="fp32", device="cpu")
     else:
@@ -80,6 +87,10 @@ def build_model(recipe: Recipe):
                                  num_resampler_layers=recipe.num_resampler_layers, seed=recipe.seed,
                                  video_sampling=recipe.sampling, connector_options=recipe.connector_options)
     model.config.video_sampling = dict(recipe.sampling)
+    if quantize and quantized_base(recipe):
+        from vidlmm.quantize import quantize_language_model
+
+        quantize_language_model(model, quantized_base(recipe), model.device)
     return model
 
 
@@ -93,28 +104,78 @@ def apply_tuning(model, recipe: Recipe) -> dict[str, int]:
         module.requires_grad_(trainable)
         module.train(trainable)
     if recipe.tune["language_model"] == "lora":
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model, prepare_model_for_kbit_training
 
-        lora = {**LORA_DEFAULTS, **recipe.lora}
-        config = LoraConfig(r=int(lora["r"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora["dropout"]),
-                            target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM")
+        config = lora_config(recipe, list(recipe.lora["target_modules"]), task_type="CAUSAL_LM")
+        if quantized_base(recipe):
+            model.language_model = prepare_model_for_kbit_training(
+                model.language_model, use_gradient_checkpointing=recipe.gradient_checkpointing)
         model.language_model = get_peft_model(model.language_model, config)  # only the adapters train
         model.language_model.train()
+    if recipe.tune["connector"] == "lora":
+        from peft import inject_adapter_in_model
+
+        # adapters injected in place: the connector keeps its class (its budget, attention and output API)
+        targets = sorted(lora_linears(model.connector, lora_targets(recipe, "connector")))
+        inject_adapter_in_model(lora_config(recipe, targets), model.connector)
     if recipe.gradient_checkpointing and recipe.tune["language_model"] == "full":
         model.language_model.gradient_checkpointing_enable()
     return trainable_parameters(model)
 
 
-def merge_adapter(model, adapter_dir: Path | None = None):
+def lora_config(recipe: Recipe, targets: list[str], **extra):
+    from peft import LoraConfig
+
+    lora = {**LORA_DEFAULTS, **recipe.lora}
+    return LoraConfig(r=int(lora["r"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora["dropout"]),
+                      target_modules=targets, **extra)
+
+
+def merge_connector_adapter(connector, adapter_dir: Path | None = None):
+    """Fold LoRA adapters injected into the connector into its linears (in place), after saving them to
+    `adapter_dir` (adapter_config.json + adapter_model.safetensors; `inject_adapter_in_model` with that config and
+    `set_peft_model_state_dict` put them back on the base); nothing when it has none."""
+    from peft import get_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import save_file
+
+    adapted = {name: m for name, m in connector.named_modules() if isinstance(m, LoraLayer)}
+    if not adapted:
+        return connector
+    if adapter_dir is not None:
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        connector.peft_config["default"].save_pretrained(adapter_dir)
+        save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(connector).items()},
+                  adapter_dir / "adapter_model.safetensors")
+    for name, layer in adapted.items():
+        layer.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(connector.get_submodule(parent), child, layer.get_base_layer())
+    del connector.peft_config
+    return connector
+
+
+def merge_adapter(model, adapter_dir: Path | None = None, full_base=None):
     """Fold a LoRA-wrapped language model back into plain weights (in place), after saving its adapter to
-    `adapter_dir` (PEFT's layout: adapter_config.json + adapter_model.safetensors); nothing without LoRA."""
+    `adapter_dir` (PEFT's layout: adapter_config.json + adapter_model.safetensors); nothing without LoRA.
+
+    full_base: for a quantized base (QLoRA), a function building the model with the base in full precision; the
+    saved adapter is merged into that (merged into 4-bit weights, it would be rounded to their grid) and the
+    trained connector / tower weights are copied over; that model is returned."""
     from peft import PeftModel
 
-    if isinstance(model.language_model, PeftModel):
-        if adapter_dir is not None:
-            model.language_model.save_pretrained(adapter_dir)
+    if not isinstance(model.language_model, PeftModel):
+        return model
+    if adapter_dir is not None:
+        model.language_model.save_pretrained(adapter_dir)
+    if full_base is None:
         model.language_model = model.language_model.merge_and_unload()
-    return model
+        return model
+    full = full_base()
+    for part in ("connector", "vision_tower"):
+        getattr(full, part).load_state_dict(getattr(model, part).state_dict())
+    full.language_model = PeftModel.from_pretrained(full.language_model, adapter_dir).merge_and_unload()
+    return full.eval()
 
 
 def trainable_parameters(model) -> dict[str, int]:
@@ -343,6 +404,8 @@ def run(recipe: Recipe, *, max_steps: int | None = None, progress: bool = True) 
         print(f"{recipe.name}: already trained, {output_dir / 'model'}")  # a finished stage is not redone
         return output_dir / "model"
     accelerator = make_accelerator(recipe, output_dir)
+    if quantized_base(recipe) and sharded(accelerator):
+        raise ValueError("A quantized base (QLoRA) trains on one process or data parallel, not under ZeRO-3 / FSDP.")
     accum = recipe.gradient_accumulation_steps
     set_seed(recipe.seed)
 
@@ -489,7 +552,10 @@ def _save_model(accelerator, step_module, recipe: Recipe, state: dict, finished:
     out = Path(recipe.output_dir) / ("model" if finished else f"model-step-{state['step']}")
     if accelerator.is_main_process:
         model.eval()
-        merge_adapter(model, out / "adapter")  # the end of the run: the model is saved with the adapter merged
+        # the end of the run: the model is saved with the adapter merged (QLoRA: into the full-precision base)
+        model = merge_adapter(model, out / "adapter",
+                              full_base=(lambda: build_model(recipe, quantize=False)) if quantized_base(recipe) else None)
+        merge_connector_adapter(model.connector, out / "connector_adapter")
         if recipe.stage == "pretrain":
             save_split_layout(model, out)  # the reference's stage-1 output, read back by stage 2
         else:
