@@ -166,7 +166,8 @@ def test_bitsandbytes_config_on_cpu_is_the_library_quantization(tiny_checkpoints
 
 
 def test_from_pretrained_options_reach_the_parts(tiny_checkpoints, small_video):
-    """dtype and attn_implementation reach the LLM built inside the model; a transformers streamer streams."""
+    """dtype and attn_implementation reach the LLM built inside the model; device_map="auto" places it (all on
+    the CPU here) and it answers as loaded plainly; a transformers streamer streams."""
     import threading
 
     from transformers import AutoModelForCausalLM, TextIteratorStreamer
@@ -184,6 +185,9 @@ def test_from_pretrained_options_reach_the_parts(tiny_checkpoints, small_video):
     pieces = list(streamer)
     worker.join()
     assert "".join(pieces) == whole and len([p for p in pieces if p]) > 1
+    placed = AutoModelForCausalLM.from_pretrained(folder, device_map="auto")
+    assert {p.device.type for p in placed.parameters()} == {"cpu"}
+    assert processor.batch_decode(placed.generate(**inputs, max_new_tokens=12))[0] == whole
 
 
 def test_save_pretrained_of_a_model_transformers_did_not_load_writes_the_published_names(tiny_checkpoints,
