@@ -174,8 +174,8 @@ def _precision_json(model) -> dict | None:
 def cmd_eval(args) -> int:
     from .evaluate import load_eval_items, run_eval_cli
 
-    items = load_eval_items(args)  # a missing data file or video fails before the model load
-    return run_eval_cli(args, _load(args), items)
+    bench = load_eval_items(args)  # a missing or malformed data file fails before the model load
+    return run_eval_cli(args, _load(args), bench)
 
 
 def run_user_command(command) -> int:

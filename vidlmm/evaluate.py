@@ -47,7 +47,11 @@ _PREFIX = re.compile(r"^\s*(?:\(([A-Za-z])\)[.:]?|([A-Z])[.):])\s*(.*)$", re.S)
 
 @dataclass
 class MCItem:
-    """One multiple-choice question, normalised: `options` are bare texts, `letters[i]` labels `options[i]`."""
+    """One multiple-choice question, normalised: `options` are bare texts, `letters[i]` labels `options[i]`.
+
+    start / end: the seconds of the clip the question is about (MVBench's bounded tasks), None for the whole
+    video; fps: the frame rate of a folder of frames (MVBench's TV task); groups: other labels results are
+    broken down by, e.g. {"duration": "short"} (Video-MME)."""
 
     id: str
     video: str
@@ -56,6 +60,10 @@ class MCItem:
     letters: list[str]
     answer_letter: str
     category: str = "all"
+    start: float | None = None
+    end: float | None = None
+    fps: float | None = None
+    groups: dict = field(default_factory=dict)
 
     @property
     def answer_text(self) -> str:
@@ -251,14 +259,17 @@ class ItemRecord:
     parsed: str | None
     correct: bool
     num_options: int
+    groups: dict = field(default_factory=dict)
 
 
 @dataclass
 class EvalResult:
-    """accuracy: micro average (correct / n); macro_accuracy: mean over categories (MLVU's average).
+    """accuracy: micro average (correct / n); macro_accuracy: mean over categories (MLVU's M-Avg).
 
     per_category: {category: {"n", "correct", "accuracy", "chance", "unparsable"}}; chance: the mean of
-    1/len(options). Unparsable replies count as wrong.
+    1/len(options). Unparsable replies count as wrong. per_group: the same stats for each label of each of the
+    items' other groupings ({"duration": {"short": {...}}}). missing: {"id", "video", "why"} for each question not
+    scored because its video is not there or could not be read.
     """
 
     n: int
@@ -272,19 +283,28 @@ class EvalResult:
     seconds: float
     style: str = "mvbench"
     extra: dict = field(default_factory=dict)
+    per_group: dict = field(default_factory=dict)
+    missing: list = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {"accuracy": self.accuracy, "macro_accuracy": self.macro_accuracy, "n": self.n,
                 "correct": self.correct, "chance": self.chance, "unparsable": self.unparsable,
-                "per_category": self.per_category, "seconds": round(self.seconds, 3), "style": self.style,
-                **self.extra, "items": [asdict(r) for r in self.items]}
+                "per_category": self.per_category, "per_group": self.per_group, "missing": self.missing,
+                "seconds": round(self.seconds, 3), "style": self.style, **self.extra,
+                "items": [asdict(r) for r in self.items]}
 
     def to_markdown(self) -> str:
         rows = ["| category | n | accuracy | chance |", "|---|---:|---:|---:|"]
         for name, cat in self.per_category.items():
             rows.append(f"| {name} | {cat['n']} | {100 * cat['accuracy']:.1f} | {100 * cat['chance']:.1f} |")
         rows.append(f"| **overall** | {self.n} | {100 * self.accuracy:.1f} | {100 * self.chance:.1f} |")
+        for grouping, labels in self.per_group.items():
+            rows.append(f"| *by {grouping}* | | | |")
+            rows += [f"| {label} | {g['n']} | {100 * g['accuracy']:.1f} | {100 * g['chance']:.1f} |"
+                     for label, g in labels.items()]
         notes = [f"unparsable replies: {self.unparsable} (counted as wrong)"]
+        if self.missing:
+            notes.append(f"not scored: {len(self.missing)} question(s) whose video is missing or unreadable")
         if len(self.per_category) > 1:
             notes.append(f"macro accuracy: {100 * self.macro_accuracy:.1f}")
         notes.append(f"time: {self.seconds:.1f} s")
@@ -300,15 +320,22 @@ def summarize(records: list[ItemRecord], seconds: float = 0.0, style: str = "mvb
                 "chance": sum(1 / r.num_options for r in rs) / n if n else 0.0,
                 "unparsable": sum(r.parsed is None for r in rs)}
 
-    groups: dict[str, list[ItemRecord]] = {}
-    for r in records:
-        groups.setdefault(r.category, []).append(r)
-    per_category = {name: stats(rs) for name, rs in groups.items()}
+    def split(key) -> dict[str, list[ItemRecord]]:
+        out: dict[str, list[ItemRecord]] = {}
+        for r in records:
+            label = key(r)
+            if label is not None:
+                out.setdefault(label, []).append(r)
+        return out
+
+    per_category = {name: stats(rs) for name, rs in split(lambda r: r.category).items()}
+    groupings = list(dict.fromkeys(g for r in records for g in r.groups))
+    per_group = {g: {label: stats(rs) for label, rs in split(lambda r: r.groups.get(g)).items()} for g in groupings}
     total = stats(records)
     macro = sum(c["accuracy"] for c in per_category.values()) / len(per_category) if per_category else 0.0
     return EvalResult(n=total["n"], correct=total["correct"], accuracy=total["accuracy"], macro_accuracy=macro,
                       chance=total["chance"], unparsable=total["unparsable"], per_category=per_category,
-                      items=list(records), seconds=seconds, style=style)
+                      items=list(records), seconds=seconds, style=style, per_group=per_group)
 
 
 def evaluate(lmm, items: list[MCItem], *, generation=None, style: str = "mvbench", sampling=None,
@@ -316,8 +343,10 @@ def evaluate(lmm, items: list[MCItem], *, generation=None, style: str = "mvbench
     """Answer every item with `lmm` (a VideoLMM) and score it; greedy, 16 new tokens unless `generation`.
 
     Items are grouped by video (first-appearance order): each video is decoded and encoded once, then all of
-    its questions reuse the features. Records come back in the items' order.
+    its questions reuse the features. Records come back in the items' order. A video that cannot be read costs
+    its questions, listed in `EvalResult.missing` with the reason; the run goes on.
     """
+    from .errors import VideoReadError
     from .pipeline import GenerationSettings
 
     if style not in STYLES:
@@ -327,23 +356,35 @@ def evaluate(lmm, items: list[MCItem], *, generation=None, style: str = "mvbench
     for i, item in enumerate(items):
         by_video.setdefault(item.video, []).append(i)
     records: list[ItemRecord | None] = [None] * len(items)
+    missing = []
     t0 = time.perf_counter()
     done = 0
     for video, indices in by_video.items():
-        prepared, _ = lmm.prepare(video, sampling)
+        try:
+            prepared, _ = lmm.prepare(video, sampling)
+        except (VideoReadError, OSError) as err:
+            why = str(err).splitlines()[0] if str(err) else type(err).__name__
+            missing += [{"id": items[i].id, "video": Path(video).name, "why": why} for i in indices]
+            done += len(indices)
+            if progress:
+                print(f"[{done}/{len(items)}] skipped {Path(video).name}: {why}", file=sys.stderr, flush=True)
+            continue
         for i in indices:
             item = items[i]
             answer = lmm.ask(prepared, build_mc_question(item, style), generation=generation)
             parsed = parse_choice(answer.text, item.options, item.letters)
             records[i] = ItemRecord(id=item.id, video=item.video, category=item.category, question=item.question,
                                     answer=item.answer_letter, response=answer.text, parsed=parsed,
-                                    correct=parsed == item.answer_letter, num_options=len(item.options))
+                                    correct=parsed == item.answer_letter, num_options=len(item.options),
+                                    groups=dict(item.groups))
             done += 1
             if progress:
                 mark = "ok" if records[i].correct else ("??" if parsed is None else "no")
                 print(f"[{done}/{len(items)}] {mark} {item.id}: {answer.text[:60]!r}", file=sys.stderr, flush=True)
         del prepared
-    return summarize(records, time.perf_counter() - t0, style)
+    result = summarize([r for r in records if r is not None], time.perf_counter() - t0, style)
+    result.missing = missing
+    return result
 
 
 # ---- command line -------------------------------------------------------------------------------------------
@@ -358,42 +399,54 @@ def add_eval_arguments(parser) -> None:
         parser.add_argument("--model", help="checkpoint folder or hub id")
     if "--json" not in have:
         parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--data", required=True, help="JSON list of multiple-choice questions")
-    parser.add_argument("--video-root", help="folder the items' video paths are relative to "
-                                            "(default: the data file's folder)")
+    parser.add_argument("--data", required=True,
+                        help="a benchmark as it ships (a root folder or its file: MVBench, Video-MME parquet, MLVU, "
+                             "MMVU, LongVideoBench, EgoSchema) or a JSON / JSONL list of questions")
+    parser.add_argument("--format", choices=["json", "mvbench", "videomme", "mlvu", "mmvu", "longvideobench",
+                                             "egoschema"], help="the data's format (default: detected)")
+    parser.add_argument("--video-root", help="folder the videos are in (default: where the format keeps them)")
     from .cli import add_sampling_arguments
 
     add_sampling_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--limit", type=int, help="evaluate only the first N questions")
-    parser.add_argument("--style", choices=list(STYLES), default="mvbench",
-                        help="prompt: mvbench '(A) x' lines or videomme 'A. x' lines")
+    parser.add_argument("--style", choices=list(STYLES),
+                        help="prompt: mvbench '(A) x' lines or videomme 'A. x' lines (default: the reference's "
+                             "for the benchmark)")
     parser.add_argument("--progress", action="store_true", help="one line per question on stderr")
 
 
-def load_eval_items(args) -> list[MCItem]:
-    """The items the CLI arguments select (checks the data file and every video: call before loading a model)."""
+def load_eval_items(args):
+    """The benchmark the CLI arguments select (`vidlmm.benchmarks.Benchmark`; its items cut to --limit), read
+    before the model is loaded: a malformed file fails at once, questions whose video is not there are listed."""
+    from .benchmarks import load_benchmark
+
     if getattr(args, "limit", None) is not None and args.limit < 1:
         raise VidlmmError("--limit must be at least 1.")
-    items = load_mc_items(args.data, getattr(args, "video_root", None))
-    if not items:
-        raise VidlmmError(f"Data file '{Path(args.data).name}' holds no questions.")
-    return items[: args.limit] if getattr(args, "limit", None) else items
+    bench = load_benchmark(args.data, getattr(args, "video_root", None), format=getattr(args, "format", None))
+    if not bench.items:
+        why = f" ({len(bench.missing)} whose video is not there)" if bench.missing else ""
+        raise VidlmmError(f"Data '{Path(args.data).name}' holds no question that can be scored{why}.")
+    if getattr(args, "limit", None):
+        bench.items = bench.items[: args.limit]
+    return bench
 
 
-def run_eval_cli(args, model, items: list[MCItem] | None = None) -> int:
+def run_eval_cli(args, model, bench=None) -> int:
     """Run `eval` with an already loaded model; prints one JSON object (--json) or a markdown table."""
     from .pipeline import GenerationSettings, VideoLMM
 
-    if items is None:
-        items = load_eval_items(args)
+    if bench is None:
+        bench = load_eval_items(args)
     if args.max_new_tokens < 1:
         raise VidlmmError("--max-new-tokens must be at least 1.")
     from .cli import sampling_from_args
 
     lmm = VideoLMM(model, sampling=sampling_from_args(args, model))
-    result = evaluate(lmm, items, generation=GenerationSettings(max_new_tokens=args.max_new_tokens),
-                      style=args.style, progress=getattr(args, "progress", False))
+    result = evaluate(lmm, bench.items, generation=GenerationSettings(max_new_tokens=args.max_new_tokens),
+                      style=getattr(args, "style", None) or bench.style, progress=getattr(args, "progress", False))
+    result.missing = bench.missing + result.missing
+    result.extra.update({"format": bench.format, "average": bench.average, "notes": bench.notes})
     if getattr(args, "json", False):
         payload = result.to_json()
         payload["sampling"] = lmm.sampling.describe()

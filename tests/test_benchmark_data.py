@@ -1,0 +1,208 @@
+"""The public benchmarks read as they ship (`vidlmm.benchmarks`): fixture files written here in each layout
+(MVBench's root with bounded and frame-folder tasks, Video-MME's parquet, MLVU's dev root, MMVU, LongVideoBench,
+EgoSchema in both layouts), format detection, missing videos listed instead of ending the run, per-duration and
+M-Avg results, and `eval` end to end on such a root."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.videos import make_moving_square_frames, write_video
+from vidlmm.benchmarks import detect_format, load_benchmark
+from vidlmm.errors import VidlmmError
+from vidlmm.evaluate import ItemRecord, add_eval_arguments, run_eval_cli, summarize
+
+
+def clip(path: Path, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_video(path, make_moving_square_frames(8, 48, 48, seed=seed), fps=4)
+
+
+def dump(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture
+def mvbench(tmp_path):
+    """Three tasks: a bounded mp4 task (answers with and without the option's trailing period), the TV task's
+    frame folders, and an unbounded task with one video missing."""
+    root = tmp_path / "MVBench"
+    clip(root / "video/star/Charades_v1_480/A1.mp4")
+    dump(root / "json/action_sequence.json", [
+        {"video": "A1.mp4", "question": "What did the person do first?", "candidates": ["Sat down.", "Stood up."],
+         "answer": "Stood up.", "start": 0.5, "end": 1.5},
+        {"video": "A1.mp4", "question": "And then?", "candidates": ["Opened the door", "Closed the door"],
+         "answer": "Closed the door.", "start": 1.0, "end": 2.0}])
+    frames = root / "video/tvqa/frames_fps3_hq/clip_7"
+    frames.mkdir(parents=True)
+    from PIL import Image
+
+    for i, frame in enumerate(make_moving_square_frames(6, 48, 48), start=1):
+        Image.fromarray(frame).save(frames / f"{i:05d}.jpg")
+    dump(root / "json/episodic_reasoning.json", [
+        {"video": "clip_7", "question": "Who speaks?", "candidates": ["Ross", "Rachel", "Monica"],
+         "answer": "Monica", "start": 0.0, "end": 2.0}])
+    clip(root / "video/clevrer/video_validation/video_10000.mp4", seed=1)
+    dump(root / "json/object_existence.json", [
+        {"video": "video_10000.mp4", "question": "Is there a cube?", "candidates": ["yes", "no"], "answer": "no"},
+        {"video": "video_10001.mp4", "question": "Is there a cube?", "candidates": ["yes", "no"], "answer": "yes"}])
+    return root
+
+
+def test_mvbench_root_as_it_ships(mvbench):
+    assert detect_format(mvbench) == "mvbench"
+    bench = load_benchmark(mvbench)
+    by_id = {item.id: item for item in bench.items}
+    assert set(by_id) == {"action_sequence_0", "action_sequence_1", "episodic_reasoning_0", "object_existence_0"}
+    assert bench.missing == [{"id": "object_existence_1", "video": "video_10001.mp4", "why": "not found"}]
+    first, second = by_id["action_sequence_0"], by_id["action_sequence_1"]
+    assert (first.answer_letter, first.start, first.end, first.category) == ("B", 0.5, 1.5, "action_sequence")
+    assert second.answer_letter == "B"  # "Closed the door." is the candidate "Closed the door"
+    tv = by_id["episodic_reasoning_0"]
+    assert Path(tv.video).is_dir() and tv.fps == 3.0 and tv.answer_letter == "C"
+    assert by_id["object_existence_0"].start is None and bench.style == "mvbench"
+
+
+def test_videomme_parquet_with_durations(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "Video-MME"
+    clip(root / "data/vid001.mp4")
+    clip(root / "data/vid002.mkv", seed=2)
+    rows = [
+        {"video_id": "001", "duration": "short", "domain": "Knowledge", "sub_category": "Humanity & History",
+         "url": "https://example.invalid/1", "videoID": "vid001", "question_id": "001-1",
+         "task_type": "Counting Problem", "question": "How many squares?",
+         "options": ["A. One.", "B. Two.", "C. Three.", "D. Four."], "answer": "A"},
+        {"video_id": "002", "duration": "long", "domain": "Film", "sub_category": "Movie",
+         "url": "https://example.invalid/2", "videoID": "vid002", "question_id": "002-1",
+         "task_type": "Action Recognition", "question": "What moves?",
+         "options": ["A. A square.", "B. A car.", "C. A dog.", "D. Nothing."], "answer": "A"},
+        {"video_id": "003", "duration": "medium", "domain": "Film", "sub_category": "Movie",
+         "url": "https://example.invalid/3", "videoID": "vid003", "question_id": "003-1",
+         "task_type": "Action Recognition", "question": "What moves?",
+         "options": ["A. x.", "B. y.", "C. z.", "D. w."], "answer": "C"}]
+    (root / "videomme").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), root / "videomme/test-00000-of-00001.parquet")
+    assert detect_format(root) == "videomme"
+    bench = load_benchmark(root)
+    assert [i.id for i in bench.items] == ["001-1", "002-1"] and bench.style == "videomme"
+    assert bench.items[1].video.endswith("vid002.mkv") and bench.items[0].options[0] == "One."
+    assert [i.groups for i in bench.items] == [{"duration": "short"}, {"duration": "long"}]
+    assert bench.missing == [{"id": "003-1", "video": "vid003", "why": "not found"}]
+    records = [ItemRecord(i.id, i.video, i.category, i.question, i.answer_letter, "A", "A", True, 4, i.groups)
+               for i in bench.items]
+    result = summarize(records)
+    assert result.per_group == {"duration": {
+        "short": {"n": 1, "correct": 1, "accuracy": 1.0, "chance": 0.25, "unparsable": 0},
+        "long": {"n": 1, "correct": 1, "accuracy": 1.0, "chance": 0.25, "unparsable": 0}}}
+    (root / "videomme/test-00000-of-00001.parquet").write_bytes(b"PAR1 but not really")
+    with pytest.raises(VidlmmError, match="could not be read as parquet"):
+        load_benchmark(root)
+
+
+def test_mlvu_dev_root_gives_m_avg(tmp_path):
+    root = tmp_path / "MLVU"
+    clip(root / "video/1_plotQA/movie1.mp4")
+    clip(root / "video/4_count/count1.mp4", seed=3)
+    dump(root / "json/1_plotQA.json", [
+        {"video": "movie1.mp4", "duration": 2.0, "question": "Who wins?", "candidates": ["the cat", "the dog"],
+         "answer": "the dog", "question_type": "plotQA"}] * 3)
+    dump(root / "json/4_count.json", [
+        {"video": "count1.mp4", "duration": 2.0, "question": "How many?", "candidates": ["1", "2", "3", "4"],
+         "answer": "3", "question_type": "count"}])
+    assert detect_format(root) == "mlvu"
+    bench = load_benchmark(root)
+    assert bench.average == "macro" and [i.category for i in bench.items] == ["plotQA"] * 3 + ["count"]
+    # plotQA 3/3 right, count 0/1: micro 3/4, M-Avg (1 + 0) / 2
+    records = [ItemRecord(i.id, i.video, i.category, i.question, i.answer_letter, "", i.answer_letter if
+                          i.category == "plotQA" else "A", i.category == "plotQA", len(i.options)) for i in bench.items]
+    result = summarize(records)
+    assert result.accuracy == 0.75 and result.macro_accuracy == 0.5
+
+
+def test_mmvu_keeps_open_ended_questions_apart(tmp_path):
+    clip(tmp_path / "videos/Art/0.mp4")
+    dump(tmp_path / "validation.json", [
+        {"id": "mc-1", "video": "https://huggingface.co/datasets/yale-nlp/MMVU/resolve/main/videos/Art/0.mp4",
+         "question": "Which colour?", "question_type": "multiple-choice",
+         "choices": {"A": "red", "B": "white", "C": "blue", "D": "green", "E": "black"}, "answer": "B",
+         "metadata": {"subject": "Art"}},
+        {"id": "open-1", "video": "https://huggingface.co/datasets/yale-nlp/MMVU/resolve/main/videos/Art/0.mp4",
+         "question": "What is drawn?", "question_type": "open-ended", "choices": {}, "answer": "a square"}])
+    assert detect_format(tmp_path / "validation.json") == "mmvu"
+    bench = load_benchmark(tmp_path)
+    assert [(i.id, i.answer_letter, i.category, len(i.options)) for i in bench.items] == [("mc-1", "B", "Art", 5)]
+    assert [(o.id, o.answer) for o in bench.open_ended] == [("open-1", "a square")]
+    assert Path(bench.items[0].video) == tmp_path / "videos/Art/0.mp4"
+
+
+def test_longvideobench_correct_choice_is_an_index(tmp_path):
+    clip(tmp_path / "videos/abc.mp4")
+    dump(tmp_path / "lvb_val.json", [
+        {"id": "lvb-1", "video_path": "abc.mp4", "subtitle_path": "abc_en.json", "duration": 8.0,
+         "starting_timestamp_for_subtitles": 0, "question": "What happens?", "candidates": ["x", "y", "z"],
+         "correct_choice": 2, "duration_group": 15, "question_category": "E2O"}])
+    assert detect_format(tmp_path) == "longvideobench"
+    (item,) = load_benchmark(tmp_path).items
+    assert (item.answer_letter, item.category, item.groups) == ("C", "E2O", {"duration": "15"})
+
+
+def test_egoschema_in_both_layouts(tmp_path):
+    own = tmp_path / "own"
+    clip(own / "videos/uid-1.mp4")
+    dump(own / "questions.json", [
+        {"q_uid": "uid-1", "question": "What did c do?", **{f"option {i}": f"thing {i}" for i in range(5)}},
+        {"q_uid": "uid-2", "question": "And then?", **{f"option {i}": f"other {i}" for i in range(5)}}])
+    dump(own / "subset_answers.json", {"uid-1": 3})
+    bench = load_benchmark(own)
+    assert detect_format(own) == "egoschema" and [(i.id, i.answer_letter) for i in bench.items] == [("uid-1", "D")]
+    assert bench.notes and "1 questions have no public answer" in bench.notes[0]
+
+    lmms = tmp_path / "lmms"
+    clip(lmms / "videos/vid-9.mp4")
+    dump(lmms / "test.json", [{"question_idx": "q9", "question": "Why?", "video_idx": "vid-9",
+                               "option": ["A. one", "B. two", "C. three", "D. four", "E. five"], "answer": "1"}])
+    assert detect_format(lmms / "test.json") == "egoschema"
+    assert [(i.id, i.answer_letter) for i in load_benchmark(lmms / "test.json").items] == [("q9", "B")]
+
+
+def test_unknown_layouts_and_formats_are_one_sentence(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VidlmmError, match="no benchmark layout was recognised"):
+        load_benchmark(tmp_path / "empty")
+    dump(tmp_path / "MVBench/json/not_a_task.json", [])
+    (tmp_path / "MVBench/video").mkdir()
+    with pytest.raises(VidlmmError, match="not one of the 20 tasks"):
+        load_benchmark(tmp_path / "MVBench")
+
+
+def test_eval_on_an_mvbench_root_lists_what_it_could_not_score(mvbench, tiny_checkpoints):
+    """`eval --data <MVBench root>` runs to the end: the missing video and the frame folder the decoders cannot
+    open are listed with their reasons; the rest are scored per task."""
+    from vidlmm.checkpoint import load_model
+
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    args = parser.parse_args(["--data", str(mvbench), "--num-frames", "4", "--max-new-tokens", "3", "--json"])
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert run_eval_cli(args, load_model(tiny_checkpoints["group"], dtype="fp32", device="cpu")) == 0
+    payload = json.loads(out.getvalue())
+    assert {"accuracy", "n", "per_category", "missing", "unparsable"} <= set(payload)
+    assert payload["format"] == "mvbench" and payload["n"] == 3
+    assert set(payload["per_category"]) == {"action_sequence", "object_existence"}
+    missing = {m["id"]: m["why"] for m in payload["missing"]}
+    assert set(missing) == {"object_existence_1", "episodic_reasoning_0"} and missing["object_existence_1"] == \
+        "not found"
+    assert np.isfinite(payload["accuracy"])
