@@ -188,8 +188,8 @@ def test_unknown_layouts_and_formats_are_one_sentence(tmp_path):
 
 
 def test_eval_on_an_mvbench_root_lists_what_it_could_not_score(mvbench, tiny_checkpoints):
-    """`eval --data <MVBench root>` runs to the end: the missing video and the frame folder the decoders cannot
-    open are listed with their reasons; the rest are scored per task."""
+    """`eval --data <MVBench root>` runs to the end: the missing video is listed with its reason, the rest (the
+    TV task's frame folder included) are scored per task."""
     from vidlmm.checkpoint import load_model
 
     parser = argparse.ArgumentParser()
@@ -200,9 +200,105 @@ def test_eval_on_an_mvbench_root_lists_what_it_could_not_score(mvbench, tiny_che
         assert run_eval_cli(args, load_model(tiny_checkpoints["group"], dtype="fp32", device="cpu")) == 0
     payload = json.loads(out.getvalue())
     assert {"accuracy", "n", "per_category", "missing", "unparsable"} <= set(payload)
-    assert payload["format"] == "mvbench" and payload["n"] == 3
-    assert set(payload["per_category"]) == {"action_sequence", "object_existence"}
-    missing = {m["id"]: m["why"] for m in payload["missing"]}
-    assert set(missing) == {"object_existence_1", "episodic_reasoning_0"} and missing["object_existence_1"] == \
-        "not found"
+    assert payload["format"] == "mvbench" and payload["n"] == 4
+    assert set(payload["per_category"]) == {"action_sequence", "episodic_reasoning", "object_existence"}
+    assert payload["missing"] == [{"id": "object_existence_1", "video": "video_10001.mp4", "why": "not found"}]
     assert np.isfinite(payload["accuracy"])
+
+
+def test_bounded_sampling_follows_mvbench_and_frame_folders_read_like_videos(mvbench):
+    """A window [start, end] takes the middle frame of each of N equal segments of its frames (MVBench's
+    `get_index`); a folder of numbered JPEGs reads at its frame rate, frames in numeric order."""
+    from vidlmm.video import FrameSampling, read_video, sample_frame_indices
+
+    bounded = FrameSampling(num_frames=4, start=1.0, end=3.0)
+    # 10 fps, 50 frames: frames 10..30, segments of 5: middles 12.5 -> 12, 17, 22, 27 (MVBench's int(a + s/2 + round(s*i)))
+    assert sample_frame_indices(50, 10.0, bounded).tolist() == [12, 17, 22, 27]
+    assert sample_frame_indices(50, 10.0, FrameSampling(num_frames=4, start=4.5, end=99)).tolist() == \
+        [45, 46, 47, 48]  # clamped to the clip's last frame (49)
+    assert sample_frame_indices(50, 10.0, FrameSampling(num_frames=4)).tolist() == [0, 16, 32, 49]  # unbounded
+    folder = mvbench / "video/tvqa/frames_fps3_hq/clip_7"
+    clip_ = read_video(folder, FrameSampling(num_frames=3, folder_fps=3.0))
+    assert (clip_.backend, clip_.total_frames, clip_.fps) == ("frames", 6, 3.0)
+    assert clip_.indices.tolist() == [0, 2, 5] and clip_.sampled_frames().shape == (3, 48, 48, 3)
+    from vidlmm.errors import VideoReadError
+
+    with pytest.raises(VideoReadError, match="read only with its frame rate"):
+        read_video(folder, FrameSampling(num_frames=3))
+
+
+def test_eval_samples_the_window_unless_told_to_ignore_it(mvbench, tiny_checkpoints):
+    """The bounded questions about one video are read per window (two reads) with bounds, and once for the whole
+    clip with --ignore-bounds; the TV task's frame folder is read at 3 fps, in its window either way (as the
+    reference's script reads it)."""
+    from vidlmm.checkpoint import load_model
+    from vidlmm.pipeline import VideoLMM
+    from vidlmm.evaluate import evaluate
+    from vidlmm.video import FrameSampling
+
+    model = load_model(tiny_checkpoints["group"], dtype="fp32", device="cpu")
+    lmm = VideoLMM(model, sampling=FrameSampling.uniform(4), cache_bytes=0)
+    reads = []
+    original = lmm.prepare
+
+    def counting(video, sampling=None):
+        reads.append((Path(video).name, sampling.start, sampling.end, sampling.folder_fps))
+        return original(video, sampling)
+
+    lmm.prepare = counting
+    bench = load_benchmark(mvbench)
+    result = evaluate(lmm, bench.items)
+    assert sorted(reads) == [("A1.mp4", 0.5, 1.5, None), ("A1.mp4", 1.0, 2.0, None), ("clip_7", 0.0, 2.0, 3.0),
+                             ("video_10000.mp4", None, None, None)]
+    assert result.n == 4 and not result.missing  # the frame folder is read now
+    reads.clear()
+    evaluate(lmm, bench.items, bounds=False)
+    assert sorted(reads) == [("A1.mp4", None, None, None), ("clip_7", 0.0, 2.0, 3.0),
+                             ("video_10000.mp4", None, None, None)]
+
+
+def test_an_unreadable_video_costs_its_questions_not_the_run(mvbench, tiny_checkpoints):
+    from vidlmm.checkpoint import load_model
+    from vidlmm.evaluate import evaluate
+    from vidlmm.pipeline import VideoLMM
+    from vidlmm.video import FrameSampling
+
+    (mvbench / "video/clevrer/video_validation/video_10000.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 truncated")
+    bench = load_benchmark(mvbench)
+    result = evaluate(VideoLMM(load_model(tiny_checkpoints["group"], dtype="fp32", device="cpu"),
+                               sampling=FrameSampling.uniform(4)), bench.items)
+    assert result.n == 3 and [m["id"] for m in result.missing] == ["object_existence_0"]
+    assert "damaged or incomplete" in result.missing[0]["why"]
+
+
+def test_likelihood_scoring_picks_the_most_likely_option_and_is_never_unparsable(mvbench, tiny_checkpoints):
+    """Each option's score is the log-likelihood of its text as the answer, recomputed here from one plain forward
+    pass over prompt + option on the same visual tokens; the choice is the best-scored option."""
+    import torch
+
+    from vidlmm.checkpoint import load_model
+    from vidlmm.conversation import build_prompt, tokenizer_image_token
+    from vidlmm.evaluate import evaluate
+    from vidlmm.pipeline import VideoLMM
+    from vidlmm.video import FrameSampling
+
+    lmm = VideoLMM(load_model(tiny_checkpoints["group"], dtype="fp32", device="cpu"),
+                   sampling=FrameSampling.uniform(4))
+    bench = load_benchmark(mvbench)
+    result = evaluate(lmm, bench.items, scoring="likelihood")
+    assert result.unparsable == 0 and result.n == 4
+    item, record = bench.items[0], result.items[0]
+    prepared, _ = lmm.prepare(item.video, FrameSampling(num_frames=4, start=item.start, end=item.end))
+    visual = lmm.visual_tokens(prepared)
+    prompt = lmm.prompt_ids(item.question)
+    expected = []
+    for text in item.options:
+        ids = tokenizer_image_token(build_prompt(lmm.template, [(item.question, text)], add_generation_prompt=False),
+                                    lmm.model.tokenizer)
+        embeds, mask, _ = lmm.model.build_inputs([ids], [visual])
+        with torch.no_grad():
+            logp = torch.log_softmax(lmm.model(embeds, mask).logits[0].float(), -1)
+        offset = embeds.shape[1] - len(ids)  # the visual tokens replace the one placeholder id
+        expected.append(sum(float(logp[offset + t - 1, ids[t]]) for t in range(len(prompt), len(ids))))
+    assert record.scores == pytest.approx(expected, abs=1e-4)
+    assert record.parsed == item.letters[int(np.argmax(expected))] and record.response in item.options

@@ -20,6 +20,18 @@ def file_digest(path: str | os.PathLike) -> str:
     return _digest(os.path.realpath(path), st.st_size, st.st_mtime_ns)
 
 
+def source_digest(path: str | os.PathLike) -> str:
+    """`file_digest` of a video file; for a folder of frames, the sha256 of its listing (names, sizes and
+    modification times: re-hashing thousands of images per question would cost more than decoding them)."""
+    if not os.path.isdir(path):
+        return file_digest(path)
+    h = hashlib.sha256()
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        st = entry.stat()
+        h.update(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 @functools.lru_cache(maxsize=1024)  # bounded: a few hundred bytes an entry
 def _digest(path: str, size: int, mtime_ns: int, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()

@@ -13,6 +13,7 @@ import contextlib
 import importlib
 import math
 import os
+import re
 import sys
 import threading
 from typing import Iterator
@@ -259,6 +260,54 @@ class _OpenCV:
 
 
 _CLASSES = {"decord": _Decord, "pyav": _PyAV, "opencv": _OpenCV}
+FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+_NUMBER = re.compile(r"(\d+)(?!.*\d)")
+
+
+class FrameFolder:
+    """A folder of numbered frame images (MVBench's TV task: 00001.jpg ...) read like a video: frames in the order
+    of the last number in their names, at the frame rate the caller gives (a folder carries none)."""
+
+    name = "frames"
+
+    def __init__(self, path: str, size, fps: float | None):
+        names = [n for n in os.listdir(path) if n.lower().endswith(FRAME_EXTENSIONS)]
+        if not names:
+            raise DecoderFailure("not_a_file", "it is a directory, not a file (and holds no frame images)", 3)
+        if not (fps and _sane_fps(fps)):
+            raise DecoderFailure("not_a_file", "it is a folder of frames, which is read only with its frame rate "
+                                 "(folder_fps)", 3)
+        key = lambda n: (int(m.group(1)) if (m := _NUMBER.search(n)) else -1, n)  # noqa: E731
+        self.files = [os.path.join(path, n) for n in sorted(names, key=key)]
+        self.total, self.fps, self.size = len(self.files), float(fps), size
+
+    def first_size(self) -> tuple[int, int] | None:
+        """(width, height) of the first frame from its header, without decoding it."""
+        from PIL import Image
+
+        try:
+            with Image.open(self.files[0]) as image:
+                return image.size
+        except Exception:  # noqa: BLE001 - judged again when it is decoded
+            return None
+
+    def frames(self, unique: np.ndarray, per_call: int) -> Iterator[np.ndarray]:
+        from PIL import Image
+
+        for i in unique:
+            try:
+                with Image.open(self.files[int(i)]) as image:
+                    image = image.convert("RGB")
+                    if self.size:
+                        image = image.resize(self.size, Image.BILINEAR)
+                    frame = np.asarray(image)
+            except Exception as exc:  # noqa: BLE001 - a damaged or non-image file among the frames
+                raise DecoderFailure("no_frames", f"frame {os.path.basename(self.files[int(i)])} cannot be read "
+                                     f"({type(exc).__name__})", 2) from exc
+            yield frame
+
+    def close(self):
+        self.files = []
 
 
 _SIGNATURES = ((4, b"ftyp", "an MP4/MOV"), (0, b"\x1a\x45\xdf\xa3", "a WebM/Matroska"), (8, b"AVI ", "an AVI"),

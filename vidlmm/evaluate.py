@@ -260,6 +260,7 @@ class ItemRecord:
     correct: bool
     num_options: int
     groups: dict = field(default_factory=dict)
+    scores: list | None = None  # likelihood scoring: each option's log-likelihood
 
 
 @dataclass
@@ -338,9 +339,47 @@ def summarize(records: list[ItemRecord], seconds: float = 0.0, style: str = "mvb
                       items=list(records), seconds=seconds, style=style, per_group=per_group)
 
 
+SCORINGS = ("generate", "likelihood")
+
+
+def option_loglikelihoods(lmm, prepared, item: MCItem) -> list[float]:
+    """The `likelihood` scoring: for each option, the log-likelihood of its text as the whole answer to the bare
+    question (no options listed), teacher-forced on the video's visual tokens; the answer ends as the template
+    ends an answer, so an option is scored as a complete reply."""
+    from .analysis.zeroing import score_answer
+    from .conversation import build_prompt, tokenizer_image_token
+
+    visual = lmm.visual_tokens(prepared)
+    prompt = lmm.prompt_ids(item.question)
+    scores = []
+    for text in item.options:
+        whole = tokenizer_image_token(build_prompt(lmm.template, [(item.question, text)], add_generation_prompt=False),
+                                      lmm.model.tokenizer)
+        if whole[:len(prompt)] != prompt or len(whole) == len(prompt):
+            raise VidlmmError(f"Question {item.id}: the template does not put the answer after the prompt.")
+        scores.append(score_answer(lmm, prompt, whole[len(prompt):], [visual])[0][0])
+    return scores
+
+
+def item_sampling(item: MCItem, sampling, bounds: bool = True):
+    """The frames to read for `item`: `sampling` restricted to the item's [start, end] window (MVBench's rule;
+    for a video file only when `bounds`, for a folder of frames always, as the reference's MVBench script does)
+    and told the frame rate of a folder of frames."""
+    from dataclasses import replace
+
+    bounded = item.start is not None or item.end is not None
+    window = {"start": item.start, "end": item.end} if bounded and (bounds or item.fps) else {}
+    rate = {"folder_fps": item.fps} if item.fps else {}
+    return replace(sampling, **window, **rate) if window or rate else sampling
+
+
 def evaluate(lmm, items: list[MCItem], *, generation=None, style: str = "mvbench", sampling=None,
-             progress: bool = False) -> EvalResult:
+             progress: bool = False, bounds: bool = True, scoring: str = "generate") -> EvalResult:
     """Answer every item with `lmm` (a VideoLMM) and score it; greedy, 16 new tokens unless `generation`.
+    bounds: sample a bounded item's [start, end] window (MVBench's rule); False samples the whole video file, as
+    TinyLLaVA-Video's MVBench script does (which keeps the window for folders of frames). scoring: "generate"
+    (the reference's prompt, a greedy reply, `parse_choice`) or "likelihood" (the option whose text is most
+    likely as the answer, `option_loglikelihoods`: never unparsable).
 
     Items are grouped by video (first-appearance order): each video is decoded and encoded once, then all of
     its questions reuse the features. Records come back in the items' order. A video that cannot be read costs
@@ -351,17 +390,21 @@ def evaluate(lmm, items: list[MCItem], *, generation=None, style: str = "mvbench
 
     if style not in STYLES:
         raise VidlmmError(f"Unknown prompt style '{style}' (use {' or '.join(STYLES)}).")
+    if scoring not in SCORINGS:
+        raise VidlmmError(f"Unknown scoring '{scoring}' (use {' or '.join(SCORINGS)}).")
     generation = generation or GenerationSettings(max_new_tokens=16, do_sample=False)
-    by_video: dict[str, list[int]] = {}
+    base = sampling or getattr(lmm, "sampling", None)
+    by_video: dict[tuple, list[int]] = {}
     for i, item in enumerate(items):
-        by_video.setdefault(item.video, []).append(i)
+        frames = item_sampling(item, base, bounds) if base is not None else None
+        by_video.setdefault((item.video, frames), []).append(i)
     records: list[ItemRecord | None] = [None] * len(items)
     missing = []
     t0 = time.perf_counter()
     done = 0
-    for video, indices in by_video.items():
+    for (video, frames), indices in by_video.items():
         try:
-            prepared, _ = lmm.prepare(video, sampling)
+            prepared, _ = lmm.prepare(video, frames)
         except (VideoReadError, OSError) as err:
             why = str(err).splitlines()[0] if str(err) else type(err).__name__
             missing += [{"id": items[i].id, "video": Path(video).name, "why": why} for i in indices]
@@ -371,16 +414,22 @@ def evaluate(lmm, items: list[MCItem], *, generation=None, style: str = "mvbench
             continue
         for i in indices:
             item = items[i]
-            answer = lmm.ask(prepared, build_mc_question(item, style), generation=generation)
-            parsed = parse_choice(answer.text, item.options, item.letters)
+            scores = None
+            if scoring == "likelihood":
+                scores = option_loglikelihoods(lmm, prepared, item)
+                best = max(range(len(scores)), key=scores.__getitem__)
+                response, parsed = item.options[best], item.letters[best]
+            else:
+                response = lmm.ask(prepared, build_mc_question(item, style), generation=generation).text
+                parsed = parse_choice(response, item.options, item.letters)
             records[i] = ItemRecord(id=item.id, video=item.video, category=item.category, question=item.question,
-                                    answer=item.answer_letter, response=answer.text, parsed=parsed,
+                                    answer=item.answer_letter, response=response, parsed=parsed,
                                     correct=parsed == item.answer_letter, num_options=len(item.options),
-                                    groups=dict(item.groups))
+                                    groups=dict(item.groups), scores=scores)
             done += 1
             if progress:
                 mark = "ok" if records[i].correct else ("??" if parsed is None else "no")
-                print(f"[{done}/{len(items)}] {mark} {item.id}: {answer.text[:60]!r}", file=sys.stderr, flush=True)
+                print(f"[{done}/{len(items)}] {mark} {item.id}: {response[:60]!r}", file=sys.stderr, flush=True)
         del prepared
     result = summarize([r for r in records if r is not None], time.perf_counter() - t0, style)
     result.missing = missing
@@ -414,6 +463,12 @@ def add_eval_arguments(parser) -> None:
                         help="prompt: mvbench '(A) x' lines or videomme 'A. x' lines (default: the reference's "
                              "for the benchmark)")
     parser.add_argument("--progress", action="store_true", help="one line per question on stderr")
+    parser.add_argument("--scoring", choices=list(SCORINGS), default="generate",
+                        help="generate: the reference's prompt, a greedy reply, parsed; likelihood: the option whose "
+                             "text is most likely as the answer (nothing unparsable)")
+    parser.add_argument("--ignore-bounds", action="store_true",
+                        help="sample the whole video file for questions about a window (MVBench's bounded "
+                             "tasks), as TinyLLaVA-Video's MVBench script does")
 
 
 def load_eval_items(args):
@@ -444,7 +499,9 @@ def run_eval_cli(args, model, bench=None) -> int:
 
     lmm = VideoLMM(model, sampling=sampling_from_args(args, model))
     result = evaluate(lmm, bench.items, generation=GenerationSettings(max_new_tokens=args.max_new_tokens),
-                      style=getattr(args, "style", None) or bench.style, progress=getattr(args, "progress", False))
+                      style=getattr(args, "style", None) or bench.style, progress=getattr(args, "progress", False),
+                      bounds=not getattr(args, "ignore_bounds", False), scoring=getattr(args, "scoring", "generate"))
+    result.extra["scoring"] = getattr(args, "scoring", "generate")
     result.missing = bench.missing + result.missing
     result.extra.update({"format": bench.format, "average": bench.average, "notes": bench.notes})
     if getattr(args, "json", False):

@@ -7,6 +7,7 @@ sampling and the model, so a follow-up question on the same video skips decoding
 from __future__ import annotations
 
 import copy
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .cache import ByteLRU, file_digest
+from .cache import ByteLRU, source_digest
 from .connectors import ConnectorOutput
 from .conversation import build_prompt, clean_answer, tokenizer_image_token
 from .video import FrameSampling, ReadLimits, VideoClip, check_video_path, read_video
@@ -121,8 +122,9 @@ class VideoLMM:
     def prepare(self, video: str, sampling: FrameSampling | None = None) -> tuple[PreparedVideo, bool]:
         """Decode and encode a video, or fetch it from the cache. Returns (prepared, was_cached)."""
         sampling = sampling or self.sampling
-        check_video_path(video)  # before hashing: a directory or a FIFO must fail with one sentence, not hang
-        key = f"{file_digest(video)}|{sampling}|{getattr(self.model, 'source', id(self.model))}|{self.model.dtype}"
+        if not os.path.isdir(video):  # a folder of frames is read as a video (sampling.folder_fps)
+            check_video_path(video)  # before hashing: a FIFO must fail with one sentence, not hang
+        key = f"{source_digest(video)}|{sampling}|{getattr(self.model, 'source', id(self.model))}|{self.model.dtype}"
         hit = self.cache.get(key)
         if hit is not None:
             return hit, True

@@ -23,7 +23,8 @@ from typing import Callable
 
 import numpy as np
 
-from vidlmm.decoders import BACKENDS, DecoderFailure, backend_order, import_decord, open_first, quiet_stderr, sniff
+from vidlmm.decoders import (BACKENDS, DecoderFailure, FrameFolder, backend_order, import_decord, open_first,
+                             quiet_stderr, sniff)
 from vidlmm.errors import VideoReadError
 
 __all__ = ["BACKENDS", "CHUNK_BYTES", "MAX_PIXELS", "FrameSampling", "ReadLimits", "TransformError", "VideoClip",
@@ -39,12 +40,20 @@ class FrameSampling:
     ``mode``: ``"uniform"`` (``num_frames`` evenly spread, endpoints included), ``"fps"`` (the reference's
     "1fps": ``floor(duration_s)`` frames evenly spread, capped at ``max_frames``) or ``"rate"`` (one frame
     every ``1/rate`` seconds from t=0, capped at ``max_frames``).
+
+    ``start`` / ``end``: a window in seconds (MVBench's bounded questions). Uniform sampling then follows
+    MVBench's loader: the window's frames split into ``num_frames`` equal segments and the middle frame of each
+    taken; the other modes sample the window as if it were the clip. ``folder_fps``: the frame rate of a folder
+    of frame images, which has none of its own.
     """
 
     mode: str = "uniform"
     num_frames: int = 16
     max_frames: int = 64
     rate: float = 1.0
+    start: float | None = None
+    end: float | None = None
+    folder_fps: float | None = None
 
     def __post_init__(self):
         if self.mode not in ("uniform", "fps", "rate"):
@@ -90,10 +99,14 @@ class FrameSampling:
 
     def describe(self) -> str:
         if self.mode == "uniform":
-            return f"uniform {self.num_frames}"
-        if self.mode == "fps":
-            return f"fps (max {self.max_frames})"
-        return f"{self.rate:g} fps (max {self.max_frames})"
+            text = f"uniform {self.num_frames}"
+        elif self.mode == "fps":
+            text = f"fps (max {self.max_frames})"
+        else:
+            text = f"{self.rate:g} fps (max {self.max_frames})"
+        if self.start is not None or self.end is not None:
+            text += f" in [{self.start or 0:g}, {'end' if self.end is None else f'{self.end:g}'}] s"
+        return text
 
 
 @dataclass(frozen=True)
@@ -123,6 +136,8 @@ def sample_frame_indices(total_frames: int, fps: float, sampling: FrameSampling)
     """
     if total_frames < 1:
         raise ValueError("a video needs at least one frame")
+    if sampling.start is not None or sampling.end is not None:
+        return _window_indices(total_frames, fps, sampling)
     if sampling.mode == "uniform":
         return _linspace(total_frames, sampling.num_frames)
     if not (fps > 0 and math.isfinite(fps)):
@@ -135,6 +150,23 @@ def sample_frame_indices(total_frames: int, fps: float, sampling: FrameSampling)
         return _linspace(total_frames, sampling.max_frames)
     idx = np.floor(np.arange(n) * (fps / sampling.rate) + 1e-6).astype(np.int64)  # int(t*fps), float-safe
     return np.minimum(idx, total_frames - 1)
+
+
+def _window_indices(total_frames: int, fps: float, sampling: FrameSampling) -> np.ndarray:
+    """Frames of the [start, end] window (MVBench's `get_index`: the window's bounds rounded to frames and
+    clamped to the clip; uniform: the middle frame of each of num_frames equal segments)."""
+    if not (fps > 0 and math.isfinite(fps)):
+        raise ValueError(f"fps must be positive, got {fps}")
+    first = max(0, round((sampling.start or 0.0) * fps))
+    last = total_frames - 1 if sampling.end is None else min(round(sampling.end * fps), total_frames - 1)
+    first = min(first, last)  # a window past the clip's end: its last frame
+    if sampling.mode == "uniform":
+        segment = (last - first) / sampling.num_frames
+        return np.array([int(first + segment / 2 + np.round(segment * i)) for i in range(sampling.num_frames)],
+                        dtype=np.int64)
+    whole = FrameSampling(mode=sampling.mode, num_frames=sampling.num_frames, max_frames=sampling.max_frames,
+                          rate=sampling.rate)
+    return first + sample_frame_indices(last - first + 1, fps, whole)
 
 
 @dataclass
@@ -201,7 +233,7 @@ def check_video_path(path: str) -> str:
 
 def _raise_best(path: str, name: str, fails: list[DecoderFailure]):
     best = max(fails, key=lambda f: f.rank)  # first of the most informative reasons
-    reason = best.reason if best.rank > 0 else sniff(path)
+    reason = best.reason if best.rank > 0 or os.path.isdir(path) else sniff(path)
     raise VideoReadError(best.kind, f"Cannot read video '{name}': {reason}.", path)
 
 
@@ -259,7 +291,8 @@ def read_video(path, sampling: FrameSampling = FrameSampling(), *, backend: str 
                size: tuple[int, int] | None = None, max_duration: float | None = None,
                transform: Callable[[np.ndarray], np.ndarray] | None = None,
                max_pixels: int | None = MAX_PIXELS, time_limit: float | None = None) -> VideoClip:
-    """Decode the sampled frames of the video at ``path`` (opened by path, never from memory).
+    """Decode the sampled frames of the video at ``path`` (opened by path, never from memory), or of a folder of
+    numbered frame images at ``sampling.folder_fps``.
 
     ``backend``: ``"auto"`` (decord, then PyAV, then OpenCV) or one of them only. ``size=(W, H)`` has the
     decoder scale frames (its own resampling; previews); by default frames keep the source size.
@@ -272,12 +305,20 @@ def read_video(path, sampling: FrameSampling = FrameSampling(), *, backend: str 
     """
     started = time.monotonic()
     path = os.fspath(path)
-    name = check_video_path(path)
+    folder = os.path.isdir(path)  # a folder of numbered frames at sampling.folder_fps
+    name = os.path.basename(os.path.normpath(path)) if folder else check_video_path(path)
     if size is not None:
         size = (int(size[0]), int(size[1]))
         if min(size) < 1:
             raise ValueError(f"size must be (width, height) >= 1, got {size}")
-    source = frame_size(path)
+    fails: list[DecoderFailure] = []
+    frames_reader = None
+    if folder:
+        try:
+            frames_reader = FrameFolder(path, size, sampling.folder_fps)
+        except DecoderFailure as fail:
+            raise VideoReadError(fail.kind, f"Cannot read video '{name}': {fail.reason}.", path) from None
+    source = frames_reader.first_size() if folder else frame_size(path)
     if max_pixels is not None and source is not None and source[0] * source[1] > max_pixels:
         raise _too_large(name, path, *source, max_pixels)
 
@@ -286,9 +327,8 @@ def read_video(path, sampling: FrameSampling = FrameSampling(), *, backend: str 
             raise VideoReadError("too_slow", f"Cannot read video '{name}': decoding it takes longer than the "
                                  f"{time_limit:g} s limit.", path)
 
-    fails: list[DecoderFailure] = []
-    for which in backend_order(backend):
-        reader = open_first(path, which, size, fails)
+    for which in ("frames",) if folder else backend_order(backend):
+        reader = frames_reader if folder else open_first(path, which, size, fails)
         if reader is None:
             continue
         try:

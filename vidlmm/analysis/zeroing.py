@@ -207,7 +207,7 @@ def _batches(items: list, size: int):
         yield items[start:start + max(1, size)]
 
 
-def _score_answer(lmm: "VideoLMM", prompt_ids: list[int], answer_ids: list[int], visuals: list):
+def score_answer(lmm: "VideoLMM", prompt_ids: list[int], answer_ids: list[int], visuals: list):
     """Teacher-forced pass of prompt + answer for each visual-token variant (connector outputs, one batch, equal
     lengths).
 
@@ -287,7 +287,7 @@ def zeroing_curve(lmm: "VideoLMM", video, question: str, *, fractions=FRACTIONS,
     total = len(keys)
     for batch in _batches(keys, batch_size):
         visuals = [zeroed_output(out, distinct.get(k, full_mask)) for k in batch]
-        for key, (ll, first) in zip(batch, _score_answer(lmm, prompt, answer_ids, visuals)):
+        for key, (ll, first) in zip(batch, score_answer(lmm, prompt, answer_ids, visuals)):
             scores[key] = {"log_likelihood": ll, "first_divergence": first}
         if regenerate:
             for key, ids in zip(batch, _greedy_batch(lmm, prompt, visuals, max_new_tokens)):
@@ -402,5 +402,6 @@ def zeroing_mc_curve(lmm: "VideoLMM", items, *, video_root=None, fractions=FRACT
                          reference=reference)
 
 
-__all__ = ["DEFAULT_CHUNKS", "FRACTIONS", "STRATEGIES", "ZeroingResult", "query_group_spans", "zero_mask",
+__all__ = ["DEFAULT_CHUNKS", "FRACTIONS", "STRATEGIES", "ZeroingResult", "query_group_spans", "score_answer",
+           "zero_mask",
            "zero_tokens", "zeroed_output", "zeroing_curve", "zeroing_mc_curve"]
