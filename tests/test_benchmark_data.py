@@ -302,3 +302,65 @@ def test_likelihood_scoring_picks_the_most_likely_option_and_is_never_unparsable
         expected.append(sum(float(logp[offset + t - 1, ids[t]]) for t in range(len(prompt), len(ids))))
     assert record.scores == pytest.approx(expected, abs=1e-4)
     assert record.parsed == item.letters[int(np.argmax(expected))] and record.response in item.options
+
+
+def test_records_let_an_interrupted_run_resume(mvbench, tiny_checkpoints, tmp_path):
+    """The records after a kill (two questions written, the third torn mid-line) make the rerun read only the
+    videos with questions left, and end with the uninterrupted run's records; other settings are refused."""
+    from vidlmm.checkpoint import load_model
+    from vidlmm.evaluate import evaluate
+    from vidlmm.pipeline import VideoLMM
+    from vidlmm.video import FrameSampling
+
+    lmm = VideoLMM(load_model(tiny_checkpoints["group"], dtype="fp32", device="cpu"),
+                   sampling=FrameSampling.uniform(4), cache_bytes=0)
+    items = load_benchmark(mvbench).items
+    straight = evaluate(lmm, items, records=tmp_path / "all.jsonl")
+    lines = (tmp_path / "all.jsonl").read_text().splitlines()
+    assert json.loads(lines[0]) == {"settings": {"model": str(tiny_checkpoints["group"]), "sampling": "uniform 4",
+                                                 "style": "mvbench", "scoring": "generate", "bounds": True}}
+    assert [json.loads(line)["record"]["id"] for line in lines[1:]] == [r.id for r in straight.items]
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])  # two records kept, the third torn
+    reads = []
+    original = lmm.prepare
+    lmm.prepare = lambda video, sampling=None: reads.append(Path(video).name) or original(video, sampling)
+    resumed = evaluate(lmm, items, records=cut)
+    assert [(r.id, r.response) for r in resumed.items] == [(r.id, r.response) for r in straight.items]
+    assert sorted(reads) == ["clip_7", "video_10000.mp4"]  # the two A1.mp4 windows were scored before the kill
+    def parsed(line):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            return {}
+
+    assert sum("record" in parsed(line) for line in cut.read_text().splitlines()) == 4
+    with pytest.raises(VidlmmError, match="other settings .*scoring"):
+        evaluate(lmm, items, records=cut, scoring="likelihood")
+
+
+def test_two_processes_give_the_one_process_result(mvbench, tiny_checkpoints, tmp_path):
+    """`accelerate launch` with two CPU processes splits the videos and the first process prints the merged
+    result, the one process's item for item."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    args = ["-m", "vidlmm", "eval", "--model", str(tiny_checkpoints["group"]), "--data", str(mvbench),
+            "--num-frames", "4", "--max-new-tokens", "3", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *args], cwd=root, capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                          "train/configs/cpu_2proc.yaml", "--main_process_port", str(port), *args], cwd=root,
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = json.loads(one.stdout), json.loads(two.stdout)  # exactly one JSON object: rank 1 prints nothing
+    for payload in (a, b):
+        payload.pop("seconds")
+    assert a == b and a["n"] == 4 and len(a["missing"]) == 1

@@ -172,9 +172,10 @@ def _precision_json(model) -> dict | None:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import load_eval_items, run_eval_cli
+    from .evaluate import distributed_shard, load_eval_items, run_eval_cli
 
     bench = load_eval_items(args)  # a missing or malformed data file fails before the model load
+    distributed_shard()  # under accelerate launch: join the process group first, so each process has its device
     return run_eval_cli(args, _load(args), bench)
 
 

@@ -373,19 +373,60 @@ def item_sampling(item: MCItem, sampling, bounds: bool = True):
     return replace(sampling, **window, **rate) if window or rate else sampling
 
 
+class RecordLog:
+    """`--records FILE.jsonl`: every scored question is appended as one JSON line the moment it is scored (a
+    single write on an append-mode file, so the processes of a distributed run can share it), and a rerun skips
+    the questions already there. A line holds the run's settings; a file written with other settings is refused.
+    A line torn by a kill is ignored (its question is scored again)."""
+
+    def __init__(self, path, settings: dict):
+        self.path, self.settings, self.done = Path(path), settings, {}
+        if self.path.is_dir():
+            raise VidlmmError(f"--records '{self.path.name}' is a folder; name a .jsonl file.")
+        text = self.path.read_text(encoding="utf-8", errors="replace") if self.path.is_file() else ""
+        for line in text.splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # torn by a kill
+            if "settings" in entry and entry["settings"] != settings:
+                changed = sorted(k for k in {**settings, **entry["settings"]}
+                                 if settings.get(k) != entry["settings"].get(k))
+                raise VidlmmError(f"--records '{self.path.name}' was written by a run with other settings "
+                                  f"({', '.join(changed)}); use another file.")
+            if "record" in entry:
+                self.done[entry["record"]["id"]] = ItemRecord(**entry["record"])
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # a new line first: after a torn last line, the next record must not be glued onto it
+        self._write({"settings": settings}, lead="\n" if text and not text.endswith("\n") else "")
+
+    def _write(self, entry: dict, lead: str = "") -> None:
+        os.write(self._fd, (lead + json.dumps(entry) + "\n").encode())
+
+    def add(self, record: ItemRecord) -> None:
+        self._write({"record": asdict(record)})
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 def evaluate(lmm, items: list[MCItem], *, generation=None, style: str = "mvbench", sampling=None,
-             progress: bool = False, bounds: bool = True, scoring: str = "generate") -> EvalResult:
+             progress: bool = False, bounds: bool = True, scoring: str = "generate", records=None,
+             shard: tuple[int, int] = (0, 1)) -> EvalResult:
     """Answer every item with `lmm` (a VideoLMM) and score it; greedy, 16 new tokens unless `generation`.
     bounds: sample a bounded item's [start, end] window (MVBench's rule); False samples the whole video file, as
     TinyLLaVA-Video's MVBench script does (which keeps the window for folders of frames). scoring: "generate"
     (the reference's prompt, a greedy reply, `parse_choice`) or "likelihood" (the option whose text is most
-    likely as the answer, `option_loglikelihoods`: never unparsable).
+    likely as the answer, `option_loglikelihoods`: never unparsable). records: a `RecordLog` (or a path for
+    one) that keeps every scored question and skips those scored before. shard (rank, processes): score only
+    the videos whose first-appearance index is rank modulo processes (a distributed run; merge with
+    `merge_results`).
 
     Items are grouped by video (first-appearance order): each video is decoded and encoded once, then all of
     its questions reuse the features. Records come back in the items' order. A video that cannot be read costs
     its questions, listed in `EvalResult.missing` with the reason; the run goes on.
     """
-    from .errors import VideoReadError
     from .pipeline import GenerationSettings
 
     if style not in STYLES:
@@ -394,45 +435,98 @@ def evaluate(lmm, items: list[MCItem], *, generation=None, style: str = "mvbench
         raise VidlmmError(f"Unknown scoring '{scoring}' (use {' or '.join(SCORINGS)}).")
     generation = generation or GenerationSettings(max_new_tokens=16, do_sample=False)
     base = sampling or getattr(lmm, "sampling", None)
+    if (records is not None or shard[1] > 1) and len({item.id for item in items}) != len(items):
+        raise VidlmmError("Question ids must be unique to keep records or split the questions over processes.")
+    if records is not None and not isinstance(records, RecordLog):
+        records = RecordLog(records, run_settings(lmm, base, style, scoring, bounds))
     by_video: dict[tuple, list[int]] = {}
     for i, item in enumerate(items):
         frames = item_sampling(item, base, bounds) if base is not None else None
         by_video.setdefault((item.video, frames), []).append(i)
-    records: list[ItemRecord | None] = [None] * len(items)
+    mine = [group for k, group in enumerate(by_video.items()) if k % shard[1] == shard[0]]
+    scored: dict[int, ItemRecord] = {}
     missing = []
+    ticker = _Progress(sum(len(indices) for _, indices in mine), progress)
     t0 = time.perf_counter()
-    done = 0
-    for (video, frames), indices in by_video.items():
-        try:
-            prepared, _ = lmm.prepare(video, frames)
-        except (VideoReadError, OSError) as err:
-            why = str(err).splitlines()[0] if str(err) else type(err).__name__
-            missing += [{"id": items[i].id, "video": Path(video).name, "why": why} for i in indices]
-            done += len(indices)
-            if progress:
-                print(f"[{done}/{len(items)}] skipped {Path(video).name}: {why}", file=sys.stderr, flush=True)
-            continue
+    for (video, frames), indices in mine:
+        todo = []
         for i in indices:
-            item = items[i]
-            scores = None
-            if scoring == "likelihood":
-                scores = option_loglikelihoods(lmm, prepared, item)
-                best = max(range(len(scores)), key=scores.__getitem__)
-                response, parsed = item.options[best], item.letters[best]
+            if records is not None and items[i].id in records.done:
+                scored[i] = records.done[items[i].id]
+                ticker.tick(f"kept {items[i].id} from the records", reused=True)
             else:
-                response = lmm.ask(prepared, build_mc_question(item, style), generation=generation).text
-                parsed = parse_choice(response, item.options, item.letters)
-            records[i] = ItemRecord(id=item.id, video=item.video, category=item.category, question=item.question,
-                                    answer=item.answer_letter, response=response, parsed=parsed,
-                                    correct=parsed == item.answer_letter, num_options=len(item.options),
-                                    groups=dict(item.groups), scores=scores)
-            done += 1
-            if progress:
-                mark = "ok" if records[i].correct else ("??" if parsed is None else "no")
-                print(f"[{done}/{len(items)}] {mark} {item.id}: {response[:60]!r}", file=sys.stderr, flush=True)
-        del prepared
-    result = summarize([r for r in records if r is not None], time.perf_counter() - t0, style)
+                todo.append(i)
+        if todo:
+            missing += _score_video(lmm, video, frames, [(i, items[i]) for i in todo], scored, style, scoring,
+                                    generation, records, ticker)
+    result = summarize([scored[i] for i in sorted(scored)], time.perf_counter() - t0, style)
     result.missing = missing
+    return result
+
+
+def run_settings(lmm, sampling, style: str, scoring: str, bounds: bool) -> dict:
+    """What a record depends on: a `RecordLog` refuses to mix runs that differ in any of these."""
+    model = getattr(lmm, "model", None)
+    return {"model": str(getattr(model, "source", None)), "sampling": sampling.describe() if sampling else None,
+            "style": style, "scoring": scoring, "bounds": bounds}
+
+
+def _score_video(lmm, video, frames, todo, scored, style, scoring, generation, records, ticker) -> list[dict]:
+    """Score the (index, item) pairs of one video into `scored`; returns the missing entries when the video
+    cannot be read."""
+    from .errors import VideoReadError
+
+    try:
+        prepared, _ = lmm.prepare(video, frames)
+    except (VideoReadError, OSError) as err:
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        for _ in todo:
+            ticker.tick(f"skipped {Path(video).name}: {why}")
+        return [{"id": item.id, "video": Path(video).name, "why": why} for _, item in todo]
+    for i, item in todo:
+        scores = None
+        if scoring == "likelihood":
+            scores = option_loglikelihoods(lmm, prepared, item)
+            best = max(range(len(scores)), key=scores.__getitem__)
+            response, parsed = item.options[best], item.letters[best]
+        else:
+            response = lmm.ask(prepared, build_mc_question(item, style), generation=generation).text
+            parsed = parse_choice(response, item.options, item.letters)
+        scored[i] = record = ItemRecord(
+            id=item.id, video=item.video, category=item.category, question=item.question,
+            answer=item.answer_letter, response=response, parsed=parsed, correct=parsed == item.answer_letter,
+            num_options=len(item.options), groups=dict(item.groups), scores=scores)
+        if records is not None:
+            records.add(record)
+        mark = "ok" if record.correct else ("??" if parsed is None else "no")
+        ticker.tick(f"{mark} {item.id}: {response[:60]!r}")
+    return []
+
+
+class _Progress:
+    """`--progress`: one line per question on stderr, with the estimated time left."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.done, self.fresh = total, enabled, 0, 0
+        self.start = time.perf_counter()
+
+    def tick(self, text: str, reused: bool = False) -> None:
+        self.done += 1
+        self.fresh += not reused
+        if not self.enabled:
+            return
+        left = self.total - self.done
+        eta = (time.perf_counter() - self.start) / self.fresh * left if self.fresh else 0.0
+        print(f"[{self.done}/{self.total}] {text} (eta {eta:.0f} s)", file=sys.stderr, flush=True)
+
+
+def merge_results(parts: list[EvalResult], items: list[MCItem], style: str) -> EvalResult:
+    """One result from the shards of a distributed run, in the items' order (identical to one process's but
+    for `seconds`, the slowest shard's)."""
+    order = {item.id: k for k, item in enumerate(items)}
+    records = sorted((r for part in parts for r in part.items), key=lambda r: order[r.id])
+    result = summarize(records, max((p.seconds for p in parts), default=0.0), style)
+    result.missing = sorted((m for part in parts for m in part.missing), key=lambda m: order.get(m["id"], -1))
     return result
 
 
@@ -466,6 +560,8 @@ def add_eval_arguments(parser) -> None:
     parser.add_argument("--scoring", choices=list(SCORINGS), default="generate",
                         help="generate: the reference's prompt, a greedy reply, parsed; likelihood: the option whose "
                              "text is most likely as the answer (nothing unparsable)")
+    parser.add_argument("--records", metavar="FILE.jsonl",
+                        help="append every scored question to FILE as it is scored; a rerun skips those already in it")
     parser.add_argument("--ignore-bounds", action="store_true",
                         help="sample the whole video file for questions about a window (MVBench's bounded "
                              "tasks), as TinyLLaVA-Video's MVBench script does")
@@ -487,6 +583,18 @@ def load_eval_items(args):
     return bench
 
 
+def distributed_shard() -> tuple[int, int]:
+    """(rank, processes) of this process: (0, 1) unless started by `accelerate launch` / torchrun with several
+    processes, which then join one process group (gloo on CPU) to merge their results."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state.process_index, state.num_processes
+
+
 def run_eval_cli(args, model, bench=None) -> int:
     """Run `eval` with an already loaded model; prints one JSON object (--json) or a markdown table."""
     from .pipeline import GenerationSettings, VideoLMM
@@ -498,9 +606,19 @@ def run_eval_cli(args, model, bench=None) -> int:
     from .cli import sampling_from_args
 
     lmm = VideoLMM(model, sampling=sampling_from_args(args, model))
+    style = getattr(args, "style", None) or bench.style
+    rank, processes = shard = distributed_shard()
     result = evaluate(lmm, bench.items, generation=GenerationSettings(max_new_tokens=args.max_new_tokens),
-                      style=getattr(args, "style", None) or bench.style, progress=getattr(args, "progress", False),
-                      bounds=not getattr(args, "ignore_bounds", False), scoring=getattr(args, "scoring", "generate"))
+                      style=style, progress=getattr(args, "progress", False) and rank == 0,
+                      bounds=not getattr(args, "ignore_bounds", False), scoring=getattr(args, "scoring", "generate"),
+                      records=getattr(args, "records", None), shard=shard)
+    if processes > 1:
+        from accelerate.utils import gather_object
+
+        parts = gather_object([result])
+        if rank:
+            return 0  # the first process prints the merged result
+        result = merge_results(parts, bench.items, style)
     result.extra["scoring"] = getattr(args, "scoring", "generate")
     result.missing = bench.missing + result.missing
     result.extra.update({"format": bench.format, "average": bench.average, "notes": bench.notes})
@@ -513,5 +631,6 @@ def run_eval_cli(args, model, bench=None) -> int:
     return 0
 
 
-__all__ = ["EvalResult", "ItemRecord", "MCItem", "add_eval_arguments", "build_mc_question", "evaluate",
-           "load_eval_items", "load_mc_items", "parse_choice", "run_eval_cli", "summarize"]
+__all__ = ["EvalResult", "ItemRecord", "MCItem", "RecordLog", "add_eval_arguments", "build_mc_question",
+           "distributed_shard", "evaluate", "load_eval_items", "load_mc_items", "merge_results",
+           "option_loglikelihoods", "parse_choice", "run_eval_cli", "summarize"]
