@@ -381,12 +381,12 @@ class Service:
         return FigureSet({"zeroing": shown}, to_jsonable(summary), files)
 
     def heldout_items(self, max_items: int = 20):
-        from vidlmm.evaluate import load_mc_items
+        from vidlmm.benchmarks import load_benchmark
 
         path = self.config.eval_set or _find_heldout_set()
         if not path:
             raise UserError("No held-out multiple-choice set is installed (start the app with --eval-set FILE).")
-        return load_mc_items(path)[: max(1, int(max_items))], None
+        return load_benchmark(path).items[: max(1, int(max_items))], None
 
     def compare(self, session: Session, video, question: str, *, models: list[str], sampling=None,
                 generation=None, layer: int = -1, fmt: str = "png", dpi: int = 150, job: Job | None = None) -> FigureSet:

@@ -143,3 +143,14 @@ def test_bench_finetune_measures_full_lora_and_qlora(tmp_path):
         full["trainable"]["language_model"]
     assert lora["grads_adamw_mb"] < full["grads_adamw_mb"]
     assert qlora["lm_weights_mb"] < 0.5 * lora["lm_weights_mb"]
+
+
+def test_bench_eval_compares_grouped_and_distributed_evaluation(tmp_path):
+    """The grouped eval answers exactly as re-reading per question (the script asserts it), the two-process run
+    merges to the one-process answers, and every rate is measured."""
+    out_json = tmp_path / "eval.json"
+    run_bench("bench_eval.py", "--limit", "8", "--zeroing-limit", "2", "--json", str(out_json))
+    data = json.loads(out_json.read_text())
+    assert data["questions"] == 8 and data["zeroing_points"] == 6 and data["same_answers"] is True
+    assert all(data[k] > 0 for k in ("eval_grouped_s", "eval_each_s", "zeroing_s", "zeroing_each_s",
+                                     "one_process_s", "two_processes_s"))

@@ -72,10 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     common(red, "optional")
     red.add_argument("--question", default="Describe what happens in the video.",
                      help="question for the single-video curve")
-    red.add_argument("--mc", help="multiple-choice JSON (MVBench / Video-MME style): accuracy curves")
-    red.add_argument("--video-root", help="folder the --mc videos are relative to (default: the JSON's folder)")
+    red.add_argument("--mc", help="a multiple-choice benchmark as it ships (a root or its file: MVBench, Video-MME, "
+                                  "MLVU, MMVU, LongVideoBench, EgoSchema) or a JSON list: accuracy curves")
+    red.add_argument("--format", choices=["json", "mvbench", "videomme", "mlvu", "mmvu", "longvideobench",
+                                          "egoschema"], help="the --mc data's format (default: detected)")
+    red.add_argument("--video-root", help="folder the --mc videos are in (default: where the format keeps them)")
     red.add_argument("--limit", type=int, help="only the first N --mc questions")
-    red.add_argument("--style", choices=list(STYLES), default="mvbench", help="--mc prompt style")
+    red.add_argument("--style", choices=list(STYLES), help="--mc prompt style (default: the benchmark's)")
     red.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS), help="shares of tokens kept")
     red.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES))
     red.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -180,7 +183,7 @@ def cmd_picture(args, writer: Exporter) -> None:
 
 def cmd_redundancy(args, writer: Exporter) -> None:
     from vidlmm.analysis import zeroing_curve, zeroing_mc_curve
-    from vidlmm.evaluate import load_mc_items
+    from vidlmm.benchmarks import load_benchmark
     from vidlmm.video import check_video_path
     from visualizations import plot_zeroing
 
@@ -190,13 +193,14 @@ def cmd_redundancy(args, writer: Exporter) -> None:
         raise VidlmmError("Give --video (with --question) or --mc (a multiple-choice JSON).")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise VidlmmError("--max-new-tokens must be at least 1.")
-    items = None
+    items, style = None, args.style
     if args.mc:
         if args.limit is not None and args.limit < 1:
             raise VidlmmError("--limit must be at least 1.")
-        items = load_mc_items(args.mc, args.video_root)[: args.limit]
+        bench = load_benchmark(args.mc, args.video_root, format=args.format)
+        items, style = bench.items[: args.limit], style or bench.style
         if not items:
-            raise VidlmmError(f"'{Path(args.mc).name}' holds no questions.")
+            raise VidlmmError(f"'{Path(args.mc).name}' holds no question whose video is here.")
     else:
         check_video_path(args.video)
 
@@ -212,7 +216,7 @@ def cmd_redundancy(args, writer: Exporter) -> None:
         common = dict(fractions=args.fractions, strategies=args.strategies, seeds=args.seeds, name=label,
                       progress=progress)
         if items is not None:
-            results.append(zeroing_mc_curve(lmm, items, style=args.style, max_new_tokens=args.max_new_tokens or 16,
+            results.append(zeroing_mc_curve(lmm, items, style=style, max_new_tokens=args.max_new_tokens or 16,
                                             **common))
         else:
             results.append(zeroing_curve(lmm, args.video, args.question, max_new_tokens=args.max_new_tokens or 64,

@@ -332,27 +332,34 @@ def zeroing_mc_curve(lmm: "VideoLMM", items, *, video_root=None, fractions=FRACT
     `video_root`). Each video is decoded and encoded once and its connector output reused for every level and
     seed; the full model answers exactly as `evaluate` does, the zeroed ones greedily in batches.
     """
-    from ..evaluate import build_mc_question, load_mc_items, parse_choice
+    from ..benchmarks import load_benchmark
+    from ..errors import VideoReadError
+    from ..evaluate import build_mc_question, item_sampling, parse_choice
     from ..pipeline import GenerationSettings
 
     _check_plan(fractions, strategies, seeds)
     if isinstance(items, (str, os.PathLike)):
-        items = load_mc_items(items, video_root)
+        items = load_benchmark(items, video_root).items
     items = list(items)
     if not items:
         raise VidlmmError("The multiple-choice set holds no questions.")
-    by_video: dict[str, list] = {}
+    base = sampling or getattr(lmm, "sampling", None)
+    by_video: dict[tuple, list] = {}
     for item in items:
-        by_video.setdefault(item.video, []).append(item)
+        by_video.setdefault((item.video, item_sampling(item, base) if base is not None else None), []).append(item)
     generation = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False)
     plan_points = None
     correct: dict[tuple, list[bool]] = {}
     agree: dict[tuple, list[bool]] = {}
     active: dict[tuple, list[float]] = {}
     kept: dict[tuple, list[int]] = {}
-    full_correct, records, done, num_tokens = [], [], 0, 0
-    for video, video_items in by_video.items():
-        prepared = lmm.prepare(video, sampling)[0]
+    full_correct, records, done, num_tokens, missing = [], [], 0, 0, []
+    for (video, frames), video_items in by_video.items():
+        try:
+            prepared = lmm.prepare(video, frames)[0]
+        except (VideoReadError, OSError) as err:  # the question is listed, the curve goes on
+            missing += [{"id": item.id, "video": os.path.basename(video), "why": str(err)} for item in video_items]
+            continue
         out = lmm.visual_tokens(prepared)
         tokens = out.tokens[0]
         num_tokens = int(tokens.shape[0])
@@ -385,6 +392,8 @@ def zeroing_mc_curve(lmm: "VideoLMM", items, *, video_root=None, fractions=FRACT
             if progress:
                 progress(done, len(items), f"zeroing: {done}/{len(items)} questions")
         del prepared
+    if not full_correct:
+        raise VidlmmError("No video of the multiple-choice set could be read.")
     full_acc = float(np.mean(full_correct))
     out_points = []
     for p in plan_points:
@@ -394,8 +403,11 @@ def zeroing_mc_curve(lmm: "VideoLMM", items, *, video_root=None, fractions=FRACT
                            "active": float(np.mean(active[point])), "kept_tokens": float(np.mean(kept[point])),
                            "accuracy": acc, "relative_accuracy": acc / full_acc if full_acc > 0 else float("nan"),
                            "agreement": float(np.mean(agree[point])), "n": len(correct[point])})
-    reference = {"accuracy": full_acc, "n": len(items), "videos": len(by_video), "style": style,
-                 "chance": float(np.mean([1 / len(i.options) for i in items])), "items": records}
+    skipped = {m["id"] for m in missing}
+    scored = [item for group in by_video.values() for item in group if item.id not in skipped]
+    reference = {"accuracy": full_acc, "n": len(full_correct), "videos": len(by_video), "style": style,
+                 "chance": float(np.mean([1 / len(i.options) for i in scored])), "items": records,
+                 "missing": missing}
     return ZeroingResult(model=_model_name(lmm, name), fractions=[float(f) for f in fractions],
                          strategies=list(strategies), seeds=[int(s) for s in seeds], points=out_points, kind="mc",
                          connector_type=lmm.model.connector.registry_name, num_tokens=num_tokens,
