@@ -364,3 +364,42 @@ def test_two_processes_give_the_one_process_result(mvbench, tiny_checkpoints, tm
     for payload in (a, b):
         payload.pop("seconds")
     assert a == b and a["n"] == 4 and len(a["missing"]) == 1
+
+
+@pytest.mark.parametrize("reply, answer, right", [
+    ("It is a square.", "a square", True),      # the answer inside the reply
+    ("Square", "a white square", True),         # the reply inside the answer
+    ("a circle", "a square", False),
+    ("", "a square", False),
+])
+def test_open_ended_answers_are_judged_by_containment(reply, answer, right):
+    from vidlmm.evaluate import open_answer_correct
+
+    assert open_answer_correct(reply, answer) is right
+
+
+def test_eval_on_mmvu_reports_open_ended_questions_apart(tmp_path, tiny_checkpoints):
+    from vidlmm.checkpoint import load_model
+    from vidlmm.evaluate import open_answer_correct
+
+    clip(tmp_path / "videos/Art/0.mp4")
+    url = "https://huggingface.co/datasets/yale-nlp/MMVU/resolve/main/videos/Art/"
+    dump(tmp_path / "validation.json", [
+        {"id": "mc-1", "video": url + "0.mp4", "question": "Which colour?", "question_type": "multiple-choice",
+         "choices": {"A": "red", "B": "white"}, "answer": "B"},
+        {"id": "open-1", "video": url + "0.mp4", "question": "What is drawn?", "question_type": "open-ended",
+         "choices": {}, "answer": "a square"},
+        {"id": "open-2", "video": url + "9.mp4", "question": "What is drawn?", "question_type": "open-ended",
+         "choices": {}, "answer": "a square"}])
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    args = parser.parse_args(["--data", str(tmp_path), "--num-frames", "4", "--max-new-tokens", "3", "--json"])
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert run_eval_cli(args, load_model(tiny_checkpoints["group"], dtype="fp32", device="cpu")) == 0
+    payload = json.loads(out.getvalue())
+    assert payload["n"] == 1 and payload["format"] == "mmvu"
+    open_ = payload["open_ended"]
+    assert open_["n"] == 1 and [m["id"] for m in payload["missing"]] == ["open-2"]
+    (row,) = open_["items"]
+    assert row["correct"] == open_answer_correct(row["response"], "a square") and open_["correct"] == row["correct"]

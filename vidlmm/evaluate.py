@@ -304,6 +304,9 @@ class EvalResult:
             rows += [f"| {label} | {g['n']} | {100 * g['accuracy']:.1f} | {100 * g['chance']:.1f} |"
                      for label, g in labels.items()]
         notes = [f"unparsable replies: {self.unparsable} (counted as wrong)"]
+        if self.extra.get("open_ended"):
+            open_ = self.extra["open_ended"]
+            notes.append(f"open-ended questions (apart): {open_['correct']}/{open_['n']} right")
         if self.missing:
             notes.append(f"not scored: {len(self.missing)} question(s) whose video is missing or unreadable")
         if len(self.per_category) > 1:
@@ -520,6 +523,43 @@ class _Progress:
         print(f"[{self.done}/{self.total}] {text} (eta {eta:.0f} s)", file=sys.stderr, flush=True)
 
 
+def open_answer_correct(reply: str, answer: str) -> bool:
+    """MMVU's rule for open-ended questions: right when the answer is in the reply or the reply in the answer
+    (case-insensitive, spaces collapsed, a trailing period ignored); an empty reply is wrong."""
+    reply, answer = _norm_text(reply), _norm_text(answer)
+    return bool(reply) and bool(answer) and (answer in reply or reply in answer)
+
+
+def evaluate_open(lmm, items: list, *, generation=None, sampling=None) -> dict:
+    """Score open-ended questions (`benchmarks.OpenItem`, MMVU): a greedy reply to the bare question, judged by
+    `open_answer_correct`. Returns {"n", "correct", "accuracy", "per_category", "missing", "items"}; a video that
+    cannot be read is listed, as in `evaluate`."""
+    from .errors import VideoReadError
+    from .pipeline import GenerationSettings
+
+    generation = generation or GenerationSettings(max_new_tokens=64, do_sample=False)
+    rows, missing = [], []
+    for item in items:
+        try:
+            prepared, _ = lmm.prepare(item.video, sampling)
+        except (VideoReadError, OSError) as err:
+            missing.append({"id": item.id, "video": Path(item.video).name, "why": str(err).splitlines()[0]})
+            continue
+        reply = lmm.ask(prepared, item.question, generation=generation).text
+        rows.append({"id": item.id, "category": item.category, "answer": item.answer, "response": reply,
+                     "correct": open_answer_correct(reply, item.answer)})
+    per_category: dict[str, dict] = {}
+    for row in rows:
+        cat = per_category.setdefault(row["category"], {"n": 0, "correct": 0})
+        cat["n"] += 1
+        cat["correct"] += row["correct"]
+    for cat in per_category.values():
+        cat["accuracy"] = cat["correct"] / cat["n"]
+    correct = sum(r["correct"] for r in rows)
+    return {"n": len(rows), "correct": correct, "accuracy": correct / len(rows) if rows else 0.0,
+            "per_category": per_category, "missing": missing, "items": rows}
+
+
 def merge_results(parts: list[EvalResult], items: list[MCItem], style: str) -> EvalResult:
     """One result from the shards of a distributed run, in the items' order (identical to one process's but
     for `seconds`, the slowest shard's)."""
@@ -621,6 +661,8 @@ def run_eval_cli(args, model, bench=None) -> int:
         result = merge_results(parts, bench.items, style)
     result.extra["scoring"] = getattr(args, "scoring", "generate")
     result.missing = bench.missing + result.missing
+    if bench.open_ended:  # MMVU: reported apart from the multiple-choice accuracy
+        result.extra["open_ended"] = evaluate_open(lmm, bench.open_ended)
     result.extra.update({"format": bench.format, "average": bench.average, "notes": bench.notes})
     if getattr(args, "json", False):
         payload = result.to_json()
@@ -632,5 +674,5 @@ def run_eval_cli(args, model, bench=None) -> int:
 
 
 __all__ = ["EvalResult", "ItemRecord", "MCItem", "RecordLog", "add_eval_arguments", "build_mc_question",
-           "distributed_shard", "evaluate", "load_eval_items", "load_mc_items", "merge_results",
-           "option_loglikelihoods", "parse_choice", "run_eval_cli", "summarize"]
+           "distributed_shard", "evaluate", "evaluate_open", "load_eval_items", "load_mc_items", "merge_results",
+           "open_answer_correct", "option_loglikelihoods", "parse_choice", "run_eval_cli", "summarize"]
