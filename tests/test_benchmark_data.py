@@ -403,3 +403,11 @@ def test_eval_on_mmvu_reports_open_ended_questions_apart(tmp_path, tiny_checkpoi
     assert open_["n"] == 1 and [m["id"] for m in payload["missing"]] == ["open-2"]
     (row,) = open_["items"]
     assert row["correct"] == open_answer_correct(row["response"], "a square") and open_["correct"] == row["correct"]
+
+
+def test_a_damaged_data_file_is_one_sentence(tmp_path):
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(VidlmmError, match="not valid JSON"):
+        load_benchmark(tmp_path / "broken.json")
+    with pytest.raises(VidlmmError, match="no such file"):
+        load_benchmark(tmp_path / "absent.json")

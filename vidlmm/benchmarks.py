@@ -96,8 +96,11 @@ def detect_format(path: str | Path) -> str:
     if path.is_file():
         if path.suffix == ".parquet":
             return "videomme"
-        data = _read_json_items_or_mapping(path)
-        first = data[0] if isinstance(data, list) and data and isinstance(data[0], dict) else {}
+        try:
+            data = _read_json_items(path)
+        except VidlmmError:
+            return "json"  # not a list of questions: the flat reader says why in one sentence
+        first = data[0] if data and isinstance(data[0], dict) else {}
         if "q_uid" in first or "question_idx" in first:
             return "egoschema"
         if "correct_choice" in first:
@@ -117,14 +120,6 @@ def detect_format(path: str | Path) -> str:
     raise VidlmmError(f"'{path.name}' is a folder but no benchmark layout was recognised (MVBench / MLVU: json/ + "
                       "video/; Video-MME: a .parquet; LongVideoBench: lvb_val.json; EgoSchema: questions.json; "
                       "MMVU: validation.json); name the data file itself.")
-
-
-def _read_json_items_or_mapping(path: Path):
-    try:
-        return _read_json_items(path)
-    except VidlmmError:
-        text = path.read_text(encoding="utf-8")
-        return json.loads(text)
 
 
 def _parquet_files(root: Path) -> list[Path]:

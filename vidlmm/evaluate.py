@@ -440,8 +440,17 @@ def evaluate(lmm, items: list[MCItem], *, generation=None, style: str = "mvbench
     base = sampling or getattr(lmm, "sampling", None)
     if (records is not None or shard[1] > 1) and len({item.id for item in items}) != len(items):
         raise VidlmmError("Question ids must be unique to keep records or split the questions over processes.")
-    if records is not None and not isinstance(records, RecordLog):
+    own_log = records is not None and not isinstance(records, RecordLog)
+    if own_log:
         records = RecordLog(records, run_settings(lmm, base, style, scoring, bounds))
+    try:
+        return _evaluate(lmm, items, records, base, bounds, shard, style, scoring, generation, progress)
+    finally:
+        if own_log:
+            records.close()
+
+
+def _evaluate(lmm, items, records, base, bounds, shard, style, scoring, generation, progress) -> EvalResult:
     by_video: dict[tuple, list[int]] = {}
     for i, item in enumerate(items):
         frames = item_sampling(item, base, bounds) if base is not None else None
