@@ -217,6 +217,9 @@ def test_bounded_sampling_follows_mvbench_and_frame_folders_read_like_videos(mvb
     assert sample_frame_indices(50, 10.0, FrameSampling(num_frames=4, start=4.5, end=99)).tolist() == \
         [45, 46, 47, 48]  # clamped to the clip's last frame (49)
     assert sample_frame_indices(50, 10.0, FrameSampling(num_frames=4)).tolist() == [0, 16, 32, 49]  # unbounded
+    # a folder of frames is numbered from 1 (00001.jpg): files 10..30 -> 12, 17, 22, 27 are list indices 11, 16, ...
+    assert sample_frame_indices(50, 10.0, FrameSampling(num_frames=4, start=1.0, end=3.0, folder_fps=10.0)).tolist() \
+        == [11, 16, 21, 26]
     folder = mvbench / "video/tvqa/frames_fps3_hq/clip_7"
     clip_ = read_video(folder, FrameSampling(num_frames=3, folder_fps=3.0))
     assert (clip_.backend, clip_.total_frames, clip_.fps) == ("frames", 6, 3.0)
@@ -318,7 +321,8 @@ def test_records_let_an_interrupted_run_resume(mvbench, tiny_checkpoints, tmp_pa
     straight = evaluate(lmm, items, records=tmp_path / "all.jsonl")
     lines = (tmp_path / "all.jsonl").read_text().splitlines()
     assert json.loads(lines[0]) == {"settings": {"model": str(tiny_checkpoints["group"]), "sampling": "uniform 4",
-                                                 "style": "mvbench", "scoring": "generate", "bounds": True}}
+                                                 "style": "mvbench", "scoring": "generate", "bounds": True,
+                                                 "max_new_tokens": 16}}
     assert [json.loads(line)["record"]["id"] for line in lines[1:]] == [r.id for r in straight.items]
     cut = tmp_path / "cut.jsonl"
     cut.write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])  # two records kept, the third torn

@@ -196,3 +196,18 @@ def test_connector_lora_trains_adapters_on_its_linears_and_merges_them(tmp_path,
     set_peft_model_state_dict(unmerged.connector, adapter)
     with torch.no_grad():
         assert torch.allclose(load_model(model_dir)(**inputs).logits, unmerged(**inputs).logits, atol=1e-4)
+
+
+def test_qlora_with_connector_lora_saves_both_merged(tmp_path, tiny_world, base):
+    """Adapters on both parts over a 4-bit LLM: the connector's adapter is merged before the LLM's is merged into
+    the full-precision base, so the save does not meet adapter keys in a plain connector."""
+    recipe = write_recipe(tmp_path / "both.yaml", stage="finetune", template="qwen2_base", learning_rate=5e-3,
+                          tune={"language_model": "lora", "vision_tower": "frozen", "connector": "lora"},
+                          lora={**LORA, "quantize_base": "4bit"}, init=str(base),
+                          annotations=[str(tiny_world["root"] / "qa.json")], video_roots=[str(tiny_world["root"])],
+                          output_dir=str(tmp_path / "both"), epochs=1)
+    out = run_train([recipe])
+    assert out.returncode == 0, out.stderr[-2000:]
+    start, merged = load_model(base).state_dict(), load_model(tmp_path / "both" / "model").state_dict()
+    changed = {k.split(".")[0] for k in start if not torch.equal(start[k], merged[k])}
+    assert changed == {"language_model", "connector"}

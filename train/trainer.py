@@ -552,10 +552,11 @@ def _save_model(accelerator, step_module, recipe: Recipe, state: dict, finished:
     out = Path(recipe.output_dir) / ("model" if finished else f"model-step-{state['step']}")
     if accelerator.is_main_process:
         model.eval()
-        # the end of the run: the model is saved with the adapter merged (QLoRA: into the full-precision base)
+        # the end of the run: the model is saved with its adapters merged (the connector's first: a QLoRA merge
+        # copies the plain connector into the full-precision base)
+        merge_connector_adapter(model.connector, out / "connector_adapter")
         model = merge_adapter(model, out / "adapter",
                               full_base=(lambda: build_model(recipe, quantize=False)) if quantized_base(recipe) else None)
-        merge_connector_adapter(model.connector, out / "connector_adapter")
         if recipe.stage == "pretrain":
             save_split_layout(model, out)  # the reference's stage-1 output, read back by stage 2
         else:

@@ -30,12 +30,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .decoders import FRAME_EXTENSIONS
 from .errors import VidlmmError
 from .evaluate import MCItem, _dict_options, _read_json_items, _resolve_answer, _split_prefixed
 
 FORMATS = ("json", "mvbench", "videomme", "mlvu", "mmvu", "longvideobench", "egoschema")
 VIDEO_EXTENSIONS = (".mp4", ".MP4", ".mkv", ".webm", ".avi", ".mov")
-FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 # MVBench: task json -> (folder under video/, data type, bounded), as the benchmark ships
 MVBENCH_TASKS = {
@@ -74,8 +74,9 @@ class OpenItem:
 @dataclass
 class Benchmark:
     """What a benchmark's files hold, ready for `evaluate`: the multiple-choice items whose video is here, the
-    ones whose video is not (`missing`: {"id", "video", "why"}), open-ended items (MMVU), the prompt style of the
-    reference for it, and how its headline number averages (`macro` for MLVU's M-Avg, else `micro`)."""
+    ones whose video is not (`missing`: {"id", "video", "why"}, all of the benchmark's), open-ended items (MMVU),
+    the prompt style of the reference for it, and how its published headline averages (`macro`: MLVU's M-Avg,
+    `EvalResult.macro_accuracy`; else `micro`, `EvalResult.accuracy`)."""
 
     format: str
     items: list[MCItem]
@@ -111,12 +112,12 @@ def detect_format(path: str | Path) -> str:
     if (path / "json").is_dir() and (path / "video").is_dir():
         names = [p.stem for p in (path / "json").glob("*.json")]
         return "mlvu" if names and all(MLVU_TASK.match(n) for n in names) else "mvbench"
-    if _parquet_files(path):
-        return "videomme"
     for name, fmt in (("lvb_val.json", "longvideobench"), ("questions.json", "egoschema"),
                       ("validation.json", "mmvu")):
         if (path / name).is_file():
             return fmt
+    if _parquet_files(path):  # after the named files: some copies of the others ship parquet beside them
+        return "videomme"
     raise VidlmmError(f"'{path.name}' is a folder but no benchmark layout was recognised (MVBench / MLVU: json/ + "
                       "video/; Video-MME: a .parquet; LongVideoBench: lvb_val.json; EgoSchema: questions.json; "
                       "MMVU: validation.json); name the data file itself.")
@@ -181,6 +182,16 @@ def _frame_folder(path: Path) -> str | None:
     return None
 
 
+def _seconds(value, where: str) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if not (seconds >= 0 and seconds < float("inf")):
+        raise VidlmmError(f"{where}: 'start' / 'end' must be seconds, got {value!r}.")
+    return seconds
+
+
 def _collect(items: list, missing: list, item: MCItem, why: str | None) -> None:
     if why is None:
         items.append(item)
@@ -220,7 +231,7 @@ def _read_mvbench(root: Path, video_root: Path | None) -> Benchmark:
             texts, letters = _options(raw.get("candidates"), where)
             extra = {}
             if bounded and raw.get("start") is not None and raw.get("end") is not None:
-                extra = {"start": float(raw["start"]), "end": float(raw["end"])}
+                extra = {"start": _seconds(raw["start"], where), "end": _seconds(raw["end"], where)}
             if kind == "frames":
                 path = videos / folder / raw["video"]
                 why = _frame_folder(path)
@@ -279,9 +290,12 @@ def _as_list(value):
 
 
 def _read_mlvu(root: Path, video_root: Path | None) -> Benchmark:
+    if not (root / "json").is_dir():
+        raise VidlmmError(f"'{root.name}' is not an MLVU root (json/<n>_<task>.json + video/).")
     videos = video_root or root / "video"
     bench = Benchmark("mlvu", [], style="mvbench", average="macro")
-    files = sorted((root / "json").glob("*.json"), key=lambda p: int(MLVU_TASK.match(p.stem).group(1)))
+    files = [p for p in (root / "json").glob("*.json") if MLVU_TASK.match(p.stem)]
+    files.sort(key=lambda p: int(MLVU_TASK.match(p.stem).group(1)))
     for file in files:
         task = MLVU_TASK.match(file.stem).group(2)
         for index, raw in enumerate(_read_json_items(file)):
@@ -355,7 +369,14 @@ def _read_egoschema(path: Path, video_root: Path | None) -> Benchmark:
     data = _read_json_items(file)
     bench = Benchmark("egoschema", [], style="videomme")
     answers_file = file.parent / "subset_answers.json"
-    answers = json.loads(answers_file.read_text()) if answers_file.is_file() else {}
+    answers = {}
+    if answers_file.is_file():
+        try:
+            answers = json.loads(answers_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            answers = None
+        if not isinstance(answers, dict):
+            raise VidlmmError(f"'{answers_file.name}' must map question ids to option indices.")
     unanswered = 0
     for index, raw in enumerate(data):
         where = f"Item {index} of '{file.name}'"

@@ -364,6 +364,13 @@ def option_loglikelihoods(lmm, prepared, item: MCItem) -> list[float]:
     return scores
 
 
+def missing_entry(item_id: str, video: str, err: BaseException) -> dict:
+    """A question not scored because its video could not be read: {"id", "video" (base name), "why" (the
+    error's first line)}."""
+    text = str(err).strip()
+    return {"id": item_id, "video": Path(video).name, "why": text.splitlines()[0] if text else type(err).__name__}
+
+
 def item_sampling(item: MCItem, sampling, bounds: bool = True):
     """The frames to read for `item`: `sampling` restricted to the item's [start, end] window (MVBench's rule;
     for a video file only when `bounds`, for a folder of frames always, as the reference's MVBench script does)
@@ -378,7 +385,8 @@ def item_sampling(item: MCItem, sampling, bounds: bool = True):
 
 class RecordLog:
     """`--records FILE.jsonl`: every scored question is appended as one JSON line the moment it is scored (a
-    single write on an append-mode file, so the processes of a distributed run can share it), and a rerun skips
+    single write on an append-mode file, so the processes of a distributed run can share it on a local disk; not
+    on NFS, where appends are not atomic), and a rerun skips
     the questions already there. A line holds the run's settings; a file written with other settings is refused.
     A line torn by a kill is ignored (its question is scored again)."""
 
@@ -392,13 +400,17 @@ class RecordLog:
                 entry = json.loads(line)
             except json.JSONDecodeError:
                 continue  # torn by a kill
-            if "settings" in entry and entry["settings"] != settings:
+            if isinstance(entry, dict) and "settings" in entry and entry["settings"] != settings:
                 changed = sorted(k for k in {**settings, **entry["settings"]}
                                  if settings.get(k) != entry["settings"].get(k))
                 raise VidlmmError(f"--records '{self.path.name}' was written by a run with other settings "
                                   f"({', '.join(changed)}); use another file.")
-            if "record" in entry:
-                self.done[entry["record"]["id"]] = ItemRecord(**entry["record"])
+            if isinstance(entry, dict) and "record" in entry:
+                try:
+                    self.done[entry["record"]["id"]] = ItemRecord(**entry["record"])
+                except (TypeError, KeyError):
+                    raise VidlmmError(f"--records '{self.path.name}' holds a line that is not a question's record "
+                                      "of this version; use another file.") from None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         # a new line first: after a torn last line, the next record must not be glued onto it
@@ -442,7 +454,7 @@ def evaluate(lmm, items: list[MCItem], *, generation=None, style: str = "mvbench
         raise VidlmmError("Question ids must be unique to keep records or split the questions over processes.")
     own_log = records is not None and not isinstance(records, RecordLog)
     if own_log:
-        records = RecordLog(records, run_settings(lmm, base, style, scoring, bounds))
+        records = RecordLog(records, run_settings(lmm, base, style, scoring, bounds, generation.max_new_tokens))
     try:
         return _evaluate(lmm, items, records, base, bounds, shard, style, scoring, generation, progress)
     finally:
@@ -472,15 +484,18 @@ def _evaluate(lmm, items, records, base, bounds, shard, style, scoring, generati
             missing += _score_video(lmm, video, frames, [(i, items[i]) for i in todo], scored, style, scoring,
                                     generation, records, ticker)
     result = summarize([scored[i] for i in sorted(scored)], time.perf_counter() - t0, style)
-    result.missing = missing
+    order = {item.id: k for k, item in enumerate(items)}
+    result.missing = sorted(missing, key=lambda m: order.get(m["id"], -1))  # item order, as merge_results
     return result
 
 
-def run_settings(lmm, sampling, style: str, scoring: str, bounds: bool) -> dict:
-    """What a record depends on: a `RecordLog` refuses to mix runs that differ in any of these."""
+def run_settings(lmm, sampling, style: str, scoring: str, bounds: bool, max_new_tokens: int | None = None) -> dict:
+    """What a record depends on: a `RecordLog` refuses to mix runs that differ in any of these (not the data:
+    keep one records file per benchmark)."""
     model = getattr(lmm, "model", None)
     return {"model": str(getattr(model, "source", None)), "sampling": sampling.describe() if sampling else None,
-            "style": style, "scoring": scoring, "bounds": bounds}
+            "style": style, "scoring": scoring, "bounds": bounds,
+            "max_new_tokens": max_new_tokens if scoring == "generate" else None}
 
 
 def _score_video(lmm, video, frames, todo, scored, style, scoring, generation, records, ticker) -> list[dict]:
@@ -491,10 +506,10 @@ def _score_video(lmm, video, frames, todo, scored, style, scoring, generation, r
     try:
         prepared, _ = lmm.prepare(video, frames)
     except (VideoReadError, OSError) as err:
-        why = str(err).splitlines()[0] if str(err) else type(err).__name__
-        for _ in todo:
-            ticker.tick(f"skipped {Path(video).name}: {why}")
-        return [{"id": item.id, "video": Path(video).name, "why": why} for _, item in todo]
+        entries = [missing_entry(item.id, video, err) for _, item in todo]
+        for entry in entries:
+            ticker.tick(f"skipped {entry['video']}: {entry['why']}")
+        return entries
     for i, item in todo:
         scores = None
         if scoring == "likelihood":
@@ -552,7 +567,7 @@ def evaluate_open(lmm, items: list, *, generation=None, sampling=None) -> dict:
         try:
             prepared, _ = lmm.prepare(item.video, sampling)
         except (VideoReadError, OSError) as err:
-            missing.append({"id": item.id, "video": Path(item.video).name, "why": str(err).splitlines()[0]})
+            missing.append(missing_entry(item.id, item.video, err))
             continue
         reply = lmm.ask(prepared, item.question, generation=generation).text
         rows.append({"id": item.id, "category": item.category, "answer": item.answer, "response": reply,
@@ -594,8 +609,9 @@ def add_eval_arguments(parser) -> None:
     parser.add_argument("--data", required=True,
                         help="a benchmark as it ships (a root folder or its file: MVBench, Video-MME parquet, MLVU, "
                              "MMVU, LongVideoBench, EgoSchema) or a JSON / JSONL list of questions")
-    parser.add_argument("--format", choices=["json", "mvbench", "videomme", "mlvu", "mmvu", "longvideobench",
-                                             "egoschema"], help="the data's format (default: detected)")
+    from .benchmarks import FORMATS
+
+    parser.add_argument("--format", choices=list(FORMATS), help="the data's format (default: detected)")
     parser.add_argument("--video-root", help="folder the videos are in (default: where the format keeps them)")
     from .cli import add_sampling_arguments
 
@@ -628,7 +644,7 @@ def load_eval_items(args):
         why = f" ({len(bench.missing)} whose video is not there)" if bench.missing else ""
         raise VidlmmError(f"Data '{Path(args.data).name}' holds no question that can be scored{why}.")
     if getattr(args, "limit", None):
-        bench.items = bench.items[: args.limit]
+        bench.items, bench.open_ended = bench.items[: args.limit], bench.open_ended[: args.limit]
     return bench
 
 
@@ -657,17 +673,25 @@ def run_eval_cli(args, model, bench=None) -> int:
     lmm = VideoLMM(model, sampling=sampling_from_args(args, model))
     style = getattr(args, "style", None) or bench.style
     rank, processes = shard = distributed_shard()
-    result = evaluate(lmm, bench.items, generation=GenerationSettings(max_new_tokens=args.max_new_tokens),
-                      style=style, progress=getattr(args, "progress", False) and rank == 0,
-                      bounds=not getattr(args, "ignore_bounds", False), scoring=getattr(args, "scoring", "generate"),
-                      records=getattr(args, "records", None), shard=shard)
+    try:
+        result, failure = evaluate(
+            lmm, bench.items, generation=GenerationSettings(max_new_tokens=args.max_new_tokens), style=style,
+            progress=getattr(args, "progress", False) and rank == 0, bounds=not getattr(args, "ignore_bounds", False),
+            scoring=getattr(args, "scoring", "generate"), records=getattr(args, "records", None), shard=shard), None
+    except Exception as err:  # noqa: BLE001 - with several processes the others must not wait for this one
+        if processes == 1:
+            raise
+        result, failure = None, str(err) if isinstance(err, VidlmmError) else f"{type(err).__name__}: {err}"
     if processes > 1:
         from accelerate.utils import gather_object
 
-        parts = gather_object([result])
+        parts = gather_object([(result, failure)])
+        failures = [f for _, f in parts if f]
+        if failures:
+            raise VidlmmError(failures[0])
         if rank:
             return 0  # the first process prints the merged result
-        result = merge_results(parts, bench.items, style)
+        result = merge_results([r for r, _ in parts], bench.items, style)
     result.extra["scoring"] = getattr(args, "scoring", "generate")
     result.missing = bench.missing + result.missing
     if bench.open_ended:  # MMVU: reported apart from the multiple-choice accuracy

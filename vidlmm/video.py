@@ -154,19 +154,24 @@ def sample_frame_indices(total_frames: int, fps: float, sampling: FrameSampling)
 
 def _window_indices(total_frames: int, fps: float, sampling: FrameSampling) -> np.ndarray:
     """Frames of the [start, end] window (MVBench's `get_index`: the window's bounds rounded to frames and
-    clamped to the clip; uniform: the middle frame of each of num_frames equal segments)."""
+    clamped to the clip; uniform: the middle frame of each of num_frames equal segments). A folder of frames
+    (folder_fps set) is numbered from 1 there, as MVBench numbers its JPEGs; the result is 0-based either way."""
     if not (fps > 0 and math.isfinite(fps)):
         raise ValueError(f"fps must be positive, got {fps}")
-    first = max(0, round((sampling.start or 0.0) * fps))
-    last = total_frames - 1 if sampling.end is None else min(round(sampling.end * fps), total_frames - 1)
+    base = 1 if sampling.folder_fps else 0
+    first = max(base, round((sampling.start or 0.0) * fps))
+    last = total_frames - 1 + base
+    last = last if sampling.end is None else min(round(sampling.end * fps), last)
     first = min(first, last)  # a window past the clip's end: its last frame
     if sampling.mode == "uniform":
         segment = (last - first) / sampling.num_frames
-        return np.array([int(first + segment / 2 + np.round(segment * i)) for i in range(sampling.num_frames)],
-                        dtype=np.int64)
-    whole = FrameSampling(mode=sampling.mode, num_frames=sampling.num_frames, max_frames=sampling.max_frames,
-                          rate=sampling.rate)
-    return first + sample_frame_indices(last - first + 1, fps, whole)
+        picked = np.array([int(first + segment / 2 + np.round(segment * i)) for i in range(sampling.num_frames)],
+                          dtype=np.int64)
+    else:
+        whole = FrameSampling(mode=sampling.mode, num_frames=sampling.num_frames, max_frames=sampling.max_frames,
+                              rate=sampling.rate)
+        picked = first + sample_frame_indices(last - first + 1, fps, whole)
+    return picked - base
 
 
 @dataclass

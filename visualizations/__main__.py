@@ -31,6 +31,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from vidlmm.analysis import FRACTIONS, STRATEGIES
+    from vidlmm.benchmarks import FORMATS
     from vidlmm.cli import add_sampling_arguments
     from vidlmm.evaluate import STYLES
 
@@ -74,8 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="question for the single-video curve")
     red.add_argument("--mc", help="a multiple-choice benchmark as it ships (a root or its file: MVBench, Video-MME, "
                                   "MLVU, MMVU, LongVideoBench, EgoSchema) or a JSON list: accuracy curves")
-    red.add_argument("--format", choices=["json", "mvbench", "videomme", "mlvu", "mmvu", "longvideobench",
-                                          "egoschema"], help="the --mc data's format (default: detected)")
+    red.add_argument("--format", choices=list(FORMATS), help="the --mc data's format (default: detected)")
     red.add_argument("--video-root", help="folder the --mc videos are in (default: where the format keeps them)")
     red.add_argument("--limit", type=int, help="only the first N --mc questions")
     red.add_argument("--style", choices=list(STYLES), help="--mc prompt style (default: the benchmark's)")

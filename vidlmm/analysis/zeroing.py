@@ -328,13 +328,13 @@ def zeroing_mc_curve(lmm: "VideoLMM", items, *, video_root=None, fractions=FRACT
                      batch_size: int = 8) -> ZeroingResult:
     """Multiple-choice accuracy with zeroed tokens, relative to the full model (the paper's Figure 5).
 
-    items: `vidlmm.evaluate` MCItems, or the path of an MC JSON file (read with `load_mc_items`, videos under
-    `video_root`). Each video is decoded and encoded once and its connector output reused for every level and
+    items: `vidlmm.evaluate` MCItems, or a benchmark file or root (read with `benchmarks.load_benchmark`, videos
+    under `video_root`); a video that cannot be read is listed in `reference["missing"]`. Each video is decoded and encoded once and its connector output reused for every level and
     seed; the full model answers exactly as `evaluate` does, the zeroed ones greedily in batches.
     """
     from ..benchmarks import load_benchmark
     from ..errors import VideoReadError
-    from ..evaluate import build_mc_question, item_sampling, parse_choice
+    from ..evaluate import build_mc_question, item_sampling, missing_entry, parse_choice
     from ..pipeline import GenerationSettings
 
     _check_plan(fractions, strategies, seeds)
@@ -358,7 +358,7 @@ def zeroing_mc_curve(lmm: "VideoLMM", items, *, video_root=None, fractions=FRACT
         try:
             prepared = lmm.prepare(video, frames)[0]
         except (VideoReadError, OSError) as err:  # the question is listed, the curve goes on
-            missing += [{"id": item.id, "video": os.path.basename(video), "why": str(err)} for item in video_items]
+            missing += [missing_entry(item.id, video, err) for item in video_items]
             continue
         out = lmm.visual_tokens(prepared)
         tokens = out.tokens[0]
