@@ -37,6 +37,7 @@ CORE = {
     "compressors": ["tests/test_compressors.py"],
     "checkpoint": ["tests/test_checkpoint.py", "tests/test_published_layout.py"],
     "evaluate": ["tests/test_evaluate.py"],
+    "eval_cli": ["tests/test_evaluate.py", "tests/test_benchmark_data.py"],
     "analysis": ["tests/test_analysis.py"],
 }
 NO_MATCH = "no_mutant_is_named_this"  # `mutmut run` with it generates the mutants and collects coverage, tests none

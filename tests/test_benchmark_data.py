@@ -17,7 +17,21 @@ import pytest
 from tests.videos import make_moving_square_frames, write_video
 from vidlmm.benchmarks import detect_format, load_benchmark
 from vidlmm.errors import VidlmmError
-from vidlmm.evaluate import ItemRecord, add_eval_arguments, run_eval_cli, summarize
+from vidlmm.eval_cli import add_eval_arguments, run_eval_cli
+from vidlmm.evaluate import ItemRecord, summarize
+
+
+def eval_json(data: Path, tiny_checkpoints) -> dict:
+    """`eval --data DATA --json` on the tiny group model, in this process: the printed object."""
+    from vidlmm.checkpoint import load_model
+
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    args = parser.parse_args(["--data", str(data), "--num-frames", "4", "--max-new-tokens", "3", "--json"])
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert run_eval_cli(args, load_model(tiny_checkpoints["group"], dtype="fp32", device="cpu")) == 0
+    return json.loads(out.getvalue())
 
 
 def clip(path: Path, seed: int = 0) -> Path:
@@ -190,15 +204,7 @@ def test_unknown_layouts_and_formats_are_one_sentence(tmp_path):
 def test_eval_on_an_mvbench_root_lists_what_it_could_not_score(mvbench, tiny_checkpoints):
     """`eval --data <MVBench root>` runs to the end: the missing video is listed with its reason, the rest (the
     TV task's frame folder included) are scored per task."""
-    from vidlmm.checkpoint import load_model
-
-    parser = argparse.ArgumentParser()
-    add_eval_arguments(parser)
-    args = parser.parse_args(["--data", str(mvbench), "--num-frames", "4", "--max-new-tokens", "3", "--json"])
-    out = io.StringIO()
-    with redirect_stdout(out):
-        assert run_eval_cli(args, load_model(tiny_checkpoints["group"], dtype="fp32", device="cpu")) == 0
-    payload = json.loads(out.getvalue())
+    payload = eval_json(mvbench, tiny_checkpoints)
     assert {"accuracy", "n", "per_category", "missing", "unparsable"} <= set(payload)
     assert payload["format"] == "mvbench" and payload["n"] == 4
     assert set(payload["per_category"]) == {"action_sequence", "episodic_reasoning", "object_existence"}
@@ -383,7 +389,6 @@ def test_open_ended_answers_are_judged_by_containment(reply, answer, right):
 
 
 def test_eval_on_mmvu_reports_open_ended_questions_apart(tmp_path, tiny_checkpoints):
-    from vidlmm.checkpoint import load_model
     from vidlmm.evaluate import open_answer_correct
 
     clip(tmp_path / "videos/Art/0.mp4")
@@ -395,13 +400,7 @@ def test_eval_on_mmvu_reports_open_ended_questions_apart(tmp_path, tiny_checkpoi
          "choices": {}, "answer": "a square"},
         {"id": "open-2", "video": url + "9.mp4", "question": "What is drawn?", "question_type": "open-ended",
          "choices": {}, "answer": "a square"}])
-    parser = argparse.ArgumentParser()
-    add_eval_arguments(parser)
-    args = parser.parse_args(["--data", str(tmp_path), "--num-frames", "4", "--max-new-tokens", "3", "--json"])
-    out = io.StringIO()
-    with redirect_stdout(out):
-        assert run_eval_cli(args, load_model(tiny_checkpoints["group"], dtype="fp32", device="cpu")) == 0
-    payload = json.loads(out.getvalue())
+    payload = eval_json(tmp_path, tiny_checkpoints)
     assert payload["n"] == 1 and payload["format"] == "mmvu"
     open_ = payload["open_ended"]
     assert open_["n"] == 1 and [m["id"] for m in payload["missing"]] == ["open-2"]

@@ -13,8 +13,9 @@ import pytest
 
 from tests.videos import make_moving_square_frames, write_video
 from vidlmm.errors import VidlmmError
-from vidlmm.evaluate import (MCItem, add_eval_arguments, build_mc_question, evaluate, load_mc_items,
-                             parse_choice, run_eval_cli, summarize, ItemRecord)
+from vidlmm.eval_cli import add_eval_arguments, run_eval_cli
+from vidlmm.evaluate import (MCItem, build_mc_question, evaluate, load_mc_items, parse_choice, summarize,
+                             ItemRecord)
 
 OPTS = ["a red car", "a blue square", "two dogs", "nothing moves"]
 ABCD = list("ABCD")

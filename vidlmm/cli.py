@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe a checkpoint: connector, queries, groups, frames, parameters")
     model_args(info)
 
-    from .evaluate import add_eval_arguments
+    from .eval_cli import add_eval_arguments
 
     evaluation = sub.add_parser("eval", help="multiple-choice video QA accuracy (MVBench / Video-MME style JSON)")
     model_args(evaluation)
@@ -172,7 +172,7 @@ def _precision_json(model) -> dict | None:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import distributed_shard, load_eval_items, run_eval_cli
+    from .eval_cli import distributed_shard, load_eval_items, run_eval_cli
 
     bench = load_eval_items(args)  # a missing or malformed data file fails before the model load
     distributed_shard()  # under accelerate launch: join the process group first, so each process has its device

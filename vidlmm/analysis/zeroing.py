@@ -334,7 +334,7 @@ def zeroing_mc_curve(lmm: "VideoLMM", items, *, video_root=None, fractions=FRACT
     """
     from ..benchmarks import load_benchmark
     from ..errors import VideoReadError
-    from ..evaluate import build_mc_question, item_sampling, missing_entry, parse_choice
+    from ..evaluate import build_mc_question, group_reads, missing_entry, parse_choice
     from ..pipeline import GenerationSettings
 
     _check_plan(fractions, strategies, seeds)
@@ -343,10 +343,8 @@ def zeroing_mc_curve(lmm: "VideoLMM", items, *, video_root=None, fractions=FRACT
     items = list(items)
     if not items:
         raise VidlmmError("The multiple-choice set holds no questions.")
-    base = sampling or getattr(lmm, "sampling", None)
-    by_video: dict[tuple, list] = {}
-    for item in items:
-        by_video.setdefault((item.video, item_sampling(item, base) if base is not None else None), []).append(item)
+    by_video = {read: [items[i] for i in indices]
+                for read, indices in group_reads(items, sampling or getattr(lmm, "sampling", None)).items()}
     generation = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False)
     plan_points = None
     correct: dict[tuple, list[bool]] = {}
