@@ -153,7 +153,7 @@ class Handlers:
                                      self.budget_of(groups, queries, frame_tokens, active_fraction, strategy))
         except Exception as err:  # noqa: BLE001 - shown as one sentence
             raise user_error(err) from None
-        return result.frames, result.summary
+        return self.service.thumbnails.paths(result.frames), result.summary
 
     def on_model(self, model: str):
         """Load the model (inside the model slot; progress shown) and adapt the resampler switch, budget

@@ -33,6 +33,7 @@ from .jobs import Job, ModelSlot
 from .limits import Limits, RefusedInput, UserError
 from .models import ModelPool, discover_models, has_picture
 from .session import Session, SessionCache
+from .thumbnails import ThumbnailStore
 
 TIMING_ORDER = ("decode", "preprocess", "vision", "connector", "prefill", "generation")
 THUMB_HEIGHT = 96
@@ -113,6 +114,7 @@ class Service:
         self.features = ByteLRU(config.cache_mb * 1024**2)
         self.files_root = Path(tempfile.mkdtemp(prefix="vidlmm-app-"))
         atexit.register(shutil.rmtree, self.files_root, ignore_errors=True)
+        self.thumbnails = ThumbnailStore(self.files_root / "thumbnails")
 
     # ---- models and videos -------------------------------------------------------------------------------------
     def model(self, name: str | None, job: Job | None = None):

@@ -213,6 +213,16 @@ def proc_kib(pid: int, key: str) -> int | None:
         return None
 
 
+def server_traceback_tails(log: str, keep: int = 6) -> list[list[str]]:
+    """The last lines of each traceback in the server's log (its innermost frames and the error), to name a failure."""
+    tails = []
+    for block in log.split("Traceback (most recent call last):")[1:]:
+        lines = [line for line in block.splitlines() if line.strip()]
+        end = next((i for i, line in enumerate(lines) if not line.startswith((" ", "\t"))), len(lines) - 1)
+        tails.append(lines[max(0, end - keep + 1):end + 1])
+    return tails
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -297,7 +307,9 @@ def main(argv=None) -> int:
            + (f"max {max(freed):.3f} s, median {statistics.median(freed):.3f} s" if freed else "-")
            + f" (goal < {GOAL_FREE_S:g} s)")
     report(f"tracebacks shown to a client: {len(shown_tracebacks)}; in the server log: {server_tracebacks}")
-    for r in by["failed"][:10] + unexpected[:10]:
+    for block in server_traceback_tails(log)[:5]:
+        report("  server: " + "\n          ".join(block))
+    for r in by["failed"][:10] + [r for r in unexpected if r["outcome"] != "failed"][:10]:
         report(f"  {r['outcome']}: {r['name']} ({r['endpoint']}, expected {r['expected']}): {r['detail']}")
     goals = {"server alive": alive, "no traceback shown": not shown_tracebacks, "no failed request": not by["failed"],
              f"peak RSS < {GOAL_RSS_MB} MiB": peak_mb < GOAL_RSS_MB,

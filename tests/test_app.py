@@ -137,6 +137,41 @@ def test_preview_shows_sampled_frames_and_token_count(client, videos):
     assert "**8 visual tokens**" in summary and "**4 active**" in summary and "untrained" in summary
 
 
+def test_concurrent_previews_of_one_video_all_read_whole_thumbnails(server, videos):
+    """Sessions previewing the same video at once get the same pictures; Gradio wrote a returned image array in place
+    under its content hash, and a second writer truncated the file while it was being sent (a client read 0 of 194
+    bytes in the load test). The preview hands Gradio files written whole (app/thumbnails.py)."""
+    def preview(k):
+        client = Client(server[0], verbose=False)
+        return [client.predict(video=handle_file(videos["a"]), num_frames=24, api_name="/preview")[0]
+                for _ in range(3)]
+
+    with ThreadPoolExecutor(6) as pool:
+        runs = [f for batch in pool.map(preview, range(6)) for f in batch]
+    assert len(runs) == 18 and all(len(frames) == 24 for frames in runs)
+    first = [Path(f["image"]).read_bytes() for f in runs[0]]
+    assert all([Path(f["image"]).read_bytes() for f in frames] == first for frames in runs)
+
+
+def test_thumbnail_store_writes_each_picture_once_and_keeps_the_newest(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from app.thumbnails import ThumbnailStore
+
+    store = ThumbnailStore(tmp_path, keep=8)
+    pictures = [np.full((6, 8, 3), k * 20, np.uint8) for k in range(12)]
+    first = store.paths([(pictures[0], "a"), (pictures[0], "b"), (pictures[1], "c")])
+    assert first[0][0] == first[1][0] != first[2][0] and [c for _, c in first] == ["a", "b", "c"]
+    assert (np.asarray(Image.open(first[2][0])) == pictures[1]).all()  # WebP of a flat picture is lossless enough
+    for k in range(2, 12):
+        time.sleep(0.01)  # distinct modification times
+        store.paths([(pictures[k], str(k))])
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert len(kept) == 8 - 2 and not any(name.endswith(".part") for name in kept)  # pruned to 3/4 of keep
+    assert Path(store.path(pictures[11])).name in kept and Path(first[0][0]).name not in kept
+
+
 def test_ask_streams_and_a_follow_up_reuses_the_cached_features(server, videos):
     client = Client(server[0], verbose=False)  # own session: a fresh cache
     job = client.submit(video=handle_file(videos["a"]), question=QUESTION, api_name="/ask", **FAST)
