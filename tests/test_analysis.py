@@ -392,6 +392,46 @@ def test_mc_curve_encodes_each_video_once(tiny_checkpoints, two_videos):
     json.dumps(result.to_json(), allow_nan=False)
 
 
+def test_mc_curve_resumes_from_its_records_and_shards_merge_to_the_one_process_curve(tiny_checkpoints, two_videos,
+                                                                                        tmp_path):
+    """The curve is a function of its per-question records: a run stopped after one question resumes from them
+    (reading only the videos with questions left) to the uninterrupted curve, two shards merge to it, and a records
+    file of another plan is refused."""
+    from vidlmm.analysis import zeroing_mc_records, zeroing_mc_result
+
+    root, a, b = two_videos
+    opts = ["left", "right", "up"]
+    items = [MCItem("0", a, "Where does the square go?", opts, list("ABC"), "B"),
+             MCItem("1", b, "Where does the square go?", opts, list("ABC"), "A"),
+             MCItem("2", a, "What colour is the square?", ["white", "red"], list("AB"), "A")]
+    plan = dict(fractions=(1.0, 0.5, 0.25), strategies=("random", "groups"), seeds=(0, 1), max_new_tokens=3)
+    lmm = lmm_for(tiny_checkpoints["group"], cache_bytes=0)
+    straight = zeroing_mc_curve(lmm, items, **plan).to_json()
+
+    def stop_after_one(done, total, message):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        zeroing_mc_curve(lmm, items, records=tmp_path / "z.jsonl", progress=stop_after_one, **plan)
+    assert sum('"record"' in line for line in (tmp_path / "z.jsonl").read_text().splitlines()) == 1
+    calls = count_tower_calls(lmm.model)
+    assert zeroing_mc_curve(lmm, items, records=tmp_path / "z.jsonl", **plan).to_json() == straight
+    assert len(calls) == 2  # video a again (question 2 was left), then b
+    assert zeroing_mc_curve(lmm, items, records=tmp_path / "z.jsonl", **plan).to_json() == straight
+    assert len(calls) == 2  # everything kept: nothing read
+
+    curve = {k: v for k, v in plan.items() if k != "max_new_tokens"}
+    parts = [zeroing_mc_records(lmm, items, shard=(rank, 2), max_new_tokens=3, **curve) for rank in (0, 1)]
+    assert sorted(r.video for r in parts[0][0]) == [a, a] and [r.video for r in parts[1][0]] == [b]
+    order = {item.id: k for k, item in enumerate(items)}
+    merged = sorted(parts[0][0] + parts[1][0], key=lambda r: order[r.id])
+    result = zeroing_mc_result(merged, [], style="mvbench", model=straight["model"],
+                               connector_type=straight["connector_type"], **curve)
+    assert result.to_json() == straight
+    with pytest.raises(VidlmmError, match="other settings .*zeroing"):
+        zeroing_mc_curve(lmm, items, records=tmp_path / "z.jsonl", **{**plan, "seeds": (0,)})
+
+
 def test_mc_curve_reads_a_json_file(tiny_checkpoints, two_videos):
     root, a, b = two_videos
     data = [{"video": "a.mp4", "question": "Where?", "options": ["A. left", "B. right"], "answer": "B"}]

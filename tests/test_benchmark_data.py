@@ -376,6 +376,39 @@ def test_two_processes_give_the_one_process_result(mvbench, tiny_checkpoints, tm
     assert a == b and a["n"] == 4 and len(a["missing"]) == 1
 
 
+def test_zeroing_curves_on_a_benchmark_resume_and_split_over_two_processes(mvbench, tiny_checkpoints, tmp_path):
+    """`python -m visualizations redundancy --mc ROOT`: the curve of two processes under `accelerate launch` is the
+    one process's; a rerun with --records reads the kept questions back to the same curve; the video the benchmark
+    lacks is listed with the one the reader could not find."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(out: Path, *extra: str, launch: list[str] = ()):
+        args = ["-m", "visualizations", "redundancy", "--model", str(tiny_checkpoints["group"]), "--mc",
+                str(mvbench), "--num-frames", "4", "--max-new-tokens", "3", "--fractions", "1", "0.5",
+                "--strategies", "random", "--seeds", "0", "1", "--out", str(out), *extra]
+        done = subprocess.run([sys.executable, *launch, *args], cwd=root, capture_output=True, text=True,
+                              timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads((out / "zeroing.json").read_text())["results"][0]
+
+    one = run(tmp_path / "one", "--records", str(tmp_path / "records"))
+    assert one["reference"]["n"] == 4 and [m["id"] for m in one["reference"]["missing"]] == [
+        "object_existence_1"] and (tmp_path / "records" / "group.jsonl").is_file()
+    again = run(tmp_path / "again", "--records", str(tmp_path / "records"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    two = run(tmp_path / "two", launch=["-m", "accelerate.commands.launch", "--config_file",
+                                        "train/configs/cpu_2proc.yaml", "--main_process_port", str(port)])
+    assert again == one and two == one
+
+
 @pytest.mark.parametrize("reply, answer, right", [
     ("It is a square.", "a square", True),      # the answer inside the reply
     ("Square", "a white square", True),         # the reply inside the answer

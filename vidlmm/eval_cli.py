@@ -76,6 +76,28 @@ def distributed_shard() -> tuple[int, int]:
     return state.process_index, state.num_processes
 
 
+def run_sharded(work):
+    """work((rank, processes)) on this process's share. One process: [its part]. Several (under `accelerate
+    launch`): every process's part on the first, None on the others; a failure on any of them raises its sentence on
+    every process (none is left waiting for the others)."""
+    rank, processes = shard = distributed_shard()
+    try:
+        part, failure = work(shard), None
+    except Exception as err:  # noqa: BLE001 - with several processes the others must not wait for this one
+        if processes == 1:
+            raise
+        part, failure = None, str(err) if isinstance(err, VidlmmError) else f"{type(err).__name__}: {err}"
+    if processes == 1:
+        return [part]
+    from accelerate.utils import gather_object
+
+    parts = gather_object([(part, failure)])
+    failures = [f for _, f in parts if f]
+    if failures:
+        raise VidlmmError(failures[0])
+    return [p for p, _ in parts] if rank == 0 else None
+
+
 def run_eval_cli(args, model, bench=None) -> int:
     """Run `eval` with an already loaded model; prints one JSON object (--json) or a markdown table."""
     from .pipeline import GenerationSettings, VideoLMM
@@ -88,26 +110,13 @@ def run_eval_cli(args, model, bench=None) -> int:
 
     lmm = VideoLMM(model, sampling=sampling_from_args(args, model))
     style = getattr(args, "style", None) or bench.style
-    rank, processes = shard = distributed_shard()
-    try:
-        result, failure = evaluate(
-            lmm, bench.items, generation=GenerationSettings(max_new_tokens=args.max_new_tokens), style=style,
-            progress=getattr(args, "progress", False) and rank == 0, bounds=not getattr(args, "ignore_bounds", False),
-            scoring=getattr(args, "scoring", "generate"), records=getattr(args, "records", None), shard=shard), None
-    except Exception as err:  # noqa: BLE001 - with several processes the others must not wait for this one
-        if processes == 1:
-            raise
-        result, failure = None, str(err) if isinstance(err, VidlmmError) else f"{type(err).__name__}: {err}"
-    if processes > 1:
-        from accelerate.utils import gather_object
-
-        parts = gather_object([(result, failure)])
-        failures = [f for _, f in parts if f]
-        if failures:
-            raise VidlmmError(failures[0])
-        if rank:
-            return 0  # the first process prints the merged result
-        result = merge_results([r for r, _ in parts], bench.items, style)
+    parts = run_sharded(lambda shard: evaluate(
+        lmm, bench.items, generation=GenerationSettings(max_new_tokens=args.max_new_tokens), style=style,
+        progress=getattr(args, "progress", False) and shard[0] == 0, bounds=not getattr(args, "ignore_bounds", False),
+        scoring=getattr(args, "scoring", "generate"), records=getattr(args, "records", None), shard=shard))
+    if parts is None:
+        return 0  # the first process prints the merged result
+    result = parts[0] if len(parts) == 1 else merge_results(parts, bench.items, style)
     result.extra["scoring"] = getattr(args, "scoring", "generate")
     result.missing = bench.missing + result.missing
     if bench.open_ended:  # MMVU: reported apart from the multiple-choice accuracy
@@ -122,4 +131,4 @@ def run_eval_cli(args, model, bench=None) -> int:
     return 0
 
 
-__all__ = ["add_eval_arguments", "distributed_shard", "load_eval_items", "run_eval_cli"]
+__all__ = ["add_eval_arguments", "distributed_shard", "load_eval_items", "run_eval_cli", "run_sharded"]

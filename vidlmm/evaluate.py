@@ -388,10 +388,12 @@ class RecordLog:
     single write on an append-mode file, so the processes of a distributed run can share it on a local disk; not
     on NFS, where appends are not atomic), and a rerun skips
     the questions already there. A line holds the run's settings; a file written with other settings is refused.
-    A line torn by a kill is ignored (its question is scored again)."""
+    A line torn by a kill is ignored (its question is scored again). record_type: the dataclass of a record
+    (`ItemRecord`; the zeroing curves keep `analysis.ZeroingRecord`)."""
 
-    def __init__(self, path, settings: dict):
+    def __init__(self, path, settings: dict, record_type=None):
         self.path, self.settings, self.done = Path(path), settings, {}
+        record_type = record_type or ItemRecord
         if self.path.is_dir():
             raise VidlmmError(f"--records '{self.path.name}' is a folder; name a .jsonl file.")
         text = self.path.read_text(encoding="utf-8", errors="replace") if self.path.is_file() else ""
@@ -407,7 +409,7 @@ class RecordLog:
                                   f"({', '.join(changed)}); use another file.")
             if isinstance(entry, dict) and "record" in entry:
                 try:
-                    self.done[entry["record"]["id"]] = ItemRecord(**entry["record"])
+                    self.done[entry["record"]["id"]] = record_type(**entry["record"])
                 except (TypeError, KeyError):
                     raise VidlmmError(f"--records '{self.path.name}' holds a line that is not a question's record "
                                       "of this version; use another file.") from None

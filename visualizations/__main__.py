@@ -3,7 +3,8 @@
     python -m visualizations attention  --model M --video V --out DIR [--layer -1] [--head H] [--scale log]
     python -m visualizations picture    --model M --video V --out DIR [--frames-shown 4]
     python -m visualizations redundancy --model M [--model M2 ...] --video V [--question Q] --out DIR
-    python -m visualizations redundancy --model M [--model M2 ...] --mc items.json [--video-root D] --out DIR
+    python -m visualizations redundancy --model M [--model M2 ...] --mc BENCH [--video-root D] --out DIR
+                                        [--records DIR]      (resumable; split over `accelerate launch` processes)
     python -m visualizations budget     [--model M ...] [--with-connectors] [--frames 1 2 4 ...] --out DIR
 
 Each figure is written in every --formats (png, svg, pdf) at --dpi, with its numbers beside it as JSON and CSV
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+import time
 from pathlib import Path
 
 from vidlmm.errors import VidlmmError
@@ -84,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     red.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     red.add_argument("--metric", help="metric to plot (default: relative likelihood / relative accuracy)")
     red.add_argument("--max-new-tokens", type=int, help="answer length (default 64, or 16 with --mc)")
+    red.add_argument("--records", metavar="DIR",
+                     help="--mc: keep every scored question in DIR/<model>.jsonl as it is scored; a rerun skips "
+                          "those already kept (under accelerate launch the videos are split over the processes)")
 
     bud = sub.add_parser("budget", help="visual tokens and LLM prefill cost vs frames")
     common(bud, "none")
@@ -127,6 +132,22 @@ def _lmm(model, args):
     from vidlmm.pipeline import VideoLMM
 
     return VideoLMM(model, sampling=sampling_from_args(args, model))
+
+
+class _Ticker:
+    """Progress on stderr with the time left: rewritten in place on a terminal, else one line per 10 %."""
+
+    def __init__(self):
+        self.start, self.shown = time.perf_counter(), -1
+
+    def __call__(self, done: int, total: int, message: str) -> None:
+        eta = (time.perf_counter() - self.start) / max(done, 1) * (total - done)
+        text = f"{message} (eta {eta:.0f} s)"
+        if sys.stderr.isatty():
+            print(f"\r{text}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+        elif done * 10 // max(total, 1) > self.shown:
+            self.shown = done * 10 // max(total, 1)
+            print(text, file=sys.stderr, flush=True)
 
 
 # ---- commands -----------------------------------------------------------------------------------------------
@@ -182,8 +203,9 @@ def cmd_picture(args, writer: Exporter) -> None:
 
 
 def cmd_redundancy(args, writer: Exporter) -> None:
-    from vidlmm.analysis import zeroing_curve, zeroing_mc_curve
+    from vidlmm.analysis import zeroing_curve, zeroing_mc_records, zeroing_mc_result
     from vidlmm.benchmarks import load_benchmark
+    from vidlmm.eval_cli import run_sharded
     from vidlmm.video import check_video_path
     from visualizations import plot_zeroing
 
@@ -193,36 +215,44 @@ def cmd_redundancy(args, writer: Exporter) -> None:
         raise VidlmmError("Give --video (with --question) or --mc (a multiple-choice JSON).")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise VidlmmError("--max-new-tokens must be at least 1.")
-    items, style = None, args.style
+    items, missing, style = None, [], args.style
     if args.mc:
         if args.limit is not None and args.limit < 1:
             raise VidlmmError("--limit must be at least 1.")
         bench = load_benchmark(args.mc, args.video_root, format=args.format)
-        items, style = bench.items[: args.limit], style or bench.style
+        items, missing, style = bench.items[: args.limit], bench.missing, style or bench.style
         if not items:
             raise VidlmmError(f"'{Path(args.mc).name}' holds no question whose video is here.")
     else:
+        if args.records:
+            raise VidlmmError("--records keeps the questions of an --mc run; a single video's curve has none.")
         check_video_path(args.video)
-
-    def progress(done, total, message):
-        if sys.stderr.isatty():
-            print(f"\r{message}", end="" if done < total else "\n", file=sys.stderr, flush=True)
-        elif done == total:
-            print(message, file=sys.stderr, flush=True)
+    if args.records and Path(args.records).is_file():
+        raise VidlmmError(f"--records '{args.records}' is a file; name a folder (one records file per model).")
 
     results = []
     for label, source in _sources(args):
         lmm = _lmm(_load(source, args), args)
-        common = dict(fractions=args.fractions, strategies=args.strategies, seeds=args.seeds, name=label,
-                      progress=progress)
+        plan = dict(fractions=args.fractions, strategies=args.strategies, seeds=args.seeds)
         if items is not None:
-            results.append(zeroing_mc_curve(lmm, items, style=style, max_new_tokens=args.max_new_tokens or 16,
-                                            **common))
+            records = str(Path(args.records) / f"{label}.jsonl") if args.records else None
+            parts = run_sharded(lambda shard: zeroing_mc_records(
+                lmm, items, style=style, max_new_tokens=args.max_new_tokens or 16, records=records, shard=shard,
+                progress=_Ticker() if shard[0] == 0 else None, **plan))
+            if parts is None:
+                continue  # another process writes the figures
+            order = {item.id: k for k, item in enumerate(items)}
+            scored = sorted((r for part, _ in parts for r in part), key=lambda r: order[r.id])
+            unread = sorted((m for _, part in parts for m in part), key=lambda m: order[m["id"]])
+            results.append(zeroing_mc_result(scored, missing + unread, style=style, model=label,
+                                             connector_type=lmm.model.connector.registry_name, **plan))
         else:
             results.append(zeroing_curve(lmm, args.video, args.question, max_new_tokens=args.max_new_tokens or 64,
-                                         **common))
-        del lmm
+                                         name=label, progress=_Ticker(), **plan))
+        lmm = None  # the next model loads into the memory this one held
         gc.collect()
+    if not results:
+        return
     metric = args.metric
     if metric is not None and metric not in results[0].metrics:
         raise VidlmmError(f"Unknown metric '{metric}' (use {', '.join(results[0].metrics)}).")

@@ -1,5 +1,6 @@
 """Query zeroing (the paper's Figure 5): zero a share of the connector's output tokens and measure what the
-language model loses, on one video and question (`zeroing_curve`) or a multiple-choice set (`zeroing_mc_curve`).
+language model loses, on one video and question (`zeroing_curve`) or a multiple-choice set (`zeroing_mc_curve`,
+in `zeroing_mc.py`).
 
 Masks are bool ``[Q]``, True = the token is kept; zeroed tokens stay in the sequence as zero vectors. The video is
 decoded and encoded once and the connector runs once (the pipeline's `visual=` override): no hooks, no second pass.
@@ -322,96 +323,5 @@ def zeroing_curve(lmm: "VideoLMM", video, question: str, *, fractions=FRACTIONS,
                          num_tokens=int(tokens.shape[0]), reference=reference)
 
 
-def zeroing_mc_curve(lmm: "VideoLMM", items, *, video_root=None, fractions=FRACTIONS, strategies=STRATEGIES,
-                     seeds=(0, 1, 2), name: str | None = None, progress: Progress | None = None,
-                     sampling=None, style: str = "mvbench", max_new_tokens: int = 16,
-                     batch_size: int = 8) -> ZeroingResult:
-    """Multiple-choice accuracy with zeroed tokens, relative to the full model (the paper's Figure 5).
-
-    items: `vidlmm.evaluate` MCItems, or a benchmark file or root (read with `benchmarks.load_benchmark`, videos
-    under `video_root`); a video that cannot be read is listed in `reference["missing"]`. Each video is decoded and encoded once and its connector output reused for every level and
-    seed; the full model answers exactly as `evaluate` does, the zeroed ones greedily in batches.
-    """
-    from ..benchmarks import load_benchmark
-    from ..errors import VideoReadError
-    from ..evaluate import build_mc_question, group_reads, missing_entry, parse_choice
-    from ..pipeline import GenerationSettings
-
-    _check_plan(fractions, strategies, seeds)
-    if isinstance(items, (str, os.PathLike)):
-        items = load_benchmark(items, video_root).items
-    items = list(items)
-    if not items:
-        raise VidlmmError("The multiple-choice set holds no questions.")
-    by_video = {read: [items[i] for i in indices]
-                for read, indices in group_reads(items, sampling or getattr(lmm, "sampling", None)).items()}
-    generation = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False)
-    plan_points = None
-    correct: dict[tuple, list[bool]] = {}
-    agree: dict[tuple, list[bool]] = {}
-    active: dict[tuple, list[float]] = {}
-    kept: dict[tuple, list[int]] = {}
-    full_correct, records, done, num_tokens, missing = [], [], 0, 0, []
-    for (video, frames), video_items in by_video.items():
-        try:
-            prepared = lmm.prepare(video, frames)[0]
-        except (VideoReadError, OSError) as err:  # the question is listed, the curve goes on
-            missing += [missing_entry(item.id, video, err) for item in video_items]
-            continue
-        out = lmm.visual_tokens(prepared)
-        tokens = out.tokens[0]
-        num_tokens = int(tokens.shape[0])
-        spans = query_group_spans(out.query_groups.cpu().numpy())
-        points, distinct = _plan(num_tokens, spans, fractions, strategies, seeds)
-        plan_points = plan_points or [{k: v for k, v in p.items() if k != "_key"} for p in points]
-        full_key = np.ones(num_tokens, dtype=bool).tobytes()
-        keys = [k for k in distinct if k != full_key]
-        for item in video_items:
-            question = build_mc_question(item, style)
-            full = lmm.ask(prepared, question, generation=generation)
-            full_choice = parse_choice(full.text, item.options, item.letters)
-            choices = {full_key: full_choice}
-            prompt = lmm.prompt_ids(question)
-            for batch in _batches(keys, batch_size):
-                visuals = [zeroed_output(out, distinct[k]) for k in batch]
-                for key, ids in zip(batch, _greedy_batch(lmm, prompt, visuals, max_new_tokens)):
-                    choices[key] = parse_choice(_decode(lmm, ids), item.options, item.letters)
-            full_correct.append(full_choice == item.answer_letter)
-            records.append({"id": item.id, "video": item.video, "answer": item.answer_letter,
-                            "full_response": full.text, "full_choice": full_choice})
-            for p in points:
-                point = (p["strategy"], p["fraction"], p["seed"])
-                choice = choices[p["_key"]]
-                correct.setdefault(point, []).append(choice == item.answer_letter)
-                agree.setdefault(point, []).append(choice == full_choice)
-                active.setdefault(point, []).append(p["active"])
-                kept.setdefault(point, []).append(p["kept_tokens"])
-            done += 1
-            if progress:
-                progress(done, len(items), f"zeroing: {done}/{len(items)} questions")
-        del prepared
-    if not full_correct:
-        raise VidlmmError("No video of the multiple-choice set could be read.")
-    full_acc = float(np.mean(full_correct))
-    out_points = []
-    for p in plan_points:
-        point = (p["strategy"], p["fraction"], p["seed"])
-        acc = float(np.mean(correct[point]))
-        out_points.append({"strategy": p["strategy"], "fraction": p["fraction"], "seed": p["seed"],
-                           "active": float(np.mean(active[point])), "kept_tokens": float(np.mean(kept[point])),
-                           "accuracy": acc, "relative_accuracy": acc / full_acc if full_acc > 0 else float("nan"),
-                           "agreement": float(np.mean(agree[point])), "n": len(correct[point])})
-    skipped = {m["id"] for m in missing}
-    scored = [item for group in by_video.values() for item in group if item.id not in skipped]
-    reference = {"accuracy": full_acc, "n": len(full_correct), "videos": len(by_video), "style": style,
-                 "chance": float(np.mean([1 / len(i.options) for i in scored])), "items": records,
-                 "missing": missing}
-    return ZeroingResult(model=_model_name(lmm, name), fractions=[float(f) for f in fractions],
-                         strategies=list(strategies), seeds=[int(s) for s in seeds], points=out_points, kind="mc",
-                         connector_type=lmm.model.connector.registry_name, num_tokens=num_tokens,
-                         reference=reference)
-
-
 __all__ = ["DEFAULT_CHUNKS", "FRACTIONS", "STRATEGIES", "ZeroingResult", "query_group_spans", "score_answer",
-           "zero_mask",
-           "zero_tokens", "zeroed_output", "zeroing_curve", "zeroing_mc_curve"]
+           "zero_mask", "zero_tokens", "zeroed_output", "zeroing_curve"]
