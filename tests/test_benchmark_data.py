@@ -145,6 +145,26 @@ def test_mlvu_dev_root_gives_m_avg(tmp_path):
     assert result.accuracy == 0.75 and result.macro_accuracy == 0.5
 
 
+def test_mlvu_hub_copy_with_the_options_inside_the_question(tmp_path):
+    """The hub's MLVU dev: `video_name`, the options as the question's last lines, a letter answer, `task_type`."""
+    root = tmp_path / "MLVU"
+    clip(root / "video/2_needle/needle1.mp4")
+    dump(root / "json/2_needle.json", [
+        {"video_name": "needle1.mp4", "question": "What was hidden?\n(A) a key\n(B) a ring\n(C) a coin",
+         "answer": "B", "task_type": "needle"},
+        {"video_name": "2_needle/needle1.mp4", "question": "Where?\nA. in a box\nB. under a cup", "answer": "A",
+         "task_type": "needle"},
+        {"video_name": "gone.mp4", "question": "Which?\n(A) x\n(B) y", "answer": "A", "task_type": "needle"}])
+    bench = load_benchmark(root)
+    assert [(i.question, i.options, i.answer_letter, i.category) for i in bench.items] == [
+        ("What was hidden?", ["a key", "a ring", "a coin"], "B", "needle"),
+        ("Where?", ["in a box", "under a cup"], "A", "needle")]
+    assert all(Path(i.video).is_file() for i in bench.items) and bench.missing[0]["video"] == "gone.mp4"
+    dump(root / "json/2_needle.json", [{"video_name": "needle1.mp4", "question": "No options here", "answer": "A"}])
+    with pytest.raises(VidlmmError, match="last lines must be its options"):
+        load_benchmark(root)
+
+
 def test_mmvu_keeps_open_ended_questions_apart(tmp_path):
     clip(tmp_path / "videos/Art/0.mp4")
     dump(tmp_path / "validation.json", [

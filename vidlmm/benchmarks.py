@@ -11,7 +11,8 @@ Formats (`FORMATS`; `../shared/spec/benchmarks.md` of the project has each layou
   JPEG frames at 3 fps. The gold letter is the candidate whose text equals ``answer``.
 * ``videomme``: the parquet file (read with pyarrow); videos ``<video root>/<videoID>.mp4`` (``.MP4``, ``.mkv``);
   results per ``duration`` (short / medium / long) beside the task types.
-* ``mlvu``: the dev root, ``json/<n>_<task>.json`` + ``video/<n>_<task>/``; M-Avg is the mean over tasks.
+* ``mlvu``: the dev root, ``json/<n>_<task>.json`` + ``video/<n>_<task>/``; M-Avg is the mean over tasks. The
+  hub's copy (``video_name``, the options as the question's last lines, a letter answer, ``task_type``) reads too.
 * ``mmvu``: ``validation.json`` (choices as a dict; video URLs mapped under the local root); open-ended questions
   are kept apart (`Benchmark.open_ended`), scored by containment.
 * ``longvideobench``: ``lvb_val.json`` (``correct_choice`` is an index), videos under ``videos/``.
@@ -300,14 +301,38 @@ def _read_mlvu(root: Path, video_root: Path | None) -> Benchmark:
         task = MLVU_TASK.match(file.stem).group(2)
         for index, raw in enumerate(_read_json_items(file)):
             where = f"Item {index} of '{file.name}'"
-            if not isinstance(raw, dict) or not isinstance(raw.get("video"), str):
+            if not isinstance(raw, dict):
                 raise VidlmmError(f"{where}: missing 'video'.")
-            texts, letters = _options(raw.get("candidates"), where)
-            path, why = _video_file(videos / file.stem, raw["video"])
-            item = _item(f"{file.stem}_{index}", path, raw.get("question"), texts, letters, raw.get("answer"),
-                         where, category=task)
+            if isinstance(raw.get("video"), str):
+                question, (texts, letters) = raw.get("question"), _options(raw.get("candidates"), where)
+                category, path, why = task, *_video_file(videos / file.stem, raw["video"])
+            elif isinstance(raw.get("video_name"), str):  # the hub's copy: options inside the question
+                question, texts, letters = _options_in_question(raw.get("question"), where)
+                name = raw["video_name"]
+                category = raw.get("task_type") or task
+                path, why = _video_file(videos, name) if "/" in name else _video_file(videos / file.stem, name)
+            else:
+                raise VidlmmError(f"{where}: missing 'video' (or the hub copy's 'video_name').")
+            item = _item(f"{file.stem}_{index}", path, question, texts, letters, raw.get("answer"), where,
+                         category=category)
             _collect(bench.items, bench.missing, item, why)
     return bench
+
+
+OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[).:]\s*(.+?)\s*$")
+
+
+def _options_in_question(text, where: str) -> tuple[str, list[str], list[str]]:
+    """(question, option texts, letters) from a question whose last lines are its options, "(A) text" or
+    "A. text" (MLVU's hub copy)."""
+    if not isinstance(text, str):
+        raise VidlmmError(f"{where}: missing 'question' (a string).")
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    first = next((k for k, line in enumerate(lines) if OPTION_LINE.match(line)), len(lines))
+    found = [OPTION_LINE.match(line) for line in lines[first:]]
+    if not found or not all(found):
+        raise VidlmmError(f"{where}: the question's last lines must be its options, '(A) text' each.")
+    return "\n".join(lines[:first]), [m.group(2) for m in found], [m.group(1) for m in found]
 
 
 def _local_video(url: str, root: Path) -> Path:
