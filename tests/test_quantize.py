@@ -244,6 +244,28 @@ def test_int8_quantizes_only_language_model_linears(int8_model, full_model):
     assert int8_model.dtype == torch.float32 and int8_model.precision.name == "int8"
 
 
+def test_int8_through_from_pretrained_quantizes_each_weight_as_it_is_read(checkpoint, full_model, monkeypatch):
+    """`load_model(quantization="int8")` is transformers' `from_pretrained` with the quantizer vidlmm registers, which
+    a transformers user can name too: each LLM linear's weight is quantized once, on read, into the layer
+    `int8_linear` makes of the full-precision one (identical int8 weights and scales)."""
+    from transformers import AutoModelForCausalLM
+
+    import vidlmm.quantize as quantize
+    from vidlmm.quantize import int8_linear, torch_int8_config
+
+    seen = []
+    original = quantize._quantized_weight
+    monkeypatch.setattr(quantize, "_quantized_weight", lambda w: seen.append(tuple(w.shape)) or original(w))
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=torch_int8_config())
+    layers = [(n, m) for n, m in full_model.language_model.named_modules() if type(m) is nn.Linear and n != "lm_head"]
+    assert len(seen) == len(layers)
+    for name, linear in layers:
+        got, _ = model.language_model.get_submodule(name)._weight_bias()
+        want, _ = int8_linear(linear)._weight_bias()
+        assert torch.equal(got.int_repr(), want.int_repr()), name
+        assert torch.equal(got.q_per_channel_scales(), want.q_per_channel_scales()), name
+
+
 def test_int8_load_is_quiet(int8_model):
     """torch.ao's deprecation notices are silenced in our code path (they name a migration users cannot act on)."""
     assert not [w for w in int8_model.caught_warnings if "quantiz" in w.lower()], int8_model.caught_warnings

@@ -10,7 +10,9 @@ Stage-1 split layout (the reference's pretrain output): config.json + tokenizer 
     `language_model/`, `vision_tower/`, `connector/` sub-folders, each with a `pytorch_model.bin`.
 
 Loading is strict: any missing or unexpected key is an error naming them, except the tied `lm_head` and the
-tower weights the features never use (SigLIP's `head.*` and `post_layernorm.*`). Before any weight is read, the
+tower weights the features never use (SigLIP's `head.*` and `post_layernorm.*`), checked on the files' headers
+before transformers' `from_pretrained` reads the weights (quantized on load: bitsandbytes' `BitsAndBytesConfig`, or
+torch's dynamic int8 through the quantizer `vidlmm.quantize` registers). Before any weight is read, the
 weights' bytes are estimated from config.json and checked against the device's free memory (`vidlmm.memory`),
 and the precision is chosen (`vidlmm.precision`). Weight files must stay inside the checkpoint folder; a damaged
 or truncated one is a one-sentence CheckpointError. Hub ids download safetensors only, pinned to a revision.
@@ -22,6 +24,7 @@ import json
 import logging
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -29,7 +32,7 @@ import torch
 from .config import TinyLlavaConfig
 from .errors import CheckpointError
 from .model import CONNECTOR_RENAMES, TinyLlavaVideo, choose_attn_implementation
-from .vision import TOWERS, tower_type_for
+from .vision import TOWERS
 
 log = logging.getLogger(__name__)
 
@@ -379,7 +382,7 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None
     GFLOPS, the reason, the weight estimate). The tokenizer is read from the checkpoint folder itself, never from
     `tokenizer_name_or_path`.
     """
-    from .memory import parameter_breakdown, quantizable_linears
+    from .memory import parameter_breakdown
     from .precision import check_precision_fits, plan_precision
 
     folder = config_folder(path_or_id, revision=revision)  # a hub id: its config.json only, until it is checked
@@ -390,7 +393,6 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None
     device = pick_device(device)
     attn = attn_implementation or choose_attn_implementation(device)
     try:
-        tower_type = tower_type_for(config.vision_config, config.vision_model_name_or_path)
         model = _build_empty(config, attn)
     except ValueError as err:
         raise CheckpointError(f"Cannot build the model of '{folder.name}': {err}") from None
@@ -401,33 +403,26 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None
         check_precision_fits(precision, name=display_name(path_or_id), device=device)
     folder = resolve_checkpoint(path_or_id, revision=revision)  # now the weights (a hub id: the pinned commit)
     dtype, quantization = precision.dtype, precision.quantization
-    load_device = device if quantization is None else torch.device("cpu")
-    with CheckpointWeights(folder, load_device) as weights:
-        allowed_missing = check_keys(model, weights.keys())
-        check_shapes(model, {k: weights.shape(k) for k in weights.keys()})
-        published = published_to_module_keys({k: k for k in weights.keys()}, tower_type)  # module key -> file key
-        # int8: each LLM linear is read just before it is quantized, so its fp32 copy never sits beside the rest
-        later = ({f"language_model.{name}.weight" for name, _ in quantizable_linears(model.language_model)}
-                 if quantization == "int8" else set())
-        state = {}
-        for key, stored in published.items():
-            if key not in later:
-                tensor = weights.read(stored)
-                state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor  # one tensor in transit
-        model.load_state_dict(state, strict=False, assign=True)
-        del state
-        if quantization == "int8":
-            from .quantize import quantize_language_model
+    state = None
+    if is_split_layout(folder):  # the reference's stage 1: pickles, read once and handed to from_pretrained
+        state = read_split_layout(folder)
+        check_keys(model, state)
+        check_shapes(model, {k: tuple(v.shape) for k, v in state.items()})
+    else:  # the headers alone: errors name the files' keys before any tensor is read
+        with CheckpointWeights(folder) as weights:
+            check_keys(model, weights.keys())
+            check_shapes(model, {k: weights.shape(k) for k in weights.keys()})
+    kwargs = {"dtype": dtype, "attn_implementation": attn}
+    if quantization is not None:
+        from .quantize import quantization_config
 
-            quantize_language_model(model, "int8", "cpu", weight_of=lambda name: weights.read(
-                published[f"language_model.{name}.weight"]).to(torch.float32))
-    _materialize(model, allowed_missing, dtype, load_device)
-    model.language_model.tie_weights()
-    if quantization in ("8bit", "4bit"):
-        from .quantize import quantize_language_model
-
-        quantize_language_model(model, quantization, device)
-    model.to(device)
+        kwargs["quantization_config"] = quantization_config(model, quantization, device, dtype)
+    if device.type != "cpu":
+        kwargs["device_map"] = {"": str(device)}
+    with _quiet_loading():
+        model = TinyLlavaVideo.from_pretrained(None if state is not None else str(folder), config=config,
+                                               state_dict=state, **kwargs)
+    del state
     model.eval().requires_grad_(False)
     if tokenizer:
         from .tokenizer import load_tokenizer
@@ -437,6 +432,20 @@ def load_model(path_or_id: str | os.PathLike, *, dtype: str | torch.dtype | None
     model.source = str(path_or_id)
     model.precision = precision
     return model
+
+
+@contextmanager
+def _quiet_loading():
+    """transformers' "Loading weights" progress bar off while `load_model` reads (a library call, not a CLI)."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def _build_empty(config: TinyLlavaConfig, attn: str) -> TinyLlavaVideo:
@@ -468,21 +477,6 @@ def check_checkpoint_fits(path_or_id: str | os.PathLike, *, dtype="auto", device
     precision = plan_precision(parameter_breakdown(model), device, dtype=dtype, quantization=quantization, free=free)
     check_precision_fits(precision, name=display_name(path_or_id), device=device, free=free)
     return precision
-
-
-def _materialize(model: TinyLlavaVideo, keys: list[str], dtype, device) -> None:
-    """Give the allowed-missing parameters real storage: lm_head is re-tied later; unused tower weights are zeros."""
-    for key in keys:
-        if key.startswith("language_model.lm_head."):
-            continue
-        module_name, _, param_name = key.rpartition(".")
-        module = model.get_submodule(module_name)
-        old = getattr(module, param_name)
-        module._parameters[param_name] = torch.nn.Parameter(torch.zeros(old.shape, dtype=dtype, device=device),
-                                                            requires_grad=False)
-    for name, param in model.named_parameters():
-        if param.is_meta and not name.startswith("language_model.lm_head."):
-            raise CheckpointError(f"Parameter '{name}' was not loaded.")
 
 
 # ---- saving --------------------------------------------------------------------------------------------

@@ -48,6 +48,9 @@ def register() -> None:
         register_checkpoint_conversion_mapping(
             TinyLlavaVideo.__name__, [WeightRenaming("^" + old.replace(".", r"\."), new)
                                       for old, new in CONNECTOR_RENAMES], overwrite=True)
+        from .quantize import _register_int8_quantizer
+
+        _register_int8_quantizer()  # quantization_config=vidlmm.quantize.torch_int8_config(): torch's dynamic int8
         _registered = True
 
 

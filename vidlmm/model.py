@@ -115,8 +115,12 @@ class TinyLlavaVideo(PreTrainedModel):
             json.dump(self.config.generation_defaults(), f, indent=2)
 
     def _init_weights(self, module):
-        """Nothing: the parts initialise themselves (the LM and the tower as transformers models, the connector in
-        its constructor and `init_connector_weights`); loading fills every other weight."""
+        """Rotary embeddings only: transformers builds the model without initialising it and recomputes the LLM's
+        non-persistent `inv_freq`, but not that of the LLaVA-Mini compressor's own decoder layers (left as garbage,
+        the loaded copy answered differently). Every other weight is loaded, or initialised by its part (the LM and
+        the tower as transformers models, the connector in its constructor and `init_connector_weights`)."""
+        if "RotaryEmbedding" in type(module).__name__ and hasattr(module, "original_inv_freq"):
+            super()._init_weights(module)
 
     # ---- shapes and maps -------------------------------------------------------------------------------
     @property
