@@ -212,6 +212,20 @@ class PoolCompressor(_BudgetCompressor):
                 "col_edges": picture["col_edges"].numpy(),
                 "cell_token": _grid(layout, picture["cell_token"].expand(t, -1), -1)}
 
+    def token_sources(self, out, layout) -> torch.Tensor:
+        """Each output token is the mean of the patches in its bin (bins may overlap by one cell)."""
+        t, p = layout.num_frames, layout.tokens_per_frame
+        side, first = patch_grid(p)
+        edges = out.picture["row_edges"].tolist()
+        per_frame = torch.zeros(len(edges) ** 2, p)
+        cell = torch.arange(p) + first
+        row, col = cell.clamp(min=0) // side, cell.clamp(min=0) % side
+        for i, (r0, r1) in enumerate(edges):
+            for j, (c0, c1) in enumerate(out.picture["col_edges"].tolist()):
+                inside = (cell >= 0) & (row >= r0) & (row < r1) & (col >= c0) & (col < c1)
+                per_frame[i * len(edges) + j] = inside.float() / inside.sum().clamp_min(1)
+        return torch.block_diag(*[per_frame] * t)
+
     def pool(self, x: torch.Tensor, out: int) -> torch.Tensor:
         """x [F, P, Dv] -> [F, out * out, Dv] (raster order) averages of the patch cells of each bin."""
         f, p, d = x.shape
@@ -319,6 +333,17 @@ class ToMeCompressor(_BudgetCompressor):
         return {"source": _grid(layout, picture["source"], -1),
                 "size": picture["size"].detach().cpu().round().long().numpy()}
 
+    def token_sources(self, out, layout) -> torch.Tensor:
+        """Each output token is the mean of the patches merged into it."""
+        source = out.picture["source"].cpu()  # [T, P] the frame's output token of each patch
+        t, p = source.shape
+        k = int(out.tokens.shape[1]) // t
+        sources = torch.zeros(t * k, t * p)
+        for f in range(t):
+            onehot = torch.nn.functional.one_hot(source[f], k).T.float()  # [k, P]
+            sources[f * k:(f + 1) * k, f * p:(f + 1) * p] = onehot / onehot.sum(-1, keepdim=True).clamp_min(1)
+        return sources
+
     def forward(self, x, output_attentions: bool = False) -> CompressorOutput:
         b, t, p, d = x.shape
         k = self._step_tokens_per_frame(t, p)
@@ -363,6 +388,15 @@ class TopKCompressor(_BudgetCompressor):
         return {"kept": _grid(layout, picture["kept"], False), "scores": _grid(layout, picture["scores"].float(),
                                                                               float("nan")),
                 "kept_indices": picture["kept_indices"].cpu().numpy()}
+
+    def token_sources(self, out, layout) -> torch.Tensor:
+        """Each output token is one kept patch."""
+        kept = out.picture["kept_indices"].cpu()  # [T, K] within each frame
+        t, k = kept.shape
+        p = layout.tokens_per_frame
+        sources = torch.zeros(t * k, t * p)
+        sources[torch.arange(t * k), (kept + torch.arange(t)[:, None] * p).flatten()] = 1.0
+        return sources
 
     def select(self, x: torch.Tensor, k: int):
         """x [F, P, Dv] -> (kept [F, k, Dv], indices [F, k] sorted, logits [F, P])."""

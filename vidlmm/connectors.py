@@ -213,6 +213,32 @@ class ConnectorModule(nn.Module):
         `analysis.connector_picture`); only for connectors with a picture_kind."""
         raise NotImplementedError
 
+    def token_sources(self, out: ConnectorOutput, layout: "TokenLayout") -> torch.Tensor:
+        """[Q, N] float32: how much of each output token comes from each flat input token (frame-major patches),
+        rows summing to 1, from a forward pass with output_attentions (batch 1).
+
+        By default the attention rollout of the connector's layers (Abnar & Zuidema's, with the residual): the
+        learned latents start with nothing of the video, and at each layer a query gets its head-mean attention on
+        the visual tokens plus, through the residual and its attention on its group's latents, what those carried
+        (R = A_media + (A_latents + I) R_previous, rows normalised). Connectors without attention override it."""
+        if not out.attentions:
+            raise ValueError(f"The {self.registry_name} connector reports no attention to trace its tokens with.")
+        groups = out.query_groups.cpu()
+        members = [(groups == g).nonzero().flatten() for g in groups.unique()]  # a group's latents, in order
+        sources = None
+        for layer in out.attentions:
+            media = layer.media[0].float().mean(0).cpu()  # [Q, N]
+            latents = layer.latents[0].float().mean(0).cpu()  # [Q, L]
+            if sources is None:
+                mixed = media
+            else:
+                mixed = media + sources
+                if latents.shape[1]:
+                    for idx in members:
+                        mixed[idx] += latents[idx] @ sources[idx]
+            sources = mixed / mixed.sum(-1, keepdim=True).clamp_min(torch.finfo(mixed.dtype).tiny)
+        return sources
+
 
 class PerceiverAttention(nn.Module):
     """Flamingo cross-attention: queries from the latents, keys/values over [media; latents]."""
@@ -513,6 +539,10 @@ class MLPConnector(ConnectorModule):
             tokens = layer(tokens)
         # token i comes from frame i // P: no attention to report
         return ConnectorOutput(tokens, self.output_groups(t, p), [(f * p, (f + 1) * p) for f in range(t)], None)
+
+    def token_sources(self, out: ConnectorOutput, layout: "TokenLayout") -> torch.Tensor:
+        """Every output token is its own input token."""
+        return torch.eye(int(out.tokens.shape[1]))
 
 
 @dataclass

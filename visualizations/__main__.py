@@ -2,6 +2,7 @@
 
     python -m visualizations attention  --model M --video V --out DIR [--layer -1] [--head H] [--scale log]
     python -m visualizations picture    --model M --video V --out DIR [--frames-shown 4]
+    python -m visualizations llm-attention --model M [--model M2 ...] --video V --question Q --out DIR [--token K]
     python -m visualizations redundancy --model M [--model M2 ...] --video V [--question Q] --out DIR
     python -m visualizations redundancy --model M [--model M2 ...] --mc BENCH [--video-root D] --out DIR
                                         [--records DIR]      (resumable; split over `accelerate launch` processes)
@@ -70,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
                                          "frame, drawn over the frames")
     common(pic, "required")
     pic.add_argument("--frames-shown", type=int, default=4, help="frames drawn")
+
+    llm = sub.add_parser("llm-attention", help="where the language model looks while it answers: its attention per "
+                                               "generated token and layer, traced through the connector to frames "
+                                               "and patches")
+    common(llm, "required")
+    llm.add_argument("--question", default="Describe what happens in the video.")
+    llm.add_argument("--max-new-tokens", type=int, default=32, help="answer length")
+    llm.add_argument("--token", type=int, action="append",
+                     help="also draw the patches of this answer token (repeatable; default: the whole answer)")
+    llm.add_argument("--frames-shown", type=int, default=16, help="frames drawn in the patch figure")
 
     red = sub.add_parser("redundancy", help="query-zeroing curves on one video or a multiple-choice set")
     common(red, "optional")
@@ -184,6 +195,44 @@ def cmd_attention(args, writer: Exporter) -> None:
         gc.collect()
 
 
+def cmd_llm_attention(args, writer: Exporter) -> None:
+    import numpy as np
+
+    from vidlmm.analysis import llm_attention
+    from vidlmm.video import check_video_path
+    from visualizations import plot_frame_relevance, plot_patch_relevance, plot_visual_share
+
+    check_video_path(args.video)
+    if args.max_new_tokens < 1 or args.frames_shown < 1:
+        raise VidlmmError("--max-new-tokens and --frames-shown must be at least 1.")
+    sources = _sources(args)
+    results = {}
+    for label, source in sources:
+        prefix = f"{label}_" if len(sources) > 1 else ""
+        result = llm_attention(_lmm(_load(source, args), args), args.video, args.question,
+                               max_new_tokens=args.max_new_tokens)
+        for token in args.token or []:
+            if not 0 <= token < len(result.tokens):
+                raise VidlmmError(f"--token {token} does not exist: the answer has {len(result.tokens)} tokens.")
+        share = result.visual_share()
+        rows = [{"model": label, "token": k, "text": text, "layer": layer + 1, "visual_share": float(share[k, layer])}
+                for k, text in enumerate(result.tokens) for layer in range(result.num_layers)]
+        writer.data(result.to_json(), f"{prefix}llm_attention", csv_rows=rows)
+        writer.table([{"model": label, "token": k, "text": text,
+                       **{f"frame_{t}": float(v) for t, v in enumerate(result.frame_relevance(token=k))}}
+                      for k, text in enumerate(result.tokens)], f"{prefix}llm_frame_relevance")
+        patches = writer.folder / f"{prefix}llm_attention_patches.npz"  # [A, T, rows, cols]: too big for JSON
+        np.savez_compressed(patches, **result.patch_arrays())
+        writer.add(patches)
+        writer.figure(plot_frame_relevance(result), f"{prefix}llm_frame_relevance")
+        for token in [None, *(args.token or [])]:
+            stem = "llm_patches" if token is None else f"llm_patches_token{token}"
+            writer.figure(plot_patch_relevance(result, token, max_frames=args.frames_shown), f"{prefix}{stem}")
+        results[label] = result
+        gc.collect()
+    writer.figure(plot_visual_share(results), "llm_visual_share")  # the connectors side by side
+
+
 def cmd_picture(args, writer: Exporter) -> None:
     from vidlmm.analysis import connector_picture
     from vidlmm.video import check_video_path
@@ -287,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise VidlmmError(f"--out '{args.out}' exists and is not a folder.")
         writer = Exporter(args.out, args.formats, args.dpi)
-        {"attention": cmd_attention, "picture": cmd_picture, "redundancy": cmd_redundancy,
-         "budget": cmd_budget}[args.command](args, writer)
+        {"attention": cmd_attention, "llm-attention": cmd_llm_attention, "picture": cmd_picture,
+         "redundancy": cmd_redundancy, "budget": cmd_budget}[args.command](args, writer)
         for path in writer.written:
             print(path)
         return 0

@@ -5,6 +5,7 @@
     curve = zeroing_curve(lmm, "clip.mp4", "What happens?")   # zero queries, score the full model's answer
     budget = token_budget({"group": model.config})        # visual tokens and prefill cost vs frames
     picture = connector_picture(lmm, "clip.mp4")          # pooling grid / merge map / kept mask of a compressor
+    looks = llm_attention(lmm, "clip.mp4", "What happens?")   # the LLM's attention per answer word -> frames, patches
 
 Everything here is built on return values (`ConnectorOutput.attentions`, `TokenLayout`) and on the pipeline's
 `visual=` override: no hooks and no second pass. Results are numpy arrays and small dataclasses with
@@ -20,6 +21,7 @@ torch is imported inside the functions that need it, so `visualizations` can imp
 from .attention import AttentionMaps, attention_maps, frame_aspect, redundancy_stats, token_redundancy
 from .costs import BudgetResult, connector_setting, connector_variants, model_config, token_budget
 from .jsonable import to_jsonable
+from .llm_attention import LLMAttention, llm_attention
 from .pictures import connector_picture
 from .zeroing import (
     DEFAULT_CHUNKS, FRACTIONS, STRATEGIES, ZeroingResult, query_group_spans, zero_mask, zero_tokens, zeroed_output,
@@ -28,8 +30,9 @@ from .zeroing import (
 from .zeroing_mc import ZeroingRecord, zeroing_mc_curve, zeroing_mc_records, zeroing_mc_result
 
 __all__ = [
-    "AttentionMaps", "BudgetResult", "DEFAULT_CHUNKS", "FRACTIONS", "STRATEGIES", "ZeroingRecord", "ZeroingResult",
-    "attention_maps", "connector_picture", "connector_setting", "connector_variants", "frame_aspect", "model_config",
-    "query_group_spans", "redundancy_stats", "to_jsonable", "token_budget", "token_redundancy", "zero_mask",
-    "zero_tokens", "zeroed_output", "zeroing_curve", "zeroing_mc_curve", "zeroing_mc_records", "zeroing_mc_result",
+    "AttentionMaps", "BudgetResult", "DEFAULT_CHUNKS", "FRACTIONS", "LLMAttention", "STRATEGIES", "ZeroingRecord",
+    "ZeroingResult", "attention_maps", "connector_picture", "connector_setting", "connector_variants", "frame_aspect",
+    "llm_attention", "model_config", "query_group_spans", "redundancy_stats", "to_jsonable", "token_budget",
+    "token_redundancy", "zero_mask", "zero_tokens", "zeroed_output", "zeroing_curve", "zeroing_mc_curve",
+    "zeroing_mc_records", "zeroing_mc_result",
 ]

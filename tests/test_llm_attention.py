@@ -1,0 +1,165 @@
+"""Where the language model looks (`vidlmm.analysis.llm_attention`, issue 22), on tiny models: the hooked, reduced
+attention equals the full attention tensors transformers returns; every row sums to 1 over the prompt's parts; the
+relevance carried through each connector equals a brute-force computation; the image-level resampler's frame
+relevance is the LLM's attention on each frame's query block; a group's frames are reached only through its
+queries; each compressor's sources rebuild its output tokens from the input patches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vidlmm.analysis.llm_attention import PARTS, llm_attention
+from vidlmm.checkpoint import load_model
+from vidlmm.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from vidlmm.pipeline import VideoLMM
+from vidlmm.video import FrameSampling
+
+FOUR = FrameSampling.uniform(4)
+QUESTION = "What moves?"
+
+
+def lmm_for(path) -> VideoLMM:
+    return VideoLMM(load_model(path, dtype="fp32", device="cpu"), sampling=FOUR, cache_bytes=0)
+
+
+def full_attentions(lmm, video, result):
+    """Every layer's whole [H, S, S] attention for prompt + answer, from transformers' own eager output."""
+    model = lmm.model
+    prepared = lmm.prepare(video)[0]
+    out = lmm.visual_tokens(prepared)
+    prompt = lmm.prompt_ids(QUESTION)
+    labels = [IGNORE_INDEX] * len(prompt) + result.token_ids
+    embeds, mask, _ = model.build_inputs([prompt + result.token_ids], [out], [labels])
+    lm = model.language_model
+    before = lm.config._attn_implementation
+    lm.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            att = model(embeds, mask, output_attentions=True).attentions
+    finally:
+        lm.set_attn_implementation(before)
+    return [a[0].numpy() for a in att], prompt.index(IMAGE_TOKEN_INDEX), len(prompt) - 1 + out.tokens.shape[1]
+
+
+def rollout(out) -> np.ndarray:
+    """The resampler's sources by loops over queries, from the raw per-head attention."""
+    groups = out.query_groups.numpy()
+    r = None
+    for layer in out.attentions:
+        media = layer.media[0].mean(0).numpy().astype(np.float64)
+        lat = layer.latents[0].mean(0).numpy().astype(np.float64)
+        new = np.zeros_like(media)
+        for q in range(media.shape[0]):
+            new[q] = media[q]
+            if r is not None:
+                new[q] += r[q]
+                mates = [m for m in range(len(groups)) if groups[m] == groups[q]]
+                for j, m in enumerate(mates[:lat.shape[1]]):
+                    new[q] += lat[q, j] * r[m]
+            new[q] /= new[q].sum()
+        r = new
+    return r
+
+
+@pytest.mark.parametrize("name", ["group", "naive", "image"])
+def test_reduced_attention_equals_the_full_tensors_and_relevance_the_brute_force(name, tiny_checkpoints,
+                                                                                 small_video):
+    lmm = lmm_for(tiny_checkpoints[name])
+    result = llm_attention(lmm, small_video, QUESTION, max_new_tokens=5)
+    assert result.teacher_forced_reproduces_answer and result.token_ids
+    att, slot, prompt_len = full_attentions(lmm, small_video, result)
+    a, q = len(result.token_ids), result.sources.shape[0]
+    assert result.visual.shape == (a, len(att), att[0].shape[0], q)
+    for layer, full in enumerate(att):
+        rows = full[:, prompt_len - 1:prompt_len - 1 + a]  # [H, A, S]
+        np.testing.assert_allclose(result.visual[:, layer], rows[..., slot:slot + q].transpose(1, 0, 2), atol=1e-6)
+        np.testing.assert_allclose(result.shares[:, layer, :, PARTS.index("answer")],
+                                   rows[..., prompt_len:].sum(-1).T, atol=1e-6)
+    np.testing.assert_allclose(result.shares.sum(-1), 1.0, atol=1e-5)  # a row over text + visual + answer
+    out = lmm.visual_tokens(lmm.prepare(small_video)[0], output_attentions=True)
+    np.testing.assert_allclose(result.sources, rollout(out), atol=1e-5)
+    # the whole answer's relevance by hand: attention mass on each visual token, over every layer and head
+    mass = sum(full[:, prompt_len - 1:prompt_len - 1 + a, slot:slot + q].sum((0, 1)) for full in att)
+    per_input = (mass / mass.sum()) @ rollout(out)
+    frames = per_input.reshape(4, -1).sum(1)
+    np.testing.assert_allclose(result.frame_relevance(), frames, atol=1e-5)
+    assert result.frame_relevance().sum() == pytest.approx(1.0) and result.frame_relevance(token=0).sum() == \
+        pytest.approx(1.0)
+    assert np.nansum(result.patch_relevance()) == pytest.approx(1.0)
+
+
+def test_image_level_frame_relevance_is_the_attention_on_each_frames_queries(tiny_checkpoints, small_video):
+    result = llm_attention(lmm_for(tiny_checkpoints["image"]), small_video, QUESTION, max_new_tokens=4)
+    per_frame_queries = result.sources.shape[0] // 4
+    for token in range(len(result.token_ids)):
+        mass = result.visual[token].sum((0, 1)).reshape(4, per_frame_queries).sum(1)
+        np.testing.assert_allclose(result.frame_relevance(token=token), mass / mass.sum(), atol=1e-6)
+
+
+def test_a_group_reaches_only_its_own_frames(tiny_checkpoints, small_video):
+    lmm = lmm_for(tiny_checkpoints["group"])
+    out = lmm.visual_tokens(lmm.prepare(small_video)[0], output_attentions=True)
+    layout = lmm.model.token_layout(4)
+    sources = lmm.model.connector.token_sources(out, layout).numpy()
+    frame_of = layout.frame.numpy()
+    for g, (start, end) in enumerate(out.group_spans):
+        queries = (out.query_groups == g).numpy()
+        outside = np.ones(sources.shape[1], dtype=bool)
+        outside[start:end] = False
+        assert sources[np.ix_(queries, outside)].max() == 0.0  # exactly: nothing from other groups' frames
+        assert set(frame_of[start:end]) == set(frame_of[sources[queries].sum(0) > 0])
+
+
+@pytest.mark.parametrize("name", ["pool", "tome", "topk", "mlp2x_gelu"])
+def test_compressor_sources_rebuild_the_output_from_the_patches(name, tmp_path, small_video):
+    """Pooling bins, ToMe's merges and top-k's picks are exact: the projector of sources @ patches is the output."""
+    from vidlmm.tiny import write_tiny_checkpoint
+
+    lmm = lmm_for(write_tiny_checkpoint(tmp_path / name, name, seed=7))
+    prepared = lmm.prepare(small_video)[0]
+    out = lmm.visual_tokens(prepared, output_attentions=True)
+    connector = lmm.model.connector
+    sources = connector.token_sources(out, lmm.model.token_layout(4))
+    np.testing.assert_allclose(sources.sum(-1).numpy(), 1.0, atol=1e-6)
+    patches = prepared.features.reshape(-1, prepared.features.shape[-1]).float()  # [T * P, Dv], frame-major
+    projector = connector.projector if name != "mlp2x_gelu" else (lambda x: connector(x[None, None])["tokens"][0])
+    rebuilt = projector(sources @ patches)
+    np.testing.assert_allclose(rebuilt.detach().numpy(), out.tokens[0].detach().numpy(), atol=1e-4)
+
+
+def test_llava_minis_sources_are_its_compression_attention(tmp_path, small_video):
+    from vidlmm.tiny import write_tiny_checkpoint
+
+    lmm = lmm_for(write_tiny_checkpoint(tmp_path / "mini", "llava_mini", seed=8, num_queries=4))
+    result = llm_attention(lmm, small_video, QUESTION, max_new_tokens=3)
+    out = lmm.visual_tokens(lmm.prepare(small_video)[0], output_attentions=True)
+    np.testing.assert_allclose(result.sources, out.attentions[0].media[0].mean(0).numpy(), atol=1e-6)
+    assert result.teacher_forced_reproduces_answer
+
+
+def test_the_command_writes_the_json_the_figures_and_the_tables(tiny_checkpoints, small_video, tmp_path):
+    import json
+
+    from visualizations.__main__ import main
+
+    out = tmp_path / "out"
+    assert main(["llm-attention", "--model", str(tiny_checkpoints["group"]), "--model", str(tiny_checkpoints["image"]),
+                 "--video", small_video, "--question", QUESTION, "--num-frames", "4", "--max-new-tokens", "3",
+                 "--token", "0", "--out", str(out)]) == 0
+    data = json.loads((out / "group_llm_attention.json").read_text())
+    assert data["tokens"] and data["teacher_forced_reproduces_answer"]
+    for token in data["tokens"]:
+        assert len(token["visual_share"]) == data["llm_layers"] and len(token["frame_relevance"]) == 4
+        assert sum(token["frame_relevance"]) == pytest.approx(1.0) and sum(token["parts"].values()) == \
+            pytest.approx(1.0)
+    patches = np.load(out / "group_llm_attention_patches.npz")
+    assert patches["tokens"].shape[:2] == (len(data["tokens"]), 4) and np.nansum(patches["answer"]) == \
+        pytest.approx(1.0, abs=1e-5)
+    for name in ("llm_visual_share.png", "group_llm_frame_relevance.png", "group_llm_patches.png",
+                 "group_llm_patches_token0.png", "image_llm_patches.png", "group_llm_attention.csv",
+                 "group_llm_frame_relevance.csv"):
+        assert (out / name).stat().st_size > 0, name
+    assert main(["llm-attention", "--model", str(tiny_checkpoints["group"]), "--video", small_video,
+                 "--max-new-tokens", "2", "--token", "9", "--out", str(out)]) == 2  # no such token: one sentence
