@@ -13,7 +13,7 @@ import torch
 from vidlmm.analysis.llm_attention import PARTS, llm_attention
 from vidlmm.checkpoint import load_model
 from vidlmm.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from vidlmm.pipeline import VideoLMM
+from vidlmm.pipeline import GenerationSettings, VideoLMM
 from vidlmm.video import FrameSampling
 
 FOUR = FrameSampling.uniform(4)
@@ -163,3 +163,55 @@ def test_the_command_writes_the_json_the_figures_and_the_tables(tiny_checkpoints
         assert (out / name).stat().st_size > 0, name
     assert main(["llm-attention", "--model", str(tiny_checkpoints["group"]), "--video", small_video,
                  "--max-new-tokens", "2", "--token", "9", "--out", str(out)]) == 2  # no such token: one sentence
+
+
+# ---- knockout guided by the LLM's attention -------------------------------------------------------------------
+def test_attention_strategies_zero_the_most_or_least_attended_tokens_first():
+    from vidlmm.analysis import zero_mask
+    from vidlmm.errors import VidlmmError
+
+    scores = np.array([0.1, 0.4, 0.05, 0.3, 0.15])
+    assert zero_mask(5, 0.4, "most_attended", scores=scores).tolist() == [True, False, True, False, False]
+    assert zero_mask(5, 0.4, "least_attended", scores=scores).tolist() == [False, True, False, True, False]
+    assert zero_mask(5, 1.0, "most_attended", scores=scores).all()
+    with pytest.raises(VidlmmError, match="needs the language model's attention"):
+        zero_mask(5, 0.5, "most_attended")
+
+
+def test_knockout_on_a_question_set_follows_each_answer_and_scores_the_margin(tiny_checkpoints, small_video):
+    """Per question, the attention strategies rank the tokens by the LLM's attention while it wrote that answer;
+    with margin the full point's margin is the plain likelihood scoring's."""
+    from vidlmm.analysis import zero_mask, zeroing_mc_records
+    from vidlmm.evaluate import MCItem, build_mc_question, option_loglikelihoods
+
+    lmm = lmm_for(tiny_checkpoints["group"])
+    items = [MCItem("0", small_video, "Where does the square go?", ["left", "right", "up"], list("ABC"), "B"),
+             MCItem("1", small_video, "What colour is it?", ["white", "red"], list("AB"), "A")]
+    records, missing = zeroing_mc_records(lmm, items, fractions=(1.0, 0.5), strategies=("most_attended",
+                                                                                         "least_attended"),
+                                          seeds=(0,), max_new_tokens=3, margin=True)
+    assert not missing and len(records) == 2
+    prepared = lmm.prepare(small_video)[0]
+    for item, record in zip(items, records):
+        full = {tuple(p[:3]): p for p in record.points}
+        ll = option_loglikelihoods(lmm, prepared, item)
+        right = item.letters.index(item.answer_letter)
+        want = ll[right] - max(v for j, v in enumerate(ll) if j != right)
+        assert full[("most_attended", 1.0, 0)][6] == pytest.approx(want, abs=1e-4)
+        question = build_mc_question(item, "mvbench")
+        answer = lmm.ask(prepared, question, generation=GenerationSettings(max_new_tokens=3))
+        scores = llm_attention(lmm, prepared, question, answer_ids=answer.token_ids).token_relevance()
+        mask = zero_mask(len(scores), 0.5, "most_attended", scores=scores)
+        assert full[("most_attended", 0.5, 0)][5] == mask.sum() and record.tokens == len(scores)
+
+
+def test_knockout_on_one_video_keeps_the_full_answer_at_100_percent(tiny_checkpoints, small_video):
+    from vidlmm.analysis import zeroing_curve
+
+    lmm = lmm_for(tiny_checkpoints["naive"])
+    curve = zeroing_curve(lmm, small_video, QUESTION, fractions=(1.0, 0.25), strategies=("most_attended",
+                                                                                           "least_attended"),
+                          seeds=(0,), max_new_tokens=4)
+    by = {(p["strategy"], p["fraction"]): p for p in curve.points}
+    assert by[("most_attended", 1.0)]["delta_log_likelihood"] == 0.0
+    assert by[("most_attended", 0.25)]["kept_tokens"] == by[("least_attended", 0.25)]["kept_tokens"] == 8

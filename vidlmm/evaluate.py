@@ -349,19 +349,24 @@ def option_loglikelihoods(lmm, prepared, item: MCItem) -> list[float]:
     """The `likelihood` scoring: for each option, the log-likelihood of its text as the whole answer to the bare
     question (no options listed), teacher-forced on the video's visual tokens; the answer ends as the template
     ends an answer, so an option is scored as a complete reply."""
+    return options_loglikelihoods(lmm, item, [lmm.visual_tokens(prepared)])[0]
+
+
+def options_loglikelihoods(lmm, item: MCItem, visuals: list) -> list[list[float]]:
+    """`option_loglikelihoods` under several visual-token variants (connector outputs, e.g. zeroed): [variant]
+    [option], one batched teacher-forced pass per option."""
     from .analysis.zeroing import score_answer
     from .conversation import build_prompt, tokenizer_image_token
 
-    visual = lmm.visual_tokens(prepared)
     prompt = lmm.prompt_ids(item.question)
-    scores = []
+    per_option = []
     for text in item.options:
         whole = tokenizer_image_token(build_prompt(lmm.template, [(item.question, text)], add_generation_prompt=False),
                                       lmm.model.tokenizer)
         if whole[:len(prompt)] != prompt or len(whole) == len(prompt):
             raise VidlmmError(f"Question {item.id}: the template does not put the answer after the prompt.")
-        scores.append(score_answer(lmm, prompt, whole[len(prompt):], [visual])[0][0])
-    return scores
+        per_option.append([ll for ll, _ in score_answer(lmm, prompt, whole[len(prompt):], visuals)])
+    return [list(row) for row in zip(*per_option)]
 
 
 def missing_entry(item_id: str, video: str, err: BaseException) -> dict:
@@ -604,4 +609,4 @@ def merge_results(parts: list[EvalResult], items: list[MCItem], style: str) -> E
 
 __all__ = ["EvalResult", "ItemRecord", "MCItem", "RecordLog", "build_mc_question", "evaluate", "evaluate_open",
            "group_reads", "load_mc_items", "merge_results", "open_answer_correct", "option_loglikelihoods",
-           "parse_choice", "summarize"]
+           "options_loglikelihoods", "parse_choice", "summarize"]

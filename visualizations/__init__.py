@@ -5,7 +5,8 @@ figures (Agg, no pyplot state), plus writers for the figures and the numbers beh
     from visualizations import plot_attention_heatmap, save_figure
     save_figure(plot_attention_heatmap(attention_maps(lmm, "clip.mp4"), scale="log"), "attention.pdf")
 
-Command line: ``python -m visualizations attention|llm-attention|picture|redundancy|budget --model M --video V --out DIR``.
+Command line: ``python -m visualizations attention|llm-attention|picture|redundancy|budget --model M --video V
+--out DIR``.
 Imports nothing heavier than numpy and matplotlib.
 """
 

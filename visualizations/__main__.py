@@ -33,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vidlmm.analysis import FRACTIONS, STRATEGIES
+    from vidlmm.analysis import ATTENTION_STRATEGIES, FRACTIONS, STRATEGIES
     from vidlmm.benchmarks import FORMATS
     from vidlmm.cli import add_sampling_arguments
     from vidlmm.evaluate import STYLES
@@ -93,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     red.add_argument("--limit", type=int, help="only the first N --mc questions")
     red.add_argument("--style", choices=list(STYLES), help="--mc prompt style (default: the benchmark's)")
     red.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS), help="shares of tokens kept")
-    red.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES))
+    red.add_argument("--strategies", nargs="+", choices=list(STRATEGIES + ATTENTION_STRATEGIES),
+                     default=list(STRATEGIES), help="most_attended / least_attended zero first the tokens the "
+                                                    "language model attends to most / least while it answers")
+    red.add_argument("--margin", action="store_true",
+                     help="--mc: also the likelihood margin (right option minus the best wrong one) at each point")
     red.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     red.add_argument("--metric", help="metric to plot (default: relative likelihood / relative accuracy)")
     red.add_argument("--max-new-tokens", type=int, help="answer length (default 64, or 16 with --mc)")
@@ -287,7 +291,7 @@ def cmd_redundancy(args, writer: Exporter) -> None:
             records = str(Path(args.records) / f"{label}.jsonl") if args.records else None
             parts = run_sharded(lambda shard: zeroing_mc_records(
                 lmm, items, style=style, max_new_tokens=args.max_new_tokens or 16, records=records, shard=shard,
-                progress=_Ticker() if shard[0] == 0 else None, **plan))
+                progress=_Ticker() if shard[0] == 0 else None, margin=args.margin, **plan))
             if parts is None:
                 continue  # another process writes the figures
             order = {item.id: k for k, item in enumerate(items)}

@@ -24,15 +24,15 @@ from .jsonable import to_jsonable
 from .llm_attention import LLMAttention, llm_attention
 from .pictures import connector_picture
 from .zeroing import (
-    DEFAULT_CHUNKS, FRACTIONS, STRATEGIES, ZeroingResult, query_group_spans, zero_mask, zero_tokens, zeroed_output,
-    zeroing_curve,
+    ATTENTION_STRATEGIES, DEFAULT_CHUNKS, FRACTIONS, STRATEGIES, ZeroingResult, query_group_spans, zero_mask,
+    zero_tokens, zeroed_output, zeroing_curve,
 )
 from .zeroing_mc import ZeroingRecord, zeroing_mc_curve, zeroing_mc_records, zeroing_mc_result
 
 __all__ = [
-    "AttentionMaps", "BudgetResult", "DEFAULT_CHUNKS", "FRACTIONS", "LLMAttention", "STRATEGIES", "ZeroingRecord",
-    "ZeroingResult", "attention_maps", "connector_picture", "connector_setting", "connector_variants", "frame_aspect",
-    "llm_attention", "model_config", "query_group_spans", "redundancy_stats", "to_jsonable", "token_budget",
-    "token_redundancy", "zero_mask", "zero_tokens", "zeroed_output", "zeroing_curve", "zeroing_mc_curve",
-    "zeroing_mc_records", "zeroing_mc_result",
+    "ATTENTION_STRATEGIES", "AttentionMaps", "BudgetResult", "DEFAULT_CHUNKS", "FRACTIONS", "LLMAttention",
+    "STRATEGIES", "ZeroingRecord", "ZeroingResult", "attention_maps", "connector_picture", "connector_setting",
+    "connector_variants", "frame_aspect", "llm_attention", "model_config", "query_group_spans", "redundancy_stats",
+    "to_jsonable", "token_budget", "token_redundancy", "zero_mask", "zero_tokens", "zeroed_output", "zeroing_curve",
+    "zeroing_mc_curve", "zeroing_mc_records", "zeroing_mc_result",
 ]

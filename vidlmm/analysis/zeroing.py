@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from ..pipeline import VideoLMM
 
 STRATEGIES = ("random", "contiguous", "groups", "even")
+# guided by where the language model looks (`llm_attention`): the tokens it attends to most (or least) go first
+ATTENTION_STRATEGIES = ("most_attended", "least_attended")
 FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.125, 0.0625)
 # Connectors without groups (naive, MLP) are cut into this many equal chunks for the "groups" and "even"
 # strategies: the paper's group count, so the two families are zeroed at the same granularity.
@@ -47,16 +49,19 @@ def query_group_spans(query_groups) -> list[tuple[int, int]]:
 
 
 def zero_mask(num_tokens: int, fraction_active: float, strategy: str, *, seed: int = 0,
-              group_spans: list[tuple[int, int]] | None = None) -> np.ndarray:
+              group_spans: list[tuple[int, int]] | None = None, scores=None) -> np.ndarray:
     """bool [num_tokens], True = kept. About `fraction_active` of the tokens are kept.
 
     random: a seeded random subset. contiguous: the first k tokens. groups: whole groups kept, a seeded random
     choice of round(fraction * G) of them. even: in every group, tokens evenly spread over the group.
+    most_attended / least_attended: the tokens with the highest (lowest) `scores` (the LLM's attention on each,
+    `LLMAttention.token_relevance`) are zeroed first; ties go by position.
     group_spans: [start, end) spans of the *output* tokens per group (see `query_group_spans`); None or a single
     span cuts the tokens into DEFAULT_CHUNKS equal chunks (for connectors with no groups, like the naive one).
     """
-    if strategy not in STRATEGIES:
-        raise VidlmmError(f"Unknown zeroing strategy '{strategy}' (use {', '.join(STRATEGIES)}).")
+    if strategy not in STRATEGIES + ATTENTION_STRATEGIES:
+        raise VidlmmError(f"Unknown zeroing strategy '{strategy}' (use "
+                          f"{', '.join(STRATEGIES + ATTENTION_STRATEGIES)}).")
     if not 0.0 <= float(fraction_active) <= 1.0:
         raise VidlmmError(f"The active fraction must be between 0 and 1, got {fraction_active}.")
     n = int(num_tokens)
@@ -65,7 +70,14 @@ def zero_mask(num_tokens: int, fraction_active: float, strategy: str, *, seed: i
         bounds = np.cumsum([0] + [len(c) for c in np.array_split(np.arange(n), min(DEFAULT_CHUNKS, max(n, 1)))])
         group_spans = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     rng = np.random.default_rng(seed)
-    if strategy == "random":
+    if strategy in ATTENTION_STRATEGIES:
+        if scores is None or len(scores) != n:
+            raise VidlmmError(f"The '{strategy}' strategy needs the language model's attention on each token.")
+        order = np.argsort(np.asarray(scores, dtype=np.float64), kind="stable")  # least attended first
+        kept = order[: _count(fraction_active, n)] if strategy == "most_attended" else \
+            order[::-1][: _count(fraction_active, n)]
+        mask[kept] = True
+    elif strategy == "random":
         mask[rng.choice(n, _count(fraction_active, n), replace=False)] = True
     elif strategy == "contiguous":
         mask[: _count(fraction_active, n)] = True
@@ -109,7 +121,8 @@ class ZeroingResult:
     to the full model (delta_log_likelihood), relative_likelihood = exp(delta / answer tokens) (the per-token
     likelihood ratio, 1 = unchanged) and answer_changed (1 if the greedy answer differs). kind "mc"
     (`zeroing_mc_curve`): accuracy, relative_accuracy (to the full model's accuracy) and agreement (share of
-    items answered as the full model did). Every point also has strategy, fraction, seed, active (the share
+    items answered as the full model did), and with `margin=True` margin (the mean of the right option's
+    log-likelihood minus the best wrong one's). Every point also has strategy, fraction, seed, active (the share
     really kept) and kept_tokens. `reference` describes the full model's run.
     """
 
@@ -128,7 +141,9 @@ class ZeroingResult:
 
     @property
     def metrics(self) -> tuple[str, ...]:
-        return self.METRICS[self.kind]
+        """The kind's metrics, and the likelihood margin of a multiple-choice curve run with one."""
+        extra = ("margin",) if self.points and "margin" in self.points[0] else ()
+        return self.METRICS[self.kind] + extra
 
     @property
     def default_metric(self) -> str:
@@ -176,14 +191,16 @@ class ZeroingResult:
                    reference=data.get("reference", {}))
 
 
-def _plan(num_tokens: int, spans, fractions, strategies, seeds) -> tuple[list[dict], dict[bytes, np.ndarray]]:
+def _plan(num_tokens: int, spans, fractions, strategies, seeds, scores=None) -> tuple[list[dict],
+                                                                                       dict[bytes, np.ndarray]]:
     """Every (strategy, fraction, seed) point with its mask, and the distinct masks (deterministic strategies
-    and 100 % give the same mask for every seed: each distinct mask is evaluated once)."""
+    and 100 % give the same mask for every seed: each distinct mask is evaluated once). scores: the LLM's attention
+    on each token, for the attention strategies."""
     points, distinct = [], {}
     for strategy in strategies:
         for fraction in fractions:
             for seed in seeds:
-                mask = zero_mask(num_tokens, fraction, strategy, seed=seed, group_spans=spans)
+                mask = zero_mask(num_tokens, fraction, strategy, seed=seed, group_spans=spans, scores=scores)
                 key = mask.tobytes()
                 distinct.setdefault(key, mask)
                 points.append({"strategy": strategy, "fraction": float(fraction), "seed": int(seed),
@@ -196,8 +213,8 @@ def _check_plan(fractions, strategies, seeds):
     if not fractions or not strategies or not seeds:
         raise VidlmmError("Zeroing needs at least one fraction, one strategy and one seed.")
     for s in strategies:
-        if s not in STRATEGIES:
-            raise VidlmmError(f"Unknown zeroing strategy '{s}' (use {', '.join(STRATEGIES)}).")
+        if s not in STRATEGIES + ATTENTION_STRATEGIES:
+            raise VidlmmError(f"Unknown zeroing strategy '{s}' (use {', '.join(STRATEGIES + ATTENTION_STRATEGIES)}).")
     for f in fractions:
         if not 0.0 <= float(f) <= 1.0:
             raise VidlmmError(f"The active fraction must be between 0 and 1, got {f}.")
@@ -253,6 +270,16 @@ def _decode(lmm: "VideoLMM", ids: list[int]) -> str:
     return clean_answer(lmm.model.tokenizer.decode(ids, skip_special_tokens=True), lmm.template)
 
 
+def _attention_scores(lmm: "VideoLMM", prepared, question: str, answer_ids: list[int], strategies):
+    """The LLM's attention on each visual token while it writes `answer_ids` (whole answer, every layer and head),
+    when an attention strategy is asked for; else None."""
+    if not set(strategies) & set(ATTENTION_STRATEGIES):
+        return None
+    from .llm_attention import llm_attention
+
+    return llm_attention(lmm, prepared, question, answer_ids=list(answer_ids)).token_relevance()
+
+
 def _model_name(lmm: "VideoLMM", name: str | None) -> str:
     if name:
         return name
@@ -280,7 +307,8 @@ def zeroing_curve(lmm: "VideoLMM", video, question: str, *, fractions=FRACTIONS,
     full = lmm.ask(prepared, question, generation=GenerationSettings(max_new_tokens=max_new_tokens))
     prompt = lmm.prompt_ids(question)
     answer_ids = list(full.token_ids)
-    points, distinct = _plan(tokens.shape[0], spans, fractions, strategies, seeds)
+    scores = _attention_scores(lmm, prepared, question, answer_ids, strategies)
+    points, distinct = _plan(tokens.shape[0], spans, fractions, strategies, seeds, scores)
     full_mask = np.ones(tokens.shape[0], dtype=bool)
     full_key = full_mask.tobytes()
     keys = [full_key] + [k for k in distinct if k != full_key]  # the reference first, in the same batches
@@ -323,5 +351,5 @@ def zeroing_curve(lmm: "VideoLMM", video, question: str, *, fractions=FRACTIONS,
                          num_tokens=int(tokens.shape[0]), reference=reference)
 
 
-__all__ = ["DEFAULT_CHUNKS", "FRACTIONS", "STRATEGIES", "ZeroingResult", "query_group_spans", "score_answer",
-           "zero_mask", "zero_tokens", "zeroed_output", "zeroing_curve"]
+__all__ = ["ATTENTION_STRATEGIES", "DEFAULT_CHUNKS", "FRACTIONS", "STRATEGIES", "ZeroingResult", "query_group_spans",
+           "score_answer", "zero_mask", "zero_tokens", "zeroed_output", "zeroing_curve"]
