@@ -154,3 +154,12 @@ def test_bench_eval_compares_grouped_and_distributed_evaluation(tmp_path):
     assert data["questions"] == 8 and data["zeroing_points"] == 6 and data["same_answers"] is True
     assert all(data[k] > 0 for k in ("eval_grouped_s", "eval_each_s", "zeroing_s", "zeroing_each_s",
                                      "one_process_s", "two_processes_s"))
+
+
+def test_bench_llm_attention_compares_the_analysis_with_an_answer(tmp_path):
+    out_json = tmp_path / "llm.json"
+    run_bench("bench_llm_attention.py", *TINY_VIDEO, "--max-new-tokens", "8", "--repeats", "1", "--json",
+              str(out_json))
+    data = json.loads(out_json.read_text())
+    assert data["kept_bytes"] == data["formula"]["kept"] > 0 and data["answer_s"] > 0 and data["analysis_s"] > 0
+    assert data["published_formula"]["sequence"] > 512  # the published model's 512 visual tokens and its text

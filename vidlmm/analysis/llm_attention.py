@@ -118,6 +118,16 @@ class LLMAttention:
                                    ).astype(np.float32)}
 
 
+def analysis_bytes(layers: int, heads: int, visual_tokens: int, text_tokens: int, answer_tokens: int,
+                   dtype_bytes: int = 4) -> dict[str, int]:
+    """What `llm_attention` holds beyond an ordinary answer, by the formula: `kept`, the reduced arrays it returns
+    (A x L x H x (Q + 3) float32); `eager_layer`, one layer's eager attention of the teacher-forced pass (H x S x S in
+    float32 for the softmax and once more in the model's dtype), alive one layer at a time. S = text + Q + A."""
+    seq = text_tokens + visual_tokens + answer_tokens
+    return {"kept": answer_tokens * layers * heads * (visual_tokens + len(PARTS)) * 4,
+            "eager_layer": heads * seq * seq * (4 + dtype_bytes), "sequence": seq}
+
+
 class _Recorder:
     """Forward hooks on the LLM's attention layers keeping, per layer, the answer rows' attention reduced to the
     visual tokens and the part totals, as each layer produces it."""
@@ -195,4 +205,4 @@ def llm_attention(lmm: "VideoLMM", video, question: str, *, sampling=None, max_n
         frame_aspect=frame_aspect(model.image_processor, clip), teacher_forced_reproduces_answer=reproduces)
 
 
-__all__ = ["LLMAttention", "PARTS", "llm_attention"]
+__all__ = ["LLMAttention", "PARTS", "analysis_bytes", "llm_attention"]
