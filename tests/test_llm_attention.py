@@ -215,3 +215,28 @@ def test_knockout_on_one_video_keeps_the_full_answer_at_100_percent(tiny_checkpo
     by = {(p["strategy"], p["fraction"]): p for p in curve.points}
     assert by[("most_attended", 1.0)]["delta_log_likelihood"] == 0.0
     assert by[("most_attended", 0.25)]["kept_tokens"] == by[("least_attended", 0.25)]["kept_tokens"] == 8
+
+
+def test_the_command_on_a_question_set_gives_the_visual_share_per_layer(tiny_checkpoints, small_video, tmp_path):
+    import json
+    from pathlib import Path
+
+    from visualizations.__main__ import main
+
+    data = tmp_path / "mc.json"
+    data.write_text(json.dumps([
+        {"video": Path(small_video).name, "question": "Where?", "options": ["A. left", "B. right"], "answer": "B"},
+        {"video": Path(small_video).name, "question": "Which?", "options": ["A. one", "B. two"], "answer": "A"},
+        {"video": "gone.mp4", "question": "Which?", "options": ["A. one", "B. two"], "answer": "A"}]))
+    out = tmp_path / "set"
+    assert main(["llm-attention", "--model", str(tiny_checkpoints["group"]), "--model", str(tiny_checkpoints["naive"]),
+                 "--mc", str(data), "--video-root", str(Path(small_video).parent), "--num-frames", "4",
+                 "--max-new-tokens", "2", "--out", str(out)]) == 0
+    summary = json.loads((out / "llm_visual_share.json").read_text())
+    assert set(summary) == {"group", "naive"}
+    for entry in summary.values():
+        assert entry["n"] == 2 and len(entry["visual_share_mean"]) == 2  # the tiny LLM has 2 layers
+        assert all(0 < v < 1 for v in entry["visual_share_mean"]) and sum(entry["parts"].values()) == \
+            pytest.approx(1.0)
+        assert [m["video"] for m in entry["missing"]] == ["gone.mp4"]
+    assert (out / "llm_visual_share.png").stat().st_size > 0 and (out / "llm_visual_share.csv").is_file()

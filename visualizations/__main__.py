@@ -3,6 +3,7 @@
     python -m visualizations attention  --model M --video V --out DIR [--layer -1] [--head H] [--scale log]
     python -m visualizations picture    --model M --video V --out DIR [--frames-shown 4]
     python -m visualizations llm-attention --model M [--model M2 ...] --video V --question Q --out DIR [--token K]
+    python -m visualizations llm-attention --model M [--model M2 ...] --mc BENCH [--limit N] --out DIR
     python -m visualizations redundancy --model M [--model M2 ...] --video V [--question Q] --out DIR
     python -m visualizations redundancy --model M [--model M2 ...] --mc BENCH [--video-root D] --out DIR
                                         [--records DIR]      (resumable; split over `accelerate launch` processes)
@@ -75,8 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     llm = sub.add_parser("llm-attention", help="where the language model looks while it answers: its attention per "
                                                "generated token and layer, traced through the connector to frames "
                                                "and patches")
-    common(llm, "required")
+    common(llm, "optional")
     llm.add_argument("--question", default="Describe what happens in the video.")
+    llm.add_argument("--mc", help="instead of one video: the visual share per layer over a multiple-choice benchmark "
+                                  "(any format `eval` reads), each question answered with its prompt")
+    llm.add_argument("--format", choices=list(FORMATS), help="the --mc data's format (default: detected)")
+    llm.add_argument("--video-root", help="folder the --mc videos are in")
+    llm.add_argument("--limit", type=int, help="only the first N --mc questions")
+    llm.add_argument("--style", choices=list(STYLES), help="--mc prompt style (default: the benchmark's)")
     llm.add_argument("--max-new-tokens", type=int, default=32, help="answer length")
     llm.add_argument("--token", type=int, action="append",
                      help="also draw the patches of this answer token (repeatable; default: the whole answer)")
@@ -206,9 +213,13 @@ def cmd_llm_attention(args, writer: Exporter) -> None:
     from vidlmm.video import check_video_path
     from visualizations import plot_frame_relevance, plot_patch_relevance, plot_visual_share
 
-    check_video_path(args.video)
     if args.max_new_tokens < 1 or args.frames_shown < 1:
         raise VidlmmError("--max-new-tokens and --frames-shown must be at least 1.")
+    if bool(args.mc) == bool(args.video):
+        raise VidlmmError("Give either --video (one video and --question) or --mc (a question set).")
+    if args.mc:
+        return _llm_attention_on_set(args, writer)
+    check_video_path(args.video)
     sources = _sources(args)
     results = {}
     for label, source in sources:
@@ -232,9 +243,38 @@ def cmd_llm_attention(args, writer: Exporter) -> None:
         for token in [None, *(args.token or [])]:
             stem = "llm_patches" if token is None else f"llm_patches_token{token}"
             writer.figure(plot_patch_relevance(result, token, max_frames=args.frames_shown), f"{prefix}{stem}")
-        results[label] = result
+        results[label] = result.visual_share()
         gc.collect()
     writer.figure(plot_visual_share(results), "llm_visual_share")  # the connectors side by side
+
+
+def _llm_attention_on_set(args, writer: Exporter) -> None:
+    """`llm-attention --mc`: the visual share per layer over a question set, one line per model."""
+    from vidlmm.analysis.llm_attention import PARTS, visual_share_on_set
+    from vidlmm.benchmarks import load_benchmark
+    from visualizations import plot_visual_share
+
+    if args.limit is not None and args.limit < 1:
+        raise VidlmmError("--limit must be at least 1.")
+    bench = load_benchmark(args.mc, args.video_root, format=args.format)
+    items = bench.items[: args.limit]
+    if not items:
+        raise VidlmmError(f"'{Path(args.mc).name}' holds no question whose video is here.")
+    shares, summary, rows = {}, {}, []
+    for label, source in _sources(args):
+        got = visual_share_on_set(_lmm(_load(source, args), args), items, style=args.style or bench.style,
+                                  max_new_tokens=args.max_new_tokens, progress=_Ticker())
+        share = got["visual_share"]
+        shares[label] = share
+        summary[label] = {"n": len(got["ids"]), "visual_share_mean": share.mean(axis=0).tolist(),
+                          "visual_share_std": share.std(axis=0).tolist(),
+                          "parts": dict(zip(PARTS, got["parts"].mean(axis=0).tolist())),
+                          "missing": bench.missing + got["missing"]}
+        rows += [{"model": label, "layer": k + 1, "visual_share_mean": float(share[:, k].mean()),
+                  "visual_share_std": float(share[:, k].std()), "n": len(got["ids"])} for k in range(share.shape[1])]
+        gc.collect()
+    writer.data(summary, "llm_visual_share", csv_rows=rows)
+    writer.figure(plot_visual_share(shares, over="questions"), "llm_visual_share")
 
 
 def cmd_picture(args, writer: Exporter) -> None:

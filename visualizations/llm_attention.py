@@ -12,20 +12,22 @@ from matplotlib.figure import Figure
 from .style import MAP, MAP_SECONDARY, NARROW, WIDE, cmap, colour, frame_label, frame_ticks, paper_style
 
 
-def plot_visual_share(results: dict, *, figsize=(NARROW, 2.6)) -> Figure:
-    """Attention on the visual tokens per LLM layer, mean over the answer's tokens (band: min to max over tokens),
-    one line per labelled result (e.g. one per connector)."""
+def plot_visual_share(shares: dict, *, figsize=(NARROW, 2.6), over: str = "tokens") -> Figure:
+    """Attention on the visual tokens per LLM layer, one line per label (e.g. per connector): shares {label: [rows,
+    L]} (`LLMAttention.visual_share()`, one row per answer token, or one per question of a set); the line is the
+    mean over the rows, the band their min to max."""
     with paper_style():
         fig = Figure(figsize=figsize, layout="constrained")
         ax = fig.add_subplot()
-        for i, (label, result) in enumerate(results.items()):
-            share = result.visual_share()  # [A, L]
+        for i, (label, share) in enumerate(shares.items()):
+            share = np.asarray(share)
             layers = np.arange(1, share.shape[1] + 1)
             ax.plot(layers, share.mean(axis=0), marker="o", ms=2.5, color=colour(i), label=label)
             ax.fill_between(layers, share.min(axis=0), share.max(axis=0), color=colour(i), alpha=0.15, lw=0)
         ax.set_xlabel("LLM layer")
         ax.set_ylabel("attention on visual tokens")
         ax.set_ylim(0, 1)
+        ax.set_title(f"mean over {over} (band: min to max)")
         ax.legend(frameon=False)
     return fig
 

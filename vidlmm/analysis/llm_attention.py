@@ -205,4 +205,35 @@ def llm_attention(lmm: "VideoLMM", video, question: str, *, sampling=None, max_n
         frame_aspect=frame_aspect(model.image_processor, clip), teacher_forced_reproduces_answer=reproduces)
 
 
-__all__ = ["LLMAttention", "PARTS", "analysis_bytes", "llm_attention"]
+def visual_share_on_set(lmm: "VideoLMM", items, *, style: str = "mvbench", max_new_tokens: int = 16,
+                        progress=None) -> dict:
+    """The layer-wise share of the LLM's attention on the visual tokens over a multiple-choice set (the analysis of
+    FastV and LLaVA-Mini): for each question, its answer to the benchmark's prompt, the mean over the answer's
+    tokens. Each video is read once for all its questions; one that cannot be read is listed.
+
+    Returns {"visual_share": [n, L], "parts": [n, 3] (PARTS, heads and layers averaged), "ids": [n], "missing"}."""
+    from ..errors import VideoReadError
+    from ..evaluate import build_mc_question, group_reads, missing_entry
+
+    shares, parts, ids, missing = [], [], [], []
+    done = 0
+    for (video, frames), indices in group_reads(items, getattr(lmm, "sampling", None)).items():
+        try:
+            prepared = lmm.prepare(video, frames)[0]
+        except (VideoReadError, OSError) as err:
+            missing += [missing_entry(items[i].id, video, err) for i in indices]
+            continue
+        for i in indices:
+            result = llm_attention(lmm, prepared, build_mc_question(items[i], style), max_new_tokens=max_new_tokens)
+            shares.append(result.visual_share().mean(axis=0))
+            parts.append(result.shares.mean(axis=(0, 1, 2)))
+            ids.append(items[i].id)
+            done += 1
+            if progress:
+                progress(done, len(items), f"llm attention: {done}/{len(items)} questions")
+    if not ids:
+        raise VidlmmError("No video of the multiple-choice set could be read.")
+    return {"visual_share": np.stack(shares), "parts": np.stack(parts), "ids": ids, "missing": missing}
+
+
+__all__ = ["LLMAttention", "PARTS", "analysis_bytes", "llm_attention", "visual_share_on_set"]
