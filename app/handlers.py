@@ -118,6 +118,15 @@ class Handlers:
         self.limits.figure(fmt, dpi)
         self.service.check_video(video)
 
+    def check_llm_attention(self, session, video, question, token, model, mode, num_frames, fps, max_frames, fmt,
+                            dpi):
+        self.service.models.resolve(model)
+        self.limits.question(question)
+        self.limits.index(token, "The token", "token")
+        self.attention_sampling(mode, num_frames, fps, max_frames)
+        self.limits.figure(fmt, dpi)
+        self.service.check_video(video)
+
     def check_redundancy(self, session, video, question, models, source, fractions, strategies, seeds, max_items,
                          mode, num_frames, fps, max_frames, fmt, dpi):
         for name in self.limits.models(models or ["default"], self.config.max_redundancy_models, "to overlay"):
@@ -305,6 +314,25 @@ class Handlers:
         except Exception as err:  # noqa: BLE001
             raise user_error(err) from None
         yield session, str(out.images["picture"]), out.data, [str(p) for p in out.downloads]
+
+    def llm_attention(self, session, video: str | None, question: str, token: int, model: str, mode: str,
+                      num_frames: int, fps: float, max_frames: int, fmt: str, dpi: int, progress=gr.Progress()):
+        """Where the language model looks while it answers: the answer's words (to pick one), each word's frames,
+        the patches of the picked word (-1: the whole answer) and the share of attention on the video per layer."""
+        session = ensure_session(session)
+        try:
+            fmt, dpi = self.limits.figure(fmt, dpi)
+            settings = dict(model=model, token=self.limits.index(token, "The token", "token"), fmt=fmt, dpi=dpi,
+                            sampling=self.attention_sampling(mode, num_frames, fps, max_frames))
+            work = lambda job: self.service.llm_attention(session, video, question, job=job, **settings)  # noqa: E731
+            out = yield from _figure_job(work, progress, 7)
+        except Exception as err:  # noqa: BLE001
+            raise user_error(err) from None
+        words = [("whole answer", -1)] + [(f"{k}: {t['text'].strip() or repr(t['text'])}", k)
+                                          for k, t in enumerate(out.data["tokens"])]
+        chosen = -1 if out.data["token"] is None else out.data["token"]
+        yield (session, gr.update(choices=words, value=chosen), str(out.images["frames"]),
+               str(out.images["patches"]), str(out.images["layers"]), out.data, [str(p) for p in out.downloads])
 
     def redundancy(self, session, video: str | None, question: str, models: list[str], source: str, fractions: str,
                    strategies: list[str], seeds: int, max_items: int, mode: str, num_frames: int, fps: float,

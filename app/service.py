@@ -286,6 +286,47 @@ class Service:
                 "heads": maps.num_heads, "layers": maps.num_layers, "summary": to_jsonable(stats["summary"])}
         return FigureSet(images, data, downloads)
 
+    def llm_attention(self, session: Session, video, question: str, *, model: str | None = None, sampling=None,
+                      token: int | None = None, fmt: str = "png", dpi: int = 150, job: Job | None = None) -> FigureSet:
+        """Where the language model looks while it answers: each answer word's frames, the patches of one word
+        (token) or of the whole answer (None), the share of attention on the video per LLM layer. The trace is
+        kept in the session: another word of the same answer is redrawn without the model."""
+        from vidlmm.cache import source_digest
+        from visualizations import plot_frame_relevance, plot_patch_relevance, plot_visual_share
+
+        job = job or Job()
+        question = self.limits.question(question)
+        path, _ = self.check_video(video)
+        key = (source_digest(path), model, str(sampling), question)
+        if session.trace is None or session.trace[0] != key:
+            with self.slot.hold(job):
+                job.report(0.05, "loading model")
+                loaded, lmm = self.lmm(session, model, job)
+                job.report(0.2, "answering, then tracing the language model's attention")
+                result = _llm_attention_gpu(lmm, path, self._analysis_sampling(sampling, lmm), question,
+                                            self.config.max_new_tokens)
+            session.trace = (key, loaded.name, result)
+        _, name, result = session.trace
+        if token is not None and not 0 <= token < len(result.tokens):
+            raise UserError(f"The answer has {len(result.tokens)} tokens; pick one from 0 to "
+                            f"{len(result.tokens) - 1} (or -1 for the whole answer).", "token")
+        job.report(0.8, "drawing")
+        out = self._exporter(session, fmt, dpi)
+        stem = f"{slug(name)}-{Path(path).stem}-llm"
+        share = result.visual_share()
+        images, downloads = {}, []
+        for kind, draw in (("frames", lambda: plot_frame_relevance(result)),
+                           ("patches", lambda: plot_patch_relevance(result, token)),
+                           ("layers", lambda: plot_visual_share({name: share if token is None else share[[token]]},
+                                                                over="the answer's tokens" if token is None else
+                                                                f"token {token}"))):
+            images[kind], files = out.figure(draw(), f"{stem}-{kind}")
+            downloads += files
+        data = {"model": name, "token": token, **result.to_json()}
+        downloads += out.data(data, f"{stem}-attention")
+        job.report(1.0, "done")
+        return FigureSet(images, data, downloads)
+
     def _exporter(self, session: Session, fmt: str, dpi: int) -> Exporter:
         """The request's figures in the chosen format for download, a PNG preview where that is not PNG."""
         return Exporter(session.files_dir(self.files_root), (fmt,), dpi, preview_dpi=SHOW_DPI)
@@ -484,6 +525,14 @@ def _attention_gpu(lmm, path, sampling, layer, stats: bool = True):
     prepared, _ = lmm.prepare(path, sampling)
     maps = attention_maps(lmm, prepared, sampling=sampling)
     return maps, (redundancy_stats(maps, layer=layer) if stats else None)
+
+
+@gpu(duration=120)
+def _llm_attention_gpu(lmm, path, sampling, question, max_new_tokens):
+    from vidlmm.analysis import llm_attention
+
+    prepared, _ = lmm.prepare(path, sampling)
+    return llm_attention(lmm, prepared, question, max_new_tokens=min(max_new_tokens, 64))
 
 
 @gpu(duration=120)

@@ -35,11 +35,13 @@ class SessionCache:
 @dataclass
 class Session:
     """history: (question, answer) pairs of the current conversation; conversation: what it is about (video digest,
-    model, sampling, budget), so a new video starts a new conversation."""
+    model, sampling, budget), so a new video starts a new conversation. trace: the last LLM-attention trace, so
+    picking another word of its answer redraws without running the model."""
 
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     history: list[tuple[str, str]] = field(default_factory=list)
     conversation: str | None = None
+    trace: tuple | None = None  # (what was traced, model name, LLMAttention): the last LLM-attention trace
     _files: Path | None = None
 
     def files_dir(self, root: Path) -> Path:
@@ -53,6 +55,7 @@ class Session:
         if self._files is not None:
             shutil.rmtree(self._files, ignore_errors=True)
         self.history.clear()
+        self.trace = None
 
 
 def ensure_session(session: Session | None) -> Session:

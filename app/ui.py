@@ -2,7 +2,7 @@
 `app.handlers.Handlers`.
 
 Named API endpoints (every feature is one; see `API_NAMES`): preview, ask (streamed), attention, picture (what a
-per-frame compressor does to each frame), redundancy, compare. They take plain values (a video file, strings,
+per-frame compressor does to each frame), llm_attention (where the language model looks), redundancy, compare. They take plain values (a video file, strings,
 numbers) plus the caller's session, which gradio_client keeps per Client, so a follow-up from the same client
 reuses its cached vision features.
 """
@@ -27,7 +27,7 @@ from .models import distinct_models, has_picture, resampler_switch, switch_name_
 from .service import Service, one_sentence
 from .session import close_session
 
-API_NAMES = ("preview", "ask", "attention", "picture", "redundancy", "compare")
+API_NAMES = ("preview", "ask", "attention", "picture", "llm_attention", "redundancy", "compare")
 VIDEO_TYPES = [".mp4", ".webm", ".mov", ".avi", ".mkv", ".gif"]
 DEFAULT_QUESTION = "What happens in the video?"
 CSS = """
@@ -212,6 +212,19 @@ def _output_tabs(service: Service, config: AppConfig) -> SimpleNamespace:
                                        elem_id="picture")
                 stats = gr.JSON(label="Redundancy statistics")
                 attention_files = gr.File(label="Download figures and data", file_count="multiple")
+            with gr.Tab("Where the LLM looks", id="llm-attention", elem_id="llm-tab"):
+                llm_question = gr.Textbox(DEFAULT_QUESTION, label="Question")
+                with gr.Row():
+                    trace = gr.Button("Answer and trace the language model's attention", variant="primary",
+                                      elem_id="trace", scale=3)
+                    # any value reaches the server, which checks it against the answer (one sentence)
+                    llm_word = gr.Dropdown([("whole answer", -1)], value=-1, label="Word of the answer", scale=2,
+                                           elem_id="llm-word", allow_custom_value=True)
+                llm_frames = gr.Image(label="Frames each word rests on", type="filepath", elem_id="llm-frames")
+                llm_patches = gr.Image(label="Patches (the picked word, or the whole answer)", type="filepath")
+                llm_layers = gr.Image(label="Attention on the video per LLM layer", type="filepath")
+                llm_data = gr.JSON(label="Per word: visual share per layer, frame relevance")
+                llm_files = gr.File(label="Download figures and data", file_count="multiple")
             with gr.Tab("Redundancy", id="redundancy"):
                 with gr.Row():
                     red_models = gr.Dropdown(choices, value=[default_choice.value], multiselect=True,
@@ -252,7 +265,9 @@ def _output_tabs(service: Service, config: AppConfig) -> SimpleNamespace:
                            zeroing_plot=zeroing_plot, zeroing_summary=zeroing_summary, zeroing_files=zeroing_files,
                            cmp_models=cmp_models, cmp_question=cmp_question, run_compare=run_compare,
                            cmp_table=cmp_table, cmp_maps=cmp_maps, cmp_data=cmp_data, cmp_files=cmp_files,
-                           attention_view=attention_view, picture_view=picture_view)
+                           attention_view=attention_view, picture_view=picture_view, llm_question=llm_question,
+                           trace=trace, llm_word=llm_word, llm_frames=llm_frames, llm_patches=llm_patches,
+                           llm_layers=llm_layers, llm_data=llm_data, llm_files=llm_files)
 
 
 def _api_components() -> SimpleNamespace:
@@ -313,6 +328,13 @@ def _wire(demo: gr.Blocks, session, i: SimpleNamespace, o: SimpleNamespace, api:
                                                     *figure_inputs],
                          [session, o.picture, o.stats, o.attention_files], api_name="picture",
                          validator=validator(h.show_connector_picture, h.check_picture), **heavy)
+    llm_inputs = [session, i.video, o.llm_question, o.llm_word, i.model, *sampling_inputs, *figure_inputs]
+    llm_outputs = [session, o.llm_word, o.llm_frames, o.llm_patches, o.llm_layers, o.llm_data, o.llm_files]
+    # a new trace starts from the whole answer; picking a word redraws from the session's trace
+    o.trace.click(lambda: -1, None, o.llm_word, api_visibility="private", queue=False).then(
+        h.llm_attention, llm_inputs, llm_outputs, api_name="llm_attention",
+        validator=validator(h.llm_attention, h.check_llm_attention), **heavy)
+    o.llm_word.input(h.llm_attention, llm_inputs, llm_outputs, api_visibility="private", **heavy)
     o.zero.click(h.redundancy, [session, i.video, o.red_question, o.red_models, o.red_source, o.fractions,
                                 o.strategies, o.seeds, o.max_items, *sampling_inputs, *figure_inputs],
                  [session, o.zeroing_plot, o.zeroing_summary, o.zeroing_files], api_name="redundancy",

@@ -124,7 +124,7 @@ def refusal(call) -> str:
 # ---- endpoints ---------------------------------------------------------------------------------------------------
 def test_every_feature_is_a_named_endpoint(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/preview", "/ask", "/attention", "/picture", "/redundancy", "/compare"} <= names, names
+    assert {"/preview", "/ask", "/attention", "/picture", "/llm_attention", "/redundancy", "/compare"} <= names, names
 
 
 def test_preview_shows_sampled_frames_and_token_count(client, videos):
@@ -209,6 +209,33 @@ def test_attention_endpoint_returns_figures_and_data(client, videos):
     assert 0 < data["summary"]["entropy_normalized_mean"] <= 1
     saved = json.loads(next(Path(f) for f in files if f.endswith("-attention.json")).read_text())
     assert saved["attention"]["num_frames"] == 4
+
+
+def test_llm_attention_endpoint_traces_each_word_and_redraws_a_picked_one_from_the_session(server, videos):
+    """The answer's words come back to pick from; picking one redraws from the session's trace (no second model
+    run: the server's model slot is not taken again); a word the answer does not have is one sentence."""
+    from gradio_client.exceptions import AppError
+
+    client = Client(server[0], verbose=False)
+    call = dict(video=handle_file(videos["a"]), question=QUESTION, num_frames=4, api_name="/llm_attention")
+    words, frames, patches, layers, data, files = client.predict(token=-1, **call)
+    for path in (frames, patches, layers):
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data["tokens"] and data["frames"] == 4 and data["token"] is None
+    for token in data["tokens"]:
+        assert sum(token["frame_relevance"]) == pytest.approx(1.0) and len(token["visual_share"]) == 2
+    assert any(f.endswith("-llm-attention.json") for f in files)
+    slot, holds = server[1].slot, []
+    original = slot.hold
+    slot.hold = lambda *args, **kwargs: holds.append(1) or original(*args, **kwargs)
+    try:
+        _, _, patches_0, _, picked, _ = client.predict(token=0, **call)
+    finally:
+        slot.hold = original
+    assert picked["token"] == 0 and picked["answer"] == data["answer"] and patches_0 != patches
+    assert not holds  # redrawn from the trace kept in the session, the model never taken
+    with pytest.raises(AppError, match=f"The answer has {len(data['tokens'])} tokens"):
+        client.predict(token=len(data["tokens"]), **call)
 
 
 def test_picture_endpoint_shows_what_a_compressor_does_to_each_frame(client, videos):

@@ -143,6 +143,15 @@ def test_upload_ask_stream_and_attention_in_chromium(app_url, shots):
                                " return i && i.complete && i.naturalWidth > 100; })()", timeout=60_000)
         shots(page, "3-attention")
 
+        page.get_by_role("tab", name="Where the LLM looks").click()
+        page.click("#trace")
+        page.wait_for_function("(() => { const i = document.querySelector('#llm-frames img');"
+                               " return i && i.complete && i.naturalWidth > 100; })()", timeout=60_000)
+        page.click("#llm-word input")
+        page.get_by_role("option").nth(1).click()  # the answer's first word
+        page.wait_for_function("document.querySelector('#llm-word input').value.startsWith('0:')", timeout=30_000)
+        shots(page, "3b-llm-attention")
+
 
 def test_resampler_switch_to_a_compressor_shows_its_picture(app_url, shots):
     """Choosing a compressor in the resampler switch loads its checkpoint and turns the Attention tab into the

@@ -8,6 +8,7 @@ import math
 import numpy as np
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .style import MAP, MAP_SECONDARY, NARROW, WIDE, cmap, colour, frame_label, frame_ticks, paper_style
 
@@ -25,6 +26,7 @@ def plot_visual_share(shares: dict, *, figsize=(NARROW, 2.6), over: str = "token
             ax.plot(layers, share.mean(axis=0), marker="o", ms=2.5, color=colour(i), label=label)
             ax.fill_between(layers, share.min(axis=0), share.max(axis=0), color=colour(i), alpha=0.15, lw=0)
         ax.set_xlabel("LLM layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("attention on visual tokens")
         ax.set_ylim(0, 1)
         ax.set_title(f"mean over {over} (band: min to max)")
