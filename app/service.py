@@ -431,18 +431,19 @@ class Service:
             raise UserError("No held-out multiple-choice set is installed (start the app with --eval-set FILE).")
         return load_benchmark(path).items[: max(1, int(max_items))], None
 
-    def compare(self, session: Session, video, question: str, *, models: list[str], sampling=None,
-                generation=None, layer: int = -1, fmt: str = "png", dpi: int = 150, job: Job | None = None) -> FigureSet:
+    def compare(self, session: Session, video, question: str, *, models: list[str], sampling=None, generation=None,
+                layer: int = -1, fmt: str = "png", dpi: int = 150, job: Job | None = None) -> FigureSet:
         """The same video and question through 1-3 models: answers, attention heatmaps (a per-frame compressor's
-        picture instead), token counts, timings. Stops between models (and between tokens) once cancelled."""
-        from visualizations import plot_attention_heatmap, plot_connector_picture
+        picture instead), where each language model looks while it answers (its attention on the video per layer,
+        side by side), token counts, timings. Stops between models (and between tokens) once cancelled."""
+        from visualizations import plot_attention_heatmap, plot_connector_picture, plot_visual_share
 
         job = job or Job()
         models = self.limits.models(models, self.config.max_compare_models, "to compare")
         path, _ = self.check_video(video)
         question = self.limits.question(question)
         out = self._exporter(session, fmt, dpi)
-        rows, images, downloads = [], [], []
+        rows, images, downloads, shares = [], [], [], {}
         with self.slot.hold(job):
             for k, name in enumerate(models):
                 job.report(k / len(models), f"{name}: answering")
@@ -468,10 +469,22 @@ class Service:
                 images.append((f"{loaded.name} ({loaded.connector})", shown))
                 downloads += files
                 d = result.details
+                visual_share = None
+                if d["token_ids"]:
+                    job.report((k + 0.8) / len(models), f"{name}: where the language model looks")
+                    traced = _llm_attention_gpu(lmm, path, self._analysis_sampling(sampling, lmm), question,
+                                                answer_ids=d["token_ids"])
+                    shares[f"{loaded.name} ({loaded.connector})"] = traced.visual_share()
+                    visual_share = float(traced.visual_share().mean())
                 rows.append({"model": loaded.name, "connector": loaded.connector, "answer": d["answer"],
-                             "frames": d["frames"], "visual_tokens": d["visual_tokens"],
+                             "llm_visual_share": visual_share, "frames": d["frames"],
+                             "visual_tokens": d["visual_tokens"],
                              **{(k if k == "tokens_per_s" else f"{k}_s"): v for k, v in d["timings_s"].items()},
                              **{k: v for k, v in d["memory"].items()}})
+        if shares:
+            shown, files = out.figure(plot_visual_share(shares), f"compare-{Path(path).stem}-llm-visual-share")
+            images.append(("where each language model looks: attention on the video per layer", shown))
+            downloads += files
         downloads += out.data({"question": question, "video": os.path.basename(path), "rows": rows},
                               f"compare-{Path(path).stem}", csv_rows=rows)
         job.report(1.0, "done")
@@ -528,11 +541,11 @@ def _attention_gpu(lmm, path, sampling, layer, stats: bool = True):
 
 
 @gpu(duration=120)
-def _llm_attention_gpu(lmm, path, sampling, question, max_new_tokens):
+def _llm_attention_gpu(lmm, path, sampling, question, max_new_tokens: int = 64, answer_ids=None):
     from vidlmm.analysis import llm_attention
 
     prepared, _ = lmm.prepare(path, sampling)
-    return llm_attention(lmm, prepared, question, max_new_tokens=min(max_new_tokens, 64))
+    return llm_attention(lmm, prepared, question, max_new_tokens=min(max_new_tokens, 64), answer_ids=answer_ids)
 
 
 @gpu(duration=120)

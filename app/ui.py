@@ -2,9 +2,9 @@
 `app.handlers.Handlers`.
 
 Named API endpoints (every feature is one; see `API_NAMES`): preview, ask (streamed), attention, picture (what a
-per-frame compressor does to each frame), llm_attention (where the language model looks), redundancy, compare. They take plain values (a video file, strings,
-numbers) plus the caller's session, which gradio_client keeps per Client, so a follow-up from the same client
-reuses its cached vision features.
+per-frame compressor does to each frame), llm_attention (where the language model looks), redundancy, compare.
+They take plain values (a video file, strings, numbers) plus the caller's session, which gradio_client keeps per
+Client, so a follow-up from the same client reuses its cached vision features.
 """
 
 from __future__ import annotations

@@ -346,7 +346,9 @@ def test_compare_endpoint_runs_three_connectors(client, videos):
     assert [r["connector"] for r in rows] == ["groupresampler", "naiveresampler", "resampler"]
     assert [r["visual_tokens"] for r in rows] == [64, 32, 16]  # image-level: 4 frames x 4 queries
     assert all("prefill_s" in r and "tokens_per_s" in r for r in rows)
-    assert len(maps) == 3 and len(table.strip().splitlines()) == 2 + 3 + 1 + 3  # numbers, blank, answers
+    assert len(maps) == 3 + 1 and len(table.strip().splitlines()) == 2 + 3 + 1 + 3  # numbers, blank, answers
+    assert maps[-1]["caption"].startswith("where each language model looks")  # the three side by side
+    assert all(0 < r["llm_visual_share"] < 1 for r in rows)
     assert any(f.endswith(".csv") for f in files)
 
 
@@ -356,11 +358,11 @@ def test_compare_shows_a_compressors_picture_beside_a_resamplers_attention(clien
                                            api_name="/compare", **FAST)
     assert [(r["connector"], r["visual_tokens"]) for r in data["rows"]] == \
         [("groupresampler", 64), ("pool", 16), ("llava_mini", 16)]
-    assert [m["caption"] for m in shown] == ["group (groupresampler)", "pool (pool)", "llava_mini (llava_mini)"]
+    assert [m["caption"] for m in shown][:3] == ["group (groupresampler)", "pool (pool)", "llava_mini (llava_mini)"]
     assert all(Path(m["image"]).read_bytes()[:4] == b"\x89PNG" for m in shown)
     figures = sorted(Path(f).name for f in files if f.endswith(".png"))
     assert figures == ["compare-1-group-heatmap.png", "compare-2-pool-picture.png",
-                       "compare-3-llava_mini-picture.png"], figures
+                       "compare-3-llava_mini-picture.png", "compare-a-llm-visual-share.png"], figures
 
 
 # ---- several users at once -----------------------------------------------------------------------------------
