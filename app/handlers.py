@@ -160,9 +160,10 @@ class Handlers:
         try:
             result = self.service.preview(video, model, self.sampling_of(mode, num_frames, fps, max_frames),
                                      self.budget_of(groups, queries, frame_tokens, active_fraction, strategy))
+            frames = self.service.thumbnails.paths(result.frames)
         except Exception as err:  # noqa: BLE001 - shown as one sentence
             raise user_error(err) from None
-        return self.service.thumbnails.paths(result.frames), result.summary
+        return frames, result.summary
 
     def on_model(self, model: str):
         """Load the model (inside the model slot; progress shown) and adapt the resampler switch, budget

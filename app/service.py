@@ -38,6 +38,7 @@ from .thumbnails import ThumbnailStore
 TIMING_ORDER = ("decode", "preprocess", "vision", "connector", "prefill", "generation")
 THUMB_HEIGHT = 96
 MAX_THUMBS = 64
+MAX_TRACED = 64  # answer tokens the LLM-attention views trace
 SHOW_DPI = 110  # the PNG shown in the page when the download is SVG or PDF
 
 # an absolute path of two or more parts (a server folder): a visitor sees only its last part
@@ -298,15 +299,17 @@ class Service:
         question = self.limits.question(question)
         path, _ = self.check_video(video)
         key = (source_digest(path), model, str(sampling), question)
-        if session.trace is None or session.trace[0] != key:
+        trace = session.trace
+        if trace is None or trace[0] != key:
             with self.slot.hold(job):
                 job.report(0.05, "loading model")
                 loaded, lmm = self.lmm(session, model, job)
                 job.report(0.2, "answering, then tracing the language model's attention")
                 result = _llm_attention_gpu(lmm, path, self._analysis_sampling(sampling, lmm), question,
                                             self.config.max_new_tokens)
-            session.trace = (key, loaded.name, result)
-        _, name, result = session.trace
+            # per-head detail is not drawn here: the session keeps an H-th of it
+            trace = session.trace = (key, loaded.name, result.collapse_heads())
+        _, name, result = trace
         if token is not None and not 0 <= token < len(result.tokens):
             raise UserError(f"The answer has {len(result.tokens)} tokens; pick one from 0 to "
                             f"{len(result.tokens) - 1} (or -1 for the whole answer).", "token")
@@ -472,12 +475,15 @@ class Service:
                 visual_share = None
                 if d["token_ids"]:
                     job.report((k + 0.8) / len(models), f"{name}: where the language model looks")
-                    traced = _llm_attention_gpu(lmm, path, self._analysis_sampling(sampling, lmm), question,
-                                                answer_ids=d["token_ids"])
+                    # the answer's own frames; a long answer is traced over its first MAX_TRACED tokens
+                    traced = _llm_attention_gpu(lmm, path, sampling, question,
+                                                answer_ids=d["token_ids"][:MAX_TRACED])
                     shares[f"{loaded.name} ({loaded.connector})"] = traced.visual_share()
                     visual_share = float(traced.visual_share().mean())
                 rows.append({"model": loaded.name, "connector": loaded.connector, "answer": d["answer"],
                              "llm_visual_share": visual_share, "frames": d["frames"],
+                             "trace_reproduces_answer": traced.teacher_forced_reproduces_answer if visual_share
+                             is not None else None,
                              "visual_tokens": d["visual_tokens"],
                              **{(k if k == "tokens_per_s" else f"{k}_s"): v for k, v in d["timings_s"].items()},
                              **{k: v for k, v in d["memory"].items()}})
@@ -541,11 +547,13 @@ def _attention_gpu(lmm, path, sampling, layer, stats: bool = True):
 
 
 @gpu(duration=120)
-def _llm_attention_gpu(lmm, path, sampling, question, max_new_tokens: int = 64, answer_ids=None):
+def _llm_attention_gpu(lmm, path, sampling, question, max_new_tokens: int = MAX_TRACED, answer_ids=None):
+    """The traced answer (at most MAX_TRACED tokens: the tab's answer may stop before the Chat tab's would)."""
     from vidlmm.analysis import llm_attention
 
     prepared, _ = lmm.prepare(path, sampling)
-    return llm_attention(lmm, prepared, question, max_new_tokens=min(max_new_tokens, 64), answer_ids=answer_ids)
+    return llm_attention(lmm, prepared, question, max_new_tokens=min(max_new_tokens, MAX_TRACED),
+                         answer_ids=answer_ids)
 
 
 @gpu(duration=120)

@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ class ThumbnailStore:
     def __init__(self, folder: Path, keep: int = KEEP_FILES):
         self.folder, self.keep = Path(folder), keep
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._prune = threading.Lock()
 
     def path(self, frame: np.ndarray) -> str:
         from PIL import Image
@@ -34,13 +36,18 @@ class ThumbnailStore:
         Image.fromarray(frame).save(buf, format="WEBP")
         data = buf.getvalue()
         path = self.folder / f"{hashlib.sha256(data).hexdigest()[:32]}.webp"
-        if path.exists():
+        try:
             os.utime(path)  # shown again: the newest, the last to be removed
-        else:
-            fd, staging = tempfile.mkstemp(dir=self.folder, suffix=".part")
+            return str(path)
+        except FileNotFoundError:  # new, or pruned a moment ago
+            pass
+        fd, staging = tempfile.mkstemp(dir=self.folder, suffix=".part")
+        try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
             os.replace(staging, path)
+        finally:
+            Path(staging).unlink(missing_ok=True)
         return str(path)
 
     def paths(self, frames: list[tuple[np.ndarray, str]]) -> list[tuple[str, str]]:
@@ -50,9 +57,16 @@ class ThumbnailStore:
         return out
 
     def prune(self) -> None:
-        entries = [e for e in os.scandir(self.folder) if e.name.endswith(".webp")]
-        if len(entries) <= self.keep:
-            return
-        entries.sort(key=lambda e: e.stat().st_mtime)
-        for entry in entries[:len(entries) - self.keep * 3 // 4]:
-            Path(entry.path).unlink(missing_ok=True)
+        with self._prune:
+            dated = []
+            for entry in os.scandir(self.folder):
+                try:
+                    if entry.name.endswith(".webp"):
+                        dated.append((entry.stat().st_mtime, entry.path))
+                except FileNotFoundError:  # replaced or removed meanwhile
+                    continue
+            if len(dated) <= self.keep:
+                return
+            dated.sort()
+            for _, path in dated[:len(dated) - self.keep * 3 // 4]:
+                Path(path).unlink(missing_ok=True)

@@ -77,6 +77,8 @@ def test_reduced_attention_equals_the_full_tensors_and_relevance_the_brute_force
         np.testing.assert_allclose(result.visual[:, layer], rows[..., slot:slot + q].transpose(1, 0, 2), atol=1e-6)
         np.testing.assert_allclose(result.shares[:, layer, :, PARTS.index("answer")],
                                    rows[..., prompt_len:].sum(-1).T, atol=1e-6)
+        text = rows[..., :slot].sum(-1) + rows[..., slot + q:prompt_len].sum(-1)  # system, instruction, question
+        np.testing.assert_allclose(result.shares[:, layer, :, PARTS.index("text")], text.T, atol=1e-6)
     np.testing.assert_allclose(result.shares.sum(-1), 1.0, atol=1e-5)  # a row over text + visual + answer
     out = lmm.visual_tokens(lmm.prepare(small_video)[0], output_attentions=True)
     np.testing.assert_allclose(result.sources, rollout(out), atol=1e-5)
@@ -88,6 +90,16 @@ def test_reduced_attention_equals_the_full_tensors_and_relevance_the_brute_force
     assert result.frame_relevance().sum() == pytest.approx(1.0) and result.frame_relevance(token=0).sum() == \
         pytest.approx(1.0)
     assert np.nansum(result.patch_relevance()) == pytest.approx(1.0)
+
+
+def test_the_sessions_collapsed_trace_draws_the_same_numbers(tiny_checkpoints, small_video):
+    result = llm_attention(lmm_for(tiny_checkpoints["naive"]), small_video, QUESTION, max_new_tokens=4)
+    small = result.collapse_heads()
+    assert small.visual.shape[2] == 1 and small.to_json()["llm_heads"] == result.shares.shape[2]
+    np.testing.assert_allclose(small.visual_share(), result.visual_share(), atol=1e-6)
+    for token in (None, 0):
+        np.testing.assert_allclose(small.frame_relevance(token=token), result.frame_relevance(token=token), atol=1e-6)
+    assert result.tokens and not any(t.strip() == "<|endoftext|>" for t in result.tokens)  # EOS is not a word
 
 
 def test_image_level_frame_relevance_is_the_attention_on_each_frames_queries(tiny_checkpoints, small_video):
@@ -181,8 +193,8 @@ def test_attention_strategies_zero_the_most_or_least_attended_tokens_first():
 def test_knockout_on_a_question_set_follows_each_answer_and_scores_the_margin(tiny_checkpoints, small_video):
     """Per question, the attention strategies rank the tokens by the LLM's attention while it wrote that answer;
     with margin the full point's margin is the plain likelihood scoring's."""
-    from vidlmm.analysis import zero_mask, zeroing_mc_records
-    from vidlmm.evaluate import MCItem, build_mc_question, option_loglikelihoods
+    from vidlmm.analysis import zero_mask, zeroed_output, zeroing_mc_records
+    from vidlmm.evaluate import MCItem, build_mc_question, option_loglikelihoods, options_loglikelihoods
 
     lmm = lmm_for(tiny_checkpoints["group"])
     items = [MCItem("0", small_video, "Where does the square go?", ["left", "right", "up"], list("ABC"), "B"),
@@ -203,6 +215,10 @@ def test_knockout_on_a_question_set_follows_each_answer_and_scores_the_margin(ti
         scores = llm_attention(lmm, prepared, question, answer_ids=answer.token_ids).token_relevance()
         mask = zero_mask(len(scores), 0.5, "most_attended", scores=scores)
         assert full[("most_attended", 0.5, 0)][5] == mask.sum() and record.tokens == len(scores)
+        # the margin at 50 % is the one of exactly this mask: the ranking is the answer's attention
+        ll = options_loglikelihoods(lmm, item, [zeroed_output(lmm.visual_tokens(prepared), mask)])[0]
+        assert full[("most_attended", 0.5, 0)][6] == pytest.approx(
+            ll[right] - max(v for j, v in enumerate(ll) if j != right), abs=1e-4)
 
 
 def test_knockout_on_one_video_keeps_the_full_answer_at_100_percent(tiny_checkpoints, small_video):

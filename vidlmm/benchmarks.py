@@ -328,11 +328,16 @@ def _options_in_question(text, where: str) -> tuple[str, list[str], list[str]]:
     if not isinstance(text, str):
         raise VidlmmError(f"{where}: missing 'question' (a string).")
     lines = [line for line in text.strip().splitlines() if line.strip()]
-    first = next((k for k, line in enumerate(lines) if OPTION_LINE.match(line)), len(lines))
+    first = len(lines)
+    while first > 0 and OPTION_LINE.match(lines[first - 1]):
+        first -= 1  # the trailing run of option lines
     found = [OPTION_LINE.match(line) for line in lines[first:]]
-    if not found or not all(found):
-        raise VidlmmError(f"{where}: the question's last lines must be its options, '(A) text' each.")
-    return "\n".join(lines[:first]), [m.group(2) for m in found], [m.group(1) for m in found]
+    letters = [m.group(1) for m in found]
+    while letters and letters[0] != "A":  # "Q: what..." just above "(A)" is the question's line, not an option
+        first, found, letters = first + 1, found[1:], letters[1:]
+    if len(letters) < 2 or letters != [chr(ord("A") + k) for k in range(len(letters))] or first == 0:
+        raise VidlmmError(f"{where}: the question's last lines must be its options, '(A) text' each, from A on.")
+    return "\n".join(lines[:first]), [m.group(2) for m in found], letters
 
 
 def _local_video(url: str, root: Path) -> Path:

@@ -333,6 +333,8 @@ def cmd_redundancy(args, writer: Exporter) -> None:
                 lmm, items, style=style, max_new_tokens=args.max_new_tokens or 16, records=records, shard=shard,
                 progress=_Ticker() if shard[0] == 0 else None, margin=args.margin, **plan))
             if parts is None:
+                lmm = None
+                gc.collect()
                 continue  # another process writes the figures
             order = {item.id: k for k, item in enumerate(items)}
             scored = sorted((r for part, _ in parts for r in part), key=lambda r: order[r.id])

@@ -7,9 +7,10 @@
     picture = connector_picture(lmm, "clip.mp4")          # pooling grid / merge map / kept mask of a compressor
     looks = llm_attention(lmm, "clip.mp4", "What happens?")   # the LLM's attention per answer word -> frames, patches
 
-Everything here is built on return values (`ConnectorOutput.attentions`, `TokenLayout`) and on the pipeline's
-`visual=` override: no hooks and no second pass. Results are numpy arrays and small dataclasses with
-`to_json()` (and `rows()` for CSV); `visualizations/` turns them into figures.
+The connector's views are built on its return values (`ConnectorOutput.attentions`, `TokenLayout`) and on the
+pipeline's `visual=` override: no hooks and no second pass. `llm_attention` is the one exception: one teacher-forced
+pass with hooks on the language model's attention layers, reduced as it runs. Results are numpy arrays and small
+dataclasses with `to_json()` (and `rows()` for CSV); `visualizations/` turns them into figures.
 
 Conventions: attention arrays are float32 ``[layers, heads, Q, N]`` with Q the connector's queries (= its output
 tokens for every Perceiver connector) and N = T * P the flat frame-major visual tokens. Zeroing masks are bool

@@ -7,9 +7,10 @@ visual tokens and three part totals (never layers x heads x sequence x sequence)
 k is the position before it (the prompt's last token for k = 0), the same numbers generation computed.
 
 From visual token to frame and patch the connector answers itself (`ConnectorModule.token_sources`: its query
-attention rolled out through its layers, LLaVA-Mini's compression attention, the pooling bins, ToMe's merge sources,
-top-k's kept positions, the MLP's identity): relevance over the flat input tokens = relevance over the visual tokens
-@ sources, summed per frame, drawn per patch.
+attention rolled out through its layers, LLaVA-Mini's compression attention (its pre-fusion layers, which also mix
+the video into the prompt's text embeddings, are not followed: that share counts as text), the pooling bins, ToMe's
+merge sources, top-k's kept positions, the MLP's identity): relevance over the flat input tokens = relevance over the
+visual tokens @ sources, summed per frame, drawn per patch. A closing end-of-sequence token is not traced.
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dataclasses import replace
+
 from ..errors import VidlmmError
 from .attention import _prepared, frame_aspect
 from .jsonable import to_jsonable
+from .zeroing import _decode
 
 if TYPE_CHECKING:
     from ..pipeline import VideoLMM
@@ -54,6 +58,7 @@ class LLMAttention:
     connector_type: str
     frame_aspect: float = 1.0
     teacher_forced_reproduces_answer: bool = True
+    heads: int = 0  # the LLM's heads when `visual` and `shares` were collapsed over them (`collapse_heads`)
 
     @property
     def num_layers(self) -> int:
@@ -62,6 +67,14 @@ class LLMAttention:
     @property
     def num_frames(self) -> int:
         return int(self.layout.num_frames)
+
+    def collapse_heads(self) -> "LLMAttention":
+        """A copy holding the heads' sum (visual) and mean (shares) only: every relevance and share over all heads is
+        unchanged, per-head views are gone (an H-th of the memory: what the app keeps per session)."""
+        from dataclasses import replace
+
+        return replace(self, visual=self.visual.sum(axis=2, keepdims=True),
+                       shares=self.shares.mean(axis=2, keepdims=True), heads=self.heads or self.shares.shape[2])
 
     def visual_share(self, head: int | None = None) -> np.ndarray:
         """[A, L] attention mass on the visual tokens per answer token and layer (mean over heads, or one head)."""
@@ -106,7 +119,7 @@ class LLMAttention:
             "question": self.question, "answer": self.answer, "connector_type": self.connector_type,
             "frames": self.num_frames, "frame_indices": self.frame_indices, "timestamps": self.timestamps,
             "grid": list(self.layout.grid), "visual_tokens": int(self.sources.shape[0]),
-            "llm_layers": self.num_layers, "llm_heads": int(self.shares.shape[2]),
+            "llm_layers": self.num_layers, "llm_heads": int(self.heads or self.shares.shape[2]),
             "teacher_forced_reproduces_answer": self.teacher_forced_reproduces_answer,
             "answer_visual_share": share.mean(axis=0).tolist(),
             "answer_frame_relevance": self.frame_relevance().tolist(), "tokens": per_token})
@@ -119,13 +132,25 @@ class LLMAttention:
 
 
 def analysis_bytes(layers: int, heads: int, visual_tokens: int, text_tokens: int, answer_tokens: int,
-                   dtype_bytes: int = 4) -> dict[str, int]:
-    """What `llm_attention` holds beyond an ordinary answer, by the formula: `kept`, the reduced arrays it returns
-    (A x L x H x (Q + 3) float32); `eager_layer`, one layer's eager attention of the teacher-forced pass (H x S x S in
-    float32 for the softmax and once more in the model's dtype), alive one layer at a time. S = text + Q + A."""
+                   input_tokens: int, dtype_bytes: int = 4) -> dict[str, int]:
+    """What `llm_attention` holds beyond an ordinary answer, by the formula: `kept`, the reduced attention it returns
+    (A x L x H x (Q + 3) float32); `sources`, the connector's map of its Q tokens over the N = T x P input tokens
+    (float32); `eager_layer`, one layer's eager attention of the teacher-forced pass (H x S x S in float32 for the
+    softmax and once more in the model's dtype), alive one layer at a time; `total`, their sum. S = text + Q + A."""
     seq = text_tokens + visual_tokens + answer_tokens
-    return {"kept": answer_tokens * layers * heads * (visual_tokens + len(PARTS)) * 4,
-            "eager_layer": heads * seq * seq * (4 + dtype_bytes), "sequence": seq}
+    out = {"kept": answer_tokens * layers * heads * (visual_tokens + len(PARTS)) * 4,
+           "sources": visual_tokens * input_tokens * 4, "eager_layer": heads * seq * seq * (4 + dtype_bytes)}
+    return {**out, "total": sum(out.values()), "sequence": seq}
+
+
+def _check_fits(need: int, device) -> None:
+    """One sentence, before the pass, when what the analysis holds cannot fit the device's free memory."""
+    from ..memory import free_memory_bytes, gigabytes
+
+    free = free_memory_bytes(device)
+    if free is not None and need > free:
+        raise VidlmmError(f"Tracing this answer needs about {gigabytes(need)} beyond answering and "
+                          f"{gigabytes(free)} is free; use fewer frames or a shorter answer.")
 
 
 class _Recorder:
@@ -162,17 +187,24 @@ def llm_attention(lmm: "VideoLMM", video, question: str, *, sampling=None, max_n
 
     model = lmm.model
     prepared = _prepared(lmm, video, sampling)
-    out = lmm.visual_tokens(prepared, output_attentions=True)
-    layout = model.token_layout(prepared.num_frames)
-    sources = model.connector.token_sources(out, layout).float().cpu().numpy()
     if answer_ids is None:
-        answer = lmm.ask(prepared, question, generation=GenerationSettings(max_new_tokens=max_new_tokens))
-        answer_ids, text = list(answer.token_ids), answer.text
-    else:
-        text = model.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+        answer_ids = list(lmm.ask(prepared, question, generation=GenerationSettings(
+            max_new_tokens=max_new_tokens)).token_ids)
+    answer_ids = list(answer_ids)
+    while answer_ids and answer_ids[-1] in set(model.tokenizer.all_special_ids):
+        answer_ids.pop()  # the closing end-of-sequence token is no word of the answer
     if not answer_ids:
-        raise VidlmmError("The answer is empty: there is no generated token to trace.")
+        raise VidlmmError("The answer is empty: there is no generated word to trace.")
     prompt = lmm.prompt_ids(question)
+    layout = model.token_layout(prepared.num_frames)
+    q = model.num_visual_tokens(prepared.num_frames)
+    cfg = model.language_model.config
+    need = analysis_bytes(cfg.num_hidden_layers, cfg.num_attention_heads, q, len(prompt) - 1, len(answer_ids),
+                          layout.num_frames * layout.tokens_per_frame, torch.finfo(model.dtype).bits // 8)
+    _check_fits(need["total"], model.device)
+    out = lmm.visual_tokens(prepared, output_attentions=True)
+    sources = model.connector.token_sources(out, layout).float().cpu().numpy()
+    out = replace(out, attentions=None)  # the connector's maps are not needed past here
     slot, q = prompt.index(IMAGE_TOKEN_INDEX), int(out.tokens.shape[1])
     prompt_len = len(prompt) - 1 + q  # the spliced prompt
     labels = [IGNORE_INDEX] * len(prompt) + list(answer_ids)  # answer tokens keep their raw embeddings, as generated
@@ -197,7 +229,7 @@ def llm_attention(lmm: "VideoLMM", video, question: str, *, sampling=None, max_n
     clip = prepared.clip
     tokenizer = model.tokenizer
     return LLMAttention(
-        question=question, answer=text, tokens=[tokenizer.decode([t]) for t in answer_ids],
+        question=question, answer=_decode(lmm, answer_ids), tokens=[tokenizer.decode([t]) for t in answer_ids],
         token_ids=list(answer_ids), shares=torch.stack(recorder.shares, dim=1).numpy(),
         visual=torch.stack(recorder.visual, dim=1).numpy(), sources=sources, layout=layout,
         frames=clip.sampled_frames(), frame_indices=[int(i) for i in clip.indices],

@@ -3,7 +3,8 @@ language model loses, on one video and question (`zeroing_curve`) or a multiple-
 in `zeroing_mc.py`).
 
 Masks are bool ``[Q]``, True = the token is kept; zeroed tokens stay in the sequence as zero vectors. The video is
-decoded and encoded once and the connector runs once (the pipeline's `visual=` override): no hooks, no second pass.
+decoded and encoded once and the connector runs once (the pipeline's `visual=` override). The attention strategies
+rank the tokens by one traced pass of the full answer (`llm_attention`).
 """
 
 from __future__ import annotations
