@@ -57,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
         if video != "none":
             add_sampling_arguments(p)
 
+    def question_set(p, what: str):
+        """--mc and what goes with it: a benchmark instead of one video."""
+        p.add_argument("--mc", help=what)
+        p.add_argument("--format", choices=list(FORMATS), help="the --mc data's format (default: detected)")
+        p.add_argument("--video-root", help="folder the --mc videos are in (default: where the format keeps them)")
+        p.add_argument("--limit", type=int, help="only the first N --mc questions")
+        p.add_argument("--style", choices=list(STYLES), help="--mc prompt style (default: the benchmark's)")
+
     att = sub.add_parser("attention", help="connector attention: heatmap, frame overlays, temporal profile, "
                                            "redundancy statistics")
     common(att, "required")
@@ -78,12 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "and patches")
     common(llm, "optional")
     llm.add_argument("--question", default="Describe what happens in the video.")
-    llm.add_argument("--mc", help="instead of one video: the visual share per layer over a multiple-choice benchmark "
-                                  "(any format `eval` reads), each question answered with its prompt")
-    llm.add_argument("--format", choices=list(FORMATS), help="the --mc data's format (default: detected)")
-    llm.add_argument("--video-root", help="folder the --mc videos are in")
-    llm.add_argument("--limit", type=int, help="only the first N --mc questions")
-    llm.add_argument("--style", choices=list(STYLES), help="--mc prompt style (default: the benchmark's)")
+    question_set(llm, "instead of one video: the visual share per layer over a multiple-choice benchmark (any "
+                      "format `eval` reads), each question answered with its prompt")
     llm.add_argument("--max-new-tokens", type=int, default=32, help="answer length")
     llm.add_argument("--token", type=int, action="append",
                      help="also draw the patches of this answer token (repeatable; default: the whole answer)")
@@ -93,12 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(red, "optional")
     red.add_argument("--question", default="Describe what happens in the video.",
                      help="question for the single-video curve")
-    red.add_argument("--mc", help="a multiple-choice benchmark as it ships (a root or its file: MVBench, Video-MME, "
-                                  "MLVU, MMVU, LongVideoBench, EgoSchema) or a JSON list: accuracy curves")
-    red.add_argument("--format", choices=list(FORMATS), help="the --mc data's format (default: detected)")
-    red.add_argument("--video-root", help="folder the --mc videos are in (default: where the format keeps them)")
-    red.add_argument("--limit", type=int, help="only the first N --mc questions")
-    red.add_argument("--style", choices=list(STYLES), help="--mc prompt style (default: the benchmark's)")
+    question_set(red, "a multiple-choice benchmark as it ships (a root or its file: MVBench, Video-MME, MLVU, MMVU, "
+                      "LongVideoBench, EgoSchema) or a JSON list: accuracy curves")
     red.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS), help="shares of tokens kept")
     red.add_argument("--strategies", nargs="+", choices=list(STRATEGIES + ATTENTION_STRATEGIES),
                      default=list(STRATEGIES), help="most_attended / least_attended zero first the tokens the "
