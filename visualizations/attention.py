@@ -91,44 +91,53 @@ def plot_frame_overlays(maps, layer: int = -1, head: int | None = None, query: i
     At most `max_frames` frames are drawn, evenly spread over the clip.
     """
     maps_t = maps.spatial(layer, head, query, group)  # [T, rows, cols]
-    t_all = maps_t.shape[0]
-    pick = np.unique(np.linspace(0, t_all - 1, min(t_all, max(1, max_frames))).round().astype(int))
-    ncols = min(len(pick), columns)
-    nrows = math.ceil(len(pick) / ncols)
-    h, w = maps.frames.shape[1:3]  # the tower's view, which the patch grid covers
-    x0, y0, x1, y1 = 0, 0, w, h
-    aspect = float(getattr(maps, "frame_aspect", 1.0) or 1.0)  # drawn at the source's width / height
-    rows, cols = maps_t.shape[1:]
-    panel = 1.0 if ncols >= 6 else 1.5
-    vmax = float(np.nanmax(maps_t[pick])) if np.isfinite(maps_t[pick]).any() else 1.0
-    norm = Normalize(vmin=0.0, vmax=vmax if vmax > 0 else 1.0)
-    colours = cmap(MAP, bad=(0, 0, 0, 0))
     if query is not None:
         what = f"query {query} (group {int(maps.query_groups[query])})"
     elif group is not None:
         what = f"the {int((maps.query_groups == group).sum())} queries of group {group} (mean)"
     else:
         what = f"all {maps.num_queries} queries (mean)"
+    return frame_maps_figure(maps.frames, maps_t, maps.frame_indices, maps.timestamps,
+                             float(getattr(maps, "frame_aspect", 1.0) or 1.0), label="attention weight",
+                             title=f"{maps.connector_type}: attention of {what} over the frames, "
+                                   f"{_which(maps, layer, head)}", max_frames=max_frames, columns=columns, alpha=alpha)
+
+
+def frame_maps_figure(frames, maps_t, frame_indices, timestamps, aspect: float, *, label: str, title: str,
+                      max_frames: int = 16, columns: int = 8, alpha: float = 0.6, notes=None) -> Figure:
+    """Per-frame maps [T, rows, cols] over the frames the tower saw [T, S, S, 3], at most `max_frames` evenly
+    spread, one colour scale; a hatched cell has no token (NaN). notes: a line under each frame's label, by frame."""
+    t_all = maps_t.shape[0]
+    pick = np.unique(np.linspace(0, t_all - 1, min(t_all, max(1, max_frames))).round().astype(int))
+    ncols = min(len(pick), columns)
+    nrows = math.ceil(len(pick) / ncols)
+    h, w = frames.shape[1:3]  # the tower's view, which the patch grid covers
+    rows, cols = maps_t.shape[1:]
+    panel = 1.0 if ncols >= 6 else 1.5
+    vmax = float(np.nanmax(maps_t[pick])) if np.isfinite(maps_t[pick]).any() else 1.0
+    norm = Normalize(vmin=0.0, vmax=vmax if vmax > 0 else 1.0)
+    colours = cmap(MAP, bad=(0, 0, 0, 0))
     with paper_style():
         fig = Figure(figsize=(panel * ncols * max(aspect, 0.6) + 0.9, panel * nrows + 0.6), layout="constrained")
         axes = fig.subplots(nrows, ncols, squeeze=False)
         for ax in axes.flat:
             ax.set_axis_off()
         for ax, t in zip(axes.flat, pick):
-            ax.imshow(maps.frames[t], interpolation="bilinear")
-            ax.imshow(np.ma.masked_invalid(maps_t[t]), extent=(x0, x1, y1, y0), cmap=colours, norm=norm,
+            ax.imshow(frames[t], interpolation="bilinear")
+            ax.imshow(np.ma.masked_invalid(maps_t[t]), extent=(0, w, h, 0), cmap=colours, norm=norm,
                       alpha=alpha, interpolation="nearest")
-            cw, ch = (x1 - x0) / cols, (y1 - y0) / rows
+            cw, ch = w / cols, h / rows
             for r, c in zip(*np.nonzero(np.isnan(maps_t[t]))):
-                ax.add_patch(Rectangle((x0 + c * cw, y0 + r * ch), cw, ch, fill=False, hatch="////",
-                                       edgecolor="white", lw=0.0))
+                ax.add_patch(Rectangle((c * cw, r * ch), cw, ch, fill=False, hatch="////", edgecolor="white",
+                                       lw=0.0))
             ax.set_xlim(0, w)
             ax.set_ylim(h, 0)
             ax.set_aspect(h / w / aspect)  # y unit over x unit: a w x h view shown at the source's shape
-            ax.set_title(frame_label(maps.frame_indices, maps.timestamps, int(t), two_lines=False), fontsize=6.5)
+            name = frame_label(frame_indices, timestamps, int(t), two_lines=False)
+            ax.set_title(name if notes is None else f"{name}\n{notes[t]}", fontsize=6.5)
         fig.colorbar(ScalarMappable(norm=norm, cmap=colours.with_extremes(bad="white")), ax=axes, shrink=0.8,
-                     label="attention weight", pad=0.01)
-        fig.suptitle(f"{maps.connector_type}: attention of {what} over the frames, {_which(maps, layer, head)}")
+                     label=label, pad=0.01)
+        fig.suptitle(title)
     return fig
 
 

@@ -3,14 +3,12 @@ visual tokens per layer, the relevance of each frame for each answer word, and t
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .style import MAP, MAP_SECONDARY, NARROW, WIDE, cmap, colour, frame_label, frame_ticks, paper_style
+from .style import MAP_SECONDARY, NARROW, WIDE, cmap, colour, frame_label, frame_ticks, paper_style
 
 
 def plot_visual_share(shares: dict, *, figsize=(NARROW, 2.6), over: str = "tokens") -> Figure:
@@ -60,34 +58,14 @@ def plot_patch_relevance(result, token: int | None = None, *, max_frames: int = 
                          alpha: float = 0.6) -> Figure:
     """The relevance of each patch drawn over the frames, for one answer token or the whole answer (one colour
     scale for all frames; the frame's share of the relevance in its title)."""
-    maps = result.patch_relevance(token=token)  # [T, rows, cols]
+    from .attention import frame_maps_figure
+
     share = result.frame_relevance(token=token)
-    t_all = maps.shape[0]
-    pick = np.unique(np.linspace(0, t_all - 1, min(t_all, max(1, max_frames))).round().astype(int))
-    ncols = min(len(pick), columns)
-    nrows = math.ceil(len(pick) / ncols)
-    h, w = result.frames.shape[1:3]
-    aspect = float(result.frame_aspect or 1.0)
-    vmax = float(np.nanmax(maps[pick])) if np.isfinite(maps[pick]).any() else 1.0
-    norm = Normalize(0.0, vmax if vmax > 0 else 1.0)
     what = "the whole answer" if token is None else f"token {token} {result.tokens[token].strip()!r}"
-    with paper_style():
-        panel = 1.0 if ncols >= 6 else 1.5
-        fig = Figure(figsize=(panel * ncols * max(aspect, 0.6) + 0.9, panel * nrows + 0.6), layout="constrained")
-        axes = fig.subplots(nrows, ncols, squeeze=False)
-        for ax in axes.flat:
-            ax.set_axis_off()
-        for ax, t in zip(axes.flat, pick):
-            ax.imshow(result.frames[t], interpolation="bilinear")
-            ax.imshow(np.ma.masked_invalid(maps[t]), extent=(0, w, h, 0), cmap=cmap(MAP, bad=(0, 0, 0, 0)),
-                      norm=norm, alpha=alpha, interpolation="nearest")
-            ax.set_xlim(0, w)
-            ax.set_ylim(h, 0)
-            ax.set_aspect(h / w / aspect)
-            ax.set_title(f"{frame_label(result.frame_indices, result.timestamps, t, two_lines=False)}\n"
-                         f"{share[t]:.0%}", fontsize=6.5)
-        fig.suptitle(f"Patches the LLM's attention rests on, for {what}")
-    return fig
+    return frame_maps_figure(result.frames, result.patch_relevance(token=token), result.frame_indices,
+                             result.timestamps, float(result.frame_aspect or 1.0), label="relevance",
+                             title=f"Patches the LLM's attention rests on, for {what}", max_frames=max_frames,
+                             columns=columns, alpha=alpha, notes=[f"{v:.0%}" for v in share])
 
 
 __all__ = ["plot_frame_relevance", "plot_patch_relevance", "plot_visual_share"]

@@ -40,8 +40,9 @@ class LLMAttention:
     tokens / token_ids: the answer (A tokens). shares [A, L, H, 3]: per answer token, LLM layer and head, the
     attention mass on each of PARTS (a row of the LLM's attention sums to 1 over them). visual [A, L, H, Q]: the
     attention on each visual token. sources [Q, N]: each visual token's weights over the flat frame-major input tokens
-    (rows sum to 1). layout: where each input token sits (frame, row, col). frames [T, S, S, 3] uint8: what the tower
-    saw. teacher_forced_reproduces_answer: the pass's argmax gives the generated ids (a numerical check).
+    (rows sum to 1; None when traced with trace_sources=False). layout: where each input token sits (frame, row,
+    col). frames [T, S, S, 3] uint8: what the tower saw. teacher_forced_reproduces_answer: the pass's argmax gives
+    the generated ids (a numerical check).
     """
 
     question: str
@@ -118,7 +119,7 @@ class LLMAttention:
         return to_jsonable({
             "question": self.question, "answer": self.answer, "connector_type": self.connector_type,
             "frames": self.num_frames, "frame_indices": self.frame_indices, "timestamps": self.timestamps,
-            "grid": list(self.layout.grid), "visual_tokens": int(self.sources.shape[0]),
+            "grid": list(self.layout.grid), "visual_tokens": int(self.visual.shape[-1]),
             "llm_layers": self.num_layers, "llm_heads": int(self.heads or self.shares.shape[2]),
             "teacher_forced_reproduces_answer": self.teacher_forced_reproduces_answer,
             "answer_visual_share": share.mean(axis=0).tolist(),
@@ -177,9 +178,11 @@ class _Recorder:
 
 
 def llm_attention(lmm: "VideoLMM", video, question: str, *, sampling=None, max_new_tokens: int = 32,
-                  answer_ids: list[int] | None = None) -> LLMAttention:
+                  answer_ids: list[int] | None = None, trace_sources: bool = True) -> LLMAttention:
     """The LLM's attention while it answers `question` about `video` (a path or PreparedVideo), traced to frames
-    and patches through the connector. answer_ids: score this answer instead of generating one (greedy)."""
+    and patches through the connector. answer_ids: score this answer instead of generating one (greedy).
+    trace_sources=False: the attention on the visual tokens only (`token_relevance`, the knockout's ranking); the
+    connector's map to the patches is neither computed nor held, and the frame and patch views are unavailable."""
     import torch
 
     from ..conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -200,10 +203,11 @@ def llm_attention(lmm: "VideoLMM", video, question: str, *, sampling=None, max_n
     q = model.num_visual_tokens(prepared.num_frames)
     cfg = model.language_model.config
     need = analysis_bytes(cfg.num_hidden_layers, cfg.num_attention_heads, q, len(prompt) - 1, len(answer_ids),
-                          layout.num_frames * layout.tokens_per_frame, torch.finfo(model.dtype).bits // 8)
+                          layout.num_frames * layout.tokens_per_frame if trace_sources else 0,
+                          torch.finfo(model.dtype).bits // 8)
     _check_fits(need["total"], model.device)
-    out = lmm.visual_tokens(prepared, output_attentions=True)
-    sources = model.connector.token_sources(out, layout).float().cpu().numpy()
+    out = lmm.visual_tokens(prepared, output_attentions=trace_sources)
+    sources = model.connector.token_sources(out, layout).float().cpu().numpy() if trace_sources else None
     out = replace(out, attentions=None)  # the connector's maps are not needed past here
     slot, q = prompt.index(IMAGE_TOKEN_INDEX), int(out.tokens.shape[1])
     prompt_len = len(prompt) - 1 + q  # the spliced prompt

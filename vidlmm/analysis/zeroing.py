@@ -278,7 +278,7 @@ def _attention_scores(lmm: "VideoLMM", prepared, question: str, answer_ids: list
         return None
     from .llm_attention import llm_attention
 
-    return llm_attention(lmm, prepared, question, answer_ids=list(answer_ids)).token_relevance()
+    return llm_attention(lmm, prepared, question, answer_ids=list(answer_ids), trace_sources=False).token_relevance()
 
 
 def _model_name(lmm: "VideoLMM", name: str | None) -> str:
