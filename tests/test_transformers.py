@@ -117,6 +117,21 @@ def test_import_vidlmm_stays_cheap_and_registers_when_transformers_arrives():
     assert out.stdout.split() == ["[]", "TinyLlavaConfig"]
 
 
+@pytest.mark.parametrize("first", ["from transformers import SiglipModel", "import transformers.modeling_utils"])
+def test_registration_waits_when_transformers_imports_its_auto_classes_itself(first):
+    # transformers' modeling_utils imports the auto classes while it is half imported; registering then failed
+    # (PreTrainedModel not there yet) and was lost with a warning
+    code = (f"import vidlmm\n{first}\n"
+            "from transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
+            "from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING as M\n"
+            "from vidlmm.config import TinyLlavaConfig\n"
+            "print(CONFIG_MAPPING['tinyllava'].__name__, M[TinyLlavaConfig].__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["TinyLlavaConfig", "TinyLlavaVideo"]
+    assert "could not register" not in out.stderr
+
+
 def test_config_keeps_unknown_keys_and_a_top_level_eos_it_does_not_use(tiny_checkpoints):
     """A published config.json round-trips through the transformers config class: unknown keys (the reference's
     training settings) come back unchanged, nothing of transformers' own defaults is added, and a top-level

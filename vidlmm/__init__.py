@@ -51,29 +51,45 @@ def _import_model() -> None:
                                             exc_info=True)
 
 
+def _transformers_ready() -> bool:
+    """False while transformers' `modeling_utils` is half imported (it imports the auto classes itself, and
+    `vidlmm.model` cannot import `PreTrainedModel` from it until it is done)."""
+    module = sys.modules.get("transformers.modeling_utils")
+    return module is None or not getattr(module.__spec__, "_initializing", False)
+
+
 class _RegisterOnImport(importlib.abc.MetaPathFinder):
     """Finds nothing itself: when transformers' auto classes are first imported, it lets the real finder load them
-    and then registers vidlmm's classes, so `import vidlmm` does not pay for importing transformers and torch."""
+    and then registers vidlmm's classes, so `import vidlmm` does not pay for importing transformers and torch.
+    When it is transformers' own `modeling_utils` that imports the auto classes (e.g. `from transformers import
+    SiglipModel` first), registering waits until `modeling_utils` is done."""
 
-    target = "transformers.models.auto"
+    targets = ("transformers.models.auto", "transformers.modeling_utils")
 
     def find_spec(self, name, path=None, target=None):
-        if name != self.target:
+        if name not in self.targets:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        sys.meta_path.remove(self)  # the real finders find it
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
         if spec is not None and spec.loader is not None:
             exec_module = spec.loader.exec_module
 
             def exec_and_register(module):
                 exec_module(module)
-                _import_model()
+                # modeling_utils itself counts as done here (its import flag is cleared only after this returns)
+                ready = name == "transformers.modeling_utils" or _transformers_ready()
+                if "transformers.models.auto" in sys.modules and ready and self in sys.meta_path:
+                    sys.meta_path.remove(self)
+                    _import_model()
 
             spec.loader.exec_module = exec_and_register
         return spec
 
 
-if _RegisterOnImport.target in sys.modules:
+if "transformers.models.auto" in sys.modules and _transformers_ready():
     _import_model()
 elif not any(type(finder).__name__ == "_RegisterOnImport" for finder in sys.meta_path):
     sys.meta_path.insert(0, _RegisterOnImport())
