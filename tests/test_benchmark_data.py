@@ -118,8 +118,8 @@ def test_videomme_parquet_with_durations(tmp_path):
                for i in bench.items]
     result = summarize(records)
     assert result.per_group == {"duration": {
-        "short": {"n": 1, "correct": 1, "accuracy": 1.0, "chance": 0.25, "unparsable": 0},
-        "long": {"n": 1, "correct": 1, "accuracy": 1.0, "chance": 0.25, "unparsable": 0}}}
+        "short": {"n": 1, "correct": 1, "accuracy": 1.0, "interval": [1.0, 1.0], "chance": 0.25, "unparsable": 0},
+        "long": {"n": 1, "correct": 1, "accuracy": 1.0, "interval": [1.0, 1.0], "chance": 0.25, "unparsable": 0}}}
     (root / "videomme/test-00000-of-00001.parquet").write_bytes(b"PAR1 but not really")
     with pytest.raises(VidlmmError, match="could not be read as parquet"):
         load_benchmark(root)

@@ -1,5 +1,5 @@
-"""The one-command rebuild of the embedded models, in smoke mode (a tiny world, minimal budgets). Slow: about
-3 minutes on 2 cores, so it runs with `-m slow`, not in CI."""
+"""The one-command rebuild of the embedded models and the ablations, in smoke mode (a tiny world, minimal
+budgets). Slow (46 s on 2 cores, a minute with the ablations), so it runs with `-m slow`, not in CI."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ def test_smoke_rebuild_writes_loadable_models_and_a_table(tmp_path):
         assert model.config.video_sampling == {"mode": "uniform", "num_frames": 16}
         assert summary["results"][name]["n"] > 0
     table = (tmp_path / "models" / "results.md").read_text()
-    assert table.startswith("| model | visual tokens | overall | static | temporal | chance |")
+    assert table.startswith("| model | visual tokens | overall [95 % interval] | static | temporal | chance |")
+    assert "video-level (group) vs image-level resampler" in table  # the paper's comparisons, with intervals
     group = load_model(tmp_path / "models" / "group")
     assert summary["results"]["group"]["visual_tokens"] == group.num_visual_tokens(16)
     assert json.loads((tmp_path / "models" / "results.json").read_text())["smoke"] is True
@@ -32,6 +33,17 @@ def test_smoke_rebuild_writes_loadable_models_and_a_table(tmp_path):
     again = build(tmp_path / "models", tmp_path / "work", seed=0, smoke=True, progress=False)
     for phase in ("world", "stage0", "train_group", "train_naive", "train_image"):
         assert again["timings_s"][phase] == state["phases"][phase]
+    # the ablations reuse the world, stage 0 and the embedded runs they share, and train the rest
+    from train.ablations import run_ablations
+
+    report = run_ablations(tmp_path / "work", tmp_path / "ablations", studies=("groups",), smoke=True,
+                           progress=False)
+    runs = [e["run"] for e in report["studies"]["groups"]["entries"]]
+    assert runs == ["naive", "group_g2_q64", "group_g4_q64", "group_g8_q64", "group"]
+    after = json.loads((tmp_path / "work" / "build_state.json").read_text())["phases"]
+    assert after["train_naive"] == state["phases"]["train_naive"] and "train_group_g4_q64" in after
+    assert "| 4 | group_g4_q64 |" in (tmp_path / "ablations" / "ablations.md").read_text()
+    assert (tmp_path / "ablations" / "groups.png").is_file()
 
 
 def assert_every_model_trained(work) -> None:
@@ -106,7 +118,7 @@ def test_the_total_counts_only_the_phases_behind_the_table(tmp_path):
     both = {"group": {**row, "single_object_qa": True}, "naive": {**row, "single_object_qa": False}}
     summary = _write_results(tmp_path, {"phases": phases}, 0, False, both)
     assert summary["timings_s"]["total"] == 1 + 2 + 10 + 1 + 5 + 1  # not the other variant's group phases
-    assert "| group (+ single-object QA) |" in (tmp_path / "results.md").read_text()
+    assert "| group (+single) |" in (tmp_path / "results.md").read_text()  # the variant names its row
 
 
 def test_the_default_rebuild_ships_seven_models_and_the_fusion_variant_is_opt_in():

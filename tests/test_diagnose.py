@@ -62,6 +62,7 @@ def test_context_reading_of_a_stage0_lm(tmp_path, capsys):
     stage0.build_tokenizer(world, tmp_path / "tok", 320)
     stage0.pretrain_llm(world, tmp_path / "tok", tmp_path / "llm", hidden_size=32, layers=1, heads=2, kv_heads=1,
                         intermediate=64, steps=3, batch_size=4, variants=0, progress=False)
+    capsys.readouterr()  # what saving printed (deepspeed's accelerator line when it is first imported)
     assert diagnose.main(["context", "--llm", str(tmp_path / "llm"), "--world", str(world)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["clips"] == 2  # every 20th of 40 training clips is held out of LM training
@@ -105,3 +106,46 @@ def test_by_type_splits_by_object_count():
     assert diagnose.by_type(result, items) == {"colour": "1/1", "shape": "1/2"}
     assert diagnose.by_type(result, items, {"eval_0": 1, "eval_1": 3}) == \
         {"colour, 3 objects": "1/1", "shape, 1 object": "1/1", "shape, 3 objects": "0/1"}
+
+
+def test_the_ridge_read_out_finds_facts_that_are_there_and_not_others():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    facts = (torch.rand(300, 24, generator=g) < 0.1).double()
+    noise = torch.randn(300, 40, generator=g, dtype=torch.float64)
+    there = torch.cat([facts @ torch.randn(24, 60, generator=g, dtype=torch.float64), noise], 1)
+    readable = diagnose._ridge(there[:200], facts[:200], there[200:], facts[200:], lam=1e-3)
+    assert readable["objects_found"] > 0.95 and readable["frames_all_right"] > 0.9
+    missing = diagnose._ridge(noise[:200], facts[:200], noise[200:], facts[200:])
+    assert missing["objects_found"] < 0.2
+
+
+def test_probe_reads_each_view_of_a_world_clip(tmp_path, tiny_checkpoints, capsys):
+    from train.world import WorldConfig, generate_world
+    from vidlmm.checkpoint import load_model
+
+    world = tmp_path / "world"
+    generate_world(world, WorldConfig(seed=0, num_train=8, num_eval=4))
+    assert diagnose.main(["probe", "--model", str(tiny_checkpoints["group"]), "--world", str(world),
+                          "--train-clips", "8", "--test-clips", "4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    model = load_model(tiny_checkpoints["group"])
+    tokens, width = model.config.num_queries, model.config.hidden_size
+    patches = out["patches_flat"]["dims"] // out["patches_mean"]["dims"]
+    assert out["connector_all"]["dims"] == tokens * width
+    assert out["connector_frame"]["dims"] == tokens // model.config.group * width  # one group's tokens
+    assert patches > 1 and (out["train_clips"], out["test_clips"]) == (8, 4)
+    for view in ("patches_flat", "patches_mean", "connector_frame", "connector_all"):
+        assert 0 <= out[view]["objects_found"] <= 1 and 0 <= out[view]["frames_all_right"] <= 1
+    # a stage-0 tower folder alone: the patch views
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    SiglipVisionModel(SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=24, intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=2)).save_pretrained(tmp_path / "t")
+    capsys.readouterr()  # what building it printed (deepspeed's accelerator line on first import)
+    assert diagnose.main(["probe", "--tower", str(tmp_path / "t"), "--world", str(world), "--train-clips", "8",
+                          "--test-clips", "4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["patches_flat"]["dims"] == 15 * 24 and out["patches_mean"]["dims"] == 24  # 4 x 4 patches, first dropped
+    assert "connector_all" not in out

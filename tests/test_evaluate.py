@@ -180,7 +180,9 @@ def test_summarize_counts():
     assert result.n == 3 and result.correct == 1 and result.unparsable == 1
     assert result.accuracy == pytest.approx(1 / 3)
     assert result.chance == pytest.approx((0.25 + 0.25 + 0.5) / 3)
-    assert result.per_category["x"] == {"n": 2, "correct": 1, "accuracy": 0.5, "chance": 0.25, "unparsable": 1}
+    # both questions are about one video: resampling videos cannot move the accuracy, so the interval is a point
+    assert result.per_category["x"] == {"n": 2, "correct": 1, "accuracy": 0.5, "interval": [0.5, 0.5],
+                                        "chance": 0.25, "unparsable": 1}
     assert result.macro_accuracy == pytest.approx(0.25)
 
 
@@ -244,7 +246,7 @@ def test_evaluate_end_to_end(tiny_checkpoints, eval_set, monkeypatch):
     assert payload["n"] == 4 and len(payload["items"]) == 4
     assert {"response", "parsed", "correct", "category", "answer"} <= set(payload["items"][0])
     table = result.to_markdown()
-    assert table.startswith("| category | n | accuracy | chance |")
+    assert table.startswith("| category | n | accuracy [95 % interval] | chance |")
     assert "| object | 2 |" in table and "| direction | 2 |" in table and "| 25.0 |" in table
     assert "unparsable" in table
 
@@ -318,4 +320,5 @@ def test_evaluate_scripted_replies(tmp_path):
     assert result.per_category["c"]["unparsable"] == 2 and result.per_category["d"]["accuracy"] == 1.0
     assert [r.question for r in result.items] == ["Q0", "Q1", "Q2", "Q3"]  # records keep what was asked
     rows = result.to_markdown().split("\n\n")[0].splitlines()[2:]  # categories in order of first appearance
-    assert rows == ["| d | 1 | 100.0 | 25.0 |", "| c | 3 | 0.0 | 25.0 |", "| **overall** | 4 | 25.0 | 25.0 |"]
+    assert rows[:2] == ["| d | 1 | 100.0 [100.0, 100.0] | 25.0 |", "| c | 3 | 0.0 [0.0, 0.0] | 25.0 |"]
+    assert rows[2].startswith("| **overall** | 4 | 25.0 [") and rows[2].endswith("] | 25.0 |")

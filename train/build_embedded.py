@@ -15,9 +15,11 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .recipe import load_recipe
+from .results import comparisons, comparisons_table, model_row, questions, table
 
 CONNECTORS = {
     "group": {"connector_type": "groupresampler", "num_queries": 64, "group": 16},
@@ -48,10 +50,17 @@ def _overrides(spec: dict) -> list[str]:
     return [f"{k}={json.dumps(v) if v is not None else 'null'}" for k, v in spec.items()]
 
 
-def ship_heldout(world: Path, dest: Path, examples: int = 3) -> None:
-    """The held-out multiple-choice set with its clips (about 1 MB), so the app's held-out redundancy curve and
-    `vidlmm eval` work offline; the first clips also join the app's example gallery."""
+SHIPPED_HELDOUT_CLIPS = 200  # of the world's held-out clips, the first 200 (400 questions, 0.9 MB) ship in assets/
+
+
+def ship_heldout(world: Path, dest: Path, examples: int = 3, clips: int = SHIPPED_HELDOUT_CLIPS) -> None:
+    """The first ``clips`` held-out clips with their multiple-choice questions (about 1 MB), so the app's held-out
+    redundancy curve and `vidlmm eval` work offline; the first clips also join the app's example gallery. The
+    whole held-out set (2,000 questions) stays in the work folder's world: it does not fit in the 50 MB of assets,
+    and the world phase renders it again in about a minute."""
     items = json.loads((world / "eval_mc.json").read_text())
+    keep = list(dict.fromkeys(item["video"] for item in items))[:clips]
+    items = [item for item in items if item["video"] in keep]
     shutil.rmtree(dest, ignore_errors=True)
     (dest / "videos").mkdir(parents=True)
     videos = list(dict.fromkeys(item["video"] for item in items))
@@ -64,85 +73,156 @@ def ship_heldout(world: Path, dest: Path, examples: int = 3) -> None:
         shutil.copy2(world / rel, gallery / f"world_{Path(rel).name}")
 
 
-def build(out: Path, work: Path, *, seed: int = 0, smoke: bool = False, connectors=SHIPPED,
-          progress: bool = True, heldout: Path | None = None, single_object_qa: bool = False) -> dict:
+@dataclass(frozen=True)
+class Variant:
+    """What a run changes from the shipped recipe (the default is the shipped recipe): stage-2 data
+    (single-object QA, multiple-choice questions per training clip) and any recipe field of either stage
+    (``key=value``, as on `python -m train run`'s command line). It names the run's phases, work folders and table
+    row, so variants of one connector sit side by side in one work folder and share what they do not change."""
+
+    single_object_qa: bool = False
+    mc_per_clip: int = 1
+    stage1: tuple = ()
+    stage2: tuple = ()
+    stage0: tuple = ()  # "llm.<key>=<value>" / "vision.<key>=<value>": stage-0 settings (train/stage0/common.py)
+
+    def stage0_suffix(self) -> str:
+        return "".join(f"+{o}" for o in self.stage0)
+
+    def stage0_overrides(self) -> dict:
+        out: dict = {}
+        for option in self.stage0:
+            key, _, value = option.partition("=")
+            part, _, name = key.partition(".")
+            out.setdefault(part, {})[name] = json.loads(value)
+        return out
+
+    def stage1_suffix(self) -> str:
+        return self.stage0_suffix() + "".join(f"+{o}" for o in self.stage1)
+
+    def suffix(self) -> str:
+        return (self.stage1_suffix() + ("+single" if self.single_object_qa else "")
+                + (f"+mc{self.mc_per_clip}" if self.mc_per_clip != 1 else "") + "".join(f"+{o}" for o in self.stage2))
+
+
+class Phases:
+    """Each finished phase is recorded with its own wall time in ``<work>/build_state.json``: a killed run resumes
+    at the first unfinished phase (training phases resume from their own checkpoints), and a reported total is the
+    sum of the phases' measured times."""
+
+    def __init__(self, work: Path, key: dict, progress: bool = True):
+        self.file, self.progress = work / "build_state.json", progress
+        state = json.loads(self.file.read_text()) if self.file.is_file() else {}
+        self.state = state if state.get("key") == key else {"key": key, "phases": {}}
+        work.mkdir(parents=True, exist_ok=True)
+
+    def save(self) -> None:
+        self.file.write_text(json.dumps(self.state, indent=1))
+
+    def run(self, name: str, fn) -> None:
+        if name in self.state["phases"]:
+            if self.progress:
+                print(f"{name}: done in an earlier run ({self.state['phases'][name]:.0f} s)", file=sys.stderr)
+            return
+        t = time.perf_counter()
+        fn()
+        self.record(name, time.perf_counter() - t)
+
+    def record(self, name: str, seconds: float) -> None:
+        self.state["phases"][name] = seconds
+        self.save()
+
+
+def prepare(work: Path, phases: Phases, *, seed: int = 0, smoke: bool = False, progress: bool = True,
+            variant: Variant = Variant()) -> Path:
+    """The world and stage 0 of a work folder (each once), and a variant's own stage 0 in ``stage0<suffix>`` (the
+    shipped stage 0's tokenizer and LLM reused when only the tower changes); returns the world's folder."""
+    from .stage0 import run_stage0
+    from .world import WorldConfig, generate_world
+
+    world = work / "world"
+    sizes = dict(num_train=24, num_eval=8) if smoke else dict(num_train=4000, num_eval=1000)
+    phases.run("world", lambda: generate_world(world, WorldConfig(seed=seed, **sizes), workers=os.cpu_count() or 1,
+                                               progress=progress))
+    budget = "smoke" if smoke else "full"
+    phases.run("stage0", lambda: run_stage0(world, work / "stage0", budget=budget, seed=seed, progress=progress))
+    if variant.stage0:
+        changes = variant.stage0_overrides()
+        phases.run(f"stage0{variant.stage0_suffix()}", lambda: run_stage0(
+            world, work / f"stage0{variant.stage0_suffix()}", budget=budget, seed=seed, progress=progress,
+            overrides=changes, reuse_text=None if "llm" in changes else work / "stage0"))
+    return world
+
+
+def train_and_score(name: str, spec: dict, work: Path, phases: Phases, *, seed: int = 0, smoke: bool = False,
+                    variant: Variant = Variant(), progress: bool = True):
+    """Stage 1 + 2 of one connector ``spec`` (a `CONNECTORS` entry) on a prepared work folder, then its held-out
+    score: (its results row, the trained model's folder). Phases ``train_<name><suffix>``, ``eval_<name><suffix>``."""
     from vidlmm.checkpoint import load_model
     from vidlmm.evaluate import evaluate, load_mc_items
     from vidlmm.pipeline import VideoLMM
 
-    from .stage0 import run_stage0, write_mc_annotations, write_single_object_annotations
+    from .stage0 import write_mc_annotations, write_single_object_annotations
     from .trainer import run
-    from .world import WorldConfig, generate_world
 
-    # each finished phase is recorded with its own wall time in <work>/build_state.json: a killed rebuild
-    # resumes at the first unfinished phase (training phases resume from their own checkpoints), and the
-    # reported total is the sum of the phases' measured times
-    state_file = work / "build_state.json"
-    key = {"seed": seed, "smoke": smoke}
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    if state.get("key") != key:
-        state = {"key": key, "phases": {}}
-    work.mkdir(parents=True, exist_ok=True)
-
-    def save_state() -> None:
-        state_file.write_text(json.dumps(state, indent=1))
-
-    def phase(name: str, fn):
-        if name in state["phases"]:
-            if progress:
-                print(f"{name}: done in an earlier run ({state['phases'][name]:.0f} s)", file=sys.stderr)
-            return
-        t = time.perf_counter()
-        fn()
-        state["phases"][name] = time.perf_counter() - t
-        save_state()
-
-    # a run over some connectors keeps the table rows of the others (same seed and budget) already in `out`
-    results = _earlier_results(out, key)
     world = work / "world"
-    sizes = dict(num_train=24, num_eval=8) if smoke else dict(num_train=4000, num_eval=200)
-    phase("world", lambda: generate_world(world, WorldConfig(seed=seed, **sizes), workers=os.cpu_count() or 1,
-                                          progress=progress))
-    phase("stage0", lambda: run_stage0(world, work / "stage0", budget="smoke" if smoke else "full", seed=seed,
-                                       progress=progress))
-    mc_train = write_mc_annotations(world, world / "mc_train.json", seed=seed, per_clip=1)
+    mc_name = "mc_train.json" if variant.mc_per_clip == 1 else f"mc_train{variant.mc_per_clip}.json"
+    mc_train = write_mc_annotations(world, world / mc_name, seed=seed, per_clip=variant.mc_per_clip)
     stage2_data = [str(world / "qa.json"), str(mc_train)]
-    if single_object_qa:
+    if variant.single_object_qa:
         stage2_data.append(str(write_single_object_annotations(world, world / "single_train.json", seed=seed)))
-    variant = _variant(single_object_qa)  # stage 1 is shared; stage 2 and its phase are separate
     common = [f"seed={seed}", f"video_roots=[{json.dumps(str(world))}]"]
     if smoke:
         common += ["epochs=1", "global_batch_size=8", "per_device_batch_size=4"]
-    items = load_mc_items(world / "eval_mc.json")
+    stage0 = work / f"stage0{variant.stage0_suffix()}"
+    stage1 = load_recipe("toy_stage1.yaml", [*common, *_overrides(spec), f"name={name}-stage1",
+                                             f"llm={stage0 / 'llm'}", f"vision_tower={stage0 / 'vision'}",
+                                             f"annotations=[{json.dumps(str(world / 'captions.json'))}]",
+                                             f"output_dir={work / name / ('stage1' + variant.stage1_suffix())}",
+                                             *variant.stage1])
+    stage2 = load_recipe("toy_stage2.yaml", [*common, f"name={name}-stage2",
+                                             f"init={Path(stage1.output_dir) / 'model'}",
+                                             f"annotations={json.dumps(stage2_data)}",
+                                             f"output_dir={work / name / ('stage2' + variant.suffix())}",
+                                             *variant.stage2])
+    model_dir = Path(stage2.output_dir) / "model"
+    suffix = variant.suffix()
+    records = work / name / f"heldout{suffix}.jsonl"
+    if f"train_{name}{suffix}" not in phases.state["phases"]:
+        records.unlink(missing_ok=True)  # scored by an earlier model of that name
+    phases.run(f"train_{name}{suffix}", lambda: (run(stage1, progress=progress), run(stage2, progress=progress)))
+    t = time.perf_counter()
+    model = load_model(model_dir)
+    qs = questions(world / "eval_mc.json")
+    # every scored question is kept as it is scored: a killed run does not score it again
+    result = evaluate(VideoLMM(model), load_mc_items(world / "eval_mc.json"), records=records)
+    phases.record(f"eval_{name}{suffix}", time.perf_counter() - t)
+    row = {**model_row(result, qs), "variant": suffix, "stage0_phase": f"stage0{variant.stage0_suffix()}",
+           "visual_tokens": visual_tokens(model)}
+    return row, model_dir
+
+
+def build(out: Path, work: Path, *, seed: int = 0, smoke: bool = False, connectors=SHIPPED,
+          progress: bool = True, heldout: Path | None = None, variant: Variant = Variant()) -> dict:
+    key = {"seed": seed, "smoke": smoke}
+    phases = Phases(work, key, progress)
+    world = prepare(work, phases, seed=seed, smoke=smoke, progress=progress, variant=variant)
+    qs = questions(world / "eval_mc.json")
+    # a run over some connectors keeps the table rows of the others (same seed, budget and questions) in `out`
+    results = _earlier_results(out, key, qs)
     for name in connectors:
-        spec = CONNECTORS[name]
-        stage1 = load_recipe("toy_stage1.yaml", [*common, *_overrides(spec), f"name={name}-stage1",
-                                                 f"llm={work / 'stage0' / 'llm'}", f"vision_tower={work / 'stage0' / 'vision'}",
-                                                 f"annotations=[{json.dumps(str(world / 'captions.json'))}]",
-                                                 f"output_dir={work / name / 'stage1'}"])
-        stage1_out = Path(stage1.output_dir) / "model"
-        stage2 = load_recipe("toy_stage2.yaml", [*common, f"name={name}-stage2", f"init={stage1_out}",
-                                                 f"annotations={json.dumps(stage2_data)}",
-                                                 f"output_dir={work / name / ('stage2' + variant)}"])
-        model_dir = Path(stage2.output_dir) / "model"
-        phase(f"train_{name}{variant}", lambda: (run(stage1, progress=progress), run(stage2, progress=progress)))
-        t = time.perf_counter()
-        model = load_model(model_dir)
-        result = evaluate(VideoLMM(model), items)
-        state["phases"][f"eval_{name}{variant}"] = time.perf_counter() - t
-        save_state()  # so the last eval's time survives the run too
-        results[name] = {**result.to_json(), "single_object_qa": single_object_qa,
-                         "visual_tokens": visual_tokens(model)}
+        results[name], model_dir = train_and_score(name, CONNECTORS[name], work, phases, seed=seed, smoke=smoke,
+                                                   variant=variant, progress=progress)
         target = out / name
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
         for file in MODEL_FILES:
             if (model_dir / file).is_file():
                 shutil.copy2(model_dir / file, target / file)
-        _write_results(out, state, seed, smoke, results)  # after every model: a partial table survives
+        _write_results(out, phases.state, seed, smoke, results, qs)  # after every model: a partial table survives
     if heldout is not None:
         ship_heldout(world, heldout)
-    return _write_results(out, state, seed, smoke, results)
+    return _write_results(out, phases.state, seed, smoke, results, qs)
 
 
 def visual_tokens(model) -> int:
@@ -152,17 +232,19 @@ def visual_tokens(model) -> int:
     return model.num_visual_tokens(default_sampling(model).max_frames_taken())
 
 
-def _variant(single_object_qa: bool) -> str:
-    """The suffix of a stage-2 variant's phase names and work folder."""
-    return "+single" if single_object_qa else ""
+def _suffix(row: dict) -> str:
+    """The variant suffix of a table row (rows written before `Variant` had only the single-object flag)."""
+    return row.get("variant", "+single" if row.get("single_object_qa") else "")
 
 
-def _earlier_results(out: Path, key: dict) -> dict:
+def _earlier_results(out: Path, key: dict, qs: list[dict] | None = None) -> dict:
     try:
         earlier = json.loads((out / "results.json").read_text())
     except (OSError, ValueError):
         return {}
     if {"seed": earlier.get("seed"), "smoke": earlier.get("smoke")} != key:
+        return {}
+    if qs is not None and earlier.get("questions") != qs:  # scored on another held-out set: not comparable
         return {}
     from vidlmm.checkpoint import load_model
     from vidlmm.errors import CheckpointError
@@ -177,33 +259,31 @@ def _earlier_results(out: Path, key: dict) -> dict:
     return kept
 
 
-def _write_results(out: Path, state: dict, seed: int, smoke: bool, results: dict) -> dict:
+def _write_results(out: Path, state: dict, seed: int, smoke: bool, results: dict,
+                   qs: list[dict] | None = None) -> dict:
     timings = dict(state["phases"])
     # the total counts the phases that made the table's models (a work folder may also hold the other variant's)
-    made = {"world", "stage0"} | {f"{step}_{name}{_variant(r.get('single_object_qa', False))}"
-                                  for name, r in results.items() for step in ("train", "eval")}
+    made = {"world", "stage0"} | {r.get("stage0_phase", "stage0") for r in results.values()} | {
+        f"{step}_{name}{_suffix(r)}" for name, r in results.items() for step in ("train", "eval")}
     timings["total"] = sum(v for k, v in timings.items() if k in made)
     summary = {"seed": seed, "smoke": smoke, "timings_s": timings, "results": results}
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    if qs is not None:
+        summary["questions"] = qs
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
     (out / "results.md").write_text(results_table(summary))
     return summary
 
 
 def results_table(summary: dict) -> str:
-    lines = ["| model | visual tokens | overall | static | temporal | chance | unparsable |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, r in summary["results"].items():
-        cat = r.get("per_category", {})
-
-        def acc(c):
-            return f"{100 * cat[c]['accuracy']:.1f}" if c in cat else "-"
-
-        label = name + (" (+ single-object QA)" if r.get("single_object_qa") else "")
-        lines.append(f"| {label} | {r.get('visual_tokens', '-')} | {100 * r['accuracy']:.1f} | {acc('static')} | "
-                     f"{acc('temporal')} | {100 * r['chance']:.1f} | {r['unparsable']} |")
+    """The held-out table with 95 % intervals, then the paper's comparisons (where both models are in it)."""
+    rows = summary["results"]
+    labels = {name + (f" ({_suffix(r)})" if _suffix(r) else ""): r for name, r in rows.items()}
+    tokens = {label: {"visual tokens": r.get("visual_tokens", "-")} for label, r in labels.items()}
+    text = table(labels, tokens)
+    if summary.get("questions"):
+        text += "\n" + comparisons_table(comparisons(rows, summary["questions"]))
     total = summary["timings_s"]["total"]
-    lines.append(f"\nrebuild wall time: {total / 60:.1f} min (seed {summary['seed']})")
-    return "\n".join(lines) + "\n"
+    return text + f"\nrebuild wall time: {total / 60:.1f} min (seed {summary['seed']})\n"
 
 
 def main(argv=None) -> int:
@@ -215,14 +295,25 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny world and budgets: checks the pipeline in ~1 min")
     parser.add_argument("--single-object-qa", action="store_true",
                         help="add single-turn colour/shape questions about the one-object clips to stage 2 "
-                             "(see the README; the shipped models were trained without them)")
+                             "(see docs/embedded-models.md; the shipped models were trained without them)")
+    parser.add_argument("--mc-per-clip", type=int, default=1,
+                        help="multiple-choice questions per training clip in stage 2 (default 1)")
+    parser.add_argument("--stage0", nargs="*", default=[], metavar="PART.KEY=VALUE",
+                        help="stage-0 settings to change (train/stage0/common.py), e.g. vision.set_weight=1 (the "
+                             "shipped stage 0 is made too; only the tower changes: its tokenizer and LLM are reused)")
+    parser.add_argument("--stage1", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="stage-1 recipe fields to change (train/configs/toy_stage1.yaml), e.g. epochs=2")
+    parser.add_argument("--stage2", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="stage-2 recipe fields to change (train/configs/toy_stage2.yaml)")
     parser.add_argument("--connectors", nargs="+", choices=list(CONNECTORS), default=list(SHIPPED),
                         help="default: the shipped models (%(default)s)")
     args = parser.parse_args(argv)
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
+    variant = Variant(single_object_qa=args.single_object_qa, mc_per_clip=args.mc_per_clip,
+                      stage1=tuple(args.stage1), stage2=tuple(args.stage2), stage0=tuple(args.stage0))
     summary = build(out, work, seed=args.seed, smoke=args.smoke, connectors=args.connectors,
-                    heldout=Path(args.heldout) if args.heldout else None, single_object_qa=args.single_object_qa)
+                    heldout=Path(args.heldout) if args.heldout else None, variant=variant)
     print(results_table(summary))
     return 0
 

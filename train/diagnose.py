@@ -3,6 +3,7 @@
     python -m train.diagnose gap     --model M --annotations qa.json --video-root DIR [--limit 48]
     python -m train.diagnose open    --model M --data eval_mc.json [--video-root DIR] [--limit 200]
     python -m train.diagnose types   --model M --data eval_mc.json [--video-root DIR] [--world WORLD]
+    python -m train.diagnose probe   --model M | --tower STAGE0/vision --world WORLD [--train-clips 1200]
     python -m train.diagnose context --llm STAGE0/llm --world WORLD [--limit 64]
     python -m train.diagnose recall  [--init-std 0.02 0.1] [--steps 1000] [--seed 0]
 
@@ -14,6 +15,7 @@ LLM answers from the text alone. It also prints how much of the connector's outp
 the correct option's text. This separates "cannot read the video" from "cannot map an answer to a letter".
 `types`: the multiple-choice evaluation (`vidlmm.evaluate`) broken down by the items' question ``type`` (and, with
 the world's folder, by how many objects the clip shows).
+`probe`: is a frame's content readable at each step (tower patches, connector tokens)? See `token_probe`.
 `context`: does a stage-0 LM read its context at all (stage 1 can only steer one that does)? On held-out training
 clips of the world: the caption loss with the clip's own caption in front of it (stage 1's layout, a caption
 where the video goes) against another clip's caption; and held-out MC prompts answered without context and with
@@ -65,6 +67,102 @@ def video_gap(model, samples: list[dict], video_root: Path, template: str, shift
                 "wrong_video": mean_loss(lambda i: feats[(i + shift) % len(feats)]),
                 "zero_features": mean_loss(lambda i: torch.zeros_like(feats[i])),
                 "token_norm": norm, "video_dependent_share": tokens.std(0).norm(dim=-1).mean().item() / norm}
+
+
+def _frame_pairs(spec, tl, t: int):
+    """Which (colour, shape) objects frame ``t`` shows: 24 binary facts (6 colours x 4 shapes)."""
+    import numpy as np
+
+    from .stage0.tower import frame_objects
+    from .world import COLOUR_NAMES, SHAPES
+
+    facts = np.zeros(len(COLOUR_NAMES) * len(SHAPES))
+    for colour, shape, _ in frame_objects(spec, tl, t):
+        facts[COLOUR_NAMES.index(colour) * len(SHAPES) + SHAPES.index(shape)] = 1
+    return facts
+
+
+def _ridge(train_x, train_y, test_x, test_y, lam: float = 1.0) -> dict:
+    """Ridge read-out (dual form) of binary facts: the share of test frames with every fact right, and the
+    share of present objects found (their (colour, shape) fact above 0.5)."""
+    import torch
+
+    mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
+    a, b = (train_x - mu) / sd, (test_x - mu) / sd
+    ym = train_y.mean(0)
+    alpha = torch.linalg.solve(a @ a.T + lam * a.shape[1] ** 0.5 * torch.eye(len(a), dtype=a.dtype), train_y - ym)
+    pred = (b @ a.T) @ alpha + ym > 0.5
+    truth = test_y > 0.5
+    return {"frames_all_right": float((pred == truth).all(1).double().mean()),
+            "objects_found": float((pred & truth).sum() / truth.sum())}
+
+
+class _TowerOnly:
+    """A stage-0 tower folder standing in for a model in `token_probe`: the patch views only (no connector)."""
+
+    def __init__(self, folder: Path):
+        from transformers import SiglipVisionModel
+
+        from vidlmm.preprocess import ImageProcessor
+        from vidlmm.video import FrameSampling
+        from vidlmm.vision import VisionTower
+
+        vision = SiglipVisionModel.from_pretrained(folder).eval()
+        self.tower = VisionTower.around(vision)
+        self.image_processor = ImageProcessor.for_tower("siglip", vision.config.image_size)
+        self.sampling = FrameSampling.from_dict({"mode": "uniform", "num_frames": 16})  # the embedded models'
+
+    def encode_frames(self, pixels):
+        return self.tower(pixels)
+
+
+def token_probe(model, world_dir: Path, *, train_clips: int = 1200, test_clips: int = 400, seed: int = 0) -> dict:
+    """Where along tower -> connector is a frame's content lost? Linear (ridge) read-outs of which (colour, shape)
+    objects the first sampled frame shows, fitted on training clips, scored on held-out clips, from: the tower's
+    patches of that frame (``patches_flat``: every patch; ``patches_mean``: their mean), the connector's tokens
+    computed from that frame's group of the sampling (``connector_frame``: the tokens whose group holds frame 0,
+    all of them for a connector with one group) and all the connector's tokens (``connector_all``). A fact
+    readable from the patches but not from the tokens is lost in the connector; readable from the tokens but
+    wrongly answered, it is lost in the LLM."""
+    import numpy as np
+    import torch
+
+    from vidlmm.pipeline import default_sampling
+    from vidlmm.preprocess import read_pixels
+
+    from .world import load_clips, timeline
+
+    clips = load_clips(world_dir)
+    connector = not isinstance(model, _TowerOnly)
+    rng = np.random.default_rng([seed, 11])
+    picks = {"train": rng.permutation(len(clips["train"]))[:train_clips],
+             "eval": rng.permutation(len(clips["eval"]))[:test_clips]}
+    sampling = default_sampling(model) if connector else model.sampling
+    views: dict[str, dict[str, list]] = {}
+    with torch.no_grad():
+        for split, idx in picks.items():
+            got = views[split] = {"facts": [], "patches_flat": [], "patches_mean": [], "connector_frame": [],
+                                  "connector_all": []}
+            for k in idx:
+                spec = clips[split][int(k)]
+                clip, pixels = read_pixels(world_dir / "videos" / f"{spec.id}.mp4", sampling, model.image_processor)
+                feats = model.encode_frames(pixels)  # [T, P, C]
+                got["facts"].append(_frame_pairs(spec, timeline(spec), int(clip.indices[0])))
+                got["patches_flat"].append(feats[0].flatten().double())
+                got["patches_mean"].append(feats[0].mean(0).double())
+                if connector:
+                    out = model.connect(feats)
+                    groups = out.query_groups
+                    first = groups == groups[0] if groups is not None else torch.ones(out.tokens.shape[1], dtype=bool)
+                    got["connector_frame"].append(out.tokens[0, first].flatten().double())
+                    got["connector_all"].append(out.tokens[0].flatten().double())
+    facts = {split: torch.tensor(np.stack(v["facts"])) for split, v in views.items()}
+    result = {"train_clips": len(picks["train"]), "test_clips": len(picks["eval"]),
+              "objects_per_frame": float(facts["eval"].sum(1).mean())}
+    for view in ("patches_flat", "patches_mean") + (("connector_frame", "connector_all") if connector else ()):
+        x, y = torch.stack(views["train"][view]), torch.stack(views["eval"][view])
+        result[view] = {"dims": int(x.shape[1]), **_ridge(x, facts["train"], y, facts["eval"])}
+    return result
 
 
 def mc_as_conversations(items: list[dict]) -> list[dict]:
@@ -234,6 +332,14 @@ def main(argv: Iterable[str] | None = None) -> int:
         p.add_argument("--model", required=True)
         p.add_argument("--video-root", help="default: the JSON's folder")
         p.add_argument("--limit", type=int, default=48 if p is gap else 200 if p is opened else None)
+    probe = sub.add_parser("probe", help="is a frame's content readable from the tower's patches and from the "
+                                         "connector's tokens? (linear read-outs)")
+    probe_of = probe.add_mutually_exclusive_group(required=True)
+    probe_of.add_argument("--model")
+    probe_of.add_argument("--tower", help="a stage-0 tower folder (STAGE0/vision) instead: the patch views only")
+    probe.add_argument("--world", required=True, help="the world the model was trained on")
+    probe.add_argument("--train-clips", type=int, default=1200)
+    probe.add_argument("--test-clips", type=int, default=400)
     context = sub.add_parser("context", help="does a stage-0 LM read its context?")
     context.add_argument("--llm", required=True, help="a stage-0 LM folder (OUT/llm of python -m train.stage0)")
     context.add_argument("--world", required=True, help="the world it was trained on")
@@ -254,6 +360,12 @@ def main(argv: Iterable[str] | None = None) -> int:
             for std in args.init_std:
                 print(json.dumps(associative_recall(std, steps=args.steps, hidden_size=args.hidden_size,
                                                     layers=args.layers, seed=args.seed)), flush=True)
+            return 0
+        if args.command == "probe":
+            model = (load_model(args.model, dtype="fp32", device="cpu").eval() if args.model
+                     else _TowerOnly(Path(args.tower)))
+            print(json.dumps(token_probe(model, Path(args.world), train_clips=args.train_clips,
+                                         test_clips=args.test_clips), indent=1))
             return 0
         if args.command == "context":
             print(json.dumps(context_reading(Path(args.llm), Path(args.world), args.limit), indent=1))

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import VidlmmError
+from .intervals import bootstrap_interval, format_interval
 
 LETTERS = string.ascii_uppercase
 SUFFIX = "Answer with the option's letter from the given choices directly."
@@ -286,23 +287,29 @@ class EvalResult:
     extra: dict = field(default_factory=dict)
     per_group: dict = field(default_factory=dict)
     missing: list = field(default_factory=list)
+    interval: list | None = None  # the accuracy's 95 % bootstrap interval over videos (vidlmm.intervals)
 
     def to_json(self) -> dict:
-        return {"accuracy": self.accuracy, "macro_accuracy": self.macro_accuracy, "n": self.n,
+        return {"accuracy": self.accuracy, "interval": self.interval, "macro_accuracy": self.macro_accuracy,
+                "n": self.n,
                 "correct": self.correct, "chance": self.chance, "unparsable": self.unparsable,
                 "per_category": self.per_category, "per_group": self.per_group, "missing": self.missing,
                 "seconds": round(self.seconds, 3), "style": self.style, **self.extra,
                 "items": [asdict(r) for r in self.items]}
 
     def to_markdown(self) -> str:
-        rows = ["| category | n | accuracy | chance |", "|---|---:|---:|---:|"]
+        def acc(stats: dict) -> str:
+            return format_interval(stats["accuracy"], stats["interval"]) if stats.get("interval") else \
+                f"{100 * stats['accuracy']:.1f}"
+
+        rows = ["| category | n | accuracy [95 % interval] | chance |", "|---|---:|---:|---:|"]
         for name, cat in self.per_category.items():
-            rows.append(f"| {name} | {cat['n']} | {100 * cat['accuracy']:.1f} | {100 * cat['chance']:.1f} |")
-        rows.append(f"| **overall** | {self.n} | {100 * self.accuracy:.1f} | {100 * self.chance:.1f} |")
+            rows.append(f"| {name} | {cat['n']} | {acc(cat)} | {100 * cat['chance']:.1f} |")
+        overall = {"accuracy": self.accuracy, "interval": self.interval}
+        rows.append(f"| **overall** | {self.n} | {acc(overall)} | {100 * self.chance:.1f} |")
         for grouping, labels in self.per_group.items():
             rows.append(f"| *by {grouping}* | | | |")
-            rows += [f"| {label} | {g['n']} | {100 * g['accuracy']:.1f} | {100 * g['chance']:.1f} |"
-                     for label, g in labels.items()]
+            rows += [f"| {label} | {g['n']} | {acc(g)} | {100 * g['chance']:.1f} |" for label, g in labels.items()]
         notes = [f"unparsable replies: {self.unparsable} (counted as wrong)"]
         if self.extra.get("open_ended"):
             open_ = self.extra["open_ended"]
@@ -321,6 +328,7 @@ def summarize(records: list[ItemRecord], seconds: float = 0.0, style: str = "mvb
         n = len(rs)
         correct = sum(r.correct for r in rs)
         return {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0,
+                "interval": list(bootstrap_interval([r.correct for r in rs], [r.video for r in rs])) if n else None,
                 "chance": sum(1 / r.num_options for r in rs) / n if n else 0.0,
                 "unparsable": sum(r.parsed is None for r in rs)}
 
@@ -339,7 +347,8 @@ def summarize(records: list[ItemRecord], seconds: float = 0.0, style: str = "mvb
     macro = sum(c["accuracy"] for c in per_category.values()) / len(per_category) if per_category else 0.0
     return EvalResult(n=total["n"], correct=total["correct"], accuracy=total["accuracy"], macro_accuracy=macro,
                       chance=total["chance"], unparsable=total["unparsable"], per_category=per_category,
-                      items=list(records), seconds=seconds, style=style, per_group=per_group)
+                      items=list(records), seconds=seconds, style=style, per_group=per_group,
+                      interval=total["interval"])
 
 
 SCORINGS = ("generate", "likelihood")

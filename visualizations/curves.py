@@ -39,8 +39,9 @@ def _percent(f: float) -> str:
 
 
 def plot_zeroing(results, metric: str | None = None, *, strategies=None, figsize=(NARROW * 1.7, 3.0)) -> Figure:
-    """Zeroing curves of one or several connectors on one plot: mean over seeds, with a band of +/- one
-    standard deviation (seeded strategies). Colour = connector, line style and marker = strategy.
+    """Zeroing curves of one or several connectors on one plot: mean over seeds, with a band: for a
+    multiple-choice set the 95 % bootstrap interval over its videos, for one video +/- one standard deviation over
+    the seeds. Colour = connector, line style and marker = strategy.
 
     results: {name: ZeroingResult}, a list of them, or one. metric: default the first result's main metric
     (relative likelihood for one video, relative accuracy for a multiple-choice set).
@@ -69,12 +70,16 @@ def plot_zeroing(results, metric: str | None = None, *, strategies=None, figsize
                     continue
                 x = np.array([r["fraction"] for r in rows]) * 100
                 y = np.array([r[f"{metric}_mean"] for r in rows])
-                spread = np.array([r[f"{metric}_std"] for r in rows])
+                if all(f"{metric}_lo" in r for r in rows):  # a 95 % interval over the videos
+                    low, high = (np.array([r[f"{metric}_{k}"] for r in rows]) for k in ("lo", "hi"))
+                else:  # one video: the spread over seeds
+                    spread = np.array([r[f"{metric}_std"] for r in rows])
+                    low, high = y - spread, y + spread
                 label = result.model if len(strategies) == 1 else f"{result.model}, {strategy}"
                 ax.plot(x, y, color=colour(ci), ls=LINESTYLES[si % len(LINESTYLES)], marker=MARKERS[si % len(MARKERS)],
                         ms=3.5, lw=1.3, label=label)
-                if np.any(spread > 0):
-                    ax.fill_between(x, y - spread, y + spread, color=colour(ci), alpha=0.15, lw=0)
+                if np.any(high > low):
+                    ax.fill_between(x, low, high, color=colour(ci), alpha=0.15, lw=0)
         if log_x:
             ax.set_xscale("log", base=2)
         ax.xaxis.set_major_locator(FixedLocator([100 * f for f in fractions]))

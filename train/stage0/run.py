@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -17,23 +18,45 @@ from .text import build_tokenizer, tokenizer_report
 from .tower import pretrain_vision
 
 
-def run_stage0(world_dir, out_dir, *, budget: str = "full", seed: int = 0, progress: bool = True) -> dict:
-    """Tokenizer -> LLM -> vision tower into ``out_dir/{tokenizer,llm,vision,siglip}``; returns and saves stats."""
+def run_stage0(world_dir, out_dir, *, budget: str = "full", seed: int = 0, progress: bool = True,
+               overrides: dict | None = None, reuse_text=None) -> dict:
+    """Tokenizer -> LLM -> vision tower into ``out_dir/{tokenizer,llm,vision,siglip}``; returns and saves stats.
+
+    overrides: {"llm": {...}, "vision": {...}} changes to the budget's settings. reuse_text: a finished stage-0
+    folder of the same world and seed whose tokenizer and LLM are copied instead of trained again (when only the
+    tower changes)."""
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, not {budget!r}")
-    b = BUDGETS[budget]
+    b = {k: (dict(v) if isinstance(v, dict) else v) for k, v in BUDGETS[budget].items()}
+    for part, changes in (overrides or {}).items():
+        unknown = set(changes) - set(b.get(part, {})) - ({"set_weight", "dense_weight"} if part == "vision" else set())
+        if part not in ("llm", "vision") or unknown:
+            raise ValueError(f"unknown stage-0 setting(s): {part}.{', '.join(sorted(unknown)) or '*'}")
+        b[part].update(changes)
     threads = torch.get_num_threads()
     if b.get("threads"):
         torch.set_num_threads(b["threads"])
     try:
-        return _run_stage0(world_dir, Path(out_dir), b, budget, seed, progress)
+        return _run_stage0(world_dir, Path(out_dir), b, budget, seed, progress, reuse_text)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_stage0(world_dir, out: Path, b: dict, budget: str, seed: int, progress: bool) -> dict:
+def _run_stage0(world_dir, out: Path, b: dict, budget: str, seed: int, progress: bool, reuse_text=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    if reuse_text is not None:
+        reused = json.loads((Path(reuse_text) / "stage0.json").read_text())
+        for part in ("tokenizer", "llm"):
+            shutil.rmtree(out / part, ignore_errors=True)
+            shutil.copytree(Path(reuse_text) / part, out / part)
+        stats = {**{k: reused[k] for k in ("budget", "seed", "world", "tokenizer", "llm")},
+                 "text_from": str(reuse_text), "threads": torch.get_num_threads()}
+        stats["vision"] = pretrain_vision(world_dir, out / "vision", seed=seed, progress=progress,
+                                          siglip_dir=out / "siglip", **b["vision"])
+        stats["seconds"] = time.perf_counter() - t0
+        (out / "stage0.json").write_text(json.dumps(stats, indent=1) + "\n")
+        return stats
     tok = build_tokenizer(world_dir, out / "tokenizer", b["vocab_size"], seed=seed)
     stats = {"budget": budget, "seed": seed, "world": str(world_dir), "tokenizer": tokenizer_report(tok),
              "threads": torch.get_num_threads()}

@@ -152,6 +152,11 @@ class FrameSet:
         self.facts = torch.tensor(np.stack(facts), dtype=torch.float32)
         self.clip_of = np.array(clip_of)
         self.patch_labels = torch.from_numpy(np.stack(dense)) if dense else None  # [N, grid * grid]
+        # [N, colours x shapes]: which (colour, shape) objects each frame shows
+        self.object_sets = torch.zeros(len(objects), PATCH_CLASSES - 1)
+        for n, objs in enumerate(objects):
+            for c, s, _ in objs:
+                self.object_sets[n, W.COLOUR_NAMES.index(c) * len(W.SHAPES) + W.SHAPES.index(s)] = 1
         self.num_clips = len(specs)
         self.proc = proc
 
@@ -276,15 +281,17 @@ def pretrain_vision(world_dir, out_dir, *, image_size: int = 64, patch_size: int
                     layers: int = 4, heads: int = 4, intermediate: int = 256, steps: int = 1000,
                     batch_size: int = 128, lr: float = 1e-3, seed: int = 0, text_hidden_size: int = 96,
                     text_layers: int = 2, text_length: int = 40, weight_decay: float = 0.05,
-                    hard_negatives: bool = True, dense_weight: float = 1.0, probe: bool = True,
-                    progress: bool = True, siglip_dir=None) -> dict:
+                    hard_negatives: bool = True, dense_weight: float = 1.0, set_weight: float = 0.0,
+                    probe: bool = True, progress: bool = True, siglip_dir=None) -> dict:
     """Train a SiglipModel with the sigmoid loss on (frame, description) pairs of training clips; save the vision
     half as a SiglipVisionModel folder in ``out_dir`` (and the whole model in ``siglip_dir`` when given).
 
     With ``dense_weight`` > 0 a linear head on the penultimate layer (the one the connector reads) also learns
     every patch's (colour, shape) class (:func:`patch_labels`); the head is thrown away afterwards. The sigmoid
     loss alone leaves shape only weakly readable per patch (its pooling head does the binding, and the
-    connector never sees that head)."""
+    connector never sees that head). With ``set_weight`` > 0 a linear head on the MEAN of those patches also
+    learns which (colour, shape) objects the frame shows, to push the binding into every patch (tried for issue 23
+    and not kept: the mean's read-out rose from 41 to 45 % of the objects, docs/embedded-models.md)."""
     from transformers import SiglipModel, SiglipVisionModel
 
     t0 = time.perf_counter()
@@ -304,6 +311,8 @@ def pretrain_vision(world_dir, out_dir, *, image_size: int = 64, patch_size: int
         model.logit_bias.fill_(-10.0)
     head = torch.nn.Linear(hidden_size, PATCH_CLASSES)
     trained = torch.nn.ModuleDict({"siglip": model, "patch_head": head})
+    if set_weight > 0:  # made only when used: the torch random stream of the other recipes stays as it was
+        set_head = trained["set_head"] = torch.nn.Linear(hidden_size, PATCH_CLASSES - 1)
     t1 = time.perf_counter()
     probe_init = _probe(model.vision_model, train, evals, 2000, 1000, seed) if (probe and evals) else None
     eval_s = time.perf_counter() - t1
@@ -322,12 +331,16 @@ def pretrain_vision(world_dir, out_dir, *, image_size: int = 64, patch_size: int
         chosen, clip_order = clip_order[:bsz], clip_order[bsz:]
         idx = np.array([per_clip[c][rng.integers(len(per_clip[c]))] for c in chosen])
         ids, texts = train.batch_texts(idx, rng if hard_negatives else None)
-        out = model(input_ids=ids, pixel_values=train.pixels(idx), output_hidden_states=dense_weight > 0)
+        out = model(input_ids=ids, pixel_values=train.pixels(idx), output_hidden_states=dense_weight + set_weight > 0)
         loss = _siglip_loss(out.logits_per_text, train.positives(idx, texts))
         if dense_weight > 0:
             logits = head(out.vision_model_output.hidden_states[-2])
             loss = loss + dense_weight * torch.nn.functional.cross_entropy(
                 logits.flatten(0, 1), train.patch_labels[idx].flatten())
+        if set_weight > 0:  # the frame's (colour, shape) objects, read linearly from the MEAN of its patches
+            pooled = out.vision_model_output.hidden_states[-2][:, 1:].mean(1)
+            loss = loss + set_weight * torch.nn.functional.binary_cross_entropy_with_logits(
+                set_head(pooled), train.object_sets[idx])
         return loss
 
     losses = _fit(trained, next_loss, steps=steps, lr=lr, weight_decay=weight_decay, desc="vision",

@@ -151,7 +151,8 @@ class ZeroingResult:
         return self.metrics[0]
 
     def summary(self) -> list[dict]:
-        """Per (strategy, fraction): mean, std (sample, 0 for one seed), min and max over seeds of each metric."""
+        """Per (strategy, fraction): mean, std (sample, 0 for one seed), min and max over seeds of each metric;
+        for a multiple-choice set also ``<metric>_lo`` / ``_hi``, its 95 % bootstrap interval over the videos."""
         out = []
         for strategy in self.strategies:
             for fraction in self.fractions:
@@ -169,6 +170,11 @@ class ZeroingResult:
                     row[f"{metric}_mean"] = float(values.mean())
                     row[f"{metric}_std"] = float(values.std(ddof=1)) if np.ptp(values) > 0 else 0.0
                     row[f"{metric}_min"], row[f"{metric}_max"] = float(values.min()), float(values.max())
+                for entry in self.reference.get("intervals", ()):  # multiple-choice sets: over videos, seeds averaged
+                    if entry["strategy"] == strategy and entry["fraction"] == fraction:
+                        for metric in self.metrics:
+                            if metric in entry:
+                                row[f"{metric}_lo"], row[f"{metric}_hi"] = entry[metric]
                 out.append(row)
         return out
 

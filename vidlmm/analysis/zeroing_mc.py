@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import VidlmmError
+from ..intervals import bootstrap_interval, ratio_interval
 from .zeroing import (
     FRACTIONS, STRATEGIES, Progress, ZeroingResult, _attention_scores, _batches, _check_plan, _decode, _greedy_batch,
     _model_name, _plan, query_group_spans, zeroed_output,
@@ -165,6 +166,7 @@ def zeroing_mc_result(records: list[ZeroingRecord], missing: list[dict], *, frac
                                "agreement": float(agree.mean()), "n": len(rows),
                                **({"margin": float(margin[0].mean())} if margin else {})})
     reference = {"accuracy": full_acc, "n": len(records), "videos": len({r.video for r in records}), "style": style,
+                 "intervals": _point_intervals(records, strategies, fractions),
                  "chance": float(np.mean([1 / r.num_options for r in records])),
                  "items": [{"id": r.id, "video": r.video, "answer": r.answer, "full_response": r.full_response,
                             "full_choice": r.full_choice} for r in records],
@@ -172,6 +174,25 @@ def zeroing_mc_result(records: list[ZeroingRecord], missing: list[dict], *, frac
     return ZeroingResult(model=model, fractions=[float(f) for f in fractions], strategies=list(strategies),
                          seeds=[int(s) for s in seeds], points=points, kind="mc", connector_type=connector_type,
                          num_tokens=records[0].tokens, reference=reference)
+
+
+def _point_intervals(records: list[ZeroingRecord], strategies, fractions) -> list[dict]:
+    """Per (strategy, fraction): 95 % bootstrap intervals over the videos (`vidlmm.intervals`) of the accuracy and
+    of the accuracy relative to the full model's, each question's correctness averaged over the seeds."""
+    videos = [r.video for r in records]
+    full = [float(r.full_choice == r.answer) for r in records]
+    out = []
+    for strategy in strategies:
+        for fraction in fractions:
+            right = []
+            for r in records:
+                hits = [choice == r.answer for s, f, _, choice, *_ in r.points
+                        if s == strategy and float(f) == float(fraction)]
+                right.append(float(np.mean(hits)) if hits else float("nan"))
+            out.append({"strategy": strategy, "fraction": float(fraction),
+                        "accuracy": list(bootstrap_interval(right, videos)),
+                        "relative_accuracy": list(ratio_interval(right, full, videos))})
+    return out
 
 
 def zeroing_mc_curve(lmm, items, *, video_root=None, fractions=FRACTIONS, strategies=STRATEGIES, seeds=(0, 1, 2),
