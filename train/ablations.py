@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from .build_embedded import CONNECTORS, Phases, prepare, train_and_score
-from .results import table
+from .results import questions, table
 
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "ablations.yaml"
@@ -55,10 +55,10 @@ def run_name(spec: dict) -> str:
 
 def run_ablations(work: Path, out: Path, *, studies=tuple(STUDIES), seed: int = 0, smoke: bool = False,
                   progress: bool = True) -> dict:
+    """Train and score every setting of ``studies`` (each distinct setting once) in the work folder; write the
+    report, its table and the figures to ``out``; returns the report."""
     phases = Phases(work, {"seed": seed, "smoke": smoke}, progress)
     world = prepare(work, phases, seed=seed, smoke=smoke, progress=progress)
-    from .results import questions
-
     qs = questions(world / "eval_mc.json")
     rows: dict[str, dict] = {}
     report = {"seed": seed, "smoke": smoke, "studies": {}}
