@@ -85,13 +85,9 @@ def _frame_pairs(spec, tl, t: int):
 def _ridge(train_x, train_y, test_x, test_y, lam: float = 1.0) -> dict:
     """Ridge read-out (dual form) of binary facts: the share of test frames with every fact right, and the
     share of present objects found (their (colour, shape) fact above 0.5)."""
-    import torch
+    from .stage0.tower import ridge_predict
 
-    mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
-    a, b = (train_x - mu) / sd, (test_x - mu) / sd
-    ym = train_y.mean(0)
-    alpha = torch.linalg.solve(a @ a.T + lam * a.shape[1] ** 0.5 * torch.eye(len(a), dtype=a.dtype), train_y - ym)
-    pred = (b @ a.T) @ alpha + ym > 0.5
+    pred = ridge_predict(train_x, train_y, test_x, lam) > 0.5
     truth = test_y > 0.5
     return {"frames_all_right": float((pred == truth).all(1).double().mean()),
             "objects_found": float((pred & truth).sum() / truth.sum())}

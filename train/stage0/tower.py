@@ -212,14 +212,19 @@ def patch_features(vision_model, pixels: torch.Tensor, feature_layer: int = -2,
     return VisionTower.around(vision_model, feature_layer=feature_layer, select_strategy=select_strategy)(pixels)
 
 
-def _ridge_probe(train_x, train_y, test_x, test_y, lam: float = 1.0) -> dict:
-    """Linear read-out of static facts (ridge regression, dual form), accuracy per fact group on test frames."""
+def ridge_predict(train_x, train_y, test_x, lam: float = 1.0) -> torch.Tensor:
+    """Ridge regression in dual form (standardised inputs, penalty ``lam * sqrt(dims)``): predictions for test_x.
+    Shared by the stage-0 probe and `train.diagnose probe`."""
     mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
     a, b = (train_x - mu) / sd, (test_x - mu) / sd
     ym = train_y.mean(0)
-    k = a @ a.T
-    alpha = torch.linalg.solve(k + lam * a.shape[1] ** 0.5 * torch.eye(len(a), dtype=a.dtype), train_y - ym)
-    pred = (b @ a.T) @ alpha + ym
+    alpha = torch.linalg.solve(a @ a.T + lam * a.shape[1] ** 0.5 * torch.eye(len(a), dtype=a.dtype), train_y - ym)
+    return (b @ a.T) @ alpha + ym
+
+
+def _ridge_probe(train_x, train_y, test_x, test_y, lam: float = 1.0) -> dict:
+    """Linear read-out of static facts (ridge regression, dual form), accuracy per fact group on test frames."""
+    pred = ridge_predict(train_x, train_y, test_x, lam)
     res = {}
     for name, sl in _FACT_GROUPS.items():
         p, y = pred[:, sl], test_y[:, sl]
