@@ -136,6 +136,36 @@ def test_the_ablation_studies_cover_the_papers_settings_and_share_the_embedded_r
     assert (tmp_path / "q.png").stat().st_size > 1000
 
 
+def test_an_ablation_run_trains_only_the_settings_asked_for_and_keeps_reporting_earlier_ones(tmp_path,
+                                                                                            monkeypatch):
+    import train.ablations as ablations
+
+    qs = _questions(40)
+    called = []
+
+    def train_and_score(name, spec, work, phases, **kw):  # stands in for stages 1 + 2 and the scoring
+        called.append(name)
+        phases.record(f"train_{name}", 60.0)
+        phases.record(f"eval_{name}", 6.0)
+        return _row(qs, 0.6, 0.4, len(called)), None
+
+    monkeypatch.setattr(ablations, "prepare", lambda work, phases, **kw: tmp_path / "world")
+    monkeypatch.setattr(ablations, "train_and_score", train_and_score)
+    monkeypatch.setattr(ablations, "questions", lambda path: qs)
+    first = ablations.run_ablations(tmp_path / "work", tmp_path / "out", studies=("image_queries",),
+                                    settings=["16"], progress=False)
+    assert called == ["image_q16"]
+    assert [e["value"] for e in first["studies"]["image_queries"]["entries"]] == [16]
+    later = ablations.run_ablations(tmp_path / "work", tmp_path / "out", studies=("image_queries", "resamplers"),
+                                    settings=["4"], progress=False)
+    # 4 per frame is the embedded image-level model, which is also the resamplers study's first setting
+    assert [e["value"] for e in later["studies"]["image_queries"]["entries"]] == [4, 16]
+    assert [e["run"] for e in later["studies"]["resamplers"]["entries"]] == ["image"]
+    assert "image_q1" not in called and "group" not in called
+    assert later["wall_time_s"] == 2 * 66.0
+    assert (tmp_path / "out" / "image_queries.png").is_file()
+
+
 def test_zeroing_curves_on_a_set_carry_intervals_over_videos_and_the_figure_draws_them():
     from visualizations.curves import plot_zeroing
     from vidlmm.analysis.zeroing import ZeroingResult

@@ -1,6 +1,6 @@
 """The paper's resampler ablations at toy scale, as one command on the embedded models' world and stage 0.
 
-    python -m train.ablations [--work runs/embedded] [--out runs/ablations] [--studies ...] [--smoke]
+    python -m train.ablations [--work runs/embedded] [--out runs/ablations] [--studies ...] [--settings ...] [--smoke]
 
 Studies (each a list of connector settings trained with the embedded recipe, stages 1 and 2, and scored on the
 held-out set with 95 % bootstrap intervals):
@@ -53,20 +53,23 @@ def run_name(spec: dict) -> str:
     return f"group_g{spec['group']}_q{spec['num_queries']}"
 
 
-def run_ablations(work: Path, out: Path, *, studies=tuple(STUDIES), seed: int = 0, smoke: bool = False,
-                  progress: bool = True) -> dict:
-    """Train and score every setting of ``studies`` (each distinct setting once) in the work folder; write the
-    report, its table and the figures to ``out``; returns the report."""
+def run_ablations(work: Path, out: Path, *, studies=tuple(STUDIES), settings=None, seed: int = 0,
+                  smoke: bool = False, progress: bool = True) -> dict:
+    """Train and score every setting of ``studies`` (each distinct setting once) in the work folder; with
+    ``settings``, only the values named there plus those an earlier run trained. Writes the report, its table and
+    the figures to ``out``; returns the report."""
     phases = Phases(work, {"seed": seed, "smoke": smoke}, progress)
     world = prepare(work, phases, seed=seed, smoke=smoke, progress=progress)
     qs = questions(world / "eval_mc.json")
     rows: dict[str, dict] = {}
     report = {"seed": seed, "smoke": smoke, "studies": {}}
     for study in studies:
-        label, settings = STUDIES[study]
+        label = STUDIES[study][0]
         entries = []
-        for value, spec in settings:
+        for value, spec in STUDIES[study][1]:
             name = run_name(spec)
+            if settings is not None and str(value) not in settings and f"train_{name}" not in phases.state["phases"]:
+                continue  # neither asked for nor trained by an earlier run
             if name not in rows:
                 rows[name], _ = train_and_score(name, spec, work, phases, seed=seed, smoke=smoke, progress=progress)
             seconds = sum(phases.state["phases"].get(f"{step}_{name}", 0.0) for step in ("train", "eval"))
@@ -79,7 +82,8 @@ def run_ablations(work: Path, out: Path, *, studies=tuple(STUDIES), seed: int = 
     (out / "ablations.json").write_text(json.dumps(report, indent=1))
     (out / "ablations.md").write_text(report_markdown(report, rows))
     for study in studies:
-        plot_study(report["studies"][study], out / f"{study}.png")
+        if report["studies"][study]["entries"]:
+            plot_study(report["studies"][study], out / f"{study}.png")
     return report
 
 
@@ -136,10 +140,14 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default="runs/embedded", help="the rebuild's work folder (world and stage 0)")
     parser.add_argument("--out", default="runs/ablations")
     parser.add_argument("--studies", nargs="+", choices=list(STUDIES), default=list(STUDIES))
+    parser.add_argument("--settings", nargs="+", metavar="VALUE",
+                        help="train only these settings of the studies (e.g. 4 16); the report also shows those an "
+                             "earlier run trained, the others wait for a later run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny world and budgets (tests)")
     args = parser.parse_args(argv)
-    report = run_ablations(Path(args.work), Path(args.out), studies=args.studies, seed=args.seed, smoke=args.smoke)
+    report = run_ablations(Path(args.work), Path(args.out), studies=args.studies,
+                           settings=args.settings, seed=args.seed, smoke=args.smoke)
     print((Path(args.out) / "ablations.md").read_text())
     print(f"wall time: {report['wall_time_s'] / 60:.1f} min", file=sys.stderr)
     return 0

@@ -49,9 +49,11 @@ def model_row(result, qs: list[dict]) -> dict:
             "choices": choices}
 
 
-def correct_vector(row: dict, qs: list[dict], category: str | None = None) -> tuple[np.ndarray, list[str]]:
-    """(1/0 per question, its video) for a row's choices, on one category or all."""
-    pick = [k for k, q in enumerate(qs) if category is None or q["category"] == category]
+def correct_vector(row: dict, qs: list[dict], category: str | None = None, *,
+                   qtype: str | None = None) -> tuple[np.ndarray, list[str]]:
+    """(1/0 per question, its video) for a row's choices, on one category (and/or question type) or all."""
+    pick = [k for k, q in enumerate(qs)
+            if (category is None or q["category"] == category) and (qtype is None or q["type"] == qtype)]
     right = np.array([row["choices"][k] == qs[k]["answer"] for k in pick], dtype=np.float64)
     return right, [qs[k]["video"] for k in pick]
 
@@ -60,10 +62,9 @@ def per_type(row: dict, qs: list[dict]) -> dict[str, dict]:
     """Accuracy with its interval for each question type."""
     out = {}
     for t in dict.fromkeys(q["type"] for q in qs):
-        idx = [k for k, q in enumerate(qs) if q["type"] == t]
-        right = [row["choices"][k] == qs[k]["answer"] for k in idx]
-        out[t] = {"n": len(idx), "correct": int(sum(right)), "accuracy": float(np.mean(right)),
-                  "interval": list(bootstrap_interval(right, [qs[k]["video"] for k in idx]))}
+        right, videos = correct_vector(row, qs, qtype=t)
+        out[t] = {"n": len(right), "correct": int(right.sum()), "accuracy": float(right.mean()),
+                  "interval": list(bootstrap_interval(right, videos))}
     return out
 
 
