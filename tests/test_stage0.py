@@ -211,3 +211,21 @@ def test_stage0_reads_its_tower_through_the_library_tower():
     assert torch.equal(S.patch_features(model, pixels, select_strategy="cls_patch"), hidden)
     tower = VisionTower.around(model)
     assert tower.tokens_per_frame == 15 and next(tower.parameters()) is next(model.parameters())
+
+
+def test_the_command_changes_any_trainer_setting_and_can_stop_after_the_llm(world, tmp_path, capsys):
+    """`python -m train.stage0 --set llm.KEY=V --no-vision`: a keyword of pretrain_llm outside the budget (here the
+    reading-comprehension data) reaches the LLM's training, which changes its data and so its loss; no tower is
+    trained; a misspelt setting is refused before anything trains."""
+    from train.stage0.run import main
+
+    common = ["--world", str(world), "--smoke", "--quiet", "--no-vision"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--out", str(tmp_path / "b"), "--set", "llm.context_per_clip=0", "llm.restatements=0"]) == 0
+    assert "vision: not trained" in capsys.readouterr().out
+    a, b = (json.loads((tmp_path / x / "stage0.json").read_text()) for x in "ab")
+    assert "vision" not in a and not (tmp_path / "a" / "vision").exists() and (tmp_path / "a" / "llm").is_dir()
+    assert b["llm"]["train_sequences"] < a["llm"]["train_sequences"]
+    with pytest.raises(ValueError, match="llm.context_per_clp"):
+        main([*common, "--out", str(tmp_path / "c"), "--set", "llm.context_per_clp=0"])
+    assert not (tmp_path / "c").exists()

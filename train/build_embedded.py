@@ -90,12 +90,9 @@ class Variant:
         return "".join(f"+{o}" for o in self.stage0)
 
     def stage0_overrides(self) -> dict:
-        out: dict = {}
-        for option in self.stage0:
-            key, _, value = option.partition("=")
-            part, _, name = key.partition(".")
-            out.setdefault(part, {})[name] = json.loads(value)
-        return out
+        from .stage0.run import parse_settings
+
+        return parse_settings(self.stage0)
 
     def stage1_suffix(self) -> str:
         return self.stage0_suffix() + "".join(f"+{o}" for o in self.stage1)
@@ -299,8 +296,9 @@ def main(argv=None) -> int:
     parser.add_argument("--mc-per-clip", type=int, default=1,
                         help="multiple-choice questions per training clip in stage 2 (default 1)")
     parser.add_argument("--stage0", nargs="*", default=[], metavar="PART.KEY=VALUE",
-                        help="stage-0 settings to change (train/stage0/common.py), e.g. vision.set_weight=1 (the "
-                             "shipped stage 0 is made too; only the tower changes: its tokenizer and LLM are reused)")
+                        help="stage-0 settings to change: the budget's (train/stage0/common.py) or any keyword of "
+                             "pretrain_llm / pretrain_vision, e.g. vision.set_weight=1 (the shipped stage 0 is made "
+                             "too; with vision.* only, its tokenizer and LLM are reused)")
     parser.add_argument("--stage1", nargs="*", default=[], metavar="KEY=VALUE",
                         help="stage-1 recipe fields to change (train/configs/toy_stage1.yaml), e.g. epochs=2")
     parser.add_argument("--stage2", nargs="*", default=[], metavar="KEY=VALUE",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vidlmm.intervals import bootstrap_interval, format_interval, paired_difference
+from vidlmm.intervals import bootstrap_interval, format_accuracy, format_interval, paired_difference
 
 CATEGORIES = ("static", "temporal")
 # the paper's comparisons on the embedded models: (what it says, model a, model b, category or None for all)
@@ -93,16 +93,9 @@ def table(rows: dict[str, dict], extra_columns: dict[str, dict] | None = None) -
              "|---|" + "---:|" * (len(heads) + 5)]
     for name, r in rows.items():
         cat = r.get("per_category", {})
-
-        def acc(stats):
-            if stats is None:
-                return "-"
-            return format_interval(stats["accuracy"], stats["interval"]) if stats.get("interval") else \
-                f"{100 * stats['accuracy']:.1f}"
-
         extra = "".join(f"{extra_columns.get(name, {}).get(h, '-')} | " for h in heads)
-        lines.append(f"| {name} | {extra}{acc(r)} | {acc(cat.get('static'))} | {acc(cat.get('temporal'))} | "
-                     f"{100 * r['chance']:.1f} | {r['unparsable']} |")
+        lines.append(f"| {name} | {extra}{format_accuracy(r)} | {format_accuracy(cat.get('static'))} | "
+                     f"{format_accuracy(cat.get('temporal'))} | {100 * r['chance']:.1f} | {r['unparsable']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import VidlmmError
-from .intervals import bootstrap_interval, format_interval
+from .intervals import bootstrap_interval, format_accuracy
 
 LETTERS = string.ascii_uppercase
 SUFFIX = "Answer with the option's letter from the given choices directly."
@@ -298,18 +298,14 @@ class EvalResult:
                 "items": [asdict(r) for r in self.items]}
 
     def to_markdown(self) -> str:
-        def acc(stats: dict) -> str:
-            return format_interval(stats["accuracy"], stats["interval"]) if stats.get("interval") else \
-                f"{100 * stats['accuracy']:.1f}"
-
         rows = ["| category | n | accuracy [95 % interval] | chance |", "|---|---:|---:|---:|"]
         for name, cat in self.per_category.items():
-            rows.append(f"| {name} | {cat['n']} | {acc(cat)} | {100 * cat['chance']:.1f} |")
+            rows.append(f"| {name} | {cat['n']} | {format_accuracy(cat)} | {100 * cat['chance']:.1f} |")
         overall = {"accuracy": self.accuracy, "interval": self.interval}
-        rows.append(f"| **overall** | {self.n} | {acc(overall)} | {100 * self.chance:.1f} |")
+        rows.append(f"| **overall** | {self.n} | {format_accuracy(overall)} | {100 * self.chance:.1f} |")
         for grouping, labels in self.per_group.items():
             rows.append(f"| *by {grouping}* | | | |")
-            rows += [f"| {label} | {g['n']} | {acc(g)} | {100 * g['chance']:.1f} |" for label, g in labels.items()]
+            rows += [f"| {label} | {g['n']} | {format_accuracy(g)} | {100 * g['chance']:.1f} |" for label, g in labels.items()]
         notes = [f"unparsable replies: {self.unparsable} (counted as wrong)"]
         if self.extra.get("open_ended"):
             open_ = self.extra["open_ended"]

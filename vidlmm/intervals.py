@@ -90,4 +90,14 @@ def format_interval(value: float, interval, digits: int = 1) -> str:
     return f"{100 * value:.{digits}f} [{100 * lo:.{digits}f}, {100 * hi:.{digits}f}]"
 
 
-__all__ = ["bootstrap_interval", "format_interval", "paired_difference", "ratio_interval"]
+def format_accuracy(stats: dict | None, digits: int = 1) -> str:
+    """A table cell for ``{"accuracy": a, "interval": [lo, hi] or None}``: the interval when there is one, else the
+    percentage alone; ``"-"`` for no stats (a category a run did not ask)."""
+    if stats is None:
+        return "-"
+    if stats.get("interval"):
+        return format_interval(stats["accuracy"], stats["interval"], digits)
+    return f"{100 * stats['accuracy']:.{digits}f}"
+
+
+__all__ = ["bootstrap_interval", "format_accuracy", "format_interval", "paired_difference", "ratio_interval"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import shutil
 import sys
@@ -18,31 +19,54 @@ from .text import build_tokenizer, tokenizer_report
 from .tower import pretrain_vision
 
 
+TRAINERS = {"llm": pretrain_llm, "vision": pretrain_vision}
+
+
+def settable(part: str) -> set[str]:
+    """The settings of a stage-0 part a budget or an override may set: its trainer's keyword arguments."""
+    own = {"seed", "progress", "siglip_dir"}  # set by run_stage0 itself
+    return {name for name, p in inspect.signature(TRAINERS[part]).parameters.items()
+            if p.kind is p.KEYWORD_ONLY and name not in own}
+
+
+def parse_settings(options: Iterable[str]) -> dict:
+    """``["llm.steps=2800", "vision.set_weight=1"]`` -> ``{"llm": {"steps": 2800}, "vision": {"set_weight": 1}}``
+    (values read as JSON)."""
+    out: dict = {}
+    for option in options:
+        key, _, value = option.partition("=")
+        part, _, name = key.partition(".")
+        out.setdefault(part, {})[name] = json.loads(value)
+    return out
+
+
 def run_stage0(world_dir, out_dir, *, budget: str = "full", seed: int = 0, progress: bool = True,
-               overrides: dict | None = None, reuse_text=None) -> dict:
+               overrides: dict | None = None, reuse_text=None, vision: bool = True) -> dict:
     """Tokenizer -> LLM -> vision tower into ``out_dir/{tokenizer,llm,vision,siglip}``; returns and saves stats.
 
-    overrides: {"llm": {...}, "vision": {...}} changes to the budget's settings. reuse_text: a finished stage-0
-    folder of the same world and seed whose tokenizer and LLM are copied instead of trained again (when only the
-    tower changes)."""
+    overrides: {"llm": {...}, "vision": {...}} changes to the budget's settings (any keyword of `pretrain_llm` /
+    `pretrain_vision`). reuse_text: a finished stage-0 folder of the same world and seed whose tokenizer and LLM are
+    copied instead of trained again (when only the tower changes). vision=False stops after the LLM (an experiment on
+    the LLM alone, measured with `python -m train.diagnose context`)."""
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, not {budget!r}")
     b = {k: (dict(v) if isinstance(v, dict) else v) for k, v in BUDGETS[budget].items()}
     for part, changes in (overrides or {}).items():
-        unknown = set(changes) - set(b.get(part, {})) - ({"set_weight", "dense_weight"} if part == "vision" else set())
-        if part not in ("llm", "vision") or unknown:
-            raise ValueError(f"unknown stage-0 setting(s): {part}.{', '.join(sorted(unknown)) or '*'}")
+        unknown = set(changes) - settable(part) if part in TRAINERS else {"*"}
+        if unknown:
+            raise ValueError(f"unknown stage-0 setting(s): {part}.{', '.join(sorted(unknown))}")
         b[part].update(changes)
     threads = torch.get_num_threads()
     if b.get("threads"):
         torch.set_num_threads(b["threads"])
     try:
-        return _run_stage0(world_dir, Path(out_dir), b, budget, seed, progress, reuse_text)
+        return _run_stage0(world_dir, Path(out_dir), b, budget, seed, progress, reuse_text, vision)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_stage0(world_dir, out: Path, b: dict, budget: str, seed: int, progress: bool, reuse_text=None) -> dict:
+def _run_stage0(world_dir, out: Path, b: dict, budget: str, seed: int, progress: bool, reuse_text=None,
+                vision: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if reuse_text is not None:
@@ -64,15 +88,16 @@ def _run_stage0(world_dir, out: Path, b: dict, budget: str, seed: int, progress:
     if progress:
         print(f"tokenizer: {stats['tokenizer']}", file=sys.stderr, flush=True)
     stats["llm"] = pretrain_llm(world_dir, out / "tokenizer", out / "llm", seed=seed, progress=progress, **b["llm"])
-    stats["vision"] = pretrain_vision(world_dir, out / "vision", seed=seed, progress=progress,
-                                      siglip_dir=out / "siglip", **b["vision"])
+    if vision:
+        stats["vision"] = pretrain_vision(world_dir, out / "vision", seed=seed, progress=progress,
+                                          siglip_dir=out / "siglip", **b["vision"])
     stats["seconds"] = time.perf_counter() - t0
     (out / "stage0.json").write_text(json.dumps(stats, indent=1) + "\n")
     return stats
 
 
 def format_summary(stats: dict) -> str:
-    tk, lm, vi = stats["tokenizer"], stats["llm"], stats["vision"]
+    tk, lm, vi = stats["tokenizer"], stats["llm"], stats.get("vision")
     lines = [
         f"stage 0 ({stats['budget']}, seed {stats['seed']}, {stats['threads']} threads): {stats['seconds']:.0f} s",
         f"tokenizer: vocab {tk['vocab']}; tokens: system {tk['system']}, 'USER: ' {tk['USER: ']}, "
@@ -85,10 +110,12 @@ def format_summary(stats: dict) -> str:
         f"{lm['mc_check']['accuracy_no_video']:.2f} (chance 0.25)"
         + (f", with the caption in the video's place {lm['mc_check']['accuracy_with_caption']:.2f}"
            if "accuracy_with_caption" in lm["mc_check"] else ""),
-        f"vision: {vi['params'] / 1e6:.2f} M params, {vi['tokens_per_frame']} tokens/frame, {vi['steps']} steps x "
-        f"{vi['batch_size']} frames, sigmoid loss {vi['first_loss']:.3f} -> {vi['final_loss']:.3f} "
-        f"({vi['seconds']:.0f} s, data {vi['data_seconds']:.0f} s)",
     ]
+    if vi is None:
+        return "\n".join(lines + ["vision: not trained (--no-vision)"])
+    lines.append(f"vision: {vi['params'] / 1e6:.2f} M params, {vi['tokens_per_frame']} tokens/frame, {vi['steps']} "
+                 f"steps x {vi['batch_size']} frames, sigmoid loss {vi['first_loss']:.3f} -> {vi['final_loss']:.3f} "
+                 f"({vi['seconds']:.0f} s, data {vi['data_seconds']:.0f} s)")
     if vi.get("retrieval"):
         r = vi["retrieval"]
         lines.append(f"retrieval on eval frames (batch {r['batch']}, chance {r['chance']:.3f}): image->text "
@@ -114,11 +141,17 @@ def main(argv: Iterable[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny models, a few steps (seconds; for tests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--set", nargs="*", default=[], metavar="PART.KEY=VALUE",
+                   help="change a setting of the budget (train/stage0/common.py) or any keyword of pretrain_llm / "
+                        "pretrain_vision, e.g. llm.context_per_clip=6 vision.set_weight=1")
+    p.add_argument("--no-vision", action="store_true",
+                   help="stop after the LLM (then `python -m train.diagnose context --llm OUT/llm` measures it)")
     a = p.parse_args(None if argv is None else list(argv))
     if a.quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    stats = run_stage0(a.world, a.out, budget="smoke" if a.smoke else "full", seed=a.seed, progress=not a.quiet)
+    stats = run_stage0(a.world, a.out, budget="smoke" if a.smoke else "full", seed=a.seed, progress=not a.quiet,
+                       overrides=parse_settings(a.set), vision=not a.no_vision)
     print(format_summary(stats))
     return 0
