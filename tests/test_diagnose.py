@@ -76,6 +76,10 @@ def test_context_reading_of_a_stage0_lm(tmp_path, capsys):
     for check in ("with_caption", "without_caption"):  # both settings ask the same questions
         totals = {k.split("_")[0]: v.split("/")[1] for k, v in lookup.items() if k.endswith("_" + check)}
         assert totals == {k.split("_")[0]: v.split("/")[1] for k, v in lookup.items() if k.endswith("_without_caption")}
+    for kind, counts in out["several_objects"].items():  # a subset of that type's questions, each counted once
+        assert set(counts) <= {"right", "first_named", "other"}
+        assert sum(counts.values()) <= int(lookup.get(f"{kind}_with_caption", "0/0").split("/")[1])
+        assert counts.get("right", 0) <= int(lookup.get(f"{kind}_with_caption", "0/0").split("/")[0])
 
 
 def test_recall_reports_a_held_out_curve(capsys):

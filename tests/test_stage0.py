@@ -221,11 +221,67 @@ def test_the_command_changes_any_trainer_setting_and_can_stop_after_the_llm(worl
 
     common = ["--world", str(world), "--smoke", "--quiet", "--no-vision"]
     assert main([*common, "--out", str(tmp_path / "a")]) == 0
-    assert main([*common, "--out", str(tmp_path / "b"), "--set", "llm.context_per_clip=0", "llm.restatements=0"]) == 0
+    assert main([*common, "--out", str(tmp_path / "b"), "--set", "llm.context_per_clip=0", "llm.restatements=0",
+                 "llm.recall_steps=3"]) == 0
     assert "vision: not trained" in capsys.readouterr().out
     a, b = (json.loads((tmp_path / x / "stage0.json").read_text()) for x in "ab")
     assert "vision" not in a and not (tmp_path / "a" / "vision").exists() and (tmp_path / "a" / "llm").is_dir()
     assert b["llm"]["train_sequences"] < a["llm"]["train_sequences"]
+    assert "recall" not in a["llm"] and b["llm"]["recall"]["steps"] == 3 and 0 <= b["llm"]["recall"]["accuracy"] <= 1
     with pytest.raises(ValueError, match="llm.context_per_clp"):
         main([*common, "--out", str(tmp_path / "c"), "--set", "llm.context_per_clp=0"])
     assert not (tmp_path / "c").exists()
+
+
+def test_an_llm_only_change_trains_the_llm_and_copies_the_tower(stage0, world, tmp_path):
+    """`build_embedded --stage0 llm.KEY=V` costs the LLM's training only: the tower (and its SigLIP folder) is the
+    shipped stage 0's, byte for byte, and the new LLM is another model."""
+    source, _ = stage0
+    stats = S.run_stage0(world, tmp_path, budget="smoke", seed=0, progress=False,
+                         overrides={"llm": {"restatements": 0}}, reuse_vision=source)
+    for part in ("vision", "siglip"):
+        files = sorted(p.relative_to(source / part) for p in (source / part).rglob("*") if p.is_file())
+        assert files and all((tmp_path / part / f).read_bytes() == (source / part / f).read_bytes() for f in files)
+    assert stats["vision_from"] == str(source) and stats["vision"]["params"] > 0
+    new, old = (load_file(next((d / "llm").glob("*.safetensors"))) for d in (tmp_path, source))
+    assert any(not torch.equal(new[k], old[k]) for k in old)
+    assert "vision: copied" not in S.format_summary(stats)  # the copied tower's own stats are reported
+
+
+def test_lookup_conversations_ask_each_clip_every_colour_and_shape_its_caption_answers(world):
+    """`llm.lookup_per_clip`: after the clip's own caption, every colour and shape question of the clip, each answer
+    a word of that caption; a clip of several objects is asked about more than its first one."""
+    from train.stage0.text import lookup_conversations
+    from train.world import asked_questions
+
+    fit, _, _ = S.split_clips(world)
+    convs = lookup_conversations(fit, seed=0, per_clip=2)
+    asked = [spec for spec in fit for _ in range(2)
+             if asked_questions(spec, np.random.default_rng(0), ("colour", "shape"))]
+    assert len(convs) == len(asked) > 0
+    several = 0
+    for spec, conv in zip(asked, convs):
+        caption = conv[0][0].split("\n")[0].lower()
+        answers = [a.rstrip(".").lower() for _, a in conv]
+        assert all(a in caption for a in answers)
+        several += len(set(answers)) > 2
+    assert several > 0
+    assert lookup_conversations(fit, seed=0, per_clip=2) == convs != lookup_conversations(fit, seed=1, per_clip=2)
+
+
+def test_recall_batches_ask_each_pair_once_either_way_and_score_only_the_answers():
+    """`llm.recall_steps`' data: after the pairs, each pair once as a query and its answer, the answer the query's
+    partner (the token after it or before it in the first half); only answers carry labels."""
+    from train.stage0.lm import recall_batch
+
+    ids, labels = recall_batch(np.random.default_rng(0), 64, np.arange(10, 200), sep=1, pairs=6)
+    assert ids.shape == labels.shape == (64, 26)
+    ways = set()
+    for row, lab in zip(ids.tolist(), labels.tolist()):
+        first, queries = row[1:13], row[14:]
+        partner = {first[i]: first[i ^ 1] for i in range(12)}
+        assert sorted(queries[0::2] + queries[1::2]) == sorted(first)
+        assert all(partner[q] == a for q, a in zip(queries[0::2], queries[1::2]))
+        assert lab[:15] == [-100] * 15 and lab[14::2] == [-100] * 6 and lab[15::2] == queries[1::2]
+        ways |= {first.index(q) % 2 for q in queries[0::2]}
+    assert ways == {0, 1}  # forward and backward queries both occur

@@ -132,8 +132,9 @@ class Phases:
 
 def prepare(work: Path, phases: Phases, *, seed: int = 0, smoke: bool = False, progress: bool = True,
             variant: Variant = Variant()) -> Path:
-    """The world and stage 0 of a work folder (each once), and a variant's own stage 0 in ``stage0<suffix>`` (the
-    shipped stage 0's tokenizer and LLM reused when only the tower changes); returns the world's folder."""
+    """The world and stage 0 of a work folder (each once), and a variant's own stage 0 in ``stage0<suffix>`` (what
+    it does not change copied from the shipped stage 0: the tokenizer and LLM when only the tower changes, the tower
+    when only the LLM does); returns the world's folder."""
     from .stage0 import run_stage0
     from .world import WorldConfig, generate_world
 
@@ -147,7 +148,8 @@ def prepare(work: Path, phases: Phases, *, seed: int = 0, smoke: bool = False, p
         changes = variant.stage0_overrides()
         phases.run(f"stage0{variant.stage0_suffix()}", lambda: run_stage0(
             world, work / f"stage0{variant.stage0_suffix()}", budget=budget, seed=seed, progress=progress,
-            overrides=changes, reuse_text=None if "llm" in changes else work / "stage0"))
+            overrides=changes, reuse_text=None if "llm" in changes else work / "stage0",
+            reuse_vision=None if "vision" in changes else work / "stage0"))
     return world
 
 
@@ -298,7 +300,8 @@ def main(argv=None) -> int:
     parser.add_argument("--stage0", nargs="*", default=[], metavar="PART.KEY=VALUE",
                         help="stage-0 settings to change: the budget's (train/stage0/common.py) or any keyword of "
                              "pretrain_llm / pretrain_vision, e.g. vision.set_weight=1 (the shipped stage 0 is made "
-                             "too; with vision.* only, its tokenizer and LLM are reused)")
+                             "too; the part that does not change is copied from it: with llm.* only the tower, with "
+                             "vision.* only the tokenizer and LLM)")
     parser.add_argument("--stage1", nargs="*", default=[], metavar="KEY=VALUE",
                         help="stage-1 recipe fields to change (train/configs/toy_stage1.yaml), e.g. epochs=2")
     parser.add_argument("--stage2", nargs="*", default=[], metavar="KEY=VALUE",

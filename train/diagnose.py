@@ -232,7 +232,8 @@ def context_reading(llm_dir: Path, world_dir: Path, limit: int = 64, seed: int =
         own = float(np.mean([caption_loss(c, c) for c in captions]))
         other = float(np.mean([caption_loss(captions[(k + shift) % len(held)], c) for k, c in enumerate(captions)]))
     with_caption = [c for c in stage0.context_conversations(held, seed + 1, per_clip=1) if SUFFIX in c[0][0]]
-    return {"static_qa": static_lookup(model, tokenizer, held, seed), "clips": len(held),
+    lookup, several = static_lookup(model, tokenizer, held, seed)
+    return {"static_qa": lookup, "several_objects": several, "clips": len(held),
             "caption_loss_own_caption_before": own, "caption_loss_other_caption_before": other,
             "mc_without_context": stage0.mc_check(model, tokenizer, stage0.mc_conversations(held, seed + 1)),
             "mc_with_caption": stage0.mc_check(model, tokenizer, with_caption)}
@@ -241,27 +242,44 @@ def context_reading(llm_dir: Path, world_dir: Path, limit: int = 64, seed: int =
 LOOKUP_TYPES = ("colour", "shape", "exists", "count")
 
 
-def static_lookup(model, tokenizer, specs: list, seed: int = 0) -> dict:
+def static_lookup(model, tokenizer, specs: list, seed: int = 0) -> tuple[dict, dict]:
     """The world's static questions, answered greedily without and with the clip's caption where the video goes
     (the stage-2 template). "What colour is the cross?" or "Is there a red cross?" after "There are a red cross
     and a blue square." needs finding one object in the context; "How many objects are there?" needs only the
     caption as a whole. A stage-0 LM that cannot find an object in a caption in front of it cannot find it in
-    visual tokens that stand for the caption either."""
+    visual tokens that stand for the caption either.
+
+    Returns ("<type>_<setting>": "right/asked", and for colour and shape questions with the caption whose caption
+    names two or more colours (shapes): {"right", "first_named", "other"}, where ``first_named`` counts the wrong
+    replies that name the caption's first colour (shape): an LM that copies from the context without finding the
+    object answers with the first one)."""
     import numpy as np
 
     from . import stage0, world
 
     right = Counter()
     n = Counter()
+    several = {t: Counter() for t in ("colour", "shape")}
     for k, spec in enumerate(specs):
         rng = np.random.default_rng([seed, 19, k])
         caption = world.caption(spec, rng)
         for q, question in world.asked_questions(spec, rng, LOOKUP_TYPES):
             for setting, prompt in (("without_caption", question), ("with_caption", f"{caption}\n{question}")):
-                reply = stage0.greedy_reply(model, tokenizer, prompt, max_new_tokens=6)
-                right[(q.type, setting)] += q.answer.lower() in reply.lower()
+                reply = stage0.greedy_reply(model, tokenizer, prompt, max_new_tokens=6).lower()
+                ok = q.answer.lower() in reply
+                right[(q.type, setting)] += ok
                 n[(q.type, setting)] += 1
-    return {f"{t}_{s}": f"{right[(t, s)]}/{n[(t, s)]}" for t, s in sorted(n)}
+                named = _named_in_order(caption, world.COLOUR_NAMES if q.type == "colour" else world.SHAPES)
+                if setting == "with_caption" and q.type in several and len(set(named)) > 1:
+                    several[q.type]["right" if ok else "first_named" if named[0] in reply else "other"] += 1
+    return ({f"{t}_{s}": f"{right[(t, s)]}/{n[(t, s)]}" for t, s in sorted(n)},
+            {t: dict(c) for t, c in several.items()})
+
+
+def _named_in_order(text: str, words) -> list[str]:
+    """The words of ``words`` that ``text`` names, in the order it first names them."""
+    tokens = [w.strip(".,").lower() for w in text.split()]
+    return [t for i, t in enumerate(tokens) if t in words and t not in tokens[:i]]
 
 
 def associative_recall(init_std: float, *, steps: int = 1000, pairs: int = 6, hidden_size: int = 128,

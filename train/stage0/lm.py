@@ -16,7 +16,8 @@ from vidlmm.evaluate import SUFFIX
 from vidlmm.tokenizer import EOS_TOKEN, load_tokenizer
 
 from .common import TEMPLATE, _count_params, _fit, split_clips
-from .text import context_conversations, conversation_ids, mc_conversations, restatement_ids, world_conversations
+from .text import (context_conversations, conversation_ids, lookup_conversations, mc_conversations, restatement_ids,
+                   world_conversations)
 
 
 def _lm_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -86,8 +87,8 @@ def mc_check(model, tokenizer, convs: list, limit: int = 200, max_new_tokens: in
 def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, layers: int = 4, heads: int = 4,
                  kv_heads: int = 2, intermediate: int = 384, steps: int = 1400, batch_size: int = 32,
                  lr: float = 2e-3, seed: int = 0, variants: int = 3, context_per_clip: int = 2,
-                 restatements: int = 2, weight_decay: float = 0.05, max_length: int = 512, init_std: float = 0.02,
-                 progress: bool = True) -> dict:
+                 restatements: int = 2, lookup_per_clip: int = 0, recall_steps: int = 0, weight_decay: float = 0.05,
+                 max_length: int = 512, init_std: float = 0.02, progress: bool = True) -> dict:
     """Train a Qwen2ForCausalLM on the world's training text and save it (with the tokenizer) to ``out_dir``.
 
     ``init_std`` is the config's ``initializer_range`` (every Linear and the embeddings ~ N(0, init_std)). Qwen2's
@@ -104,7 +105,8 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
     eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     fit, held, _ = split_clips(world_dir)
     train_convs = (world_conversations(world_dir, fit, seed, variants=variants) + mc_conversations(fit, seed)
-                   + (context_conversations(fit, seed, per_clip=context_per_clip) if context_per_clip else []))
+                   + (context_conversations(fit, seed, per_clip=context_per_clip) if context_per_clip else [])
+                   + lookup_conversations(fit, seed, per_clip=lookup_per_clip))
     val_convs = world_conversations(world_dir, held, seed) + mc_conversations(held, seed + 1)
     train = [conversation_ids(c, tokenizer)[:max_length] for c in train_convs]
     for r in range(restatements):
@@ -130,6 +132,9 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
         ids, mask, labels = _lm_batch(batch, eos)
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
+    words = np.array(sorted(set().union(*map(set, train)) - set(tokenizer.all_special_ids)))  # the world's tokens
+    recall = _recall_warmup(model, words, eos, recall_steps, batch_size, lr, weight_decay, seed, progress) \
+        if recall_steps else None
     losses = _fit(model, next_loss, steps=steps, lr=lr, weight_decay=weight_decay, desc="llm", progress=progress)
     model.eval()
     val_after = _lm_eval_loss(model, val, eos) if val else float("nan")
@@ -148,4 +153,45 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
     return {"params": _count_params(model), "vocab": len(tokenizer), "steps": steps, "batch_size": batch_size,
             "train_sequences": len(train), "train_tokens": int(sum(map(len, train))),
             "first_loss": losses[0], "final_loss": float(np.mean(losses[-tail:])),
-            "val_loss_init": val_before, "val_loss": val_after, "mc_check": mc, "seconds": time.perf_counter() - t0}
+            "val_loss_init": val_before, "val_loss": val_after, "mc_check": mc, "seconds": time.perf_counter() - t0,
+            **({"recall": recall} if recall else {})}
+
+
+def recall_batch(rng: np.random.Generator, n: int, words: np.ndarray, sep: int, pairs: int = 6):
+    """Associative recall on the LM's own tokens, both ways: ``<sep> a1 b1 ... aP bP <sep>`` then each pair once
+    more in random order as a query and its answer, ``a -> b`` (the token after the match, as "Which shape is red?"
+    after "a red square") or ``b -> a`` (the token before it, as "What colour is the square?"). Returns
+    (ids [n, 4P+2], labels: the answers only)."""
+    rows, labels = [], []
+    for _ in range(n):
+        a, b = rng.choice(words, (2, pairs), replace=False)
+        queries = []
+        for j in rng.permutation(pairs):
+            queries += [a[j], b[j]] if rng.random() < 0.5 else [b[j], a[j]]
+        row = [sep, *np.stack([a, b], 1).ravel(), sep, *queries]
+        rows.append(row)
+        labels.append([-100] * (2 * pairs + 2) + [-100 if k % 2 == 0 else t for k, t in enumerate(queries)])
+    return torch.tensor(np.array(rows, np.int64)), torch.tensor(np.array(labels, np.int64))
+
+
+def _recall_warmup(model, words: np.ndarray, sep: int, steps: int, batch_size: int, lr: float, weight_decay: float,
+                   seed: int, progress: bool) -> dict:
+    """`recall_steps` of `recall_batch` on ``words`` (the token ids of the world's text) before that text: the
+    lookup circuit (find a token in the context, read its neighbour) trained where it is the only way to lower the
+    loss. Returns the held-out recall accuracy."""
+    rng = np.random.default_rng([seed, 31])
+    test_ids, test_labels = recall_batch(np.random.default_rng([seed, 37]), 256, words, sep)
+
+    def next_loss():
+        ids, labels = recall_batch(rng, batch_size, words, sep)
+        return model(input_ids=ids, labels=labels).loss
+
+    t0 = time.perf_counter()
+    losses = _fit(model, next_loss, steps=steps, lr=lr, weight_decay=weight_decay, desc="llm recall",
+                  progress=progress)
+    with torch.no_grad():
+        predicted = model(input_ids=test_ids).logits[:, :-1].argmax(-1)
+    scored = test_labels[:, 1:] != -100
+    accuracy = float((predicted[scored] == test_labels[:, 1:][scored]).float().mean())
+    return {"steps": steps, "final_loss": float(np.mean(losses[-20:])), "accuracy": round(accuracy, 3),
+            "seconds": time.perf_counter() - t0}

@@ -41,13 +41,14 @@ def parse_settings(options: Iterable[str]) -> dict:
 
 
 def run_stage0(world_dir, out_dir, *, budget: str = "full", seed: int = 0, progress: bool = True,
-               overrides: dict | None = None, reuse_text=None, vision: bool = True) -> dict:
+               overrides: dict | None = None, reuse_text=None, reuse_vision=None, vision: bool = True) -> dict:
     """Tokenizer -> LLM -> vision tower into ``out_dir/{tokenizer,llm,vision,siglip}``; returns and saves stats.
 
     overrides: {"llm": {...}, "vision": {...}} changes to the budget's settings (any keyword of `pretrain_llm` /
     `pretrain_vision`). reuse_text: a finished stage-0 folder of the same world and seed whose tokenizer and LLM are
-    copied instead of trained again (when only the tower changes). vision=False stops after the LLM (an experiment on
-    the LLM alone, measured with `python -m train.diagnose context`)."""
+    copied instead of trained again (when only the tower changes); reuse_vision: one whose tower is copied (when only
+    the LLM changes). vision=False stops after the LLM (an experiment on the LLM alone, measured with
+    `python -m train.diagnose context`)."""
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, not {budget!r}")
     b = {k: (dict(v) if isinstance(v, dict) else v) for k, v in BUDGETS[budget].items()}
@@ -60,35 +61,45 @@ def run_stage0(world_dir, out_dir, *, budget: str = "full", seed: int = 0, progr
     if b.get("threads"):
         torch.set_num_threads(b["threads"])
     try:
-        return _run_stage0(world_dir, Path(out_dir), b, budget, seed, progress, reuse_text, vision)
+        return _run_stage0(world_dir, Path(out_dir), b, budget, seed, progress, reuse_text, vision, reuse_vision)
     finally:
         torch.set_num_threads(threads)
 
 
+def _copy_parts(source: Path, out: Path, parts: tuple) -> dict:
+    """Copy finished parts of another stage-0 folder into ``out``; returns that folder's stats (empty without its
+    stage0.json)."""
+    for part in parts:
+        if (source / part).is_dir():
+            shutil.rmtree(out / part, ignore_errors=True)
+            shutil.copytree(source / part, out / part)
+    file = source / "stage0.json"
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
 def _run_stage0(world_dir, out: Path, b: dict, budget: str, seed: int, progress: bool, reuse_text=None,
-                vision: bool = True) -> dict:
+                vision: bool = True, reuse_vision=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if reuse_text is not None:
-        reused = json.loads((Path(reuse_text) / "stage0.json").read_text())
-        for part in ("tokenizer", "llm"):
-            shutil.rmtree(out / part, ignore_errors=True)
-            shutil.copytree(Path(reuse_text) / part, out / part)
+        reused = _copy_parts(Path(reuse_text), out, ("tokenizer", "llm"))
         stats = {**{k: reused[k] for k in ("budget", "seed", "world", "tokenizer", "llm")},
                  "text_from": str(reuse_text), "threads": torch.get_num_threads()}
-        stats["vision"] = pretrain_vision(world_dir, out / "vision", seed=seed, progress=progress,
-                                          siglip_dir=out / "siglip", **b["vision"])
-        stats["seconds"] = time.perf_counter() - t0
-        (out / "stage0.json").write_text(json.dumps(stats, indent=1) + "\n")
-        return stats
-    tok = build_tokenizer(world_dir, out / "tokenizer", b["vocab_size"], seed=seed)
-    stats = {"budget": budget, "seed": seed, "world": str(world_dir), "tokenizer": tokenizer_report(tok),
-             "threads": torch.get_num_threads()}
-    stats["tokenizer"]["seconds"] = time.perf_counter() - t0
-    if progress:
-        print(f"tokenizer: {stats['tokenizer']}", file=sys.stderr, flush=True)
-    stats["llm"] = pretrain_llm(world_dir, out / "tokenizer", out / "llm", seed=seed, progress=progress, **b["llm"])
-    if vision:
+    else:
+        tok = build_tokenizer(world_dir, out / "tokenizer", b["vocab_size"], seed=seed)
+        stats = {"budget": budget, "seed": seed, "world": str(world_dir), "tokenizer": tokenizer_report(tok),
+                 "threads": torch.get_num_threads()}
+        stats["tokenizer"]["seconds"] = time.perf_counter() - t0
+        if progress:
+            print(f"tokenizer: {stats['tokenizer']}", file=sys.stderr, flush=True)
+        stats["llm"] = pretrain_llm(world_dir, out / "tokenizer", out / "llm", seed=seed, progress=progress,
+                                    **b["llm"])
+    if reuse_vision is not None:
+        reused = _copy_parts(Path(reuse_vision), out, ("vision", "siglip"))
+        stats["vision_from"] = str(reuse_vision)
+        if "vision" in reused:
+            stats["vision"] = reused["vision"]
+    elif vision:
         stats["vision"] = pretrain_vision(world_dir, out / "vision", seed=seed, progress=progress,
                                           siglip_dir=out / "siglip", **b["vision"])
     stats["seconds"] = time.perf_counter() - t0
@@ -112,7 +123,8 @@ def format_summary(stats: dict) -> str:
            if "accuracy_with_caption" in lm["mc_check"] else ""),
     ]
     if vi is None:
-        return "\n".join(lines + ["vision: not trained (--no-vision)"])
+        return "\n".join(lines + [f"vision: copied from {stats['vision_from']}" if "vision_from" in stats
+                                   else "vision: not trained (--no-vision)"])
     lines.append(f"vision: {vi['params'] / 1e6:.2f} M params, {vi['tokens_per_frame']} tokens/frame, {vi['steps']} "
                  f"steps x {vi['batch_size']} frames, sigmoid loss {vi['first_loss']:.3f} -> {vi['final_loss']:.3f} "
                  f"({vi['seconds']:.0f} s, data {vi['data_seconds']:.0f} s)")

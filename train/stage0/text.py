@@ -152,6 +152,23 @@ def context_conversations(specs: Iterable, seed: int, *, per_clip: int = 2) -> l
     return convs
 
 
+def lookup_conversations(specs: Iterable, seed: int, *, per_clip: int = 1) -> list[list[tuple[str, str]]]:
+    """The clip's caption where stage 2 puts the video, then every colour and shape question about it in one
+    conversation, in random order: dense practice in finding the object one word names and reading its other word.
+    Without it the LM answers with the first object of the caption (`python -m train.diagnose context`: "The video
+    shows a red triangle, a green circle and a purple square ... What colour is the square?" -> "Red")."""
+    convs = []
+    for k, spec in enumerate(specs):
+        for r in range(per_clip):
+            rng = np.random.default_rng([seed, 29, k, r])
+            asked = W.asked_questions(spec, rng, ("colour", "shape"))
+            if not asked:
+                continue
+            turns = [(asked[i][1], asked[i][0].answer + ".") for i in rng.permutation(len(asked))]
+            convs.append([(f"{W.caption(spec, rng)}\n{turns[0][0]}", turns[0][1]), *turns[1:]])
+    return convs
+
+
 def restatement_ids(specs: Iterable, tokenizer, seed: int) -> list[list[int]]:
     """Stage 1's layout (``pretrain`` template: the video, then its caption and eos) with a caption in the video's
     place: ``caption_1 caption_2 <|endoftext|>``, where caption_2 is the same caption (half of the time) or another
