@@ -132,8 +132,7 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
         ids, mask, labels = _lm_batch(batch, eos)
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
-    words = np.array(sorted(set().union(*map(set, train)) - set(tokenizer.all_special_ids)))  # the world's tokens
-    recall = _recall_warmup(model, words, eos, recall_steps, batch_size, lr, weight_decay, seed, progress) \
+    recall = _recall_warmup(model, train, tokenizer, recall_steps, batch_size, lr, weight_decay, seed, progress) \
         if recall_steps else None
     losses = _fit(model, next_loss, steps=steps, lr=lr, weight_decay=weight_decay, desc="llm", progress=progress)
     model.eval()
@@ -174,11 +173,13 @@ def recall_batch(rng: np.random.Generator, n: int, words: np.ndarray, sep: int, 
     return torch.tensor(np.array(rows, np.int64)), torch.tensor(np.array(labels, np.int64))
 
 
-def _recall_warmup(model, words: np.ndarray, sep: int, steps: int, batch_size: int, lr: float, weight_decay: float,
-                   seed: int, progress: bool) -> dict:
-    """`recall_steps` of `recall_batch` on ``words`` (the token ids of the world's text) before that text: the
-    lookup circuit (find a token in the context, read its neighbour) trained where it is the only way to lower the
-    loss. Returns the held-out recall accuracy."""
+def _recall_warmup(model, train: list[list[int]], tokenizer, steps: int, batch_size: int, lr: float,
+                   weight_decay: float, seed: int, progress: bool) -> dict:
+    """`recall_steps` of `recall_batch` on the token ids of the world's text (``train``) before that text: the lookup
+    circuit (find a token in the context, read its neighbour) trained where it is the only way to lower the loss.
+    Returns the held-out recall accuracy."""
+    words = np.array(sorted(set().union(*map(set, train)) - set(tokenizer.all_special_ids)))
+    sep = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     rng = np.random.default_rng([seed, 31])
     test_ids, test_labels = recall_batch(np.random.default_rng([seed, 37]), 256, words, sep)
 
