@@ -285,3 +285,59 @@ def test_recall_batches_ask_each_pair_once_either_way_and_score_only_the_answers
         assert lab[:15] == [-100] * 15 and lab[14::2] == [-100] * 6 and lab[15::2] == queries[1::2]
         ways |= {first.index(q) % 2 for q in queries[0::2]}
     assert ways == {0, 1}  # forward and backward queries both occur
+
+
+def test_a_symbolic_video_is_one_token_per_visible_object_of_each_sampled_frame(world):
+    """`train.stage0.symbols`: 16 frames x 4 slots; a frame's visible objects as the ids of their (colour, shape,
+    cell), left to right, the other slots blank; an object that blinks or vanishes leaves its slot."""
+    from train.stage0.symbols import CELLS, FRAMES, SLOTS
+    from train.world import COLOUR_NAMES, SHAPES
+    from vidlmm.video import FrameSampling, sample_frame_indices
+
+    first = 1000
+    for spec in load_clips(world)["train"]:
+        video = S.symbolic_video(spec, first)
+        assert len(video) == FRAMES * SLOTS and all(first <= i < first + S.symbol_count() for i in video)
+        tl = timeline(spec)
+        for f, t in enumerate(sample_frame_indices(spec.frames, spec.fps, FrameSampling.uniform(FRAMES))):
+            slots = [i - first - 1 for i in video[f * SLOTS:(f + 1) * SLOTS] if i != first]
+            shown = sorted((COLOUR_NAMES[c // CELLS // len(SHAPES)], SHAPES[c // CELLS % len(SHAPES)]) for c in slots)
+            truth = sorted((tl.colour_name(i, t), spec.objects[i].shape) for i in np.flatnonzero(tl.visible[:, t]))
+            assert shown == truth
+            cols = [c % CELLS % 3 for c in slots]
+            assert cols == sorted(cols)
+
+
+def test_symbolic_sequences_put_the_video_where_the_image_goes_and_score_only_text(world, stage0):
+    """`llm.symbolic_per_clip`: captions in stage 1's layout and questions in stage 2's, each with the clip's
+    symbolic video in the video's place; a batch never scores the video's ids."""
+    from train.stage0.lm import _lm_batch
+
+    out, _ = stage0
+    tok = load_tokenizer(out / "tokenizer")
+    fit, _, _ = S.split_clips(world)
+    seqs = S.symbolic_ids(fit[:3], tok, seed=0)
+    eos = tok.convert_tokens_to_ids(EOS_TOKEN)
+    for k, spec in enumerate(fit[:3]):
+        video = S.symbolic_video(spec, len(tok))
+        mine = [s for s in seqs if any(s[i:i + len(video)] == video for i in range(len(s) - len(video) + 1))]
+        assert len(mine) >= 3 and mine[0][:len(video)] == video and mine[0][-1] == eos
+    ids, mask, labels = _lm_batch(seqs, eos, len(tok))
+    assert ((labels != -100) & (ids >= len(tok))).sum() == 0 and ((labels != -100) & (mask == 1)).any()
+    assert (ids >= len(tok)).any()
+
+
+def test_an_llm_trained_with_symbolic_videos_has_rows_for_them_and_is_read_with_them(world, tmp_path):
+    """The LLM's embedding grows by the symbolic ids (the tokenizer does not), and `diagnose context` answers
+    every question type with the video in place."""
+    from train.diagnose import context_reading
+
+    S.run_stage0(world, tmp_path, budget="smoke", seed=0, progress=False, vision=False,
+                 overrides={"llm": {"symbolic_per_clip": 1}})
+    from transformers import AutoConfig
+
+    tok = load_tokenizer(tmp_path / "llm")
+    assert AutoConfig.from_pretrained(tmp_path / "llm").vocab_size == len(tok) + S.symbol_count()
+    report = context_reading(tmp_path / "llm", world, limit=4)
+    asked = report["symbolic_video_qa"]
+    assert asked and all(0 <= int(v.split("/")[0]) <= int(v.split("/")[1]) for v in asked.values())

@@ -64,9 +64,9 @@ def run_ablations(work: Path, out: Path, *, studies=tuple(STUDIES), settings=Non
     rows: dict[str, dict] = {}
     report = {"seed": seed, "smoke": smoke, "studies": {}}
     for study in studies:
-        label = STUDIES[study][0]
+        label, values = STUDIES[study]
         entries = []
-        for value, spec in STUDIES[study][1]:
+        for value, spec in values:
             name = run_name(spec)
             if settings is not None and str(value) not in settings and f"train_{name}" not in phases.state["phases"]:
                 continue  # neither asked for nor trained by an earlier run

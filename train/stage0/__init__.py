@@ -36,16 +36,18 @@ Everything is deterministic given the seed (torch.manual_seed, numpy generators 
 writes ``OUT/tokenizer``, ``OUT/llm`` (causal LM + tokenizer files), ``OUT/vision`` (SiglipVisionModel),
 ``OUT/siglip`` and ``OUT/stage0.json`` (the stats), and prints a summary.
 
-Modules: `common` (budgets, schedule, loop), `text` (conversations, tokenizer), `lm` (the LLM), `tower`
+Modules: `common` (budgets, schedule, loop), `text` (conversations, tokenizer), `symbols` (a video as one token per
+object, for the LLM), `lm` (the LLM), `tower`
 (the vision tower), `run` (the driver and `python -m train.stage0`).
 """
 
 from .common import BUDGETS, HOLDOUT_EVERY, MC_STYLES, TEMPLATE, split_clips
 from .lm import greedy_reply, mc_check, pretrain_llm
 from .run import format_summary, main, run_stage0
+from .symbols import symbol_count, symbolic_video
 from .text import (
     build_tokenizer, context_conversations, conversation_ids, mc_conversations, render_conversation,
-    restatement_ids, template_strings, tokenizer_report, world_conversations, write_mc_annotations,
+    restatement_ids, symbolic_ids, template_strings, tokenizer_report, world_conversations, write_mc_annotations,
     write_single_object_annotations,
 )
 from .tower import (
@@ -58,6 +60,6 @@ __all__ = [
     "build_tokenizer", "context_conversations", "conversation_ids", "describe_objects", "format_summary",
     "frame_description", "frame_objects", "greedy_reply", "hard_negative", "main", "mc_check", "mc_conversations",
     "patch_features", "patch_labels", "pretrain_llm", "pretrain_vision", "render_conversation", "restatement_ids",
-    "run_stage0", "split_clips", "template_strings", "tokenizer_report", "world_conversations",
-    "write_mc_annotations", "write_single_object_annotations",
+    "run_stage0", "split_clips", "symbol_count", "symbolic_ids", "symbolic_video", "template_strings",
+    "tokenizer_report", "world_conversations", "write_mc_annotations", "write_single_object_annotations",
 ]

@@ -16,11 +16,14 @@ from vidlmm.evaluate import SUFFIX
 from vidlmm.tokenizer import EOS_TOKEN, load_tokenizer
 
 from .common import TEMPLATE, _count_params, _fit, split_clips
+from .symbols import symbol_count
 from .text import (context_conversations, conversation_ids, lookup_conversations, mc_conversations, restatement_ids,
-                   world_conversations)
+                   symbolic_ids, world_conversations)
 
 
-def _lm_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _lm_batch(seqs: list[list[int]], pad_id: int, text_vocab: int | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded ids, attention mask and labels; ids at or past ``text_vocab`` (a symbolic video) are not scored."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -28,6 +31,8 @@ def _lm_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
         ids[r, :len(s)] = torch.tensor(s)
         mask[r, :len(s)] = 1
     labels = ids.masked_fill(mask == 0, -100)
+    if text_vocab is not None:
+        labels = labels.masked_fill(ids >= text_vocab, -100)
     return ids, mask, labels
 
 
@@ -51,11 +56,13 @@ _OPTION_LINE = re.compile(r"^(?:\(([A-D])\)|([A-D])\.) (.+)$")
 
 
 @torch.no_grad()
-def greedy_reply(model, tokenizer, question: str, max_new_tokens: int = 12) -> str:
-    """The LM's greedy reply to one user turn in the stage-2 template, without a video."""
+def greedy_reply(model, tokenizer, question: str, max_new_tokens: int = 12, video: list[int] = ()) -> str:
+    """The LM's greedy reply to one user turn in the stage-2 template; ``video``: symbolic ids where the question's
+    ``<image>`` stands (`train.stage0.symbols`), or no video."""
     eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
-    ids = [i for i in tokenizer_image_token(build_prompt(TEMPLATE, [(question, None)]), tokenizer)
-           if i != IMAGE_TOKEN_INDEX]
+    ids = []
+    for i in tokenizer_image_token(build_prompt(TEMPLATE, [(question, None)]), tokenizer):
+        ids += list(video) if i == IMAGE_TOKEN_INDEX else [i]
     reply: list[int] = []
     for _ in range(max_new_tokens):
         nxt = int(model(input_ids=torch.tensor([ids + reply])).logits[0, -1].argmax())
@@ -87,7 +94,8 @@ def mc_check(model, tokenizer, convs: list, limit: int = 200, max_new_tokens: in
 def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, layers: int = 4, heads: int = 4,
                  kv_heads: int = 2, intermediate: int = 384, steps: int = 1400, batch_size: int = 32,
                  lr: float = 2e-3, seed: int = 0, variants: int = 3, context_per_clip: int = 2,
-                 restatements: int = 2, lookup_per_clip: int = 0, recall_steps: int = 0, weight_decay: float = 0.05,
+                 restatements: int = 2, lookup_per_clip: int = 0, recall_steps: int = 0, symbolic_per_clip: int = 0,
+                 weight_decay: float = 0.05,
                  max_length: int = 512, init_std: float = 0.02, progress: bool = True) -> dict:
     """Train a Qwen2ForCausalLM on the world's training text and save it (with the tokenizer) to ``out_dir``.
 
@@ -97,7 +105,10 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
     find the colour of a named one. About 1/sqrt(width) (0.1 here) lets it leave that plateau: with the caption in
     front, colour of a named object 18 -> 46 of 108 and shape 40 -> 82 of 154 (`python -m train.diagnose context`,
     static_qa; `diagnose recall` shows the plateau on abstract tokens). The connector of stages 1-2 is initialised with the same value,
-    as the reference initialises it with the LLM's initializer_range."""
+    as the reference initialises it with the LLM's initializer_range.
+
+    ``symbolic_per_clip``: draws per training clip of `train.stage0.text.symbolic_ids` (the clip's symbolic video
+    where the video goes); the embedding then has `train.stage0.symbols.symbol_count` rows past the tokenizer's."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     t0 = time.perf_counter()
@@ -111,10 +122,14 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
     train = [conversation_ids(c, tokenizer)[:max_length] for c in train_convs]
     for r in range(restatements):
         train += [ids[:max_length] for ids in restatement_ids(fit, tokenizer, seed + 100 * r)]
+    if symbolic_per_clip:
+        train += [ids[:max_length] for ids in symbolic_ids(fit, tokenizer, seed, per_clip=symbolic_per_clip)]
+    text_vocab = len(tokenizer)
     val = [conversation_ids(c, tokenizer)[:max_length] for c in val_convs]
 
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate,
+    config = Qwen2Config(vocab_size=text_vocab + (symbol_count() if symbolic_per_clip else 0), hidden_size=hidden_size,
+                         intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=eos, eos_token_id=eos,
                          pad_token_id=eos, use_sliding_window=False, initializer_range=init_std)
@@ -129,7 +144,7 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
         if len(order) < batch_size:
             order += rng.permutation(len(train)).tolist()
         batch, order = [train[i] for i in order[:batch_size]], order[batch_size:]
-        ids, mask, labels = _lm_batch(batch, eos)
+        ids, mask, labels = _lm_batch(batch, eos, text_vocab)
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
     recall = _recall_warmup(model, train, tokenizer, recall_steps, batch_size, lr, weight_decay, seed, progress) \

@@ -169,6 +169,31 @@ def lookup_conversations(specs: Iterable, seed: int, *, per_clip: int = 1) -> li
     return convs
 
 
+def symbolic_ids(specs: Iterable, tokenizer, seed: int, *, per_clip: int = 1) -> list[list[int]]:
+    """Sequences with the clip's symbolic video (`train.stage0.symbols`) where stages 1 and 2 put the visual
+    tokens: per clip and draw, its caption in stage 1's layout (video, caption, eos), a QA conversation, a
+    multiple-choice question and every colour and shape question (stage 2's template). The video's ids are inputs
+    only: a batch scores no id at or past ``len(tokenizer)`` (`train.stage0.lm`)."""
+    from .symbols import symbolic_video
+
+    eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    seqs = []
+    for k, spec in enumerate(specs):
+        video = symbolic_video(spec, len(tokenizer))
+        for r in range(per_clip):
+            rng = np.random.default_rng([seed, 41, k, r])
+            seqs.append(video + tokenizer(W.caption(spec, rng), add_special_tokens=False)["input_ids"] + [eos])
+            asked = W.asked_questions(spec, rng, ("colour", "shape"))
+            lookups = [(asked[i][1], asked[i][0].answer + ".") for i in rng.permutation(len(asked))]
+            item, prompt = next(_mc_prompts(spec, rng, 1, first=("static", "temporal")[(k + r) % 2]))
+            for turns in (W.qa_turns(spec, rng, min_turns=1, max_turns=3), [(prompt, _mc_answer(item))], lookups):
+                if turns:
+                    ids = conversation_ids([(f"{IMAGE_TOKEN}\n{turns[0][0]}", turns[0][1]), *turns[1:]], tokenizer,
+                                           video=video)
+                    seqs.append(ids)
+    return seqs
+
+
 def restatement_ids(specs: Iterable, tokenizer, seed: int) -> list[list[int]]:
     """Stage 1's layout (``pretrain`` template: the video, then its caption and eos) with a caption in the video's
     place: ``caption_1 caption_2 <|endoftext|>``, where caption_2 is the same caption (half of the time) or another
@@ -202,9 +227,13 @@ def render_conversation(pairs: list[tuple[str, str]]) -> str:
     return build_prompt(TEMPLATE, pairs, add_generation_prompt=False)
 
 
-def conversation_ids(pairs: list[tuple[str, str]], tokenizer) -> list[int]:
-    """Token ids as stage 2 sees them, minus the video: pieces around ``<image>`` tokenized separately."""
-    return [i for i in tokenizer_image_token(render_conversation(pairs), tokenizer) if i != IMAGE_TOKEN_INDEX]
+def conversation_ids(pairs: list[tuple[str, str]], tokenizer, video: list[int] = ()) -> list[int]:
+    """Token ids as stage 2 sees them, pieces around ``<image>`` tokenized separately; ``video`` (symbolic ids)
+    where ``<image>`` stands, or nothing."""
+    ids = []
+    for i in tokenizer_image_token(render_conversation(pairs), tokenizer):
+        ids += list(video) if i == IMAGE_TOKEN_INDEX else [i]
+    return ids
 
 
 def build_tokenizer(world_dir, out_dir, vocab_size: int = 512, *, seed: int = 0):
