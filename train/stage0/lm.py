@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vidlmm.conversation import IMAGE_TOKEN_INDEX, build_prompt, tokenizer_image_token
+from vidlmm.conversation import build_prompt
 from vidlmm.evaluate import SUFFIX
 from vidlmm.tokenizer import EOS_TOKEN, load_tokenizer
 
 from .common import TEMPLATE, _count_params, _fit, split_clips
 from .symbols import symbol_count
-from .text import (context_conversations, conversation_ids, lookup_conversations, mc_conversations, restatement_ids,
-                   symbolic_ids, world_conversations)
+from .text import (context_conversations, conversation_ids, lookup_conversations, mc_conversations, prompt_ids,
+                   restatement_ids, symbolic_ids, world_conversations)
 
 
 def _lm_batch(seqs: list[list[int]], pad_id: int, text_vocab: int | None = None
@@ -60,9 +60,7 @@ def greedy_reply(model, tokenizer, question: str, max_new_tokens: int = 12, vide
     """The LM's greedy reply to one user turn in the stage-2 template; ``video``: symbolic ids where the question's
     ``<image>`` stands (`train.stage0.symbols`), or no video."""
     eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
-    ids = []
-    for i in tokenizer_image_token(build_prompt(TEMPLATE, [(question, None)]), tokenizer):
-        ids += list(video) if i == IMAGE_TOKEN_INDEX else [i]
+    ids = prompt_ids(build_prompt(TEMPLATE, [(question, None)]), tokenizer, video)
     reply: list[int] = []
     for _ in range(max_new_tokens):
         nxt = int(model(input_ids=torch.tensor([ids + reply])).logits[0, -1].argmax())

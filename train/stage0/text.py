@@ -230,8 +230,13 @@ def render_conversation(pairs: list[tuple[str, str]]) -> str:
 def conversation_ids(pairs: list[tuple[str, str]], tokenizer, video: list[int] = ()) -> list[int]:
     """Token ids as stage 2 sees them, pieces around ``<image>`` tokenized separately; ``video`` (symbolic ids)
     where ``<image>`` stands, or nothing."""
+    return prompt_ids(render_conversation(pairs), tokenizer, video)
+
+
+def prompt_ids(prompt: str, tokenizer, video: list[int] = ()) -> list[int]:
+    """A rendered prompt's ids with ``video`` (symbolic ids, or nothing) where its ``<image>`` stands."""
     ids = []
-    for i in tokenizer_image_token(render_conversation(pairs), tokenizer):
+    for i in tokenizer_image_token(prompt, tokenizer):
         ids += list(video) if i == IMAGE_TOKEN_INDEX else [i]
     return ids
 
