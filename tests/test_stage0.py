@@ -327,17 +327,88 @@ def test_symbolic_sequences_put_the_video_where_the_image_goes_and_score_only_te
     assert (ids >= len(tok)).any()
 
 
-def test_an_llm_trained_with_symbolic_videos_has_rows_for_them_and_is_read_with_them(world, tmp_path):
+@pytest.fixture(scope="module")
+def symbolic_llm(world, tmp_path_factory):
+    """A smoke stage-0 LLM trained with `llm.symbolic_per_clip`: its folder."""
+    out = tmp_path_factory.mktemp("s0sym")
+    S.run_stage0(world, out, budget="smoke", seed=0, progress=False, vision=False,
+                 overrides={"llm": {"symbolic_per_clip": 1}})
+    return out / "llm"
+
+
+def test_an_llm_trained_with_symbolic_videos_has_rows_for_them_and_is_read_with_them(world, symbolic_llm):
     """The LLM's embedding grows by the symbolic ids (the tokenizer does not), and `diagnose context` answers
     every question type with the video in place."""
-    from train.diagnose import context_reading
-
-    S.run_stage0(world, tmp_path, budget="smoke", seed=0, progress=False, vision=False,
-                 overrides={"llm": {"symbolic_per_clip": 1}})
     from transformers import AutoConfig
 
-    tok = load_tokenizer(tmp_path / "llm")
-    assert AutoConfig.from_pretrained(tmp_path / "llm").vocab_size == len(tok) + S.symbol_count()
-    report = context_reading(tmp_path / "llm", world, limit=4)
+    from train.diagnose import context_reading
+
+    tok = load_tokenizer(symbolic_llm)
+    assert AutoConfig.from_pretrained(symbolic_llm).vocab_size == len(tok) + S.symbol_count()
+    report = context_reading(symbolic_llm, world, limit=4)
     asked = report["symbolic_video_qa"]
     assert asked and all(0 <= int(v.split("/")[0]) <= int(v.split("/")[1]) for v in asked.values())
+
+
+def test_the_alignment_loss_scores_each_frames_symbols_in_any_order_and_only_there():
+    """`alignment_loss`: the symbols' own embeddings score far better than random tokens, whatever the order of a
+    frame's tokens; the same tokens a frame off score as badly as random ones; lengths count."""
+    from train.stage0.symbols import FRAMES, SLOTS
+
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(S.symbol_count(), 32, generator=gen)
+    ids = torch.randint(0, S.symbol_count(), (FRAMES * SLOTS,), generator=gen)
+    exact = table[ids]
+    shuffled = exact.view(FRAMES, SLOTS, -1)[:, [2, 0, 3, 1]].reshape(exact.shape)
+    shifted = exact.view(FRAMES, SLOTS, -1).roll(1, 0).reshape(exact.shape)
+    noise = torch.randn(exact.shape, generator=gen)
+    loss = {name: float(S.alignment_loss(t, table, ids)) for name, t in
+            {"exact": exact, "shuffled": shuffled, "shifted": shifted, "random": noise, "long": 3 * exact}.items()}
+    assert loss["exact"] == pytest.approx(loss["shuffled"], abs=1e-5)
+    assert loss["exact"] < 0.5 * loss["random"] and loss["shifted"] > 0.8 * loss["random"]
+    assert loss["long"] > loss["exact"] + 1.0  # log(3)^2 per token
+
+
+def test_stage1_symbol_weight_teaches_the_connector_its_clips_symbols(world, stage0, symbolic_llm, tmp_path):
+    """The recipe's `symbol_weight`: stage 1 on caption annotations that carry each clip's symbolic video lowers
+    the connector's `alignment_loss` on those clips; an LM without the symbols' rows is refused in one sentence."""
+    from train.diagnose import symbol_readout
+    from train.recipe import load_recipe
+    from train.trainer import TrainingStep, build_model, run
+    from vidlmm.checkpoint import load_model
+    from vidlmm.pipeline import default_sampling
+    from vidlmm.preprocess import read_pixels
+
+    out, _ = stage0
+    annotations = S.write_symbol_annotations(world, world / "captions.json", tmp_path / "captions_symbols.json")
+    specs = {f"videos/{spec.id}.mp4": spec for spec in load_clips(world)["train"]}
+    items = json.loads(annotations.read_text())
+    assert all(item["symbols"] == S.symbolic_video(specs[item["video"]], 0) for item in items)
+
+    def recipe(llm, name, *extra):
+        return load_recipe("toy_stage1.yaml", [
+            f"llm={llm}", f"vision_tower={out / 'vision'}", f"annotations=[{json.dumps(str(annotations))}]",
+            f"video_roots=[{json.dumps(str(world))}]", f"output_dir={tmp_path / name}", "global_batch_size=8",
+            "per_device_batch_size=8", "epochs=12", "learning_rate=1e-2", "decode_time_limit_s=0", "symbol_weight=1",
+            *extra])
+
+    def alignment(model) -> float:
+        step = TrainingStep(model.eval(), symbol_weight=1.0)
+        with torch.no_grad():
+            visual = [model.connect(model.encode_frames(read_pixels(world / item["video"], default_sampling(model),
+                                                                    model.image_processor)[1])) for item in items]
+            return float(step.symbol_distance(visual, [item["symbols"] for item in items]).mean())
+
+    trained = recipe(symbolic_llm, "aligned")
+    before = alignment(build_model(trained))
+    model = load_model(run(trained, progress=False), dtype="fp32", device="cpu").eval()
+    after = alignment(model)
+    assert after < before - 1.0, (before, after)
+    with pytest.raises(ValueError, match="symbolic video's embedding rows"):
+        run(recipe(out / "llm", "no_rows"), max_steps=1, progress=False)
+    # `python -m train.diagnose symbols`: the nearest symbol of each token, against the frame's symbols
+    readout = symbol_readout(model, world, clips=3)
+    assert readout["clips"] == 3 and readout["symbol_length"] > 0
+    assert all(0.0 <= readout[k] <= 1.0 for k in ("precision", "recall", "frames_exact"))
+    with pytest.raises(ValueError, match="no symbol rows"):
+        symbol_readout(build_model(recipe(out / "llm", "no_rows")).eval(), world, clips=1)

@@ -179,6 +179,11 @@ def train_and_score(name: str, spec: dict, work: Path, phases: Phases, *, seed: 
                                              f"annotations=[{json.dumps(str(world / 'captions.json'))}]",
                                              f"output_dir={work / name / ('stage1' + variant.stage1_suffix())}",
                                              *variant.stage1])
+    if stage1.symbol_weight:
+        from .stage0 import write_symbol_annotations
+
+        stage1.annotations = [str(write_symbol_annotations(world, world / "captions.json",
+                                                           world / "captions_symbols.json"))]
     stage2 = load_recipe("toy_stage2.yaml", [*common, f"name={name}-stage2",
                                              f"init={Path(stage1.output_dir) / 'model'}",
                                              f"annotations={json.dumps(stage2_data)}",

@@ -58,6 +58,7 @@ class Sample:
     id: str
     video: Path
     conversations: list
+    symbols: list | None = None  # the clip's symbolic video (`train.stage0.symbols`), for stage 1's symbol_weight
 
 
 def load_annotations(files: list[str | Path], video_roots: list[str | Path]) -> tuple[list[Sample], Counter]:
@@ -83,7 +84,7 @@ def load_annotations(files: list[str | Path], video_roots: list[str | Path]) -> 
                 problems["missing video"] += 1
                 log.warning("%s item %d: video '%s' not found under the video roots; skipped", file.name, n, rel)
                 continue
-            samples.append(Sample(str(item.get("id", n)), path, item["conversations"]))
+            samples.append(Sample(str(item.get("id", n)), path, item["conversations"], item.get("symbols")))
     return samples, problems
 
 
@@ -137,8 +138,8 @@ def _decode_pixels(path, sampling: FrameSampling, image_processor) -> torch.Tens
 
 class VideoConversationDataset(torch.utils.data.Dataset):
     """Items: {"pixel_values" [T,3,S,S] or None, "features" [T,N,C] or None, "cache_key", "input_ids", "labels",
-    "id", "index", "video", "weight", "skipped", "num_visual_tokens"}. With a feature cache that already holds a
-    clip, the clip is not decoded at all.
+    "id", "index", "video", "weight", "skipped", "num_visual_tokens", "symbols"}. With a feature cache that already
+    holds a clip, the clip is not decoded at all.
 
     A sample whose video cannot be read is dropped, not replaced by the next readable one: its item is a
     placeholder (a blank one-frame clip with the sample's own text) of weight 0 and `skipped` says why. Every
@@ -200,7 +201,7 @@ class VideoConversationDataset(torch.utils.data.Dataset):
                                         max_length=self.max_length, num_visual_tokens=num_visual)
         return {"pixel_values": pixels, "features": features, "cache_key": key, "input_ids": example.input_ids,
                 "labels": example.labels, "id": sample.id, "index": index, "video": str(sample.video),
-                "weight": float(read), "skipped": why, "num_visual_tokens": num_visual}
+                "weight": float(read), "skipped": why, "num_visual_tokens": num_visual, "symbols": sample.symbols}
 
 
 def collate(batch: list) -> dict:
@@ -209,6 +210,7 @@ def collate(batch: list) -> dict:
     return {"pixel_values": [b["pixel_values"] for b in batch], "features": [b["features"] for b in batch],
             "cache_keys": [b["cache_key"] for b in batch], "input_ids": [b["input_ids"] for b in batch],
             "labels": [b["labels"] for b in batch], "ids": [b["id"] for b in batch],
+            "symbols": [b["symbols"] for b in batch],
             "weights": torch.tensor([b["weight"] for b in batch]),
             "visual_tokens": sum(b["num_visual_tokens"] for b in batch if b["weight"]),
             "skipped": [{"index": b["index"], "id": b["id"], "video": b["video"], "why": b["skipped"]}

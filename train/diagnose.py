@@ -4,6 +4,7 @@
     python -m train.diagnose open    --model M --data eval_mc.json [--video-root DIR] [--limit 200]
     python -m train.diagnose types   --model M --data eval_mc.json [--video-root DIR] [--world WORLD]
     python -m train.diagnose probe   --model M | --tower STAGE0/vision --world WORLD [--train-clips 1200]
+    python -m train.diagnose symbols --model M --world WORLD [--clips 200]
     python -m train.diagnose context --llm STAGE0/llm --world WORLD [--limit 64]
     python -m train.diagnose recall  [--init-std 0.02 0.1] [--layout pairs bound] [--steps 1000] [--seed 0]
 
@@ -16,6 +17,8 @@ the correct option's text. This separates "cannot read the video" from "cannot m
 `types`: the multiple-choice evaluation (`vidlmm.evaluate`) broken down by the items' question ``type`` (and, with
 the world's folder, by how many objects the clip shows).
 `probe`: is a frame's content readable at each step (tower patches, connector tokens)? See `token_probe`.
+`symbols`: for a model whose LM was trained with a video of symbols (`llm.symbolic_per_clip`), does the connector
+emit those symbols? Each visual token's nearest symbol embedding against the frame's symbols (`symbol_readout`).
 `context`: does a stage-0 LM read its context at all (stage 1 can only steer one that does)? On held-out training
 clips of the world: the caption loss with the clip's own caption in front of it (stage 1's layout, a caption
 where the video goes) against another clip's caption; and held-out MC prompts answered without context and with
@@ -160,6 +163,48 @@ def token_probe(model, world_dir: Path, *, train_clips: int = 1200, test_clips: 
         x, y = torch.stack(views["train"][view]), torch.stack(views["eval"][view])
         result[view] = {"dims": int(x.shape[1]), **_ridge(x, facts["train"], y, facts["eval"])}
     return result
+
+
+def symbol_readout(model, world_dir: Path, clips: int = 200) -> dict:
+    """Does the connector emit the symbolic video its LM was trained to read (`train.stage0.symbols`)? On the
+    first ``clips`` held-out clips, each visual token's nearest symbol (cosine, among the LM's symbol rows) is its
+    reading; per frame, against the frame's symbols: ``precision`` (readings other than blank that the frame
+    shows), ``recall`` (the frame's objects read by some token), ``frames_exact`` (the frame's 4 readings are its
+    4 symbols), and the tokens' mean length beside the symbols' embeddings' (the LM reads lengths too)."""
+    import torch
+    import torch.nn.functional as F
+
+    from vidlmm.pipeline import default_sampling
+    from vidlmm.preprocess import read_pixels
+
+    from .stage0.symbols import SLOTS, symbol_count, symbolic_video
+    from .world import load_clips
+
+    table = model.language_model.get_input_embeddings().weight.detach()
+    first = len(model.tokenizer)
+    if table.shape[0] < first + symbol_count():
+        raise ValueError("This model's LM has no symbol rows (a stage-0 LM trained with llm.symbolic_per_clip).")
+    symbols = table[first:first + symbol_count()]
+    right = read = shown = found = exact = frames = 0
+    lengths = []
+    with torch.no_grad():
+        for spec in load_clips(world_dir)["eval"][:clips]:
+            _, pixels = read_pixels(world_dir / "videos" / f"{spec.id}.mp4", default_sampling(model),
+                                    model.image_processor)
+            tokens = model.connect(model.encode_frames(pixels)).tokens[0]
+            lengths.append(tokens.norm(dim=-1).mean())
+            readings = (F.normalize(tokens, dim=-1) @ F.normalize(symbols, dim=-1).T).argmax(-1).view(-1, SLOTS)
+            for got, want in zip(readings.tolist(), torch.tensor(symbolic_video(spec, 0)).view(-1, SLOTS).tolist()):
+                objects, named = set(want) - {0}, [g for g in got if g]
+                right += sum(g in objects for g in named)
+                read += len(named)
+                shown += len(objects)
+                found += len(objects & set(named))
+                exact += sorted(got) == sorted(want)
+                frames += 1
+    return {"clips": min(clips, len(load_clips(world_dir)["eval"])), "precision": right / max(read, 1),
+            "recall": found / max(shown, 1), "frames_exact": exact / max(frames, 1),
+            "token_length": float(torch.stack(lengths).mean()), "symbol_length": float(symbols.norm(dim=-1).mean())}
 
 
 def mc_as_conversations(items: list[dict]) -> list[dict]:
@@ -394,6 +439,10 @@ def main(argv: Iterable[str] | None = None) -> int:
     probe.add_argument("--world", required=True, help="the world the model was trained on")
     probe.add_argument("--train-clips", type=int, default=1200)
     probe.add_argument("--test-clips", type=int, default=400)
+    symbols = sub.add_parser("symbols", help="does the connector emit the symbols its LM reads? (nearest symbol)")
+    symbols.add_argument("--model", required=True, help="a model whose LM has symbol rows (llm.symbolic_per_clip)")
+    symbols.add_argument("--world", required=True, help="the world the model was trained on")
+    symbols.add_argument("--clips", type=int, default=200)
     context = sub.add_parser("context", help="does a stage-0 LM read its context?")
     context.add_argument("--llm", required=True, help="a stage-0 LM folder (OUT/llm of python -m train.stage0)")
     context.add_argument("--world", required=True, help="the world it was trained on")
@@ -423,6 +472,10 @@ def main(argv: Iterable[str] | None = None) -> int:
                      else _TowerOnly(Path(args.tower)))
             print(json.dumps(token_probe(model, Path(args.world), train_clips=args.train_clips,
                                          test_clips=args.test_clips), indent=1))
+            return 0
+        if args.command == "symbols":
+            model = load_model(args.model, dtype="fp32", device="cpu").eval()
+            print(json.dumps(symbol_readout(model, Path(args.world), args.clips), indent=1))
             return 0
         if args.command == "context":
             print(json.dumps(context_reading(Path(args.llm), Path(args.world), args.limit), indent=1))

@@ -40,13 +40,14 @@ class TrainingStep(nn.Module):
     """Wraps the model so one forward = the whole step (vision -> connector -> LLM loss per sample [B]); the
     distributed wrapper then sees every trainable parameter used inside its own forward."""
 
-    def __init__(self, model, feature_cache=None):
+    def __init__(self, model, feature_cache=None, symbol_weight: float = 0.0):
         super().__init__()
         self.model = model
         self.feature_cache = feature_cache  # only when the tower is frozen
+        self.symbol_weight = symbol_weight
 
     def forward(self, pixel_values: list, input_ids: list, labels: list, features: list | None = None,
-                cache_keys: list | None = None):
+                cache_keys: list | None = None, symbols: list | None = None):
         m = self.model
         visual = []
         for i, pixels in enumerate(pixel_values):
@@ -59,7 +60,32 @@ class TrainingStep(nn.Module):
             # the whole output (batch 1): a fusing connector (LLaVA-Mini) also rewrites the prompt's embeddings
             visual.append(m.connect(feats))
         embeds, mask, lab = m.build_inputs(input_ids, visual, labels, padding_side="right")
-        return per_sample_loss(m(embeds, mask).logits, lab)
+        loss = per_sample_loss(m(embeds, mask).logits, lab)
+        if self.symbol_weight:
+            loss = loss + self.symbol_weight * self.symbol_distance(visual, symbols or [None] * len(visual))
+        return loss
+
+    def symbol_distance(self, visual: list, symbols: list) -> torch.Tensor:
+        """[B]: each sample's `alignment_loss` against the LM's embeddings of its clip's symbols (0 without)."""
+        from .stage0.symbols import alignment_loss, symbol_count
+
+        m = self.model
+        table = m.language_model.get_input_embeddings().weight
+        first = len(m.tokenizer)
+        if table.shape[0] < first + symbol_count():
+            raise ValueError("symbol_weight needs a language model with the symbolic video's embedding rows "
+                             "(a stage-0 LM trained with llm.symbolic_per_clip).")
+        out = []
+        for out_i, ids in zip(visual, symbols):
+            if ids is None:
+                out.append(table.new_zeros(()))
+                continue
+            tokens = out_i.tokens[0]
+            if tokens.shape[0] != len(ids):
+                raise ValueError(f"symbol_weight needs one visual token per symbol ({len(ids)}); this connector "
+                                 f"gives {tokens.shape[0]}.")
+            out.append(alignment_loss(tokens, table[first:first + symbol_count()].detach(), ids))
+        return torch.stack(out)
 
 
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -418,7 +444,7 @@ def run(recipe: Recipe, *, max_steps: int | None = None, progress: bool = True) 
     schedule = get_cosine_schedule_with_warmup if recipe.lr_scheduler == "cosine" else \
         get_linear_schedule_with_warmup
     scheduler = schedule(optimizer, recipe.warmup_steps(len(dataset)), total_steps)
-    step_module = TrainingStep(model, cache)
+    step_module = TrainingStep(model, cache, recipe.symbol_weight)
     step_module, optimizer, scheduler = accelerator.prepare(step_module, optimizer, scheduler)
 
     # skipped: {"index", "id", "video", "why", "epoch", "batch", "step"} per sample dropped so far
@@ -454,7 +480,7 @@ def run(recipe: Recipe, *, max_steps: int | None = None, progress: bool = True) 
             state["batches_in_epoch"] += 1
             with accelerator.accumulate(step_module):
                 losses = step_module(batch["pixel_values"], batch["input_ids"], batch["labels"], batch["features"],
-                                     batch["cache_keys"])
+                                     batch["cache_keys"], batch["symbols"])
                 weights = batch["weights"].to(losses.device)
                 # a sum over the nominal global batch; rescaled below once the step's read count is known
                 accelerator.backward((losses * weights).sum() / recipe.per_device_batch_size)

@@ -4,14 +4,23 @@ binding the object's colour, shape and place on the 3x3 grid, as one visual toke
 Why: a fresh LM of the stage-0 shape learns to find a value bound with its key in one token within a few hundred
 steps, and does not learn it in 2,000 when the two are neighbouring tokens, as in a caption ("red square";
 `python -m train.diagnose recall --layout pairs bound`). Reading captions, the LM never learns to find the object a
-question names; reading these videos, it can. Stage 1 then trains the connector to give this LM what it reads.
+question names; reading these videos, it can. Stage 1 then trains the connector to give this LM what it reads:
+with the recipe's ``symbol_weight``, stage 1 also pulls each frame's visual tokens towards the embeddings of that
+frame's symbols (`alignment_loss`), read from caption annotations that carry each clip's symbolic video
+(`write_symbol_annotations`).
 
 The ids lie past the tokenizer's vocabulary (the model's embedding has rows no text produces, as Qwen2.5's padded
 vocabulary does): ``len(tokenizer)`` is a blank slot, the combinations follow. The tokenizer is unchanged."""
 
 from __future__ import annotations
 
+import itertools
+import json
+from pathlib import Path
+
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from train import world as W
 from train.world.spec import _CELL_FRACTIONS, timeline
@@ -41,3 +50,39 @@ def symbolic_video(spec, first_id: int, *, frames: int = FRAMES, slots: int = SL
             here.append((col, row, first_id + 1 + combo + row * len(_CELL_FRACTIONS) + col))
         ids += [s for _, _, s in sorted(here)][:slots] + [first_id] * max(0, slots - len(here))
     return ids
+
+
+def write_symbol_annotations(world_dir: Path, source: Path, out: Path) -> Path:
+    """``source`` (annotations of the world's clips) with each item's symbolic video as ``"symbols"``: ids relative
+    to the first symbolic id (0 is the blank slot), as `symbolic_video` gives them with ``first_id=0``."""
+    from train.world import load_clips
+
+    specs = {f"videos/{spec.id}.mp4": spec for split in load_clips(world_dir).values() for spec in split}
+    items = json.loads(Path(source).read_text())
+    for item in items:
+        item["symbols"] = symbolic_video(specs[item["video"]], 0)
+    out.write_text(json.dumps(items))
+    return out
+
+
+_ORDERS = torch.tensor(list(itertools.permutations(range(SLOTS))))  # every order of a frame's slots
+SCALE = 10.0  # inverse temperature of the cosine logits
+
+
+def alignment_loss(tokens: torch.Tensor, table: torch.Tensor, ids) -> torch.Tensor:
+    """How far a clip's visual tokens [FRAMES * SLOTS, D] are from the symbols of its symbolic video ``ids``
+    (relative ids, as `write_symbol_annotations` stores them), whose embeddings are the rows of ``table``
+    [symbol_count(), D]. Frame by frame (tokens ``f * SLOTS ...`` against frame f's symbols), each token is
+    scored as a classifier over the symbols, its cosine to every row times `SCALE` the logits: cross-entropy of
+    its symbol, plus the squared log ratio of its length to the symbol's (the LM reads lengths too). A frame's
+    tokens meet its symbols in the order that fits them best, so a connector need not learn the symbolic video's
+    left-to-right order. Mean per token; cross-entropy's log(symbol_count()) for tokens that know nothing."""
+    t = tokens.float().reshape(-1, SLOTS, tokens.shape[-1])
+    table = table.float()
+    ids = torch.as_tensor(ids, device=t.device).reshape(-1, 1, SLOTS).expand(-1, SLOTS, -1)  # [frame, token, slot]
+    logits = SCALE * F.normalize(t, dim=-1) @ F.normalize(table, dim=-1).T
+    nll = -torch.gather(logits.log_softmax(-1), 2, ids)
+    length = (t.norm(dim=-1, keepdim=True).clamp_min(1e-6) / table.norm(dim=-1)[ids]).log().pow(2)
+    cost = nll + length  # [frame, token, symbol of the frame]
+    per_order = cost[:, torch.arange(SLOTS)[None], _ORDERS.to(cost.device)].sum(-1)  # [frame, orders]
+    return per_order.min(-1).values.mean() / SLOTS
