@@ -384,6 +384,10 @@ def test_stage1_symbol_weight_teaches_the_connector_its_clips_symbols(world, sta
     specs = {f"videos/{spec.id}.mp4": spec for spec in load_clips(world)["train"]}
     items = json.loads(annotations.read_text())
     assert all(item["symbols"] == S.symbolic_video(specs[item["video"]], 0) for item in items)
+    # an unreadable video among them costs its sample (a placeholder of one frame, no symbols), not the run
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "broken.mp4").write_bytes(b"not a video")
+    annotations.write_text(json.dumps(items + [{**items[0], "id": "broken", "video": "videos/broken.mp4"}]))
 
     def recipe(llm, name, *extra):
         return load_recipe("toy_stage1.yaml", [
@@ -401,14 +405,16 @@ def test_stage1_symbol_weight_teaches_the_connector_its_clips_symbols(world, sta
 
     trained = recipe(symbolic_llm, "aligned")
     before = alignment(build_model(trained))
-    model = load_model(run(trained, progress=False), dtype="fp32", device="cpu").eval()
+    folder = run(trained, progress=False)
+    model = load_model(folder, dtype="fp32", device="cpu").eval()
     after = alignment(model)
+    assert [skip["id"] for skip in json.loads((folder / "trainer_state.json").read_text())["skipped"]] == ["broken"]
     assert after < before - 1.0, (before, after)
-    with pytest.raises(ValueError, match="symbolic video's embedding rows"):
+    with pytest.raises(ValueError, match="no embedding rows for the symbolic video"):
         run(recipe(out / "llm", "no_rows"), max_steps=1, progress=False)
     # `python -m train.diagnose symbols`: the nearest symbol of each token, against the frame's symbols
     readout = symbol_readout(model, world, clips=3)
     assert readout["clips"] == 3 and readout["symbol_length"] > 0
     assert all(0.0 <= readout[k] <= 1.0 for k in ("precision", "recall", "frames_exact"))
-    with pytest.raises(ValueError, match="no symbol rows"):
+    with pytest.raises(ValueError, match="no embedding rows for the symbolic video"):
         symbol_readout(build_model(recipe(out / "llm", "no_rows")).eval(), world, clips=1)

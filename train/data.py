@@ -201,7 +201,8 @@ class VideoConversationDataset(torch.utils.data.Dataset):
                                         max_length=self.max_length, num_visual_tokens=num_visual)
         return {"pixel_values": pixels, "features": features, "cache_key": key, "input_ids": example.input_ids,
                 "labels": example.labels, "id": sample.id, "index": index, "video": str(sample.video),
-                "weight": float(read), "skipped": why, "num_visual_tokens": num_visual, "symbols": sample.symbols}
+                "weight": float(read), "skipped": why, "num_visual_tokens": num_visual,
+                "symbols": sample.symbols if read else None}  # a placeholder's one frame has no symbols
 
 
 def collate(batch: list) -> dict:

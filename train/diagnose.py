@@ -177,14 +177,10 @@ def symbol_readout(model, world_dir: Path, clips: int = 200) -> dict:
     from vidlmm.pipeline import default_sampling
     from vidlmm.preprocess import read_pixels
 
-    from .stage0.symbols import SLOTS, symbol_count, symbolic_video
+    from .stage0.symbols import SLOTS, symbol_rows, symbolic_video
     from .world import load_clips
 
-    table = model.language_model.get_input_embeddings().weight.detach()
-    first = len(model.tokenizer)
-    if table.shape[0] < first + symbol_count():
-        raise ValueError("This model's LM has no symbol rows (a stage-0 LM trained with llm.symbolic_per_clip).")
-    symbols = table[first:first + symbol_count()]
+    symbols = symbol_rows(model).detach()
     right = read = shown = found = exact = frames = 0
     lengths = []
     with torch.no_grad():

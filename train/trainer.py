@@ -67,14 +67,9 @@ class TrainingStep(nn.Module):
 
     def symbol_distance(self, visual: list, symbols: list) -> torch.Tensor:
         """[B]: each sample's `alignment_loss` against the LM's embeddings of its clip's symbols (0 without)."""
-        from .stage0.symbols import alignment_loss, symbol_count
+        from .stage0.symbols import alignment_loss, symbol_rows
 
-        m = self.model
-        table = m.language_model.get_input_embeddings().weight
-        first = len(m.tokenizer)
-        if table.shape[0] < first + symbol_count():
-            raise ValueError("symbol_weight needs a language model with the symbolic video's embedding rows "
-                             "(a stage-0 LM trained with llm.symbolic_per_clip).")
+        table = symbol_rows(self.model).detach()
         out = []
         for out_i, ids in zip(visual, symbols):
             if ids is None:
@@ -84,7 +79,7 @@ class TrainingStep(nn.Module):
             if tokens.shape[0] != len(ids):
                 raise ValueError(f"symbol_weight needs one visual token per symbol ({len(ids)}); this connector "
                                  f"gives {tokens.shape[0]}.")
-            out.append(alignment_loss(tokens, table[first:first + symbol_count()].detach(), ids))
+            out.append(alignment_loss(tokens, table, ids))
         return torch.stack(out)
 
 
