@@ -181,10 +181,11 @@ def symbol_readout(model, world_dir: Path, clips: int = 200) -> dict:
     from .world import load_clips
 
     symbols = symbol_rows(model).detach()
+    specs = load_clips(world_dir)["eval"][:clips]
     right = read = shown = found = exact = frames = 0
     lengths = []
     with torch.no_grad():
-        for spec in load_clips(world_dir)["eval"][:clips]:
+        for spec in specs:
             _, pixels = read_pixels(world_dir / "videos" / f"{spec.id}.mp4", default_sampling(model),
                                     model.image_processor)
             tokens = model.connect(model.encode_frames(pixels)).tokens[0]
@@ -198,7 +199,7 @@ def symbol_readout(model, world_dir: Path, clips: int = 200) -> dict:
                 found += len(objects & set(named))
                 exact += sorted(got) == sorted(want)
                 frames += 1
-    return {"clips": min(clips, len(load_clips(world_dir)["eval"])), "precision": right / max(read, 1),
+    return {"clips": len(specs), "precision": right / max(read, 1),
             "recall": found / max(shown, 1), "frames_exact": exact / max(frames, 1),
             "token_length": float(torch.stack(lengths).mean()), "symbol_length": float(symbols.norm(dim=-1).mean())}
 
@@ -368,7 +369,8 @@ def associative_recall(init_std: float, *, steps: int = 1000, pairs: int = 6, la
     if layout not in ("pairs", "bound"):
         raise ValueError(f"layout must be 'pairs' or 'bound', not {layout!r}")
     n_keys, n_values, first_key = 20, 30, 10
-    keys_ids, values_ids = np.arange(first_key, first_key + n_keys), np.arange(30, 30 + n_values)
+    keys_ids = np.arange(first_key, first_key + n_keys)
+    values_ids = np.arange(first_key + n_keys, first_key + n_keys + n_values)
     first_bound = 64  # bound tokens: 64 + key index * 30 + value index
     torch.manual_seed(seed)
     config = Qwen2Config(vocab_size=first_bound + n_keys * n_values, hidden_size=hidden_size,

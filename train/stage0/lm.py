@@ -93,8 +93,8 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
                  kv_heads: int = 2, intermediate: int = 384, steps: int = 1400, batch_size: int = 32,
                  lr: float = 2e-3, seed: int = 0, variants: int = 3, context_per_clip: int = 2,
                  restatements: int = 2, lookup_per_clip: int = 0, recall_steps: int = 0, symbolic_per_clip: int = 0,
-                 weight_decay: float = 0.05,
-                 max_length: int = 512, init_std: float = 0.02, progress: bool = True) -> dict:
+                 weight_decay: float = 0.05, max_length: int = 512, init_std: float = 0.02,
+                 progress: bool = True) -> dict:
     """Train a Qwen2ForCausalLM on the world's training text and save it (with the tokenizer) to ``out_dir``.
 
     ``init_std`` is the config's ``initializer_range`` (every Linear and the embeddings ~ N(0, init_std)). Qwen2's
@@ -126,11 +126,11 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
     val = [conversation_ids(c, tokenizer)[:max_length] for c in val_convs]
 
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=text_vocab + (symbol_count() if symbolic_per_clip else 0), hidden_size=hidden_size,
-                         intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=eos, eos_token_id=eos,
-                         pad_token_id=eos, use_sliding_window=False, initializer_range=init_std)
+    config = Qwen2Config(vocab_size=text_vocab + (symbol_count() if symbolic_per_clip else 0),
+                         hidden_size=hidden_size, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+                         use_sliding_window=False, initializer_range=init_std)
     model = Qwen2ForCausalLM(config)
     model.train()
     rng = np.random.default_rng([seed, 1])
