@@ -18,7 +18,7 @@ from tests.videos import make_moving_square_frames, write_video
 from vidlmm.benchmarks import detect_format, load_benchmark
 from vidlmm.errors import VidlmmError
 from vidlmm.eval_cli import add_eval_arguments, run_eval_cli
-from vidlmm.evaluate import ItemRecord, summarize
+from vidlmm.evaluate import ItemRecord, summarize, weights_fingerprint
 
 
 def eval_json(data: Path, tiny_checkpoints) -> dict:
@@ -346,9 +346,10 @@ def test_records_let_an_interrupted_run_resume(mvbench, tiny_checkpoints, tmp_pa
     items = load_benchmark(mvbench).items
     straight = evaluate(lmm, items, records=tmp_path / "all.jsonl")
     lines = (tmp_path / "all.jsonl").read_text().splitlines()
-    assert json.loads(lines[0]) == {"settings": {"model": str(tiny_checkpoints["group"]), "sampling": "uniform 4",
-                                                 "style": "mvbench", "scoring": "generate", "bounds": True,
-                                                 "max_new_tokens": 16}}
+    settings = json.loads(lines[0])["settings"]
+    assert settings == {"model": str(tiny_checkpoints["group"]), "weights": weights_fingerprint(lmm.model),
+                        "sampling": "uniform 4", "style": "mvbench", "scoring": "generate", "bounds": True,
+                        "max_new_tokens": 16}
     assert [json.loads(line)["record"]["id"] for line in lines[1:]] == [r.id for r in straight.items]
     cut = tmp_path / "cut.jsonl"
     cut.write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])  # two records kept, the third torn
@@ -367,6 +368,28 @@ def test_records_let_an_interrupted_run_resume(mvbench, tiny_checkpoints, tmp_pa
     assert sum("record" in parsed(line) for line in cut.read_text().splitlines()) == 4
     with pytest.raises(VidlmmError, match="other settings .*scoring"):
         evaluate(lmm, items, records=cut, scoring="likelihood")
+
+
+def test_records_of_a_folder_are_not_kept_for_the_model_rebuilt_there(mvbench, tmp_path):
+    """Records name a model by its folder; a rebuild writes new weights into the same folder (as
+    `train.build_embedded` does to assets/models): the rerun is refused instead of keeping the old model's answers."""
+    from vidlmm.checkpoint import load_model
+    from vidlmm.evaluate import evaluate
+    from vidlmm.pipeline import VideoLMM
+    from vidlmm.tiny import write_tiny_checkpoint
+    from vidlmm.video import FrameSampling
+
+    def lmm(seed: int):
+        write_tiny_checkpoint(tmp_path / "model", "groupresampler", seed=seed, num_queries=16, group=4)
+        return VideoLMM(load_model(tmp_path / "model", dtype="fp32", device="cpu"),
+                        sampling=FrameSampling.uniform(4), cache_bytes=0)
+
+    items = load_benchmark(mvbench).items[:1]
+    first = lmm(seed=0)
+    evaluate(first, items, records=tmp_path / "records.jsonl")
+    assert weights_fingerprint(first.model) == weights_fingerprint(lmm(seed=0).model)  # the same weights again
+    with pytest.raises(VidlmmError, match="other settings .weights."):
+        evaluate(lmm(seed=1), items, records=tmp_path / "records.jsonl")
 
 
 def test_two_processes_give_the_one_process_result(mvbench, tiny_checkpoints, tmp_path):

@@ -507,11 +507,29 @@ def _evaluate(lmm, items, records, base, bounds, shard, style, scoring, generati
     return result
 
 
+def weights_fingerprint(model) -> str:
+    """A short hash of a model's weights as loaded: each tensor's name, shape and first and last values. Records
+    name the model by its folder, and a folder can be rebuilt (`train.build_embedded`): a rerun then scores again
+    instead of keeping the earlier model's answers. It reads 16 values per tensor, not the weights."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(torch.cat([flat[:8], flat[-8:]]).float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def run_settings(lmm, sampling, style: str, scoring: str, bounds: bool, max_new_tokens: int | None = None) -> dict:
     """What a record depends on: a `RecordLog` refuses to mix runs that differ in any of these (not the data:
     keep one records file per benchmark)."""
     model = getattr(lmm, "model", None)
-    return {"model": str(getattr(model, "source", None)), "sampling": sampling.describe() if sampling else None,
+    return {"model": str(getattr(model, "source", None)),
+            "weights": weights_fingerprint(model) if hasattr(model, "state_dict") else None,
+            "sampling": sampling.describe() if sampling else None,
             "style": style, "scoring": scoring, "bounds": bounds,
             "max_new_tokens": max_new_tokens if scoring == "generate" else None}
 
