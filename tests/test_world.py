@@ -193,6 +193,12 @@ def test_qa_mixes_static_and_temporal(specs):
     assert cats["static"] == 100 and cats["temporal"] == 100  # every conversation has both
 
 
+def test_question_types_lists_every_type_the_world_asks_under_its_category(specs):
+    asked = {(q.type, q.category) for spec in specs for q in WT._question_pool(spec, np.random.default_rng(0))}
+    listed = {(t, c) for c, types in W.QUESTION_TYPES.items() for t in types}
+    assert asked == listed
+
+
 def _oracle(spec: ClipSpec, item: dict) -> str | None:
     """Independent answers for some question types, from the ground truth."""
     q, tl = item["question"], timeline(spec)

@@ -41,6 +41,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
+from .world.text import QUESTION_TYPES as WORLD_TYPES
+
 
 def video_gap(model, samples: list[dict], video_root: Path, template: str, shift: int = 7) -> dict:
     """Mean answer loss with the right video, a wrong one (the sample `shift` places on) and zero features."""
@@ -284,10 +286,8 @@ def context_reading(llm_dir: Path, world_dir: Path, limit: int = 64, seed: int =
             "mc_with_caption": stage0.mc_check(model, tokenizer, with_caption)}
 
 
-LOOKUP_TYPES = ("colour", "shape", "exists", "count")
-QUESTION_TYPES = ("colour", "shape", "exists", "count", "direction", "which_move", "which_colour", "new_colour",
-                  "start_colour", "blink_count", "which_blink", "count_start", "count_end", "which_appear",
-                  "which_disappear", "first", "last", "before", "after")
+LOOKUP_TYPES = WORLD_TYPES["static"]
+QUESTION_TYPES = WORLD_TYPES["static"] + WORLD_TYPES["temporal"]
 
 
 def symbolic_video_qa(model, tokenizer, specs: list, seed: int = 0) -> dict:

@@ -16,7 +16,7 @@ from vidlmm.evaluate import SUFFIX
 from vidlmm.tokenizer import EOS_TOKEN, load_tokenizer
 
 from .common import TEMPLATE, _count_params, _fit, split_clips
-from .symbols import symbol_count
+from .symbols import factored_rows, symbol_count
 from .text import (context_conversations, conversation_ids, lookup_conversations, mc_conversations, prompt_ids,
                    restatement_ids, symbolic_ids, world_conversations)
 
@@ -93,8 +93,8 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
                  kv_heads: int = 2, intermediate: int = 384, steps: int = 1400, batch_size: int = 32,
                  lr: float = 2e-3, seed: int = 0, variants: int = 3, context_per_clip: int = 2,
                  restatements: int = 2, lookup_per_clip: int = 0, recall_steps: int = 0, symbolic_per_clip: int = 0,
-                 weight_decay: float = 0.05, max_length: int = 512, init_std: float = 0.02,
-                 progress: bool = True) -> dict:
+                 symbolic_temporal: bool = False, symbol_init: str = "random", weight_decay: float = 0.05,
+                 max_length: int = 512, init_std: float = 0.02, progress: bool = True) -> dict:
     """Train a Qwen2ForCausalLM on the world's training text and save it (with the tokenizer) to ``out_dir``.
 
     ``init_std`` is the config's ``initializer_range`` (every Linear and the embeddings ~ N(0, init_std)). Qwen2's
@@ -106,9 +106,13 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
     as the reference initialises it with the LLM's initializer_range.
 
     ``symbolic_per_clip``: draws per training clip of `train.stage0.text.symbolic_ids` (the clip's symbolic video
-    where the video goes); the embedding then has `train.stage0.symbols.symbol_count` rows past the tokenizer's."""
+    where the video goes); the embedding then has `train.stage0.symbols.symbol_count` rows past the tokenizer's.
+    ``symbolic_temporal``: each draw also asks every temporal question of the clip. ``symbol_init``: "random" (the
+    rows drawn as every other row) or "factored" (`train.stage0.symbols.factored_rows`)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    if symbol_init not in ("random", "factored"):
+        raise ValueError(f"symbol_init must be 'random' or 'factored', not {symbol_init!r}")
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(tokenizer_dir)
     eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
@@ -121,7 +125,8 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
     for r in range(restatements):
         train += [ids[:max_length] for ids in restatement_ids(fit, tokenizer, seed + 100 * r)]
     if symbolic_per_clip:
-        train += [ids[:max_length] for ids in symbolic_ids(fit, tokenizer, seed, per_clip=symbolic_per_clip)]
+        train += [ids[:max_length] for ids in symbolic_ids(fit, tokenizer, seed, per_clip=symbolic_per_clip,
+                                                           temporal=symbolic_temporal)]
     text_vocab = len(tokenizer)
     val = [conversation_ids(c, tokenizer)[:max_length] for c in val_convs]
 
@@ -132,6 +137,9 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
                          tie_word_embeddings=True, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
                          use_sliding_window=False, initializer_range=init_std)
     model = Qwen2ForCausalLM(config)
+    if symbolic_per_clip and symbol_init == "factored":
+        with torch.no_grad():
+            model.get_input_embeddings().weight[text_vocab:] = factored_rows(hidden_size, init_std, seed)
     model.train()
     rng = np.random.default_rng([seed, 1])
     order: list[int] = []

@@ -36,6 +36,19 @@ def symbol_count() -> int:
     return 1 + len(W.COLOUR_NAMES) * len(W.SHAPES) * CELLS
 
 
+def factored_rows(width: int, std: float, seed: int = 0) -> torch.Tensor:
+    """[symbol_count(), width] embedding rows in which the symbols of one colour, one shape or one cell share a
+    part: each row is (its colour's + its shape's + its cell's part) / sqrt(3), each part ~ N(0, std), so the rows
+    start as long as the LM's other rows and an object's symbols in two cells start close; the blank row is a draw
+    of its own. What an LM initialised this way need not learn: that two symbols are one object in two places."""
+    gen = torch.Generator().manual_seed(seed)
+    colours = torch.randn(len(W.COLOUR_NAMES), 1, 1, width, generator=gen)
+    shapes = torch.randn(1, len(W.SHAPES), 1, width, generator=gen)
+    cells = torch.randn(1, 1, CELLS, width, generator=gen)
+    combos = ((colours + shapes + cells) / 3 ** 0.5).reshape(-1, width)
+    return torch.cat([torch.randn(1, width, generator=gen), combos]) * std
+
+
 def symbolic_video(spec, first_id: int, *, frames: int = FRAMES, slots: int = SLOTS) -> list[int]:
     """``frames`` x ``slots`` ids: per uniformly sampled frame (the models' sampling), its visible objects left to
     right (then top to bottom), each as the id of its (colour, shape, cell), the rest of the slots blank."""

@@ -152,6 +152,12 @@ def context_conversations(specs: Iterable, seed: int, *, per_clip: int = 2) -> l
     return convs
 
 
+def every_question(spec, rng: np.random.Generator, types) -> list[tuple[str, str]]:
+    """Every question of the given types about a clip as (question, answer.) turns, in random order."""
+    asked = W.asked_questions(spec, rng, types)
+    return [(asked[i][1], asked[i][0].answer + ".") for i in rng.permutation(len(asked))]
+
+
 def lookup_conversations(specs: Iterable, seed: int, *, per_clip: int = 1) -> list[list[tuple[str, str]]]:
     """The clip's caption where stage 2 puts the video, then every colour and shape question about it in one
     conversation, in random order: dense practice in finding the object one word names and reading its other word.
@@ -161,19 +167,20 @@ def lookup_conversations(specs: Iterable, seed: int, *, per_clip: int = 1) -> li
     for k, spec in enumerate(specs):
         for r in range(per_clip):
             rng = np.random.default_rng([seed, 29, k, r])
-            asked = W.asked_questions(spec, rng, ("colour", "shape"))
-            if not asked:
+            turns = every_question(spec, rng, ("colour", "shape"))
+            if not turns:
                 continue
-            turns = [(asked[i][1], asked[i][0].answer + ".") for i in rng.permutation(len(asked))]
             convs.append([(f"{W.caption(spec, rng)}\n{turns[0][0]}", turns[0][1]), *turns[1:]])
     return convs
 
 
-def symbolic_ids(specs: Iterable, tokenizer, seed: int, *, per_clip: int = 1) -> list[list[int]]:
+def symbolic_ids(specs: Iterable, tokenizer, seed: int, *, per_clip: int = 1,
+                 temporal: bool = False) -> list[list[int]]:
     """Sequences with the clip's symbolic video (`train.stage0.symbols`) where stages 1 and 2 put the visual
     tokens: per clip and draw, its caption in stage 1's layout (video, caption, eos), a QA conversation, a
-    multiple-choice question and every colour and shape question (stage 2's template). The video's ids are inputs
-    only: a batch scores no id at or past ``len(tokenizer)`` (`train.stage0.lm`)."""
+    multiple-choice question and every colour and shape question (stage 2's template); with ``temporal``, also
+    every temporal question of the clip in one conversation. The video's ids are inputs only: a batch scores no id
+    at or past ``len(tokenizer)`` (`train.stage0.lm`)."""
     from .symbols import symbolic_video
 
     eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
@@ -183,10 +190,12 @@ def symbolic_ids(specs: Iterable, tokenizer, seed: int, *, per_clip: int = 1) ->
         for r in range(per_clip):
             rng = np.random.default_rng([seed, 41, k, r])
             seqs.append(video + tokenizer(W.caption(spec, rng), add_special_tokens=False)["input_ids"] + [eos])
-            asked = W.asked_questions(spec, rng, ("colour", "shape"))
-            lookups = [(asked[i][1], asked[i][0].answer + ".") for i in rng.permutation(len(asked))]
+            lookups = every_question(spec, rng, ("colour", "shape"))
             item, prompt = next(_mc_prompts(spec, rng, 1, first=("static", "temporal")[(k + r) % 2]))
-            for turns in (W.qa_turns(spec, rng, min_turns=1, max_turns=3), [(prompt, _mc_answer(item))], lookups):
+            convs = [W.qa_turns(spec, rng, min_turns=1, max_turns=3), [(prompt, _mc_answer(item))], lookups]
+            if temporal:  # drawn last: the other sequences stay those of a run without it
+                convs.append(every_question(spec, rng, W.QUESTION_TYPES["temporal"]))
+            for turns in convs:
                 if turns:
                     ids = conversation_ids([(f"{IMAGE_TOKEN}\n{turns[0][0]}", turns[0][1]), *turns[1:]], tokenizer,
                                            video=video)

@@ -36,11 +36,12 @@ from .spec import (
     NUMBER_WORDS, ObjectSpec, SHAPES, TIMES_WORDS, Timeline, WorldConfig, WorldManifest, sample_clip, sample_window,
     timeline,
 )
-from .text import asked_questions, caption, event_clause, event_sentence, mc_items, option_text, qa_turns
+from .text import (QUESTION_TYPES, asked_questions, caption, event_clause, event_sentence, mc_items, option_text,
+                   qa_turns)
 
 __all__ = [
     "CAPTION_PROMPTS", "COLOURS", "COLOUR_NAMES", "ClipSpec", "DIRECTIONS", "EVENT_KINDS", "Event", "FORMAT",
-    "IMAGE_TOKEN", "NUMBER_WORDS", "ObjectSpec", "SHAPES", "TIMES_WORDS", "Timeline", "WorldConfig",
+    "IMAGE_TOKEN", "NUMBER_WORDS", "ObjectSpec", "QUESTION_TYPES", "SHAPES", "TIMES_WORDS", "Timeline", "WorldConfig",
     "WorldManifest", "asked_questions", "caption", "event_clause", "event_sentence", "format_summary",
     "generate_world", "load_clips", "main", "mc_items", "option_text", "qa_turns", "render_clip", "sample_clip",
     "sample_specs", "sample_window", "sprite_placements", "timeline", "video_codec", "video_extension",

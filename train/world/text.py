@@ -123,6 +123,15 @@ class _Question:
     key: str = ""
 
 
+# every question type the world asks, by category (the held-out set's ``type`` and ``category``)
+QUESTION_TYPES = {
+    "static": ("colour", "shape", "exists", "count"),
+    "temporal": ("direction", "which_move", "which_colour", "new_colour", "start_colour", "blink_count",
+                 "which_blink", "count_start", "count_end", "which_appear", "which_disappear", "first", "last",
+                 "before", "after"),
+}
+
+
 def _absent_descs(spec: ClipSpec, tl: Timeline) -> list[str]:
     present = set().union(*(_object_descs(spec, tl, i) for i in range(len(spec.objects))))
     return [f"{c} {s}" for s in SHAPES for c in COLOUR_NAMES if f"{c} {s}" not in present]
