@@ -41,7 +41,9 @@ def test_llm_folder_is_a_causal_lm_with_its_tokenizer(stage0):
     tok = load_tokenizer(out / "llm")
     eos = tok.convert_tokens_to_ids(EOS_TOKEN)
     assert lm.config.model_type == "qwen2" and lm.config.tie_word_embeddings
-    assert lm.config.vocab_size == len(tok) == stats["llm"]["vocab"]
+    # the symbolic video's ids follow the tokenizer's (both budgets train the LM with it)
+    assert S.BUDGETS["smoke"]["llm"]["symbolic_per_clip"] and S.BUDGETS["full"]["llm"]["symbolic_per_clip"]
+    assert lm.config.vocab_size == len(tok) + S.symbol_count() and len(tok) == stats["llm"]["vocab"]
     assert lm.config.eos_token_id == lm.config.pad_token_id == tok.eos_token_id == tok.pad_token_id == eos
     assert lm.config.max_position_embeddings == 1024
     # width-sized init, not Qwen2's 0.02 (`python -m train.diagnose recall`); stage 1's connector inherits it
@@ -328,11 +330,17 @@ def test_symbolic_sequences_put_the_video_where_the_image_goes_and_score_only_te
 
 
 @pytest.fixture(scope="module")
-def symbolic_llm(world, tmp_path_factory):
-    """A smoke stage-0 LLM trained with `llm.symbolic_per_clip`: its folder."""
-    out = tmp_path_factory.mktemp("s0sym")
+def symbolic_llm(stage0):
+    """The smoke stage-0 LLM, trained with `llm.symbolic_per_clip` as the budgets are: its folder."""
+    return stage0[0] / "llm"
+
+
+@pytest.fixture(scope="module")
+def plain_llm(world, tmp_path_factory):
+    """A smoke stage-0 LLM trained without the symbolic video (`llm.symbolic_per_clip=0`): its folder."""
+    out = tmp_path_factory.mktemp("s0plain")
     S.run_stage0(world, out, budget="smoke", seed=0, progress=False, vision=False,
-                 overrides={"llm": {"symbolic_per_clip": 1}})
+                 overrides={"llm": {"symbolic_per_clip": 0}})
     return out / "llm"
 
 
@@ -348,6 +356,54 @@ def test_an_llm_trained_with_symbolic_videos_has_rows_for_them_and_is_read_with_
     report = context_reading(symbolic_llm, world, limit=4)
     asked = report["symbolic_video_qa"]
     assert asked and all(0 <= int(v.split("/")[0]) <= int(v.split("/")[1]) for v in asked.values())
+
+
+def test_factored_symbol_rows_share_an_objects_parts_across_cells_and_start_an_llm(world, stage0, tmp_path):
+    """`llm.symbol_init=factored`: a symbol's row shares its colour's, shape's and cell's parts with the other
+    symbols (an object in two cells starts at cosine about 2/3, two objects in one cell 1/3, nothing shared 0),
+    rows as long as `init_std` draws; the LM starts from them."""
+    from train.stage0.lm import pretrain_llm
+    from train.stage0.symbols import CELLS
+    from train.world import SHAPES
+
+    rows = S.factored_rows(256, 0.1, seed=0)
+    assert rows.shape == (S.symbol_count(), 256) and rows.std().item() == pytest.approx(0.1, rel=0.1)
+
+    def cos(a: int, b: int) -> float:
+        return torch.nn.functional.cosine_similarity(rows[1 + a], rows[1 + b], dim=0).item()
+
+    other = (1 * len(SHAPES) + 1) * CELLS  # the next colour and shape, cell 0
+    assert cos(0, 1) == pytest.approx(2 / 3, abs=0.15) and cos(0, other) == pytest.approx(1 / 3, abs=0.15)
+    assert abs(cos(0, other + 1)) < 0.2
+    out, _ = stage0
+    pretrain_llm(world, out / "tokenizer", tmp_path, hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate=64,
+                 steps=1, batch_size=2, lr=1e-4, variants=0, symbolic_per_clip=1, symbol_init="factored",
+                 init_std=0.1, progress=False)
+    table = load_file(tmp_path / "model.safetensors")["model.embed_tokens.weight"]
+    start = S.factored_rows(32, 0.1, seed=0)
+    assert torch.allclose(table[-len(start):], start, atol=1e-3)  # one small step away
+    with pytest.raises(ValueError, match="symbol_init"):
+        pretrain_llm(world, out / "tokenizer", tmp_path, symbol_init="sorted")
+
+
+def test_symbolic_temporal_adds_a_conversation_of_each_clips_temporal_questions(world, stage0):
+    """`llm.symbolic_temporal`: per clip and draw, one more sequence, every temporal question of the clip with
+    its answer after the symbolic video; the other sequences stay those of a run without it."""
+    from train.world import QUESTION_TYPES, asked_questions
+
+    out, _ = stage0
+    tok = load_tokenizer(out / "tokenizer")
+    fit, _, _ = S.split_clips(world)
+    plain, more = S.symbolic_ids(fit[:4], tok, seed=0), S.symbolic_ids(fit[:4], tok, seed=0, temporal=True)
+    extra = [seq for seq in more if seq not in plain]
+    assert [seq for seq in more if seq in plain] == plain
+    temporal = [spec for spec in fit[:4] if asked_questions(spec, np.random.default_rng(0),
+                                                             QUESTION_TYPES["temporal"])]
+    assert temporal and len(extra) == len(temporal)
+    for spec, seq in zip(temporal, extra):
+        text = tok.decode([i for i in seq if i < len(tok)])
+        for q, _ in asked_questions(spec, np.random.default_rng(0), QUESTION_TYPES["temporal"]):
+            assert q.answer + "." in text
 
 
 def test_the_alignment_loss_scores_each_frames_symbols_in_any_order_and_only_there():
@@ -369,7 +425,8 @@ def test_the_alignment_loss_scores_each_frames_symbols_in_any_order_and_only_the
     assert loss["long"] > loss["exact"] + 1.0  # log(3)^2 per token
 
 
-def test_stage1_symbol_weight_teaches_the_connector_its_clips_symbols(world, stage0, symbolic_llm, tmp_path):
+def test_stage1_symbol_weight_teaches_the_connector_its_clips_symbols(world, stage0, symbolic_llm, plain_llm,
+                                                                     tmp_path):
     """The recipe's `symbol_weight`: stage 1 on caption annotations that carry each clip's symbolic video lowers
     the connector's `alignment_loss` on those clips; an LM without the symbols' rows is refused in one sentence."""
     from train.diagnose import symbol_readout
@@ -411,10 +468,10 @@ def test_stage1_symbol_weight_teaches_the_connector_its_clips_symbols(world, sta
     assert [skip["id"] for skip in json.loads((folder / "trainer_state.json").read_text())["skipped"]] == ["broken"]
     assert after < before - 1.0, (before, after)
     with pytest.raises(ValueError, match="no embedding rows for the symbolic video"):
-        run(recipe(out / "llm", "no_rows"), max_steps=1, progress=False)
+        run(recipe(plain_llm, "no_rows"), max_steps=1, progress=False)
     # `python -m train.diagnose symbols`: the nearest symbol of each token, against the frame's symbols
     readout = symbol_readout(model, world, clips=3)
     assert readout["clips"] == 3 and readout["symbol_length"] > 0
     assert all(0.0 <= readout[k] <= 1.0 for k in ("precision", "recall", "frames_exact"))
     with pytest.raises(ValueError, match="no embedding rows for the symbolic video"):
-        symbol_readout(build_model(recipe(out / "llm", "no_rows")).eval(), world, clips=1)
+        symbol_readout(build_model(recipe(plain_llm, "no_rows")).eval(), world, clips=1)

@@ -19,8 +19,10 @@ HOLDOUT_EVERY = 20  # every 20th training clip is held out of LM training for th
 BUDGETS = {
     "full": dict(
         vocab_size=1024,  # the world has ~110 distinct words: BPE stops at ~650 ids, one token per word
+        # symbolic_per_clip: the LM also reads each training clip's video as symbols (8 draws per clip), rows that
+        # stage 1's symbol_weight aligns the connector to (docs/embedded-models.md, "Stage 1 taught the symbols")
         llm=dict(hidden_size=128, layers=4, heads=4, kv_heads=2, intermediate=384, steps=1400, batch_size=32,
-                 lr=2e-3, variants=3, init_std=0.1),
+                 lr=2e-3, variants=3, init_std=0.1, symbolic_per_clip=8),
         vision=dict(image_size=64, patch_size=8, hidden_size=96, layers=4, heads=4, intermediate=256, steps=1000,
                     batch_size=128, lr=1e-3, text_hidden_size=96, text_layers=2),
     ),
@@ -28,7 +30,7 @@ BUDGETS = {
         vocab_size=320,
         threads=1,  # tiny matrices: one thread is as fast, and robust when other jobs share the cores
         llm=dict(hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate=64, steps=30, batch_size=8, lr=5e-3,
-                 variants=0, init_std=0.1),
+                 variants=0, init_std=0.1, symbolic_per_clip=1),
         vision=dict(image_size=32, patch_size=8, hidden_size=32, layers=2, heads=2, intermediate=64, steps=12,
                     batch_size=16, lr=2e-3, text_hidden_size=32, text_layers=1),
     ),
