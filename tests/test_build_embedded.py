@@ -162,7 +162,7 @@ def training_settings() -> list[tuple[str, dict]]:
                                    for value, spec in values)]
 
 
-@pytest.mark.parametrize("name,spec", training_settings(), ids=[n for n, _ in training_settings()])
+@pytest.mark.parametrize("name,spec", [pytest.param(n, spec, id=n) for n, spec in training_settings()])
 def test_every_setting_trained_with_the_symbols_loss_gives_a_token_per_symbol(name, spec, tiny_parts):
     """Stage 1's symbols' loss pairs a frame's visual tokens with its 4 symbols and refuses any other count at the
     first step, hours into a rebuild or an ablation run: every connector setting the recipe trains with it must

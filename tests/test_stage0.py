@@ -384,6 +384,8 @@ def test_factored_symbol_rows_share_an_objects_parts_across_cells_and_start_an_l
     assert torch.allclose(table[-len(start):], start, atol=1e-3)  # one small step away
     with pytest.raises(ValueError, match="symbol_init"):
         pretrain_llm(world, out / "tokenizer", tmp_path, symbol_init="sorted")
+    with pytest.raises(ValueError, match="symbolic_per_clip > 0"):
+        pretrain_llm(world, out / "tokenizer", tmp_path, symbol_init="factored", symbolic_per_clip=0)
 
 
 def test_symbolic_temporal_adds_a_conversation_of_each_clips_temporal_questions(world, stage0):

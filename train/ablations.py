@@ -37,7 +37,9 @@ def load_studies(path=CONFIG) -> dict:
     import yaml
 
     raw = yaml.safe_load(Path(path).read_text())
-    return {study: (body["label"], list(body["settings"].items())) for study, body in raw.items()}
+    return {study: (body["label"], [(value, {**body.get("common", {}), **spec})
+                                    for value, spec in body["settings"].items()])
+            for study, body in raw.items()}
 
 
 STUDIES = load_studies()

@@ -184,12 +184,12 @@ def symbol_readout(model, world_dir: Path, clips: int = 200) -> dict:
 
     symbols = symbol_rows(model).detach()
     specs = load_clips(world_dir)["eval"][:clips]
+    sampling = default_sampling(model)
     right = read = shown = found = exact = frames = 0
     lengths = []
     with torch.no_grad():
         for spec in specs:
-            _, pixels = read_pixels(world_dir / "videos" / f"{spec.id}.mp4", default_sampling(model),
-                                    model.image_processor)
+            _, pixels = read_pixels(world_dir / "videos" / f"{spec.id}.mp4", sampling, model.image_processor)
             tokens = model.connect(model.encode_frames(pixels)).tokens[0]
             lengths.append(tokens.norm(dim=-1).mean())
             readings = (F.normalize(tokens, dim=-1) @ F.normalize(symbols, dim=-1).T).argmax(-1).view(-1, SLOTS)

@@ -113,6 +113,8 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
 
     if symbol_init not in ("random", "factored"):
         raise ValueError(f"symbol_init must be 'random' or 'factored', not {symbol_init!r}")
+    if symbol_init == "factored" and not symbolic_per_clip:
+        raise ValueError("symbol_init='factored' sets the symbolic video's rows: it needs symbolic_per_clip > 0.")
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(tokenizer_dir)
     eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
@@ -137,7 +139,7 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
                          tie_word_embeddings=True, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
                          use_sliding_window=False, initializer_range=init_std)
     model = Qwen2ForCausalLM(config)
-    if symbolic_per_clip and symbol_init == "factored":
+    if symbol_init == "factored":
         with torch.no_grad():
             model.get_input_embeddings().weight[text_vocab:] = factored_rows(hidden_size, init_std, seed)
     model.train()
