@@ -372,7 +372,8 @@ def test_records_let_an_interrupted_run_resume(mvbench, tiny_checkpoints, tmp_pa
 
 def test_records_of_a_folder_are_not_kept_for_the_model_rebuilt_there(mvbench, tmp_path):
     """Records name a model by its folder; a rebuild writes new weights into the same folder (as
-    `train.build_embedded` does to assets/models): the rerun is refused instead of keeping the old model's answers."""
+    `train.build_embedded` does to assets/models): the rerun is refused instead of keeping the old model's answers;
+    with restart_records (the rebuild's own scores) the file is started again and holds only the new model's."""
     from vidlmm.checkpoint import load_model
     from vidlmm.evaluate import evaluate
     from vidlmm.pipeline import VideoLMM
@@ -390,6 +391,12 @@ def test_records_of_a_folder_are_not_kept_for_the_model_rebuilt_there(mvbench, t
     assert weights_fingerprint(first.model) == weights_fingerprint(lmm(seed=0).model)  # the same weights again
     with pytest.raises(VidlmmError, match="other settings .weights."):
         evaluate(lmm(seed=1), items, records=tmp_path / "records.jsonl")
+    second = lmm(seed=1)
+    again = evaluate(second, items, records=tmp_path / "records.jsonl", restart_records=True)
+    lines = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert [line["settings"]["weights"] for line in lines if "settings" in line] == [weights_fingerprint(second.model)]
+    assert [line["record"]["response"] for line in lines if "record" in line] == [r.response for r in again.items]
+    assert evaluate(second, items, records=tmp_path / "records.jsonl").items == again.items  # kept, not refused
 
 
 def test_two_processes_give_the_one_process_result(mvbench, tiny_checkpoints, tmp_path):

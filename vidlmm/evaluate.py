@@ -396,37 +396,49 @@ def item_sampling(item: MCItem, sampling, bounds: bool = True):
 class RecordLog:
     """`--records FILE.jsonl`: every scored question is appended as one JSON line the moment it is scored (a
     single write on an append-mode file, so the processes of a distributed run can share it on a local disk; not
-    on NFS, where appends are not atomic), and a rerun skips
-    the questions already there. A line holds the run's settings; a file written with other settings is refused.
-    A line torn by a kill is ignored (its question is scored again). record_type: the dataclass of a record
-    (`ItemRecord`; the zeroing curves keep `analysis.ZeroingRecord`)."""
+    on NFS, where appends are not atomic), and a rerun skips the questions already there. A line holds the run's
+    settings; a file written with other settings is refused, or with ``restart`` emptied (a cache its caller
+    owns, like the rebuild's scores of the model it trained). A line torn by a kill is ignored (its question is
+    scored again). record_type: the dataclass of a record (`ItemRecord`; the zeroing curves keep
+    `analysis.ZeroingRecord`)."""
 
-    def __init__(self, path, settings: dict, record_type=None):
-        self.path, self.settings, self.done = Path(path), settings, {}
-        record_type = record_type or ItemRecord
+    def __init__(self, path, settings: dict, record_type=None, restart: bool = False):
+        self.path, self.settings = Path(path), settings
         if self.path.is_dir():
             raise VidlmmError(f"--records '{self.path.name}' is a folder; name a .jsonl file.")
         text = self.path.read_text(encoding="utf-8", errors="replace") if self.path.is_file() else ""
+        try:
+            self.done = self._read(text, record_type or ItemRecord)
+        except VidlmmError:
+            if not restart:
+                raise
+            text, self.done = "", {}
+            self.path.unlink()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # a new line first: after a torn last line, the next record must not be glued onto it
+        self._write({"settings": settings}, lead="\n" if text and not text.endswith("\n") else "")
+
+    def _read(self, text: str, record_type) -> dict:
+        """{id: record} of the file's lines; refuses other settings and lines of another version."""
+        done = {}
         for line in text.splitlines():
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError:
                 continue  # torn by a kill
-            if isinstance(entry, dict) and "settings" in entry and entry["settings"] != settings:
-                changed = sorted(k for k in {**settings, **entry["settings"]}
-                                 if settings.get(k) != entry["settings"].get(k))
+            if isinstance(entry, dict) and "settings" in entry and entry["settings"] != self.settings:
+                changed = sorted(k for k in {**self.settings, **entry["settings"]}
+                                 if self.settings.get(k) != entry["settings"].get(k))
                 raise VidlmmError(f"--records '{self.path.name}' was written by a run with other settings "
                                   f"({', '.join(changed)}); use another file.")
             if isinstance(entry, dict) and "record" in entry:
                 try:
-                    self.done[entry["record"]["id"]] = record_type(**entry["record"])
+                    done[entry["record"]["id"]] = record_type(**entry["record"])
                 except (TypeError, KeyError):
                     raise VidlmmError(f"--records '{self.path.name}' holds a line that is not a question's record "
                                       "of this version; use another file.") from None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        # a new line first: after a torn last line, the next record must not be glued onto it
-        self._write({"settings": settings}, lead="\n" if text and not text.endswith("\n") else "")
+        return done
 
     def _write(self, entry: dict, lead: str = "") -> None:
         os.write(self._fd, (lead + json.dumps(entry) + "\n").encode())
@@ -440,14 +452,15 @@ class RecordLog:
 
 def evaluate(lmm, items: list[MCItem], *, generation=None, style: str = "mvbench", sampling=None,
              progress: bool = False, bounds: bool = True, scoring: str = "generate", records=None,
-             shard: tuple[int, int] = (0, 1)) -> EvalResult:
+             restart_records: bool = False, shard: tuple[int, int] = (0, 1)) -> EvalResult:
     """Answer every item with `lmm` (a VideoLMM) and score it; greedy, 16 new tokens unless `generation`.
     bounds: sample a bounded item's [start, end] window (MVBench's rule); False samples the whole video file, as
     TinyLLaVA-Video's MVBench script does (which keeps the window for folders of frames). scoring: "generate"
     (the reference's prompt, a greedy reply, `parse_choice`) or "likelihood" (the option whose text is most
     likely as the answer, `option_loglikelihoods`: never unparsable). records: a `RecordLog` (or a path for
-    one) that keeps every scored question and skips those scored before. shard (rank, processes): score only
-    the videos whose first-appearance index is rank modulo processes (a distributed run; merge with
+    one) that keeps every scored question and skips those scored before; restart_records: a path's file written
+    with other settings is started again instead of refused (`RecordLog`'s restart). shard (rank, processes):
+    score only the videos whose first-appearance index is rank modulo processes (a distributed run; merge with
     `merge_results`).
 
     Items are grouped by video (first-appearance order): each video is decoded and encoded once, then all of
@@ -466,7 +479,8 @@ def evaluate(lmm, items: list[MCItem], *, generation=None, style: str = "mvbench
         raise VidlmmError("Question ids must be unique to keep records or split the questions over processes.")
     own_log = records is not None and not isinstance(records, RecordLog)
     if own_log:
-        records = RecordLog(records, run_settings(lmm, base, style, scoring, bounds, generation.max_new_tokens))
+        records = RecordLog(records, run_settings(lmm, base, style, scoring, bounds, generation.max_new_tokens),
+                            restart=restart_records)
     try:
         return _evaluate(lmm, items, records, base, bounds, shard, style, scoring, generation, progress)
     finally:
