@@ -111,8 +111,9 @@ def test_the_eval_table_prints_each_accuracy_with_its_interval():
 
 
 def test_the_ablation_studies_cover_the_papers_settings_and_share_the_embedded_runs(tmp_path):
-    from train.ablations import STUDIES, plot_study, report_markdown, run_name
+    from train.ablations import STUDIES, neighbour_pairs, plot_study, report_markdown, run_name
     from train.build_embedded import CONNECTORS
+    from train.results import comparisons
 
     label, resamplers = STUDIES["resamplers"]
     assert [run_name(spec) for _, spec in resamplers] == ["image", "naive", "group"]  # the embedded models
@@ -126,14 +127,23 @@ def test_the_ablation_studies_cover_the_papers_settings_and_share_the_embedded_r
     assert len(names) == 11 and run_name(dict(STUDIES["image_queries"][1])[4]) == "image_q4"
 
     qs = _questions(50)
-    rows = {name: _row(qs, 0.7, 0.5, k) for k, name in enumerate(["image_q1", "image_q2"])}
-    entries = [{"value": v, "run": name, "seconds": 60.0, "accuracy": rows[name]["accuracy"],
+    rows = {"image_q1": _row(qs, 0.5, 0.5, 0), "image_q2": _row(qs, 0.95, 0.5, 1), "image_q4": _row(qs, 0.95, 0.5, 2)}
+    entries = [{"value": v, "run": name, "seconds": 40.0, "accuracy": rows[name]["accuracy"],
                 "interval": rows[name]["interval"], "per_category": rows[name]["per_category"]}
-               for v, name in ((1, "image_q1"), (2, "image_q2"))]
+               for v, name in ((1, "image_q1"), (2, "image_q2"), (4, "image_q4"))]
+    # each setting minus the one before it, paired on the same questions, overall and per category
+    comps = comparisons(rows, qs, neighbour_pairs(entries))
+    assert [(c["comparison"], c["a"], c["b"]) for c in comps] == [
+        ("2 vs 1", "image_q2", "image_q1"), ("2 vs 1, static", "image_q2", "image_q1"),
+        ("2 vs 1, temporal", "image_q2", "image_q1"), ("4 vs 2", "image_q4", "image_q2"),
+        ("4 vs 2, static", "image_q4", "image_q2"), ("4 vs 2, temporal", "image_q4", "image_q2")]
+    assert comps[1]["interval"][0] > 0.2 and comps[1]["verdict"] == "image_q2 better"
     report = {"seed": 0, "questions": len(qs), "wall_time_s": 120.0,
-              "studies": {"image_queries": {"label": "queries per frame", "entries": entries}}}
+              "studies": {"image_queries": {"label": "queries per frame", "entries": entries, "comparisons": comps}}}
     text = report_markdown(report, rows)
-    assert "| 1 | image_q1 | 1.0 min |" in text and "wall time of the runs: 2.0 min" in text
+    assert "| 1 | image_q1 | 0.7 min |" in text and "wall time of the runs: 2.0 min" in text
+    assert "Paired differences between neighbouring settings" in text
+    assert "| 2 vs 1, static (image_q2 - image_q1) | 50 |" in text
     plot_study(report["studies"]["image_queries"], tmp_path / "q.png")
     assert (tmp_path / "q.png").stat().st_size > 1000
 
@@ -164,6 +174,8 @@ def test_an_ablation_run_trains_only_the_settings_asked_for_and_keeps_reporting_
     # resamplers study has no setting named "4" and none trained earlier
     assert called == ["image_q16", "image_q4", "image_q16"]
     assert [e["value"] for e in later["studies"]["image_queries"]["entries"]] == [4, 16]
+    assert [c["comparison"] for c in later["studies"]["image_queries"]["comparisons"]] == [
+        "16 vs 4", "16 vs 4, static", "16 vs 4, temporal"]
     assert later["studies"]["resamplers"]["entries"] == []
     assert later["wall_time_s"] == 2 * 66.0
     assert (tmp_path / "out" / "image_queries.png").is_file()

@@ -23,10 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 from .build_embedded import CONNECTORS, Phases, prepare, train_and_score
-from .results import questions, table
+from .results import CATEGORIES, comparisons, comparisons_table, questions, table
 
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "ablations.yaml"
@@ -76,7 +77,8 @@ def run_ablations(work: Path, out: Path, *, studies=tuple(STUDIES), settings=Non
                 rows[name], _ = train_and_score(name, spec, work, phases, seed=seed, smoke=smoke, progress=progress)
             seconds = sum(phases.state["phases"].get(f"{step}_{name}", 0.0) for step in ("train", "eval"))
             entries.append({"value": value, "run": name, "seconds": seconds, **_summary(rows[name])})
-        report["studies"][study] = {"label": label, "entries": entries}
+        report["studies"][study] = {"label": label, "entries": entries,
+                                    "comparisons": comparisons(rows, qs, neighbour_pairs(entries))}
     report["wall_time_s"] = sum(phases.state["phases"].get(f"{step}_{name}", 0.0)
                                 for name in rows for step in ("train", "eval"))
     report["questions"] = len(qs)
@@ -87,6 +89,14 @@ def run_ablations(work: Path, out: Path, *, studies=tuple(STUDIES), settings=Non
         if report["studies"][study]["entries"]:
             plot_study(report["studies"][study], out / f"{study}.png")
     return report
+
+
+def neighbour_pairs(entries: list[dict]) -> list[tuple]:
+    """The paired comparisons of a study (as `train.results.comparisons` takes them): each setting minus the one
+    before it, on all questions and on each category (does the next step of the curve change anything)."""
+    return [(f"{e['value']} vs {before['value']}" + (f", {category}" if category else ""), e["run"], before["run"],
+             category)
+            for before, e in zip(entries, entries[1:]) for category in (None, *CATEGORIES)]
 
 
 def _summary(row: dict) -> dict:
@@ -104,6 +114,9 @@ def report_markdown(report: dict, rows: dict[str, dict]) -> str:
         extra = {f"{e['value']}": {"run": e["run"], "train + eval": f"{e['seconds'] / 60:.1f} min"}
                  for e in body["entries"]}
         text.append(table(shown, extra))
+        if body.get("comparisons"):
+            text.append("Paired differences between neighbouring settings (the same questions):\n")
+            text.append(comparisons_table(body["comparisons"]))
     text.append(f"wall time of the runs: {report['wall_time_s'] / 60:.1f} min (settings shared between studies "
                 f"train once)\n")
     return "\n".join(text)
@@ -128,7 +141,7 @@ def plot_study(body: dict, path: Path) -> None:
         ax.errorbar([x + 0.06 * (2 * k - 1) for x in xs], ys, yerr=err, marker="o", capsize=3, color=colour,
                     label=cat)
     ax.set_xticks(list(xs), [str(e["value"]) for e in entries])
-    ax.set_xlabel(body["label"])
+    ax.set_xlabel(textwrap.fill(body["label"], 70), fontsize=9)
     ax.set_ylabel("held-out accuracy, % (95 % interval)")
     ax.axhline(25, color="grey", lw=0.8, ls=":", label="chance")
     ax.legend(frameon=False, fontsize=8)
