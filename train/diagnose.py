@@ -258,6 +258,7 @@ def context_reading(llm_dir: Path, world_dir: Path, limit: int = 64, seed: int =
     from vidlmm.tokenizer import load_tokenizer
 
     from . import stage0, world
+    from .stage0.symbols import has_symbol_rows
 
     model = AutoModelForCausalLM.from_pretrained(llm_dir).eval()
     tokenizer = load_tokenizer(llm_dir)
@@ -279,7 +280,7 @@ def context_reading(llm_dir: Path, world_dir: Path, limit: int = 64, seed: int =
     with_caption = [c for c in stage0.context_conversations(held, seed + 1, per_clip=1) if SUFFIX in c[0][0]]
     lookup, several = static_lookup(model, tokenizer, held, seed)
     symbolic = ({"symbolic_video_qa": symbolic_video_qa(model, tokenizer, held, seed)}
-                if model.config.vocab_size >= len(tokenizer) + stage0.symbol_count() else {})
+                if has_symbol_rows(model.config.vocab_size, tokenizer) else {})
     return {"static_qa": lookup, "several_objects": several, **symbolic, "clips": len(held),
             "caption_loss_own_caption_before": own, "caption_loss_other_caption_before": other,
             "mc_without_context": stage0.mc_check(model, tokenizer, stage0.mc_conversations(held, seed + 1)),

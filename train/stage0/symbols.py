@@ -78,12 +78,18 @@ def write_symbol_annotations(world_dir: Path, source: Path, out: Path) -> Path:
     return out
 
 
+def has_symbol_rows(rows: int, tokenizer) -> bool:
+    """Whether an LM embedding of ``rows`` rows over ``tokenizer`` has the symbolic video's rows past the text's
+    (an LM trained with `llm.symbolic_per_clip`)."""
+    return rows >= len(tokenizer) + symbol_count()
+
+
 def symbol_rows(model) -> torch.Tensor:
     """A TinyLLaVA model's LM embedding rows of the symbolic video ([symbol_count(), D], past its tokenizer);
     ValueError with one sentence when its LM has none (it was not trained with `llm.symbolic_per_clip`)."""
     table = model.language_model.get_input_embeddings().weight
     first = len(model.tokenizer)
-    if table.shape[0] < first + symbol_count():
+    if not has_symbol_rows(table.shape[0], model.tokenizer):
         raise ValueError("This model's LM has no embedding rows for the symbolic video (a stage-0 LM trained with "
                          "llm.symbolic_per_clip has them).")
     return table[first:first + symbol_count()]
