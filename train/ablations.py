@@ -15,7 +15,8 @@ The work folder is the rebuild's (``python -m train.build_embedded --work W``): 
 (made when missing), and a setting that equals an embedded model (the same connector fields) is trained once
 under that model's name. Every run is a phase of the work folder's ``build_state.json``: a killed run resumes at
 its first unfinished setting. Writes ``<out>/ablations.json``, ``<out>/ablations.md`` (tables with intervals and
-wall times) and one figure per study (accuracy against the setting, static and temporal, with interval bars).
+wall times, paired differences between neighbouring settings) and one figure per study (accuracy against the
+setting, static and temporal, with interval bars).
 """
 
 from __future__ import annotations
