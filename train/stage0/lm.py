@@ -93,8 +93,9 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
                  kv_heads: int = 2, intermediate: int = 384, steps: int = 1400, batch_size: int = 32,
                  lr: float = 2e-3, seed: int = 0, variants: int = 3, context_per_clip: int = 2,
                  restatements: int = 2, lookup_per_clip: int = 0, recall_steps: int = 0, symbolic_per_clip: int = 0,
-                 symbolic_temporal: bool = False, symbol_init: str = "random", weight_decay: float = 0.05,
-                 max_length: int = 512, init_std: float = 0.02, progress: bool = True) -> dict:
+                 symbolic_temporal: bool = False, symbol_init: str = "random", bucket: bool = False,
+                 weight_decay: float = 0.05, max_length: int = 512, init_std: float = 0.02,
+                 progress: bool = True) -> dict:
     """Train a Qwen2ForCausalLM on the world's training text and save it (with the tokenizer) to ``out_dir``.
 
     ``init_std`` is the config's ``initializer_range`` (every Linear and the embeddings ~ N(0, init_std)). Qwen2's
@@ -108,7 +109,8 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
     ``symbolic_per_clip``: draws per training clip of `train.stage0.text.symbolic_ids` (the clip's symbolic video
     where the video goes); the embedding then has `train.stage0.symbols.symbol_count` rows past the tokenizer's.
     ``symbolic_temporal``: each draw also asks every temporal question of the clip. ``symbol_init``: "random" (the
-    rows drawn as every other row) or "factored" (`train.stage0.symbols.factored_rows`)."""
+    rows drawn as every other row) or "factored" (`train.stage0.symbols.factored_rows`). ``bucket``: batches of
+    sequences of similar length (`length_batches`), which pad less: the same steps in less time."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     if symbol_init not in ("random", "factored"):
@@ -144,15 +146,25 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
             model.get_input_embeddings().weight[text_vocab:] = factored_rows(hidden_size, init_std, seed)
     model.train()
     rng = np.random.default_rng([seed, 1])
+    lengths = np.array([len(s) for s in train])
     order: list[int] = []
+    batches: list[np.ndarray] = []
+    fed = [0, 0]  # tokens fed to the model: real, with padding
     val_before = _lm_eval_loss(model, val, eos) if val else float("nan")
 
     def next_loss():
         nonlocal order
-        if len(order) < batch_size:
-            order += rng.permutation(len(train)).tolist()
-        batch, order = [train[i] for i in order[:batch_size]], order[batch_size:]
+        if bucket:
+            if not batches:
+                batches.extend(length_batches(rng, lengths, batch_size))
+            batch = [train[i] for i in batches.pop()]
+        else:
+            if len(order) < batch_size:
+                order += rng.permutation(len(train)).tolist()
+            batch, order = [train[i] for i in order[:batch_size]], order[batch_size:]
         ids, mask, labels = _lm_batch(batch, eos, text_vocab)
+        fed[0] += int(mask.sum())
+        fed[1] += mask.numel()
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
     recall = _recall_warmup(model, train, tokenizer, recall_steps, batch_size, lr, weight_decay, seed, progress) \
@@ -174,9 +186,24 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
     tail = max(1, min(20, len(losses) // 5))
     return {"params": _count_params(model), "vocab": len(tokenizer), "steps": steps, "batch_size": batch_size,
             "train_sequences": len(train), "train_tokens": int(sum(map(len, train))),
+            "tokens_seen": fed[0], "padding": round(1 - fed[0] / max(fed[1], 1), 3),
             "first_loss": losses[0], "final_loss": float(np.mean(losses[-tail:])),
             "val_loss_init": val_before, "val_loss": val_after, "mc_check": mc, "seconds": time.perf_counter() - t0,
             **({"recall": recall} if recall else {})}
+
+
+def length_batches(rng: np.random.Generator, lengths: np.ndarray, batch_size: int, chunk: int = 64
+                   ) -> list[np.ndarray]:
+    """One pass over the sequences as batches of similar length: a random permutation cut into chunks of
+    ``chunk`` batches, each chunk sorted by length and cut into batches, the batches shuffled. Every sequence is
+    in one batch (the last may be short); a batch pads to its longest sequence, so similar lengths pad little."""
+    order = rng.permutation(len(lengths))
+    batches = []
+    for start in range(0, len(order), batch_size * chunk):
+        part = order[start:start + batch_size * chunk]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def recall_batch(rng: np.random.Generator, n: int, words: np.ndarray, sep: int, pairs: int = 6):

@@ -115,7 +115,9 @@ def format_summary(stats: dict) -> str:
         f"' ASSISTANT:' {tk[' ASSISTANT:']}, MC suffix {tk['mc_suffix']}, '(A) Red' {tk['(A) Red']} "
         f"({tk['seconds']:.1f} s)",
         f"llm: {lm['params'] / 1e6:.2f} M params, {lm['steps']} steps x {lm['batch_size']} seqs "
-        f"({lm['train_sequences']} sequences, {lm['train_tokens'] / 1e6:.2f} M tokens), loss {lm['first_loss']:.3f} -> "
+        f"({lm['train_sequences']} sequences, {lm['train_tokens'] / 1e6:.2f} M tokens"
+        + (f"; {lm['tokens_seen'] / 1e6:.2f} M seen, {100 * lm['padding']:.0f} % padding" if "padding" in lm else "")
+        + f"), loss {lm['first_loss']:.3f} -> "
         f"{lm['final_loss']:.3f}, held-out {lm['val_loss_init']:.3f} -> {lm['val_loss']:.3f} ({lm['seconds']:.0f} s); "
         f"held-out MC prompts without video: replies naming an option {lm['mc_check']['parsed_rate']:.2f}, right "
         f"{lm['mc_check']['accuracy_no_video']:.2f} (chance 0.25)"
