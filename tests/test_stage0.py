@@ -414,24 +414,27 @@ def test_factored_symbol_rows_share_an_objects_parts_across_cells_and_start_an_l
         pretrain_llm(world, out / "tokenizer", tmp_path, symbol_init="factored", symbolic_per_clip=0)
 
 
-def test_symbolic_temporal_adds_a_conversation_of_each_clips_temporal_questions(world, stage0):
-    """`llm.symbolic_temporal`: per clip and draw, one more sequence, every temporal question of the clip with
-    its answer after the symbolic video; the other sequences stay those of a run without it."""
+@pytest.mark.parametrize("option", ["temporal", "extra"])
+def test_symbolic_options_add_a_conversation_of_each_clips_questions_of_their_types(world, stage0, option):
+    """`llm.symbolic_temporal` / `llm.symbolic_extra=["colour"]`: per clip and draw, one more sequence, every
+    temporal (colour) question of the clip with its answer after the symbolic video; the other sequences stay those
+    of a run without it."""
     from train.world import QUESTION_TYPES, asked_questions
 
+    types = QUESTION_TYPES["temporal"] if option == "temporal" else ("colour",)
     out, _ = stage0
     tok = load_tokenizer(out / "tokenizer")
     fit, _, _ = S.split_clips(world)
-    plain, more = S.symbolic_ids(fit[:4], tok, seed=0), S.symbolic_ids(fit[:4], tok, seed=0, temporal=True)
+    plain = S.symbolic_ids(fit[:4], tok, seed=0)
+    more = S.symbolic_ids(fit[:4], tok, seed=0, **({"temporal": True} if option == "temporal" else {"extra": types}))
     extra = [seq for seq in more if seq not in plain]
     assert [seq for seq in more if seq in plain] == plain
-    temporal = [spec for spec in fit[:4] if asked_questions(spec, np.random.default_rng(0),
-                                                             QUESTION_TYPES["temporal"])]
-    assert temporal and len(extra) == len(temporal)
-    for spec, seq in zip(temporal, extra):
+    asked = [spec for spec in fit[:4] if asked_questions(spec, np.random.default_rng(0), types)]
+    assert asked and len(extra) == len(asked)
+    for spec, seq in zip(asked, extra):
         text = tok.decode([i for i in seq if i < len(tok)])
-        for q, _ in asked_questions(spec, np.random.default_rng(0), QUESTION_TYPES["temporal"]):
-            assert q.answer + "." in text
+        for q, _ in asked_questions(spec, np.random.default_rng(0), types):
+            assert q.answer + "." in text and q.type in types
 
 
 def test_the_alignment_loss_scores_each_frames_symbols_in_any_order_and_only_there():

@@ -175,12 +175,13 @@ def lookup_conversations(specs: Iterable, seed: int, *, per_clip: int = 1) -> li
 
 
 def symbolic_ids(specs: Iterable, tokenizer, seed: int, *, per_clip: int = 1,
-                 temporal: bool = False) -> list[list[int]]:
+                 temporal: bool = False, extra: tuple = ()) -> list[list[int]]:
     """Sequences with the clip's symbolic video (`train.stage0.symbols`) where stages 1 and 2 put the visual
     tokens: per clip and draw, its caption in stage 1's layout (video, caption, eos), a QA conversation, a
     multiple-choice question and every colour and shape question (stage 2's template); with ``temporal``, also
-    every temporal question of the clip in one conversation. The video's ids are inputs only: a batch scores no id
-    at or past ``len(tokenizer)`` (`train.stage0.lm`)."""
+    every temporal question of the clip in one conversation; with ``extra`` (question types), one more conversation
+    of every question of those types. The video's ids are inputs only: a batch scores no id at or past
+    ``len(tokenizer)`` (`train.stage0.lm`)."""
     from .symbols import symbolic_video
 
     eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
@@ -195,6 +196,8 @@ def symbolic_ids(specs: Iterable, tokenizer, seed: int, *, per_clip: int = 1,
             convs = [W.qa_turns(spec, rng, min_turns=1, max_turns=3), [(prompt, _mc_answer(item))], lookups]
             if temporal:  # drawn last: the other sequences stay those of a run without it
                 convs.append(every_question(spec, rng, W.QUESTION_TYPES["temporal"]))
+            if extra:
+                convs.append(every_question(spec, rng, tuple(extra)))
             for turns in convs:
                 if turns:
                     ids = conversation_ids([(f"{IMAGE_TOKEN}\n{turns[0][0]}", turns[0][1]), *turns[1:]], tokenizer,
