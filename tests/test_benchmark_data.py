@@ -426,6 +426,45 @@ def test_two_processes_give_the_one_process_result(mvbench, tiny_checkpoints, tm
     assert a == b and a["n"] == 4 and len(a["missing"]) == 1
 
 
+LEAVE_SCRIPT = """
+import atexit, importlib, os
+
+def gloo_threads():  # registered first, so it runs last: after the process group is left
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    count = sum(n.startswith("pt_gloo") for n in names)
+    os.write(2, f"rank {os.environ['RANK']}: {count} gloo threads\\n".encode())  # one write: no interleaving
+
+atexit.register(gloo_threads)
+from vidlmm.eval_cli import run_sharded
+# what a model load does once the group exists: import torch.distributed.nn (its defaults would hold the group)
+run_sharded(lambda shard: importlib.import_module("torch.distributed.nn.functional") and shard)
+"""
+
+
+def test_two_processes_leave_the_group_before_the_interpreter_shuts_down(tmp_path):
+    """Under `accelerate launch`, every process has joined gloo's worker threads by the time the interpreter shuts
+    down: a worker left running can release a collective's tensors during shutdown and abort the process."""
+    import os
+    import re
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE_SCRIPT)
+    root = Path(__file__).resolve().parent.parent
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                          "train/configs/cpu_2proc.yaml", "--main_process_port", str(port), str(script)], cwd=root,
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(re.findall(r"rank (\d): (\d+) gloo threads", run.stderr)) == [("0", "0"), ("1", "0")], \
+        run.stderr[-3000:]
+
+
 def test_zeroing_curves_on_a_benchmark_resume_and_split_over_two_processes(mvbench, tiny_checkpoints, tmp_path):
     """`python -m visualizations redundancy --mc ROOT`: the curve of two processes under `accelerate launch` is the
     one process's; a rerun with --records reads the kept questions back to the same curve; the video the benchmark

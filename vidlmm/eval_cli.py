@@ -4,6 +4,7 @@ and the printed result (one JSON object with --json, else a markdown table). The
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 from pathlib import Path
@@ -70,10 +71,27 @@ def distributed_shard() -> tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
     import torch
+    import torch.distributed.nn  # noqa: F401 - see _leave_group: imported later, it would keep the group alive
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())
+    atexit.unregister(_leave_group)
+    atexit.register(_leave_group)
     return state.process_index, state.num_processes
+
+
+def _leave_group() -> None:
+    """Destroy the process group at exit, which joins gloo's worker threads while the interpreter still runs.
+
+    A worker releases a collective's tensors just after the caller has the result; if the interpreter is already
+    shutting down by then (rank 1 exits right after the gather), that thread cannot take the GIL and the process
+    aborts ("terminate called without an active exception"). Destroying frees the group only if nothing else holds
+    it: `torch.distributed.nn.functional`, when first imported after the group exists (the model load does), keeps
+    it as its functions' `group=` default, so `distributed_shard` imports it before joining."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def run_sharded(work):
