@@ -160,3 +160,34 @@ def test_probe_reads_each_view_of_a_world_clip(tmp_path, tiny_checkpoints, capsy
     out = json.loads(capsys.readouterr().out)
     assert out["patches_flat"]["dims"] == 15 * 24 and out["patches_mean"]["dims"] == 24  # 4 x 4 patches, first dropped
     assert "connector_all" not in out
+
+
+def test_lookup_errors_tell_an_unbound_attribute_from_a_wrong_one():
+    """A wrong colour or shape is "another object's" when the clip shows it on another object (parsed from the
+    option, or from the reply's text when it names no option), else "other"; other question types are left out."""
+    from types import SimpleNamespace
+
+    from vidlmm.evaluate import ItemRecord
+
+    def obj(colour, shape):
+        return SimpleNamespace(colour=colour, shape=shape)
+
+    clips = {"one": SimpleNamespace(objects=(obj("red", "square"),)),
+             "two": SimpleNamespace(objects=(obj("red", "square"), obj("purple", "circle")))}
+    colour = ["A. Red", "B. Blue", "C. Green", "D. Yellow"]
+    items = [
+        {"id": "a", "video": "v/one.mp4", "type": "colour", "options": colour, "answer": "A"},
+        {"id": "b", "video": "v/two.mp4", "type": "colour", "options": ["A. Red", "B. Purple", "C. Blue",
+                                                                        "D. White"], "answer": "A"},
+        {"id": "c", "video": "v/two.mp4", "type": "colour", "options": colour, "answer": "A"},
+        {"id": "d", "video": "v/two.mp4", "type": "shape", "options": ["A. Square", "B. Cross", "C. Star",
+                                                                       "D. Circle"], "answer": "A"},
+        {"id": "e", "video": "v/two.mp4", "type": "count", "options": ["A. 2", "B. 1"], "answer": "A"},
+    ]
+    replies = {"a": ("Red", "A", True), "b": ("Purple", "B", False), "c": ("Purple.", None, False),
+               "d": ("Cross", "B", False), "e": ("1", "B", False)}
+    records = [ItemRecord(id=k, video="", category="static", question="", answer="A", response=r, parsed=p,
+                          correct=ok, num_options=4) for k, (r, p, ok) in replies.items()]
+    out = diagnose.lookup_errors(SimpleNamespace(items=records), items, clips)
+    assert out == {"colour, 1 object": {"right": 1}, "colour, 2 objects": {"another object's": 2},
+                   "shape, 2 objects": {"other": 1}}

@@ -15,7 +15,8 @@ LLM answers from the text alone. It also prints how much of the connector's outp
 `open`: the multiple-choice questions asked open-ended (no options); an answer counts as right when it contains
 the correct option's text. This separates "cannot read the video" from "cannot map an answer to a letter".
 `types`: the multiple-choice evaluation (`vidlmm.evaluate`) broken down by the items' question ``type`` (and, with
-the world's folder, by how many objects the clip shows).
+the world's folder, by how many objects the clip shows, and for the questions that look one object's colour or
+shape up by the other, whether a wrong reply names another object's: read but not bound, `lookup_errors`).
 `probe`: is a frame's content readable at each step (tower patches, connector tokens)? See `token_probe`.
 `symbols`: for a model whose LM was trained with a video of symbols (`llm.symbolic_per_clip`), does the connector
 emit those symbols? Each visual token's nearest symbol embedding against the frame's symbols (`symbol_readout`).
@@ -246,6 +247,35 @@ def by_type(result, items: list[dict], objects: dict[str, int] | None = None) ->
         right[kind[record.id]] += record.correct
         total[kind[record.id]] += 1
     return {k: f"{right[k]}/{total[k]}" for k in sorted(total)}
+
+
+LOOKUPS = {"colour": "colour", "shape": "shape"}  # question type -> the object attribute its answer names
+
+
+def lookup_errors(result, items: list[dict], clips: dict) -> dict:
+    """The questions that find one object by an attribute and ask another ("What colour is the square?", type
+    colour; "Which shape is red?", type shape), per type and object count: right; wrong with another object's
+    attribute of the clip (read from the video, not bound to the object asked about); wrong otherwise. A reply that
+    names no option counts by its text ("Purple" when purple is not offered). ``clips``: {video stem: ClipSpec}."""
+    item_of = {item["id"]: item for item in items}
+    out: dict[str, Counter] = {}
+    for record in result.items:
+        item = item_of[record.id]
+        attribute = LOOKUPS.get(item.get("type"))
+        if attribute is None:
+            continue
+        objects = clips[Path(item["video"]).stem].objects
+        tally = out.setdefault(f"{item['type']}, {len(objects)} object" + ("s" if len(objects) > 1 else ""),
+                               Counter())
+        if record.correct:
+            tally["right"] += 1
+            continue
+        said = record.response
+        if record.parsed:
+            said = next(o.split(".", 1)[1] for o in item["options"] if o.startswith(f"{record.parsed}."))
+        said = said.strip().strip(".").lower()
+        tally["another object's" if said in {getattr(o, attribute) for o in objects} else "other"] += 1
+    return {k: dict(out[k]) for k in sorted(out)}
 
 
 def context_reading(llm_dir: Path, world_dir: Path, limit: int = 64, seed: int = 0) -> dict:
@@ -495,8 +525,10 @@ def main(argv: Iterable[str] | None = None) -> int:
             if args.world:
                 from .world import load_clips
 
-                objects = {s.id: len(s.objects) for s in load_clips(args.world)["eval"]}
-                result["per_type_and_objects"] = by_type(evaluated, items, objects)
+                clips = {s.id: s for s in load_clips(args.world)["eval"]}
+                counts = {k: len(clip.objects) for k, clip in clips.items()}
+                result["per_type_and_objects"] = by_type(evaluated, items, counts)
+                result["lookups"] = lookup_errors(evaluated, items, clips)
         else:
             result = open_ended(VideoLMM(model), items, root)
         print(json.dumps(result, indent=1))
