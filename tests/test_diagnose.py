@@ -45,11 +45,18 @@ def test_missing_video_is_one_line(tiny_checkpoints, mc_set, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: ")
 
 
-def test_types_breaks_mc_accuracy_down_by_question_type(tiny_checkpoints, mc_set, capsys):
-    assert diagnose.main(["types", "--model", str(tiny_checkpoints["group"]), "--data", str(mc_set)]) == 0
+def test_types_breaks_mc_accuracy_down_by_question_type(tiny_checkpoints, mc_set, tmp_path, capsys):
+    """Per type; with --records the scored questions are kept, and a second run reads them back to the same."""
+    records = tmp_path / "types.jsonl"
+    args = ["types", "--model", str(tiny_checkpoints["group"]), "--data", str(mc_set), "--records", str(records)]
+    assert diagnose.main(args) == 0
     out = json.loads(capsys.readouterr().out)
     right, total = out["per_type"]["shape"].split("/")
     assert total == "3" and int(right) == round(out["accuracy"] * 3)
+    assert sum('"record"' in line for line in records.read_text().splitlines()) == 3
+    assert diagnose.main(args) == 0
+    assert json.loads(capsys.readouterr().out) == out
+    assert sum('"record"' in line for line in records.read_text().splitlines()) == 3  # read back, not scored again
 
 
 def test_context_reading_of_a_stage0_lm(tmp_path, capsys):

@@ -2,7 +2,7 @@
 
     python -m train.diagnose gap     --model M --annotations qa.json --video-root DIR [--limit 48]
     python -m train.diagnose open    --model M --data eval_mc.json [--video-root DIR] [--limit 200]
-    python -m train.diagnose types   --model M --data eval_mc.json [--video-root DIR] [--world WORLD]
+    python -m train.diagnose types   --model M --data eval_mc.json [--video-root DIR] [--world WORLD] [--records R]
     python -m train.diagnose probe   --model M | --tower STAGE0/vision --world WORLD [--train-clips 1200]
     python -m train.diagnose symbols --model M --world WORLD [--clips 200]
     python -m train.diagnose context --llm STAGE0/llm --world WORLD [--limit 64]
@@ -456,6 +456,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     types = sub.add_parser("types", help="multiple-choice accuracy per question type")
     types.add_argument("--data", required=True, help="multiple-choice JSON with a 'type' per item")
     types.add_argument("--world", help="the world the clips come from: also split each type by object count")
+    types.add_argument("--records", help="the scored questions' JSONL (kept, or reused: train.results --records "
+                                         "DIR keeps DIR/NAME.jsonl)")
     for p in (gap, opened, types):
         p.add_argument("--model", required=True)
         p.add_argument("--video-root", help="default: the JSON's folder")
@@ -519,7 +521,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         elif args.command == "types":
             from vidlmm.evaluate import evaluate, load_mc_items
 
-            evaluated = evaluate(VideoLMM(model), load_mc_items(data, root)[: args.limit])
+            evaluated = evaluate(VideoLMM(model), load_mc_items(data, root)[: args.limit], records=args.records)
             result = {"accuracy": evaluated.accuracy, "unparsable": evaluated.unparsable,
                       "per_type": by_type(evaluated, items)}
             if args.world:
