@@ -240,13 +240,17 @@ def by_type(result, items: list[dict], objects: dict[str, int] | None = None) ->
     ("shape, 1 object"): a type that is wrong even with one object is not read at all, not merely unbound."""
     kind = {item["id"]: item.get("type", item.get("category", "all")) for item in items}
     if objects is not None:
-        kind = {item["id"]: f"{kind[item['id']]}, {objects[Path(item['video']).stem]} object"
-                + ("s" if objects[Path(item['video']).stem] > 1 else "") for item in items}
+        kind = {item["id"]: _with_objects(kind[item["id"]], objects[Path(item["video"]).stem]) for item in items}
     right, total = Counter(), Counter()
     for record in result.items:
         right[kind[record.id]] += record.correct
         total[kind[record.id]] += 1
     return {k: f"{right[k]}/{total[k]}" for k in sorted(total)}
+
+
+def _with_objects(kind: str, count: int) -> str:
+    """"shape, 1 object", "colour, 3 objects": a question type split by the clip's object count."""
+    return f"{kind}, {count} object" + ("s" if count > 1 else "")
 
 
 LOOKUPS = {"colour": "colour", "shape": "shape"}  # question type -> the object attribute its answer names
@@ -265,8 +269,7 @@ def lookup_errors(result, items: list[dict], clips: dict) -> dict:
         if attribute is None:
             continue
         objects = clips[Path(item["video"]).stem].objects
-        tally = out.setdefault(f"{item['type']}, {len(objects)} object" + ("s" if len(objects) > 1 else ""),
-                               Counter())
+        tally = out.setdefault(_with_objects(item["type"], len(objects)), Counter())
         if record.correct:
             tally["right"] += 1
             continue
