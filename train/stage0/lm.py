@@ -94,8 +94,7 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
                  lr: float = 2e-3, seed: int = 0, variants: int = 3, context_per_clip: int = 2,
                  restatements: int = 2, lookup_per_clip: int = 0, recall_steps: int = 0, symbolic_per_clip: int = 0,
                  symbolic_temporal: bool = False, symbolic_extra: tuple = (), symbol_init: str = "random",
-                 bucket: bool = False,
-                 weight_decay: float = 0.05, max_length: int = 512, init_std: float = 0.02,
+                 bucket: bool = False, weight_decay: float = 0.05, max_length: int = 512, init_std: float = 0.02,
                  progress: bool = True) -> dict:
     """Train a Qwen2ForCausalLM on the world's training text and save it (with the tokenizer) to ``out_dir``.
 
@@ -148,7 +147,7 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
             model.get_input_embeddings().weight[text_vocab:] = factored_rows(hidden_size, init_std, seed)
     model.train()
     rng = np.random.default_rng([seed, 1])
-    lengths = np.array([len(s) for s in train])
+    lengths = np.array([len(s) for s in train]) if bucket else None  # only the length batches read them
     order: list[int] = []
     batches: list[np.ndarray] = []
     fed = [0, 0]  # tokens fed to the model: real, with padding
