@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
-from common import ROOT, Report, resolve_model
+from common import ROOT, Report, free_port, resolve_model
 
 HELDOUT = os.path.join(ROOT, "assets", "heldout", "eval_mc.json")
 
@@ -84,9 +83,7 @@ def processes(model_dir: str, data: str, limit: int, report) -> dict:
     start = time.perf_counter()
     one = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env)
     one_s = time.perf_counter() - start
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     threads = max(1, (os.cpu_count() or 2) // 2)
     start = time.perf_counter()
     two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",

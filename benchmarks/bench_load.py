@@ -25,7 +25,6 @@ import argparse
 import os
 import random
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,18 +33,13 @@ import threading
 import time
 import urllib.request
 
-from common import ROOT, Report
+from common import ROOT, Report, free_port
 
 EXAMPLES = os.path.join(ROOT, "assets", "examples")
 QUESTION = "What happens in the video?"
 GOAL_RSS_MB = 2048
 GOAL_FREE_S = 1.0
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- inputs ------------------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,15 +24,10 @@ import time
 import urllib.error
 import urllib.request
 
-from common import DEFAULT_MODELS, ROOT, Report, machine, write_tiny_model
+from common import DEFAULT_MODELS, ROOT, Report, free_port, machine, write_tiny_model
 
 GOAL_S = 15.0
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def answers_200(url: str) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.ports import free_port
 from tests.videos import make_moving_square_frames, write_gif, write_video
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -32,11 +32,6 @@ MAX_PIXELS = 10_000  # above every test clip (96x72 at most), below a 128x96 "de
 MAX_NEW_TOKENS = 2048  # room for an answer long enough to cancel in the middle
 FAST = dict(max_new_tokens=6)  # the tiny models answer nonsense; a few tokens show everything
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
+
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "assets" / "examples" / "moving_shapes.mp4"
@@ -47,9 +48,7 @@ def app_url(tiny_checkpoints, tmp_path_factory):
     for name in ("group", "naive"):
         (models / name).symlink_to(tiny_checkpoints[name], target_is_directory=True)
     write_tiny_checkpoint(models / "pool", "pool", seed=6, connector_options={"token_budget": 16})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = AppConfig(model=str(tiny_checkpoints["group"]), models_dir=str(models), host="127.0.0.1", port=port,
                        preload=False)
     demo, _ = build_app(config)

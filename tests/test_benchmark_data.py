@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.ports import free_port
 from tests.videos import make_moving_square_frames, write_video
 from vidlmm.benchmarks import detect_format, load_benchmark
 from vidlmm.errors import VidlmmError
@@ -403,7 +404,6 @@ def test_two_processes_give_the_one_process_result(mvbench, tiny_checkpoints, tm
     """`accelerate launch` with two CPU processes splits the videos and the first process prints the merged
     result, the one process's item for item."""
     import os
-    import socket
     import subprocess
     import sys
 
@@ -413,9 +413,7 @@ def test_two_processes_give_the_one_process_result(mvbench, tiny_checkpoints, tm
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, *args], cwd=root, capture_output=True, text=True, timeout=300, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                           "train/configs/cpu_2proc.yaml", "--main_process_port", str(port), *args], cwd=root,
                          capture_output=True, text=True, timeout=300, env=env)
@@ -446,16 +444,13 @@ def test_two_processes_leave_the_group_before_the_interpreter_shuts_down(tmp_pat
     down: a worker left running can release a collective's tensors during shutdown and abort the process."""
     import os
     import re
-    import socket
     import subprocess
     import sys
 
     script = tmp_path / "leave.py"
     script.write_text(LEAVE_SCRIPT)
     root = Path(__file__).resolve().parent.parent
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                           "train/configs/cpu_2proc.yaml", "--main_process_port", str(port), str(script)], cwd=root,
                          capture_output=True, text=True, timeout=300,
@@ -470,7 +465,6 @@ def test_zeroing_curves_on_a_benchmark_resume_and_split_over_two_processes(mvben
     one process's; a rerun with --records reads the kept questions back to the same curve; the video the benchmark
     lacks is listed with the one the reader could not find."""
     import os
-    import socket
     import subprocess
     import sys
 
@@ -490,9 +484,7 @@ def test_zeroing_curves_on_a_benchmark_resume_and_split_over_two_processes(mvben
     assert one["reference"]["n"] == 4 and [m["id"] for m in one["reference"]["missing"]] == [
         "object_existence_1"] and (tmp_path / "records" / "group.jsonl").is_file()
     again = run(tmp_path / "again", "--records", str(tmp_path / "records"))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     two = run(tmp_path / "two", launch=["-m", "accelerate.commands.launch", "--config_file",
                                         "train/configs/cpu_2proc.yaml", "--main_process_port", str(port)])
     assert again == one and two == one

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.ports import free_port
 from tests.test_train import ROOT, run_train, tiny_world, write_recipe  # noqa: F401 - tiny_world is a fixture
 from vidlmm.checkpoint import build_from_parts, load_model, save_model
 
@@ -44,9 +44,7 @@ def recipe(tmp_path, world, name, tune, **fields):
 
 
 def launch(config: str, recipe_file, env=None, timeout=400):
-    with socket.socket() as sock:  # a free loopback port for the two processes' rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--main_process_port",
            str(port), "-m", "train", "run", str(recipe_file), "--no-progress"]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,

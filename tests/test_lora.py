@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.ports import free_port
 from tests.test_train import run_train, tiny_world, write_recipe  # noqa: F401 - tiny_world is a fixture
 from train.plan import make_plan
 from train.recipe import load_recipe
@@ -111,16 +112,13 @@ def test_two_cpu_processes_train_the_adapters_of_one(tmp_path, tiny_world, base,
     """Under `accelerate launch` (two CPU processes, gloo, one sample each per step) the adapters end as in the
     one-process run accumulating the same global batch of two."""
     import os
-    import socket
     import subprocess
     import sys
 
     from tests.test_train import ROOT
 
     recipe = lora_recipe(tmp_path, tiny_world, base, "two")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "train/configs/cpu_2proc.yaml",
            "--main_process_port", str(port), "-m", "train", "run", str(recipe), "--no-progress"]
     double = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,

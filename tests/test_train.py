@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from tests.ports import free_port
 from tests.videos import make_moving_square_frames, write_video
 from train.recipe import load_recipe
 from train.trainer import apply_tuning, build_model, checkpoint_damage, epoch_order, resume_point
@@ -303,9 +303,7 @@ def test_two_cpu_processes_match_one_when_a_rank_reads_nothing(tmp_path, tiny_wo
     single = run_train([reference, "epochs=1"])
     assert single.returncode == 0, single.stderr[-2000:]
     recipe = stage1_recipe(tmp_path, tiny_world, "two")
-    with socket.socket() as sock:  # a free loopback port for the two processes' rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "train/configs/cpu_2proc.yaml",
            "--main_process_port", str(port), "-m", "train", "run", str(recipe), "epochs=1", "--no-progress"]
     double = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,  # a hang fails here
