@@ -41,7 +41,6 @@ GOAL_RSS_MB = 2048
 GOAL_FREE_S = 1.0
 
 
-
 # ---- inputs ------------------------------------------------------------------------------------------------------
 def make_files(tmp: str) -> dict[str, str]:
     """The hostile files, written once (a few KB each, but the 6 MiB upload)."""

@@ -29,7 +29,6 @@ from common import DEFAULT_MODELS, ROOT, Report, free_port, machine, write_tiny_
 GOAL_S = 15.0
 
 
-
 def answers_200(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as resp:

@@ -33,7 +33,6 @@ MAX_NEW_TOKENS = 2048  # room for an answer long enough to cancel in the middle
 FAST = dict(max_new_tokens=6)  # the tiny models answer nonsense; a few tokens show everything
 
 
-
 @pytest.fixture(scope="module")
 def models_dir(tiny_checkpoints, tmp_path_factory):
     """An embedded-models folder like assets/models: group, naive and image-level checkpoints, a Dynamic-VLM
