@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import shutil
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -398,6 +399,12 @@ def test_records_of_a_folder_are_not_kept_for_the_model_rebuilt_there(mvbench, t
     assert [line["settings"]["weights"] for line in lines if "settings" in line] == [weights_fingerprint(second.model)]
     assert [line["record"]["response"] for line in lines if "record" in line] == [r.response for r in again.items]
     assert evaluate(second, items, records=tmp_path / "records.jsonl").items == again.items  # kept, not refused
+    # the same weights copied to another folder keep their records: nothing is read or scored again
+    shutil.copytree(tmp_path / "model", tmp_path / "copied")
+    copied = VideoLMM(load_model(tmp_path / "copied", dtype="fp32", device="cpu"),
+                      sampling=FrameSampling.uniform(4), cache_bytes=0)
+    copied.prepare = lambda *args, **kwargs: pytest.fail("a kept question was scored again")
+    assert evaluate(copied, items, records=tmp_path / "records.jsonl").items == again.items
 
 
 def test_two_processes_give_the_one_process_result(mvbench, tiny_checkpoints, tmp_path):

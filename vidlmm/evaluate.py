@@ -393,13 +393,22 @@ def item_sampling(item: MCItem, sampling, bounds: bool = True):
     return replace(sampling, **window, **rate) if window or rate else sampling
 
 
+def _differ(written: dict, now: dict) -> list[str]:
+    """The settings keys in which two runs differ. The model's folder counts only when a side lacks the weights'
+    fingerprint: the same weights read from another folder (a copied or moved model) keep their records."""
+    keys = {**written, **now}
+    if written.get("weights") is not None and now.get("weights") is not None:
+        keys.pop("model", None)
+    return sorted(k for k in keys if written.get(k) != now.get(k))
+
+
 class RecordLog:
     """`--records FILE.jsonl`: every scored question is appended as one JSON line the moment it is scored (a
     single write on an append-mode file, so the processes of a distributed run can share it on a local disk; not
     on NFS, where appends are not atomic), and a rerun skips the questions already there. A line holds the run's
     settings; a file written with other settings is refused, or with ``restart`` emptied (a cache its caller
-    owns, like the rebuild's scores of the model it trained). A line torn by a kill is ignored (its question is
-    scored again). record_type: the dataclass of a record (`ItemRecord`; the zeroing curves keep
+    owns, like the rebuild's scores of the model it trained). The same weights in another folder are the same
+    settings (`_differ`). A line torn by a kill is ignored (its question is scored again). record_type: the dataclass of a record (`ItemRecord`; the zeroing curves keep
     `analysis.ZeroingRecord`)."""
 
     def __init__(self, path, settings: dict, record_type=None, restart: bool = False):
@@ -427,9 +436,8 @@ class RecordLog:
                 entry = json.loads(line)
             except json.JSONDecodeError:
                 continue  # torn by a kill
-            if isinstance(entry, dict) and "settings" in entry and entry["settings"] != self.settings:
-                changed = sorted(k for k in {**self.settings, **entry["settings"]}
-                                 if self.settings.get(k) != entry["settings"].get(k))
+            if isinstance(entry, dict) and "settings" in entry and _differ(entry["settings"], self.settings):
+                changed = _differ(entry["settings"], self.settings)
                 raise VidlmmError(f"--records '{self.path.name}' was written by a run with other settings "
                                   f"({', '.join(changed)}); use another file.")
             if isinstance(entry, dict) and "record" in entry:
