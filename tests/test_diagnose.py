@@ -198,3 +198,55 @@ def test_lookup_errors_tell_an_unbound_attribute_from_a_wrong_one():
     out = diagnose.lookup_errors(SimpleNamespace(items=records), items, clips)
     assert out == {"colour, 1 object": {"right": 1}, "colour, 2 objects": {"another object's": 2},
                    "shape, 2 objects": {"other": 1}}
+
+
+def test_order_errors_tell_the_named_event_another_event_and_a_made_up_one():
+    """A wrong order answer is the event the question names, another event of the clip, or one that did not
+    happen (a near miss with a real event's shape and verb), by the option's text or the reply's when it names no
+    option; a wrong direction is the opposite way or a perpendicular one; right answers count as right and other
+    question types are left out."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from train.world import event_clause, event_sentence
+    from train.world.spec import sample_clip
+    from vidlmm.evaluate import ItemRecord
+
+    spec = next(s for s in (sample_clip(np.random.default_rng(k)) for k in range(200))
+                if len(s.events) >= 2 and s.events[0].kind == "move")
+    first, second = (event_sentence(spec, e) for e in spec.events[:2])
+    made_up = "The golden star blinks twelve times."
+    way = spec.events[0].direction
+    ways = ["left", "right", "up", "down"]
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}[way]
+    perpendicular = next(w for w in ways if w not in (way, opposite))
+    options = [f"{k}. {w.capitalize()}" for k, w in zip("ABCD", ways)]
+    answer = "ABCD"[ways.index(way)]
+    items = [
+        {"id": "after", "video": "v/c.mp4", "type": "after", "answer": "A",
+         "question": f"What happens right after {event_clause(spec, spec.events[0])}?",
+         "options": [f"A. {second}", f"B. {first}", f"C. {made_up}"]},
+        {"id": "first", "video": "v/c.mp4", "type": "first", "question": "What happens first?", "answer": "A",
+         "options": [f"A. {first}", f"B. {second}", f"C. {made_up}"]},
+        {"id": "first2", "video": "v/c.mp4", "type": "first", "question": "What happens first?", "answer": "A",
+         "options": [f"A. {first}", f"B. {second}"]},
+        {"id": "dir", "video": "v/c.mp4", "type": "direction", "question": "", "options": options, "answer": answer},
+        {"id": "dir2", "video": "v/c.mp4", "type": "direction", "question": "", "options": options, "answer": answer},
+        {"id": "count", "video": "v/c.mp4", "type": "count", "question": "", "options": ["A. 2", "B. 1"],
+         "answer": "A"},
+    ]
+    near = " ".join(first.split()[:4]) + " nowhere."  # the first event's shape and verb, another detail
+    items.append({"id": "near", "video": "v/c.mp4", "type": "last", "question": "What happens last?", "answer": "A",
+                  "options": [f"A. {second}", f"B. {first}"]})
+    replies = {"after": (first, "B", False), "first": (made_up, None, False), "first2": (first, "A", True),
+               "near": (near, None, False),
+               "dir": (opposite.capitalize(), "ABCD"[ways.index(opposite)], False),
+               "dir2": (perpendicular, None, False), "count": ("1", "B", False)}
+    records = [ItemRecord(id=k, video="", category="temporal", question="", answer="A", response=r, parsed=p,
+                          correct=ok, num_options=4) for k, (r, p, ok) in replies.items()]
+    out = diagnose.order_errors(SimpleNamespace(items=records), items, {"c": spec})
+    assert out == {"after": {"the event the question names": 1},
+                   "direction": {"a perpendicular way (unparsable)": 1, "the opposite way": 1},
+                   "first": {"an event that did not happen (unparsable)": 1, "right": 1},
+                   "last": {"an event that did not happen, a near miss (unparsable)": 1}}

@@ -16,7 +16,8 @@ LLM answers from the text alone. It also prints how much of the connector's outp
 the correct option's text. This separates "cannot read the video" from "cannot map an answer to a letter".
 `types`: the multiple-choice evaluation (`vidlmm.evaluate`) broken down by the items' question ``type`` (and, with
 the world's folder, by how many objects the clip shows, and for the questions that look one object's colour or
-shape up by the other, whether a wrong reply names another object's: read but not bound, `lookup_errors`).
+shape up by the other, whether a wrong reply names another object's: read but not bound, `lookup_errors`; for the
+order and direction questions, where the wrong replies go: `order_errors`).
 `probe`: is a frame's content readable at each step (tower patches, connector tokens)? See `token_probe`.
 `symbols`: for a model whose LM was trained with a video of symbols (`llm.symbolic_per_clip`), does the connector
 emit those symbols? Each visual token's nearest symbol embedding against the frame's symbols (`symbol_readout`).
@@ -273,12 +274,63 @@ def lookup_errors(result, items: list[dict], clips: dict) -> dict:
         if record.correct:
             tally["right"] += 1
             continue
-        said = record.response
-        if record.parsed:
-            said = next(o.split(".", 1)[1] for o in item["options"] if o.startswith(f"{record.parsed}."))
-        said = said.strip().strip(".").lower()
+        said = _said(record, item)
         tally["another object's" if said in {getattr(o, attribute) for o in objects} else "other"] += 1
     return {k: dict(out[k]) for k in sorted(out)}
+
+
+ORDERS = ("first", "last", "before", "after")
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+
+def _option(item: dict, letter: str) -> str:
+    """The text of an MC item's option ``letter``, lower case, without its period."""
+    return next(o.split(".", 1)[1] for o in item["options"] if o.startswith(f"{letter}.")).strip().strip(".").lower()
+
+
+def _said(record, item: dict) -> str:
+    """A reply as the option it picked (its text), or as written when it names no option; lower case, no period."""
+    return _option(item, record.parsed) if record.parsed else record.response.strip().strip(".").lower()
+
+
+def order_errors(result, items: list[dict], clips: dict) -> dict:
+    """Where the answers to the order questions (first, last, right before / after an event) and to direction
+    go, per type: right; the event the question itself names ("What happens right after the red square moves
+    left?" -> "The red square moves left"); another event of the clip (seen, but not ordered); an event that did
+    not happen, "a near miss" when a real event has its shape and verb ("The green triangle moves up" when it moved
+    left); and for direction the opposite way or a perpendicular one. A reply that names no option counts by
+    its text, with "(unparsable)" added. Tells apart "does not see the events" from "sees them, cannot order
+    them". ``clips``: {video stem: ClipSpec}."""
+    from .world import event_clause, event_sentence
+    from .world.spec import timeline
+
+    item_of = {item["id"]: item for item in items}
+    out: dict[str, Counter] = {}
+    for record in result.items:
+        item = item_of[record.id]
+        kind = item.get("type")
+        if kind not in ORDERS and kind != "direction":
+            continue
+        tally = out.setdefault(kind, Counter())
+        if record.correct:
+            tally["right"] += 1
+            continue
+        said = _said(record, item)
+        if kind == "direction":
+            where = ("the opposite way" if OPPOSITE.get(_option(item, item["answer"])) == said else
+                     "a perpendicular way" if said in OPPOSITE else "no direction")
+        else:
+            spec = clips[Path(item["video"]).stem]
+            tl = timeline(spec)
+            events = {event_sentence(spec, e, tl)[:-1].lower(): event_clause(spec, e, tl) for e in spec.events}
+            if said in events:
+                where = ("the event the question names" if events[said] in item["question"].lower()
+                         else "another event of the clip")
+            else:  # "the green triangle moves up" when the green triangle moved left: shape and verb of a real one
+                near = {tuple(clause.split()[2:4]) for clause in events.values()}
+                where = "an event that did not happen" + (", a near miss" if tuple(said.split()[2:4]) in near else "")
+        tally[where + ("" if record.parsed else " (unparsable)")] += 1
+    return {k: dict(sorted(out[k].items())) for k in sorted(out)}
 
 
 def context_reading(llm_dir: Path, world_dir: Path, limit: int = 64, seed: int = 0) -> dict:
@@ -327,10 +379,13 @@ QUESTION_TYPES = WORLD_TYPES["static"] + WORLD_TYPES["temporal"]
 def symbolic_video_qa(model, tokenizer, specs: list, seed: int = 0) -> dict:
     """Every question type of the world, answered greedily with the clip's symbolic video where the video goes
     (an LM trained with `llm.symbolic_per_clip`): what this LM can read from visual tokens that say exactly what a
-    frame shows, one token per object. ``{"<type>": "right/asked"}``."""
+    frame shows, one token per object. ``{"<type>": "right/asked"}``, and ``"where"``: where each object is at
+    first and at the end (`train.stage0.symbols.where_turns`, the cells a move's direction is read from), a reply
+    right when it is the cell's name."""
     import numpy as np
 
     from . import stage0, world
+    from .stage0.symbols import where_turns
 
     right, n = Counter(), Counter()
     for k, spec in enumerate(specs):
@@ -340,7 +395,11 @@ def symbolic_video_qa(model, tokenizer, specs: list, seed: int = 0) -> dict:
             reply = stage0.greedy_reply(model, tokenizer, f"<image>\n{question}", max_new_tokens=6, video=video)
             right[q.type] += q.answer.lower() in reply.lower()
             n[q.type] += 1
-    return {t: f"{right[t]}/{n[t]}" for t in QUESTION_TYPES if n[t]}
+        for question, answer in where_turns(spec, rng):  # drawn last: the questions above stay the same
+            reply = stage0.greedy_reply(model, tokenizer, f"<image>\n{question}", max_new_tokens=6, video=video)
+            right["where"] += reply.strip().rstrip(".").lower() == answer.rstrip(".").lower()
+            n["where"] += 1
+    return {t: f"{right[t]}/{n[t]}" for t in (*QUESTION_TYPES, "where") if n[t]}
 
 
 def static_lookup(model, tokenizer, specs: list, seed: int = 0) -> tuple[dict, dict]:
@@ -534,6 +593,7 @@ def main(argv: Iterable[str] | None = None) -> int:
                 counts = {k: len(clip.objects) for k, clip in clips.items()}
                 result["per_type_and_objects"] = by_type(evaluated, items, counts)
                 result["lookups"] = lookup_errors(evaluated, items, clips)
+                result["order"] = order_errors(evaluated, items, clips)
         else:
             result = open_ended(VideoLMM(model), items, root)
         print(json.dumps(result, indent=1))
