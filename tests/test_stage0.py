@@ -437,6 +437,38 @@ def test_symbolic_options_add_a_conversation_of_each_clips_questions_of_their_ty
             assert q.answer + "." in text and q.type in types
 
 
+def test_where_turns_name_each_objects_cell_in_the_first_and_last_sampled_frame(world, stage0):
+    """`llm.symbolic_where`: per clip and draw one more sequence after the symbolic video, where each object is at
+    first and at the end, named by the cell its symbol carries; a mover's two answers differ, and say its direction;
+    the other sequences stay those of a run without it."""
+    from train.stage0.symbols import COLUMNS, ROWS, where_turns
+
+    out, _ = stage0
+    tok = load_tokenizer(out / "tokenizer")
+    fit, _, _ = S.split_clips(world)
+    plain = S.symbolic_ids(fit[:4], tok, seed=0)
+    more = S.symbolic_ids(fit[:4], tok, seed=0, where=True)
+    assert [seq for seq in more if seq in plain] == plain and len(more) == len(plain) + 4
+    cells = {"Middle": (1, 1), **{f"{r} {c}".capitalize(): (ROWS.index(r), COLUMNS.index(c)) for r in ROWS
+                                  for c in COLUMNS if (r, c) != ("middle", "middle")}}
+    step = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
+    movers = 0
+    for spec in load_clips(world)["train"]:
+        turns = dict(where_turns(spec, np.random.default_rng(0)))
+        tl = timeline(spec)
+        assert len(turns) == sum(tl.visible[:, t].sum() for t in (0, spec.frames - 1))  # uniform sampling takes both ends
+        for e in spec.events:
+            if e.kind != "move" or not tl.visible[e.obj, 0] or not tl.visible[e.obj, -1]:
+                continue
+            shape = spec.objects[e.obj].shape
+            (r0, c0), (r1, c1) = (cells[turns[f"Where is the {tl.colour_name(e.obj, t)} {shape} {when}?"][:-1]]
+                                  for t, when in ((0, "at first"), (spec.frames - 1, "at the end")))
+            dr, dc = step[e.direction]
+            assert (np.sign(r1 - r0), np.sign(c1 - c0)) == (dr, dc)
+            movers += 1
+    assert movers
+
+
 def test_the_alignment_loss_scores_each_frames_symbols_in_any_order_and_only_there():
     """`alignment_loss`: the symbols' own embeddings score far better than random tokens, whatever the order of a
     frame's tokens; the same tokens a frame off score as badly as random ones; lengths count."""
@@ -506,3 +538,19 @@ def test_stage1_symbol_weight_teaches_the_connector_its_clips_symbols(world, sta
     assert all(0.0 <= readout[k] <= 1.0 for k in ("precision", "recall", "frames_exact"))
     with pytest.raises(ValueError, match="no embedding rows for the symbolic video"):
         symbol_readout(build_model(recipe(plain_llm, "no_rows")).eval(), world, clips=1)
+
+
+def test_a_part_trains_at_its_own_seed_and_the_rest_at_the_runs(world, stage0, tmp_path):
+    """`llm.seed=1`: the LM's weights and draws at seed 1, the tokenizer the run's (seed 0), so the LM is another
+    draw of the same recipe over the same vocabulary; the same override twice trains the same LM."""
+    out, _ = stage0
+    runs = []
+    for k in range(2):
+        S.run_stage0(world, tmp_path / str(k), budget="smoke", seed=0, progress=False, vision=False,
+                     overrides={"llm": {"seed": 1}})
+        runs.append(load_file(tmp_path / str(k) / "llm" / "model.safetensors"))
+    base = load_file(out / "llm" / "model.safetensors")
+    assert (tmp_path / "0" / "tokenizer" / "merges.txt").read_text() == \
+        (out / "tokenizer" / "merges.txt").read_text()
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in base)
+    assert not all(torch.equal(runs[0][k], base[k]) for k in base)

@@ -93,7 +93,8 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
                  kv_heads: int = 2, intermediate: int = 384, steps: int = 1400, batch_size: int = 32,
                  lr: float = 2e-3, seed: int = 0, variants: int = 3, context_per_clip: int = 2,
                  restatements: int = 2, lookup_per_clip: int = 0, recall_steps: int = 0, symbolic_per_clip: int = 0,
-                 symbolic_temporal: bool = False, symbolic_extra: tuple = (), symbol_init: str = "random",
+                 symbolic_temporal: bool = False, symbolic_extra: tuple = (), symbolic_where: bool = False,
+                 symbol_init: str = "random",
                  bucket: bool = False, weight_decay: float = 0.05, max_length: int = 512, init_std: float = 0.02,
                  progress: bool = True) -> dict:
     """Train a Qwen2ForCausalLM on the world's training text and save it (with the tokenizer) to ``out_dir``.
@@ -109,7 +110,9 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
     ``symbolic_per_clip``: draws per training clip of `train.stage0.text.symbolic_ids` (the clip's symbolic video
     where the video goes); the embedding then has `train.stage0.symbols.symbol_count` rows past the tokenizer's.
     ``symbolic_temporal``: each draw also asks every temporal question of the clip; ``symbolic_extra`` (question
-    types, e.g. ``["colour"]``): each draw also asks every question of those types. ``symbol_init``: "random" (the
+    types, e.g. ``["colour"]``): each draw also asks every question of those types; ``symbolic_where``: each draw
+    also asks where every object is at first and at the end (`train.stage0.symbols.where_turns`: the cells a
+    move's direction is read from). ``symbol_init``: "random" (the
     rows drawn as every other row) or "factored" (`train.stage0.symbols.factored_rows`). ``bucket``: batches of
     sequences of similar length (`length_batches`), which pad less: the same steps in less time."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -131,7 +134,8 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
         train += [ids[:max_length] for ids in restatement_ids(fit, tokenizer, seed + 100 * r)]
     if symbolic_per_clip:
         train += [ids[:max_length] for ids in symbolic_ids(fit, tokenizer, seed, per_clip=symbolic_per_clip,
-                                                           temporal=symbolic_temporal, extra=symbolic_extra)]
+                                                           temporal=symbolic_temporal, extra=symbolic_extra,
+                                                           where=symbolic_where)]
     text_vocab = len(tokenizer)
     val = [conversation_ids(c, tokenizer)[:max_length] for c in val_convs]
 

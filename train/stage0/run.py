@@ -23,8 +23,9 @@ TRAINERS = {"llm": pretrain_llm, "vision": pretrain_vision}
 
 
 def settable(part: str) -> set[str]:
-    """The settings of a stage-0 part a budget or an override may set: its trainer's keyword arguments."""
-    own = {"seed", "progress", "siglip_dir"}  # set by run_stage0 itself
+    """The settings of a stage-0 part a budget or an override may set: its trainer's keyword arguments. ``seed``
+    among them: a part at its own seed ("llm.seed=1", the LM's weights and data draws; the run's seed otherwise)."""
+    own = {"progress", "siglip_dir"}  # set by run_stage0 itself
     return {name for name, p in inspect.signature(TRAINERS[part]).parameters.items()
             if p.kind is p.KEYWORD_ONLY and name not in own}
 
@@ -92,16 +93,16 @@ def _run_stage0(world_dir, out: Path, b: dict, budget: str, seed: int, progress:
         stats["tokenizer"]["seconds"] = time.perf_counter() - t0
         if progress:
             print(f"tokenizer: {stats['tokenizer']}", file=sys.stderr, flush=True)
-        stats["llm"] = pretrain_llm(world_dir, out / "tokenizer", out / "llm", seed=seed, progress=progress,
-                                    **b["llm"])
+        stats["llm"] = pretrain_llm(world_dir, out / "tokenizer", out / "llm", progress=progress,
+                                    **{"seed": seed, **b["llm"]})
     if reuse_vision is not None:
         reused = _copy_parts(Path(reuse_vision), out, ("vision", "siglip"))
         stats["vision_from"] = str(reuse_vision)
         if "vision" in reused:
             stats["vision"] = reused["vision"]
     elif vision:
-        stats["vision"] = pretrain_vision(world_dir, out / "vision", seed=seed, progress=progress,
-                                          siglip_dir=out / "siglip", **b["vision"])
+        stats["vision"] = pretrain_vision(world_dir, out / "vision", progress=progress, siglip_dir=out / "siglip",
+                                          **{"seed": seed, **b["vision"]})
     stats["seconds"] = time.perf_counter() - t0
     (out / "stage0.json").write_text(json.dumps(stats, indent=1) + "\n")
     return stats

@@ -49,20 +49,47 @@ def factored_rows(width: int, std: float, seed: int = 0) -> torch.Tensor:
     return torch.cat([torch.randn(1, width, generator=gen), combos]) * std
 
 
-def symbolic_video(spec, first_id: int, *, frames: int = FRAMES, slots: int = SLOTS) -> list[int]:
-    """``frames`` x ``slots`` ids: per uniformly sampled frame (the models' sampling), its visible objects left to
-    right (then top to bottom), each as the id of its (colour, shape, cell), the rest of the slots blank."""
+def sampled_objects(spec, frames: int = FRAMES) -> list[list[tuple[int, int, int, int]]]:
+    """Per uniformly sampled frame (the models' sampling), its visible objects as (col, row, colour, object):
+    the cell of the 3x3 grid nearest the object's centre, its colour index then, its index in ``spec.objects``."""
     tl = timeline(spec)
     grid = np.array(_CELL_FRACTIONS) * spec.size
-    ids: list[int] = []
+    out = []
     for t in sample_frame_indices(spec.frames, spec.fps, FrameSampling.uniform(frames)):
         here = []
         for i in np.flatnonzero(tl.visible[:, t]):
             row, col = (int(np.abs(grid - v).argmin()) for v in (tl.y[i, t], tl.x[i, t]))
-            combo = (int(tl.colour[i, t]) * len(W.SHAPES) + W.SHAPES.index(spec.objects[i].shape)) * CELLS
-            here.append((col, row, first_id + 1 + combo + row * len(_CELL_FRACTIONS) + col))
-        ids += [s for _, _, s in sorted(here)][:slots] + [first_id] * max(0, slots - len(here))
+            here.append((col, row, int(tl.colour[i, t]), int(i)))
+        out.append(here)
+    return out
+
+
+def symbolic_video(spec, first_id: int, *, frames: int = FRAMES, slots: int = SLOTS) -> list[int]:
+    """``frames`` x ``slots`` ids: per uniformly sampled frame (the models' sampling), its visible objects left to
+    right (then top to bottom), each as the id of its (colour, shape, cell), the rest of the slots blank."""
+    ids: list[int] = []
+    for here in sampled_objects(spec, frames):
+        frame = sorted((col, row, first_id + 1 + (colour * len(W.SHAPES) + W.SHAPES.index(spec.objects[i].shape))
+                        * CELLS + row * len(_CELL_FRACTIONS) + col) for col, row, colour, i in here)
+        ids += [s for _, _, s in frame][:slots] + [first_id] * max(0, slots - len(frame))
     return ids
+
+
+ROWS, COLUMNS = ("top", "middle", "bottom"), ("left", "middle", "right")
+
+
+def where_turns(spec, rng: np.random.Generator, frames: int = FRAMES) -> list[tuple[str, str]]:
+    """Where each object is in the first and in the last sampled frame, as (question, answer) turns in random order
+    ("Where is the red square at the end?" -> "Top left."): the only questions that read the symbols' cells, which
+    the direction of a move is made of. Training text of stage 0 only, not a question type of the world."""
+    seen = sampled_objects(spec, frames)
+    turns = []
+    for when, here in (("at first", seen[0]), ("at the end", seen[-1])):
+        for col, row, colour, i in here:
+            cell = "middle" if (row, col) == (1, 1) else f"{ROWS[row]} {COLUMNS[col]}"
+            question = f"Where is the {W.COLOUR_NAMES[colour]} {spec.objects[i].shape} {when}?"
+            turns.append((question, cell[:1].upper() + cell[1:] + "."))
+    return [turns[k] for k in rng.permutation(len(turns))]
 
 
 def write_symbol_annotations(world_dir: Path, source: Path, out: Path) -> Path:

@@ -175,14 +175,15 @@ def lookup_conversations(specs: Iterable, seed: int, *, per_clip: int = 1) -> li
 
 
 def symbolic_ids(specs: Iterable, tokenizer, seed: int, *, per_clip: int = 1,
-                 temporal: bool = False, extra: tuple = ()) -> list[list[int]]:
+                 temporal: bool = False, extra: tuple = (), where: bool = False) -> list[list[int]]:
     """Sequences with the clip's symbolic video (`train.stage0.symbols`) where stages 1 and 2 put the visual
     tokens: per clip and draw, its caption in stage 1's layout (video, caption, eos), a QA conversation, a
     multiple-choice question and every colour and shape question (stage 2's template); with ``temporal``, also
     every temporal question of the clip in one conversation; with ``extra`` (question types), one more conversation
-    of every question of those types. The video's ids are inputs only: a batch scores no id at or past
+    of every question of those types; with ``where``, one more of where each object is at first and at the end
+    (`train.stage0.symbols.where_turns`). The video's ids are inputs only: a batch scores no id at or past
     ``len(tokenizer)`` (`train.stage0.lm`)."""
-    from .symbols import symbolic_video
+    from .symbols import symbolic_video, where_turns
 
     eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     seqs = []
@@ -198,6 +199,8 @@ def symbolic_ids(specs: Iterable, tokenizer, seed: int, *, per_clip: int = 1,
                 convs.append(every_question(spec, rng, W.QUESTION_TYPES["temporal"]))
             if extra:
                 convs.append(every_question(spec, rng, tuple(extra)))
+            if where:
+                convs.append(where_turns(spec, rng))
             for turns in convs:
                 if turns:
                     ids = conversation_ids([(f"{IMAGE_TOKEN}\n{turns[0][0]}", turns[0][1]), *turns[1:]], tokenizer,
