@@ -456,7 +456,8 @@ def test_where_turns_name_each_objects_cell_in_the_first_and_last_sampled_frame(
     for spec in load_clips(world)["train"]:
         turns = dict(where_turns(spec, np.random.default_rng(0)))
         tl = timeline(spec)
-        assert len(turns) == sum(tl.visible[:, t].sum() for t in (0, spec.frames - 1))  # uniform sampling takes both ends
+        # uniform sampling takes the first and the last frame
+        assert len(turns) == sum(tl.visible[:, t].sum() for t in (0, spec.frames - 1))
         for e in spec.events:
             if e.kind != "move" or not tl.visible[e.obj, 0] or not tl.visible[e.obj, -1]:
                 continue

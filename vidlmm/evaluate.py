@@ -408,8 +408,8 @@ class RecordLog:
     on NFS, where appends are not atomic), and a rerun skips the questions already there. A line holds the run's
     settings; a file written with other settings is refused, or with ``restart`` emptied (a cache its caller
     owns, like the rebuild's scores of the model it trained). The same weights in another folder are the same
-    settings (`_differ`). A line torn by a kill is ignored (its question is scored again). record_type: the dataclass of a record (`ItemRecord`; the zeroing curves keep
-    `analysis.ZeroingRecord`)."""
+    settings (`_differ`). A line torn by a kill is ignored (its question is scored again). record_type: the
+    dataclass of a record (`ItemRecord`; the zeroing curves keep `analysis.ZeroingRecord`)."""
 
     def __init__(self, path, settings: dict, record_type=None, restart: bool = False):
         self.path, self.settings = Path(path), settings
@@ -436,8 +436,8 @@ class RecordLog:
                 entry = json.loads(line)
             except json.JSONDecodeError:
                 continue  # torn by a kill
-            if isinstance(entry, dict) and "settings" in entry and _differ(entry["settings"], self.settings):
-                changed = _differ(entry["settings"], self.settings)
+            if isinstance(entry, dict) and "settings" in entry and (changed := _differ(entry["settings"],
+                                                                                      self.settings)):
                 raise VidlmmError(f"--records '{self.path.name}' was written by a run with other settings "
                                   f"({', '.join(changed)}); use another file.")
             if isinstance(entry, dict) and "record" in entry:
