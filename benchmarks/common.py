@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import time
@@ -21,12 +20,7 @@ DEFAULT_MODELS = ("assets/models/group", "runs/big/models/group")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-
-def free_port() -> int:
-    """A loopback port the OS reports free now: a benchmark's server, or `accelerate launch`'s rendezvous."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.ports import free_port  # noqa: E402,F401  (re-exported: a benchmark's server or accelerate's rendezvous)
 
 
 def add_model_video_args(parser, *, seconds: float = 30, size: str = "854x480", fps: int = 30) -> None:

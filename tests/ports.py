@@ -1,4 +1,5 @@
-"""A free loopback port for a test's server or for `accelerate launch`'s rendezvous."""
+"""A free loopback port for a test's server or for `accelerate launch`'s rendezvous; benchmarks/common.py
+re-exports it for the benchmarks."""
 
 import socket
 
