@@ -83,6 +83,7 @@ class Variant:
     row, so variants of one connector sit side by side in one work folder and share what they do not change."""
 
     single_object_qa: bool = False
+    lookup_qa: bool = False
     mc_per_clip: int = 1
     stage1: tuple = ()
     stage2: tuple = ()
@@ -101,6 +102,7 @@ class Variant:
 
     def suffix(self) -> str:
         return (self.stage1_suffix() + ("+single" if self.single_object_qa else "")
+                + ("+lookup" if self.lookup_qa else "")
                 + (f"+mc{self.mc_per_clip}" if self.mc_per_clip != 1 else "") + "".join(f"+{o}" for o in self.stage2))
 
 
@@ -163,7 +165,7 @@ def train_and_score(name: str, spec: dict, work: Path, phases: Phases, *, seed: 
     from vidlmm.evaluate import evaluate, load_mc_items
     from vidlmm.pipeline import VideoLMM
 
-    from .stage0 import write_mc_annotations, write_single_object_annotations
+    from .stage0 import write_lookup_annotations, write_mc_annotations, write_single_object_annotations
     from .trainer import run
 
     world = work / "world"
@@ -172,6 +174,8 @@ def train_and_score(name: str, spec: dict, work: Path, phases: Phases, *, seed: 
     stage2_data = [str(world / "qa.json"), str(mc_train)]
     if variant.single_object_qa:
         stage2_data.append(str(write_single_object_annotations(world, world / "single_train.json", seed=seed)))
+    if variant.lookup_qa:
+        stage2_data.append(str(write_lookup_annotations(world, world / "lookup_train.json", seed=seed)))
     common = [f"seed={seed}", f"video_roots=[{json.dumps(str(world))}]"]
     if smoke:
         common += ["epochs=1", "global_batch_size=8", "per_device_batch_size=4"]
@@ -306,6 +310,9 @@ def main(argv=None) -> int:
     parser.add_argument("--single-object-qa", action="store_true",
                         help="add single-turn colour/shape questions about the one-object clips to stage 2 "
                              "(see docs/embedded-models.md; the shipped models were trained without them)")
+    parser.add_argument("--lookup-qa", action="store_true",
+                        help="add every colour/shape question about each several-object clip, one conversation per "
+                             "clip, to stage 2 (see docs/embedded-models.md)")
     parser.add_argument("--mc-per-clip", type=int, default=1,
                         help="multiple-choice questions per training clip in stage 2 (default 1)")
     parser.add_argument("--stage0", nargs="*", default=[], metavar="PART.KEY=VALUE",
@@ -322,8 +329,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
-    variant = Variant(single_object_qa=args.single_object_qa, mc_per_clip=args.mc_per_clip,
-                      stage1=tuple(args.stage1), stage2=tuple(args.stage2), stage0=tuple(args.stage0))
+    variant = Variant(single_object_qa=args.single_object_qa, lookup_qa=args.lookup_qa,
+                      mc_per_clip=args.mc_per_clip, stage1=tuple(args.stage1), stage2=tuple(args.stage2),
+                      stage0=tuple(args.stage0))
     summary = build(out, work, seed=args.seed, smoke=args.smoke, connectors=args.connectors,
                     heldout=Path(args.heldout) if args.heldout else None, variant=variant)
     print(results_table(summary))

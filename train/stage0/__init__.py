@@ -47,8 +47,8 @@ from .run import format_summary, main, run_stage0
 from .symbols import alignment_loss, factored_rows, symbol_count, symbolic_video, write_symbol_annotations
 from .text import (
     build_tokenizer, context_conversations, conversation_ids, mc_conversations, render_conversation,
-    restatement_ids, symbolic_ids, template_strings, tokenizer_report, world_conversations, write_mc_annotations,
-    write_single_object_annotations,
+    restatement_ids, symbolic_ids, template_strings, tokenizer_report, world_conversations, write_lookup_annotations,
+    write_mc_annotations, write_single_object_annotations,
 )
 from .tower import (
     DESCRIPTION_WORDS, FrameSet, PATCH_CLASSES, describe_objects, frame_description, frame_objects, hard_negative,
@@ -62,5 +62,5 @@ __all__ = [
     "main", "mc_check", "mc_conversations", "patch_features", "patch_labels", "pretrain_llm", "pretrain_vision",
     "render_conversation", "restatement_ids", "run_stage0", "split_clips", "symbol_count", "symbolic_ids",
     "symbolic_video", "template_strings", "tokenizer_report", "world_conversations", "write_mc_annotations",
-    "write_single_object_annotations", "write_symbol_annotations",
+    "write_lookup_annotations", "write_single_object_annotations", "write_symbol_annotations",
 ]

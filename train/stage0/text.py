@@ -111,6 +111,28 @@ def write_single_object_annotations(world_dir, out_file, *, seed: int = 0) -> Pa
     return out_file
 
 
+def write_lookup_annotations(world_dir, out_file, *, seed: int = 0) -> Path:
+    """Every colour and shape question about each TRAINING clip with several objects, in random order as one
+    conversation per clip, for stage 2: the lookups of stage 0's `lookup_conversations`, read off the visual
+    tokens. In the world's QA mix a clip's objects are asked about once or twice, and the embedded models find an
+    object by its colour ("Which shape is red?") but not by its shape ("What colour is the square?": on clips of
+    two or three objects, another object's colour about half the time; `python -m train.diagnose types`)."""
+    records = []
+    for k, spec in enumerate(W.load_clips(world_dir)["train"]):
+        if len(spec.objects) < 2:
+            continue
+        turns = every_question(spec, np.random.default_rng([seed, 43, k]), ("colour", "shape"))
+        if not turns:
+            continue
+        conv = [(f"{IMAGE_TOKEN}\n{turns[0][0]}", turns[0][1]), *turns[1:]]
+        records.append({"id": f"{spec.id}_lookups", "video": f"videos/{spec.id}.mp4",
+                        "conversations": [{"from": who, "value": text} for pair in conv
+                                          for who, text in zip(("human", "gpt"), pair)]})
+    out_file = Path(out_file)
+    out_file.write_text(json.dumps(records, indent=1))
+    return out_file
+
+
 def _record_pairs(record: dict) -> list[tuple[str, str]]:
     conv = record["conversations"]
     return [(conv[i]["value"], conv[i + 1]["value"]) for i in range(0, len(conv), 2)]
