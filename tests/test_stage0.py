@@ -175,6 +175,38 @@ def test_single_object_annotations_ask_the_lone_objects_colour_and_shape(world, 
             assert answer == obj.shape.capitalize() + "." and any(c in question for c in colours)
 
 
+def test_lookup_annotations_ask_every_colour_and_shape_of_the_several_object_clips(world, tmp_path):
+    from train import world as W
+    from train.stage0 import write_lookup_annotations
+    from train.world import timeline
+
+    path = write_lookup_annotations(world, tmp_path / "lookup.json")
+    records = json.loads(path.read_text())
+    specs = {s.id: s for s in load_clips(world)["train"]}
+    several = {i for i, s in specs.items() if len(s.objects) > 1}
+    assert several and {r["video"].split("/")[1].split(".")[0] for r in records} <= several
+    asked = 0
+    for r in records:
+        spec = specs[r["id"].removesuffix("_lookups")]
+        conv = r["conversations"]
+        assert [c["from"] for c in conv] == ["human", "gpt"] * (len(conv) // 2)
+        assert conv[0]["value"].startswith("<image>\n") and all("<image>" not in c["value"] for c in conv[1:])
+        questions = [c["value"].removeprefix("<image>\n") for c in conv[::2]]
+        assert len(set(questions)) == len(questions) > 1  # every question once, in one conversation
+        for question, reply in zip(questions, (c["value"] for c in conv[1::2])):
+            answer = reply.removesuffix(".").lower()
+            if answer in W.COLOUR_NAMES:  # "What colour is the square?": the square's colour
+                assert [o.colour for o in spec.objects if o.shape in question] == [answer]
+            else:  # "Which shape is red?": the shape of an object that is red at some point
+                tl = timeline(spec)
+                shows = {(tl.colour_name(i, t), o.shape)
+                         for i, o in enumerate(spec.objects) for t in range(spec.frames)}
+                assert answer in W.SHAPES and any(c in question and s == answer for c, s in shows)
+            asked += 1
+    assert asked > len(records)
+    assert write_lookup_annotations(world, tmp_path / "again.json").read_text() == path.read_text()
+
+
 def test_one_mc_question_per_clip_still_asks_both_categories(world, tmp_path):
     """Stage 2's MC records (per_clip=1) alternate static and temporal, like the held-out set (half each)."""
     from train import world as W

@@ -16,7 +16,7 @@ from vidlmm.evaluate import SUFFIX
 from vidlmm.tokenizer import EOS_TOKEN, load_tokenizer
 
 from .common import TEMPLATE, _count_params, _fit, split_clips
-from .symbols import factored_rows, symbol_count
+from .symbols import ComposedSymbols, factored_rows, symbol_count
 from .text import (context_conversations, conversation_ids, lookup_conversations, mc_conversations, prompt_ids,
                    restatement_ids, symbolic_ids, world_conversations)
 
@@ -104,23 +104,25 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
     on a long plateau where it learns token statistics but no lookup: it counts the objects of a caption yet cannot
     find the colour of a named one. About 1/sqrt(width) (0.1 here) lets it leave that plateau: with the caption in
     front, colour of a named object 18 -> 46 of 108 and shape 40 -> 82 of 154 (`python -m train.diagnose context`,
-    static_qa; `diagnose recall` shows the plateau on abstract tokens). The connector of stages 1-2 is initialised with the same value,
-    as the reference initialises it with the LLM's initializer_range.
+    static_qa; `diagnose recall` shows the plateau on abstract tokens). The connector of stages 1-2 is initialised
+    with the same value, as the reference initialises it with the LLM's initializer_range.
 
     ``symbolic_per_clip``: draws per training clip of `train.stage0.text.symbolic_ids` (the clip's symbolic video
     where the video goes); the embedding then has `train.stage0.symbols.symbol_count` rows past the tokenizer's.
     ``symbolic_temporal``: each draw also asks every temporal question of the clip; ``symbolic_extra`` (question
     types, e.g. ``["colour"]``): each draw also asks every question of those types; ``symbolic_where``: each draw
     also asks where every object is at first and at the end (`train.stage0.symbols.where_turns`: the cells a
-    move's direction is read from). ``symbol_init``: "random" (the
-    rows drawn as every other row) or "factored" (`train.stage0.symbols.factored_rows`). ``bucket``: batches of
+    move's direction is read from). ``symbol_init``: "random" (the rows drawn as every other row), "factored"
+    (`train.stage0.symbols.factored_rows`: rows that start as sums of a colour's, a shape's and a cell's part) or
+    "composed" (rows that stay such sums through training, only the parts learned:
+    `train.stage0.symbols.ComposedSymbols`; written into the embedding when saved). ``bucket``: batches of
     sequences of similar length (`length_batches`), which pad less: the same steps in less time."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    if symbol_init not in ("random", "factored"):
-        raise ValueError(f"symbol_init must be 'random' or 'factored', not {symbol_init!r}")
-    if symbol_init == "factored" and not symbolic_per_clip:
-        raise ValueError("symbol_init='factored' sets the symbolic video's rows: it needs symbolic_per_clip > 0.")
+    if symbol_init not in ("random", "factored", "composed"):
+        raise ValueError(f"symbol_init must be 'random', 'factored' or 'composed', not {symbol_init!r}")
+    if symbol_init != "random" and not symbolic_per_clip:
+        raise ValueError(f"symbol_init={symbol_init!r} sets the symbolic video's rows: it needs symbolic_per_clip > 0.")
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(tokenizer_dir)
     eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
@@ -149,6 +151,9 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
     if symbol_init == "factored":
         with torch.no_grad():
             model.get_input_embeddings().weight[text_vocab:] = factored_rows(hidden_size, init_std, seed)
+    composed = ComposedSymbols(hidden_size, init_std, seed) if symbol_init == "composed" else None
+    if composed is not None:
+        model.composed_symbols = composed  # trained with the model; written into the embedding before saving
     model.train()
     rng = np.random.default_rng([seed, 1])
     lengths = np.array([len(s) for s in train]) if bucket else None  # only the length batches read them
@@ -170,11 +175,17 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
         ids, mask, labels = _lm_batch(batch, eos, text_vocab)
         fed[0] += int(mask.sum())
         fed[1] += mask.numel()
-        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        if composed is None:
+            return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        return _composed_loss(model, composed, ids, mask, labels, text_vocab)
 
     recall = _recall_warmup(model, train, tokenizer, recall_steps, batch_size, lr, weight_decay, seed, progress) \
         if recall_steps else None
     losses = _fit(model, next_loss, steps=steps, lr=lr, weight_decay=weight_decay, desc="llm", progress=progress)
+    if composed is not None:
+        with torch.no_grad():
+            model.get_input_embeddings().weight[text_vocab:] = composed.rows()
+        del model.composed_symbols
     model.eval()
     val_after = _lm_eval_loss(model, val, eos) if val else float("nan")
     mc = mc_check(model, tokenizer, mc_conversations(held, seed + 1))
@@ -195,6 +206,17 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
             "first_loss": losses[0], "final_loss": float(np.mean(losses[-tail:])),
             "val_loss_init": val_before, "val_loss": val_after, "mc_check": mc, "seconds": time.perf_counter() - t0,
             **({"recall": recall} if recall else {})}
+
+
+def _composed_loss(model, composed: ComposedSymbols, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+                   text_vocab: int) -> torch.Tensor:
+    """The LM's loss with the symbolic video's rows taken from ``composed`` in its input and in its (tied) output
+    layer, so the rows the LM is trained with are the ones saved."""
+    table = torch.cat([model.get_input_embeddings().weight[:text_vocab], composed.rows()])
+    hidden = model.model(inputs_embeds=table[ids], attention_mask=mask).last_hidden_state
+    logits = hidden[:, :-1] @ table.T
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                             ignore_index=-100)
 
 
 def length_batches(rng: np.random.Generator, lengths: np.ndarray, batch_size: int, chunk: int = 64

@@ -36,17 +36,35 @@ def symbol_count() -> int:
     return 1 + len(W.COLOUR_NAMES) * len(W.SHAPES) * CELLS
 
 
+class ComposedSymbols(torch.nn.Module):
+    """The symbolic video's embedding rows as sums of learned parts: each (colour, shape, cell) row is its colour's
+    + its shape's + its cell's part, each part ~ N(0, std / sqrt(3)) at the start, so a row starts as long as the
+    LM's other rows; the blank row is a part of its own. An LM trained on these rows (``llm.symbol_init=composed``)
+    cannot tell two symbols apart by anything but their parts, so what it learns to read from a symbol (find the
+    square, read its colour) it reads from the parts, which a connector's token can carry when it is unsure of the
+    rest (an object's cell, say). `rows` gives them in `symbolic_video`'s order."""
+
+    def __init__(self, width: int, std: float, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        part = std / 3 ** 0.5
+        self.colour = torch.nn.Parameter(torch.randn(len(W.COLOUR_NAMES), width, generator=gen) * part)
+        self.shape = torch.nn.Parameter(torch.randn(len(W.SHAPES), width, generator=gen) * part)
+        self.cell = torch.nn.Parameter(torch.randn(CELLS, width, generator=gen) * part)
+        self.blank = torch.nn.Parameter(torch.randn(1, width, generator=gen) * std)
+
+    def rows(self) -> torch.Tensor:
+        """[symbol_count(), width]: the blank, then (colour, shape, cell) in `symbolic_video`'s id order."""
+        combos = self.colour[:, None, None] + self.shape[None, :, None] + self.cell[None, None, :]
+        return torch.cat([self.blank, combos.reshape(-1, combos.shape[-1])])
+
+
 def factored_rows(width: int, std: float, seed: int = 0) -> torch.Tensor:
     """[symbol_count(), width] embedding rows in which the symbols of one colour, one shape or one cell share a
-    part: each row is (its colour's + its shape's + its cell's part) / sqrt(3), each part ~ N(0, std), so the rows
-    start as long as the LM's other rows and an object's symbols in two cells start close; the blank row is a draw
-    of its own. What an LM initialised this way need not learn: that two symbols are one object in two places."""
-    gen = torch.Generator().manual_seed(seed)
-    colours = torch.randn(len(W.COLOUR_NAMES), 1, 1, width, generator=gen)
-    shapes = torch.randn(1, len(W.SHAPES), 1, width, generator=gen)
-    cells = torch.randn(1, 1, CELLS, width, generator=gen)
-    combos = ((colours + shapes + cells) / 3 ** 0.5).reshape(-1, width)
-    return torch.cat([torch.randn(1, width, generator=gen), combos]) * std
+    part (`ComposedSymbols`' rows at the start): an object's symbols in two cells start close. What an LM
+    initialised this way need not learn: that two symbols are one object in two places."""
+    with torch.no_grad():
+        return ComposedSymbols(width, std, seed).rows()
 
 
 def sampled_objects(spec, frames: int = FRAMES) -> list[list[tuple[int, int, int, int]]]:
