@@ -446,6 +446,30 @@ def test_factored_symbol_rows_share_an_objects_parts_across_cells_and_start_an_l
         pretrain_llm(world, out / "tokenizer", tmp_path, symbol_init="factored", symbolic_per_clip=0)
 
 
+def test_composed_symbol_rows_stay_sums_of_their_parts_through_training(world, stage0, tmp_path):
+    """`llm.symbol_init=composed`: only the parts are learned, so after training a row is still its colour's +
+    shape's + cell's part (the difference between two cells is the same for every colour and shape), the rows
+    moved from their start, and the saved LM is a plain Qwen2 checkpoint with those rows in its embedding."""
+    from train.stage0.lm import pretrain_llm
+    from train.stage0.symbols import CELLS
+    from train.world import COLOUR_NAMES, SHAPES
+
+    out, _ = stage0
+    pretrain_llm(world, out / "tokenizer", tmp_path, hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate=64,
+                 steps=3, batch_size=2, lr=1e-2, variants=0, symbolic_per_clip=1, symbol_init="composed",
+                 init_std=0.1, progress=False)
+    weights = load_file(tmp_path / "model.safetensors")
+    assert not [k for k in weights if "composed" in k]
+    rows = weights["model.embed_tokens.weight"][-S.symbol_count():]
+    start = S.factored_rows(32, 0.1, seed=0)
+    assert (rows - start).abs().max() > 1e-3  # trained
+    grid = rows[1:].reshape(len(COLOUR_NAMES), len(SHAPES), CELLS, -1)
+    step = grid[:, :, 1:] - grid[:, :, :1]  # cell k against cell 0, per colour and shape
+    assert torch.allclose(step, step[:1, :1].expand_as(step), atol=1e-5)
+    shape_step = grid[:, 1:] - grid[:, :1]
+    assert torch.allclose(shape_step, shape_step[:1, :, :1].expand_as(shape_step), atol=1e-5)
+
+
 @pytest.mark.parametrize("option", ["temporal", "extra"])
 def test_symbolic_options_add_a_conversation_of_each_clips_questions_of_their_types(world, stage0, option):
     """`llm.symbolic_temporal` / `llm.symbolic_extra=["colour"]`: per clip and draw, one more sequence, every
