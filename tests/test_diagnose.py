@@ -200,6 +200,46 @@ def test_lookup_errors_tell_an_unbound_attribute_from_a_wrong_one():
                    "shape, 2 objects": {"other": 1}}
 
 
+def test_colour_order_tells_a_fixed_order_of_colours_from_binding():
+    """Replies that always name the clip's 'higher' colour (red over green over blue, whichever object was asked
+    about) are all explained by that order and half right; replies that are always right are not explained by any
+    order better than they are right. One-colour clips, other types and colours the clip lacks are left out."""
+    from types import SimpleNamespace
+
+    from vidlmm.evaluate import ItemRecord
+
+    def obj(colour, shape):
+        return SimpleNamespace(colour=colour, shape=shape)
+
+    clips = {"rg": SimpleNamespace(objects=(obj("red", "square"), obj("green", "circle"))),
+             "gb": SimpleNamespace(objects=(obj("green", "cross"), obj("blue", "square"))),
+             "rb": SimpleNamespace(objects=(obj("blue", "circle"), obj("red", "cross"))),
+             "one": SimpleNamespace(objects=(obj("white", "square"),))}
+    questions = [("rg", "square", "red"), ("rg", "circle", "green"), ("gb", "cross", "green"),
+                 ("gb", "square", "blue"), ("rb", "circle", "blue"), ("rb", "cross", "red"), ("one", "square", "white")]
+    items = [{"id": f"{clip}-{shape}", "video": f"v/{clip}.mp4", "type": "colour",
+              "options": [f"{x}. {c.capitalize()}" for x, c in zip("ABCD", ("red", "green", "blue", "white"))],
+              "answer": "ABCD"[("red", "green", "blue", "white").index(colour)]} for clip, shape, colour in questions]
+    items.append({"id": "shape", "video": "v/rg.mp4", "type": "shape", "options": ["A. Square"], "answer": "A"})
+
+    def scored(reply_of):
+        records = [ItemRecord(id=item["id"], video="", category="static", question="", answer=item["answer"],
+                              response=reply_of(item), parsed=None, correct=reply_of(item) == _gold(item),
+                              num_options=4) for item in items]
+        return diagnose.colour_order(SimpleNamespace(items=records), items, clips)
+
+    def _gold(item):
+        return next(o for o in item["options"] if o.startswith(item["answer"]))[3:]
+
+    top = {"rg": "Red", "gb": "Green", "rb": "Red"}  # red > green > blue
+    ranked = scored(lambda item: top.get(item["video"][2:4], "White"))
+    assert ranked["agrees"] == "6/6" and ranked["right"] == "3/6"
+    assert ranked["order"].index("red") < ranked["order"].index("green") < ranked["order"].index("blue")
+    bound = scored(_gold)
+    assert bound["right"] == "6/6" and int(bound["agrees"].split("/")[0]) < 6
+    assert diagnose.colour_order(SimpleNamespace(items=[]), items, clips) is None
+
+
 def test_order_errors_tell_the_named_event_another_event_and_a_made_up_one():
     """A wrong order answer is the event the question names, another event of the clip, or one that did not
     happen (a near miss with a real event's shape and verb), by the option's text or the reply's when it names no

@@ -16,8 +16,9 @@ LLM answers from the text alone. It also prints how much of the connector's outp
 the correct option's text. This separates "cannot read the video" from "cannot map an answer to a letter".
 `types`: the multiple-choice evaluation (`vidlmm.evaluate`) broken down by the items' question ``type`` (and, with
 the world's folder, by how many objects the clip shows, and for the questions that look one object's colour or
-shape up by the other, whether a wrong reply names another object's: read but not bound, `lookup_errors`; for the
-order and direction questions, where the wrong replies go: `order_errors`).
+shape up by the other, whether a wrong reply names another object's: read but not bound, `lookup_errors`, and
+whether the colours named follow a fixed order of colours instead of the object asked about, `colour_order`; for
+the order and direction questions, where the wrong replies go: `order_errors`).
 `probe`: is a frame's content readable at each step (tower patches, connector tokens)? See `token_probe`.
 `symbols`: for a model whose LM was trained with a video of symbols (`llm.symbolic_per_clip`), does the connector
 emit those symbols? Each visual token's nearest symbol embedding against the frame's symbols (`symbol_readout`).
@@ -277,6 +278,34 @@ def lookup_errors(result, items: list[dict], clips: dict) -> dict:
         said = _said(record, item)
         tally["another object's" if said in {getattr(o, attribute) for o in objects} else "other"] += 1
     return {k: dict(out[k]) for k in sorted(out)}
+
+
+def colour_order(result, items: list[dict], clips: dict) -> dict | None:
+    """Does a model answer "What colour is the square?" on a clip of several objects by a fixed order of colours
+    (the clip's highest-ranked colour, whichever object was asked about) rather than by the object? Over the colour
+    questions of clips with objects of two or more colours whose reply names one of the clip's colours: the order
+    of the six colours that agrees with the most replies (every order tried), how many it agrees with, and how many
+    are right. A model that binds colour to shape is right more often than any order agrees; one that reads the
+    clip's colours but not which object has which is explained by an order. None without such questions."""
+    from itertools import permutations
+
+    from .world import COLOUR_NAMES
+
+    item_of = {item["id"]: item for item in items}
+    asked = []  # (the clip's colours, the reply's colour, whether right)
+    for record in result.items:
+        item = item_of[record.id]
+        colours = {o.colour for o in clips[Path(item["video"]).stem].objects}
+        said = _said(record, item)
+        if item.get("type") == "colour" and len(colours) > 1 and said in colours:
+            asked.append((colours, said, record.correct))
+    if not asked:
+        return None
+    best = max(permutations(COLOUR_NAMES), key=lambda order: sum(
+        said == min(colours, key=order.index) for colours, said, _ in asked))
+    agrees = sum(said == min(colours, key=best.index) for colours, said, _ in asked)
+    return {"order": list(best), "agrees": f"{agrees}/{len(asked)}",
+            "right": f"{sum(ok for *_, ok in asked)}/{len(asked)}"}
 
 
 ORDERS = ("first", "last", "before", "after")
@@ -593,6 +622,7 @@ def main(argv: Iterable[str] | None = None) -> int:
                 counts = {k: len(clip.objects) for k, clip in clips.items()}
                 result["per_type_and_objects"] = by_type(evaluated, items, counts)
                 result["lookups"] = lookup_errors(evaluated, items, clips)
+                result["colour_order"] = colour_order(evaluated, items, clips)
                 result["order"] = order_errors(evaluated, items, clips)
         else:
             result = open_ended(VideoLMM(model), items, root)
