@@ -470,32 +470,6 @@ def test_composed_symbol_rows_stay_sums_of_their_parts_through_training(world, s
     assert torch.allclose(shape_step, shape_step[:1, :, :1].expand_as(shape_step), atol=1e-5)
 
 
-def test_shape_first_description_names_each_object_by_its_shape_then_its_colours(world):
-    """"The square is red. The cross is white, then blue.": every object on screen once, shape first, its colours
-    in the order it shows them; the conversations ask every colour and shape question after it."""
-    from train import world as W
-    from train.stage0.text import every_question, shape_first_conversations, shape_first_description
-
-    assert all(" " not in shape for shape in W.SHAPES)  # one word each, as the split below assumes
-    for spec in load_clips(world)["train"]:
-        text = shape_first_description(spec, np.random.default_rng(0))
-        tl = timeline(spec)
-        on_screen = [i for i in range(len(spec.objects)) if tl.visible[i].any()]
-        sentences = text.removesuffix(".").split(". ") if text else []
-        assert sorted(x.split(" ")[1] for x in sentences) == sorted(spec.objects[i].shape for i in on_screen)
-        for i in on_screen:
-            said = next(x for x in sentences if x.split(" ")[1] == spec.objects[i].shape)
-            shown = [tl.colour_name(i, t) for t in np.flatnonzero(tl.visible[i])]
-            assert said.split(" is ")[1].split(", then ") == [c for k, c in enumerate(shown)
-                                                             if k == 0 or c != shown[k - 1]]
-    specs = load_clips(world)["train"]
-    convs = shape_first_conversations(specs, seed=0, per_clip=2)
-    asked = [every_question(spec, np.random.default_rng(0), ("colour", "shape")) for spec in specs]
-    assert len(convs) == 2 * sum(bool(a) for a in asked)
-    assert all(len(conv) == len(a) for conv, a in zip(convs[::2], (a for a in asked if a)))
-    assert convs == shape_first_conversations(specs, seed=0, per_clip=2)
-
-
 @pytest.mark.parametrize("option", ["temporal", "extra"])
 def test_symbolic_options_add_a_conversation_of_each_clips_questions_of_their_types(world, stage0, option):
     """`llm.symbolic_temporal` / `llm.symbolic_extra=["colour"]`: per clip and draw, one more sequence, every

@@ -18,7 +18,7 @@ from vidlmm.tokenizer import EOS_TOKEN, load_tokenizer
 from .common import TEMPLATE, _count_params, _fit, split_clips
 from .symbols import ComposedSymbols, factored_rows, symbol_count
 from .text import (context_conversations, conversation_ids, lookup_conversations, mc_conversations, prompt_ids,
-                   restatement_ids, shape_first_conversations, symbolic_ids, world_conversations)
+                   restatement_ids, symbolic_ids, world_conversations)
 
 
 def _lm_batch(seqs: list[list[int]], pad_id: int, text_vocab: int | None = None
@@ -94,7 +94,7 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
                  lr: float = 2e-3, seed: int = 0, variants: int = 3, context_per_clip: int = 2,
                  restatements: int = 2, lookup_per_clip: int = 0, recall_steps: int = 0, symbolic_per_clip: int = 0,
                  symbolic_temporal: bool = False, symbolic_extra: tuple = (), symbolic_where: bool = False,
-                 symbol_init: str = "random", shape_first_per_clip: int = 0,
+                 symbol_init: str = "random",
                  bucket: bool = False, weight_decay: float = 0.05, max_length: int = 512, init_std: float = 0.02,
                  progress: bool = True) -> dict:
     """Train a Qwen2ForCausalLM on the world's training text and save it (with the tokenizer) to ``out_dir``.
@@ -116,9 +116,7 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
     (`train.stage0.symbols.factored_rows`: rows that start as sums of a colour's, a shape's and a cell's part) or
     "composed" (rows that stay such sums through training, only the parts learned:
     `train.stage0.symbols.ComposedSymbols`; written into the embedding when saved). ``bucket``: batches of
-    sequences of similar length (`length_batches`), which pad less: the same steps in less time.
-    ``shape_first_per_clip``: conversations per training clip of `train.stage0.text.shape_first_conversations`
-    (the clip's objects named shape first, "The square is red.", then every colour and shape question)."""
+    sequences of similar length (`length_batches`), which pad less: the same steps in less time."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     if symbol_init not in ("random", "factored", "composed"):
@@ -131,8 +129,7 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
     fit, held, _ = split_clips(world_dir)
     train_convs = (world_conversations(world_dir, fit, seed, variants=variants) + mc_conversations(fit, seed)
                    + (context_conversations(fit, seed, per_clip=context_per_clip) if context_per_clip else [])
-                   + lookup_conversations(fit, seed, per_clip=lookup_per_clip)
-                   + shape_first_conversations(fit, seed, per_clip=shape_first_per_clip))
+                   + lookup_conversations(fit, seed, per_clip=lookup_per_clip))
     val_convs = world_conversations(world_dir, held, seed) + mc_conversations(held, seed + 1)
     train = [conversation_ids(c, tokenizer)[:max_length] for c in train_convs]
     for r in range(restatements):

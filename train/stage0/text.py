@@ -196,36 +196,6 @@ def lookup_conversations(specs: Iterable, seed: int, *, per_clip: int = 1) -> li
     return convs
 
 
-def shape_first_description(spec, rng: np.random.Generator) -> str:
-    """The clip's objects in random order, each named by its shape first and then the colours it shows in turn
-    ("The square is red. The cross is white, then blue."): the world's captions always put the colour first ("a
-    red square"), so that reading them, an LM learns to find an object by its colour (the word after the colour is
-    its shape) and not by its shape."""
-    from train.world.spec import timeline
-
-    tl = timeline(spec)
-    sentences = []
-    for i in rng.permutation(len(spec.objects)):
-        shown = [tl.colour_name(int(i), t) for t in np.flatnonzero(tl.visible[i])]
-        colours = [c for k, c in enumerate(shown) if k == 0 or c != shown[k - 1]]
-        if colours:  # an object never on screen is not described
-            sentences.append(f"The {spec.objects[i].shape} is {', then '.join(colours)}.")
-    return " ".join(sentences)
-
-
-def shape_first_conversations(specs: Iterable, seed: int, *, per_clip: int = 1) -> list[list[tuple[str, str]]]:
-    """As `lookup_conversations`, with `shape_first_description` where the video goes: every colour and shape
-    question of the clip after a description that names each object by its shape first."""
-    convs = []
-    for k, spec in enumerate(specs):
-        for r in range(per_clip):
-            rng = np.random.default_rng([seed, 47, k, r])
-            turns = every_question(spec, rng, ("colour", "shape"))
-            if turns:
-                convs.append([(f"{shape_first_description(spec, rng)}\n{turns[0][0]}", turns[0][1]), *turns[1:]])
-    return convs
-
-
 def symbolic_ids(specs: Iterable, tokenizer, seed: int, *, per_clip: int = 1,
                  temporal: bool = False, extra: tuple = (), where: bool = False) -> list[list[int]]:
     """Sequences with the clip's symbolic video (`train.stage0.symbols`) where stages 1 and 2 put the visual
