@@ -593,6 +593,8 @@ def test_stage1_symbol_weight_teaches_the_connector_its_clips_symbols(world, sta
     readout = symbol_readout(model, world, clips=3)
     assert readout["clips"] == 3 and readout["symbol_length"] > 0
     assert all(0.0 <= readout[k] <= 1.0 for k in ("precision", "recall", "frames_exact"))
+    # a reading right in every part is right as a pair, and a pair shown has its colour and its shape shown
+    assert readout["precision"] <= readout["pair_shown"] <= min(readout["colour_shown"], readout["shape_shown"])
     with pytest.raises(ValueError, match="no embedding rows for the symbolic video"):
         symbol_readout(build_model(recipe(plain_llm, "no_rows")).eval(), world, clips=1)
 

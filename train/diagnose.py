@@ -175,20 +175,27 @@ def symbol_readout(model, world_dir: Path, clips: int = 200) -> dict:
     first ``clips`` held-out clips, each visual token's nearest symbol (cosine, among the LM's symbol rows) is its
     reading; per frame, against the frame's symbols: ``precision`` (readings other than blank that the frame
     shows), ``recall`` (the frame's objects read by some token), ``frames_exact`` (the frame's 4 readings are its
-    4 symbols), and the tokens' mean length beside the symbols' embeddings' (the LM reads lengths too)."""
+    4 symbols), and the tokens' mean length beside the symbols' embeddings' (the LM reads lengths too). Part by
+    part, of the readings other than blank: ``colour_shown``, ``shape_shown`` (an object of the frame has that
+    colour, that shape) and ``pair_shown`` (one object has both, in any cell): a connector whose tokens name the
+    frame's colours but not which shape has which leaves the LM nothing to find an object by."""
     import torch
     import torch.nn.functional as F
 
     from vidlmm.pipeline import default_sampling
     from vidlmm.preprocess import read_pixels
 
-    from .stage0.symbols import SLOTS, symbol_rows, symbolic_video
-    from .world import load_clips
+    from .stage0.symbols import CELLS, SLOTS, symbol_rows, symbolic_video
+    from .world import SHAPES, load_clips
 
     symbols = symbol_rows(model).detach()
     specs = load_clips(world_dir)["eval"][:clips]
     sampling = default_sampling(model)
     right = read = shown = found = exact = frames = 0
+    parts = Counter()
+
+    def pair(symbol: int) -> tuple[int, int]:  # (colour, shape) of a symbol other than blank
+        return divmod((symbol - 1) // CELLS, len(SHAPES))
     lengths = []
     with torch.no_grad():
         for spec in specs:
@@ -204,8 +211,14 @@ def symbol_readout(model, world_dir: Path, clips: int = 200) -> dict:
                 found += len(objects & set(named))
                 exact += sorted(got) == sorted(want)
                 frames += 1
+                pairs = {pair(w) for w in objects}
+                for g in named:
+                    parts["colour"] += pair(g)[0] in {c for c, _ in pairs}
+                    parts["shape"] += pair(g)[1] in {s for _, s in pairs}
+                    parts["pair"] += pair(g) in pairs
     return {"clips": len(specs), "precision": right / max(read, 1),
             "recall": found / max(shown, 1), "frames_exact": exact / max(frames, 1),
+            **{f"{part}_shown": parts[part] / max(read, 1) for part in ("colour", "shape", "pair")},
             "token_length": float(torch.stack(lengths).mean()), "symbol_length": float(symbols.norm(dim=-1).mean())}
 
 
