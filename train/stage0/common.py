@@ -15,14 +15,19 @@ from train import world as W
 TEMPLATE = "qwen2_base"
 MC_STYLES = ("mvbench", "videomme")
 HOLDOUT_EVERY = 20  # every 20th training clip is held out of LM training for the validation loss
-# "full" takes about 10 minutes on 2 CPU cores; "smoke" a few seconds (tests).
+# "full" takes about 22 minutes on 2 CPU cores (the LM 16, the tower 6); "smoke" a few seconds (tests).
 BUDGETS = {
     "full": dict(
         vocab_size=1024,  # the world has ~110 distinct words: BPE stops at ~650 ids, one token per word
         # symbolic_per_clip: the LM also reads each training clip's video as symbols (8 draws per clip), rows that
-        # stage 1's symbol_weight aligns the connector to (docs/embedded-models.md, "Stage 1 taught the symbols")
-        llm=dict(hidden_size=128, layers=4, heads=4, kv_heads=2, intermediate=384, steps=1400, batch_size=32,
-                 lr=2e-3, variants=3, init_std=0.1, symbolic_per_clip=8),
+        # stage 1's symbol_weight aligns the connector to (docs/embedded-models.md, "Stage 1 taught the symbols").
+        # symbol_init composed + symbolic_extra colour: the symbols' rows are sums of a colour's, a shape's and a
+        # cell's part, and every colour question is asked once more per draw, so that the LM finds an object by its
+        # shape through the connector's tokens; 4,200 steps in length-sorted batches (docs/embedded-models.md,
+        # "Finding an object by its shape").
+        llm=dict(hidden_size=128, layers=4, heads=4, kv_heads=2, intermediate=384, steps=4200, batch_size=32,
+                 lr=2e-3, variants=3, init_std=0.1, symbolic_per_clip=8, bucket=True, symbol_init="composed",
+                 symbolic_extra=["colour"]),
         vision=dict(image_size=64, patch_size=8, hidden_size=96, layers=4, heads=4, intermediate=256, steps=1000,
                     batch_size=128, lr=1e-3, text_hidden_size=96, text_layers=2),
     ),
