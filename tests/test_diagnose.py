@@ -221,21 +221,20 @@ def test_colour_order_tells_a_fixed_order_of_colours_from_binding():
               "options": [f"{x}. {c.capitalize()}" for x, c in zip("ABCD", ("red", "green", "blue", "white"))],
               "answer": "ABCD"[("red", "green", "blue", "white").index(colour)]} for clip, shape, colour in questions]
     items.append({"id": "shape", "video": "v/rg.mp4", "type": "shape", "options": ["A. Square"], "answer": "A"})
+    items.append({"id": "lacks", "video": "v/rg.mp4", "type": "colour", "options": ["A. Red", "B. White"],
+                  "answer": "A"})  # answered "White", a colour the clip lacks: left out
 
     def scored(reply_of):
         records = [ItemRecord(id=item["id"], video="", category="static", question="", answer=item["answer"],
-                              response=reply_of(item), parsed=None, correct=reply_of(item) == _gold(item),
+                              response=reply_of(item), parsed=None, correct=reply_of(item) == diagnose._gold(item),
                               num_options=4) for item in items]
         return diagnose.colour_order(SimpleNamespace(items=records), items, clips)
 
-    def _gold(item):
-        return next(o for o in item["options"] if o.startswith(item["answer"]))[3:]
-
     top = {"rg": "Red", "gb": "Green", "rb": "Red"}  # red > green > blue
-    ranked = scored(lambda item: top.get(item["video"][2:4], "White"))
+    ranked = scored(lambda item: "White" if item["id"] == "lacks" else top.get(item["video"][2:4], "White"))
     assert ranked["agrees"] == "6/6" and ranked["right"] == "3/6"
     assert ranked["order"].index("red") < ranked["order"].index("green") < ranked["order"].index("blue")
-    bound = scored(_gold)
+    bound = scored(lambda item: "White" if item["id"] == "lacks" else diagnose._gold(item))
     assert bound["right"] == "6/6" and int(bound["agrees"].split("/")[0]) < 6
     assert diagnose.colour_order(SimpleNamespace(items=[]), items, clips) is None
 

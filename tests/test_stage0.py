@@ -184,7 +184,7 @@ def test_lookup_annotations_ask_every_colour_and_shape_of_the_several_object_cli
     records = json.loads(path.read_text())
     specs = {s.id: s for s in load_clips(world)["train"]}
     several = {i for i, s in specs.items() if len(s.objects) > 1}
-    assert several and {r["video"].split("/")[1].split(".")[0] for r in records} <= several
+    assert several and {r["video"].split("/")[1].split(".")[0] for r in records} == several
     asked = 0
     for r in records:
         spec = specs[r["id"].removesuffix("_lookups")]
@@ -468,6 +468,33 @@ def test_composed_symbol_rows_stay_sums_of_their_parts_through_training(world, s
     assert torch.allclose(step, step[:1, :1].expand_as(step), atol=1e-5)
     shape_step = grid[:, 1:] - grid[:, :1]
     assert torch.allclose(shape_step, shape_step[:1, :, :1].expand_as(shape_step), atol=1e-5)
+    with pytest.raises(ValueError, match="recall warm-up"):
+        pretrain_llm(world, out / "tokenizer", tmp_path, symbol_init="composed", recall_steps=1)
+
+
+def test_composed_loss_is_the_lms_own_loss_with_the_composed_rows_in_its_embedding():
+    """`_composed_loss` (the rows taken from the parts, in the input and the tied output layer) equals
+    Qwen2ForCausalLM's own loss once those rows are written into its embedding, and differs before."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from train.stage0.lm import _composed_loss
+    from train.stage0.symbols import ComposedSymbols
+
+    text = 40
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=text + S.symbol_count(), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         tie_word_embeddings=True, initializer_range=0.1)).eval()
+    composed = ComposedSymbols(32, 0.1, seed=3)
+    ids = torch.cat([torch.randint(text, text + S.symbol_count(), (2, 6)), torch.randint(0, text, (2, 5))], 1)
+    mask = torch.ones_like(ids)
+    labels = ids.masked_fill(ids >= text, -100)
+    with torch.no_grad():
+        ours = _composed_loss(model, composed, ids, mask, labels, text)
+        assert abs(float(ours) - float(model(input_ids=ids, attention_mask=mask, labels=labels).loss)) > 1e-4
+        model.get_input_embeddings().weight[text:] = composed.rows()
+        own = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert float(ours) == pytest.approx(float(own), abs=1e-5)
 
 
 @pytest.mark.parametrize("option", ["temporal", "extra"])

@@ -314,10 +314,11 @@ def colour_order(result, items: list[dict], clips: dict) -> dict | None:
             asked.append((colours, said, record.correct))
     if not asked:
         return None
-    best = max(permutations(COLOUR_NAMES), key=lambda order: sum(
-        said == min(colours, key=order.index) for colours, said, _ in asked))
-    agrees = sum(said == min(colours, key=best.index) for colours, said, _ in asked)
-    return {"order": list(best), "agrees": f"{agrees}/{len(asked)}",
+    def agrees(order) -> int:
+        return sum(said == min(colours, key=order.index) for colours, said, _ in asked)
+
+    best = max(permutations(COLOUR_NAMES), key=agrees)
+    return {"order": list(best), "agrees": f"{agrees(best)}/{len(asked)}",
             "right": f"{sum(ok for *_, ok in asked)}/{len(asked)}"}
 
 

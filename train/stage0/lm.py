@@ -121,6 +121,9 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
 
     if symbol_init not in ("random", "factored", "composed"):
         raise ValueError(f"symbol_init must be 'random', 'factored' or 'composed', not {symbol_init!r}")
+    if symbol_init == "composed" and recall_steps:
+        raise ValueError("symbol_init='composed' keeps the symbols' rows outside the embedding while training; the "
+                         "recall warm-up (recall_steps) would train the embedding's own rows, then lost.")
     if symbol_init != "random" and not symbolic_per_clip:
         raise ValueError(f"symbol_init={symbol_init!r} sets the symbolic video's rows: it needs symbolic_per_clip > 0.")
     t0 = time.perf_counter()
