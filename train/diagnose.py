@@ -314,6 +314,7 @@ def colour_order(result, items: list[dict], clips: dict) -> dict | None:
             asked.append((colours, said, record.correct))
     if not asked:
         return None
+
     def agrees(order) -> int:
         return sum(said == min(colours, key=order.index) for colours, said, _ in asked)
 

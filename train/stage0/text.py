@@ -82,12 +82,8 @@ def write_mc_annotations(world_dir, out_file, *, seed: int = 0, per_clip: int = 
         for k, ((question, answer),) in enumerate(mc_conversations([spec], seed=1_000_003 * (seed + 1) + n,
                                                                   per_clip=per_clip,
                                                                   first=("static", "temporal")[n % 2])):
-            records.append({"id": f"{spec.id}_mc{k}", "video": f"videos/{spec.id}.mp4",
-                            "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"},
-                                              {"from": "gpt", "value": answer}]})
-    out_file = Path(out_file)
-    out_file.write_text(json.dumps(records, indent=1))
-    return out_file
+            records.append(_record(spec, f"mc{k}", [(question, answer)]))
+    return _write_records(records, out_file)
 
 
 def write_single_object_annotations(world_dir, out_file, *, seed: int = 0) -> Path:
@@ -103,12 +99,8 @@ def write_single_object_annotations(world_dir, out_file, *, seed: int = 0) -> Pa
         if len(spec.objects) != 1:
             continue
         for q, question in W.asked_questions(spec, rng, ("colour", "shape")):
-            records.append({"id": f"{spec.id}_{q.key}", "video": f"videos/{spec.id}.mp4",
-                            "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"},
-                                              {"from": "gpt", "value": f"{q.answer}."}]})
-    out_file = Path(out_file)
-    out_file.write_text(json.dumps(records, indent=1))
-    return out_file
+            records.append(_record(spec, q.key, [(question, f"{q.answer}.")]))
+    return _write_records(records, out_file)
 
 
 def write_lookup_annotations(world_dir, out_file, *, seed: int = 0) -> Path:
@@ -122,12 +114,21 @@ def write_lookup_annotations(world_dir, out_file, *, seed: int = 0) -> Path:
         if len(spec.objects) < 2:
             continue
         turns = every_question(spec, np.random.default_rng([seed, 43, k]), ("colour", "shape"))
-        if not turns:
-            continue
-        conv = [(f"{IMAGE_TOKEN}\n{turns[0][0]}", turns[0][1]), *turns[1:]]
-        records.append({"id": f"{spec.id}_lookups", "video": f"videos/{spec.id}.mp4",
-                        "conversations": [{"from": who, "value": text} for pair in conv
-                                          for who, text in zip(("human", "gpt"), pair)]})
+        if turns:
+            records.append(_record(spec, "lookups", turns))
+    return _write_records(records, out_file)
+
+
+def _record(spec, name: str, turns: list[tuple[str, str]]) -> dict:
+    """A stage-2 annotation record of a training clip (the reference's format): id ``<clip>_<name>``, its video,
+    the (question, answer) turns as a conversation with ``<image>`` before the first question."""
+    conv = [(f"{IMAGE_TOKEN}\n{turns[0][0]}", turns[0][1]), *turns[1:]]
+    return {"id": f"{spec.id}_{name}", "video": f"videos/{spec.id}.mp4",
+            "conversations": [{"from": who, "value": text}
+                              for pair in conv for who, text in zip(("human", "gpt"), pair)]}
+
+
+def _write_records(records: list[dict], out_file) -> Path:
     out_file = Path(out_file)
     out_file.write_text(json.dumps(records, indent=1))
     return out_file
@@ -167,7 +168,8 @@ def context_conversations(specs: Iterable, seed: int, *, per_clip: int = 2) -> l
     convs = []
     for k, spec in enumerate(specs):
         rng = np.random.default_rng([seed, 13, k])
-        for item, prompt in _mc_prompts(spec, rng, per_clip):  # a caption after each prompt: this draw order fixes the seeded data
+        # a caption after each prompt: this draw order fixes the seeded data
+        for item, prompt in _mc_prompts(spec, rng, per_clip):
             convs.append([(f"{W.caption(spec, rng)}\n{prompt}", _mc_answer(item))])
         turns = W.qa_turns(spec, rng, min_turns=1, max_turns=2)
         convs.append([(f"{W.caption(spec, rng)}\n{turns[0][0]}", turns[0][1]), *turns[1:]])
