@@ -5,10 +5,11 @@ checks the same chain of phases."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
-from train.build_embedded import build
+from train.build_embedded import Phases, build
 from vidlmm.checkpoint import load_model
 
 
@@ -45,6 +46,27 @@ def test_smoke_rebuild_writes_loadable_models_and_a_table(tmp_path):
     assert after["train_naive"] == state["phases"]["train_naive"] and "train_group_g4_q64" in after
     assert "| 4 | group_g4_q64 |" in (tmp_path / "ablations" / "ablations.md").read_text()
     assert (tmp_path / "ablations" / "groups.png").is_file()
+
+
+def test_a_stopped_phase_keeps_the_time_it_ran(tmp_path):
+    """A phase stopped part way keeps the time it ran in ``partial`` (the heartbeat writes it while the phase runs,
+    which is what a SIGKILL leaves; an exception writes it once more), and the run that finishes the phase records
+    its own time plus the stopped run's: a resumed rebuild's total is not short of the work it redid or kept."""
+    state_file = tmp_path / "build_state.json"
+
+    def stopped():
+        time.sleep(0.3)
+        assert json.loads(state_file.read_text())["partial"]["train_x"] >= 0.1  # the heartbeat's, mid-phase
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Phases(tmp_path, {"seed": 0}, progress=False, beat_s=0.05).run("train_x", stopped)
+    kept = json.loads(state_file.read_text())
+    assert kept["partial"]["train_x"] >= 0.3 and "train_x" not in kept["phases"]
+    Phases(tmp_path, {"seed": 0}, progress=False).run("train_x", lambda: time.sleep(0.1))
+    done = json.loads(state_file.read_text())
+    assert done["partial"] == {} and done["phases"]["train_x"] >= kept["partial"]["train_x"] + 0.1
+    assert not (tmp_path / "build_state.json.tmp").exists()
 
 
 def assert_every_model_trained(work) -> None:

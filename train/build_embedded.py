@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,29 +110,59 @@ class Variant:
 class Phases:
     """Each finished phase is recorded with its own wall time in ``<work>/build_state.json``: a killed run resumes
     at the first unfinished phase (training phases resume from their own checkpoints), and a reported total is the
-    sum of the phases' measured times."""
+    sum of the phases' measured times. A phase stopped part way keeps the time it ran: a heartbeat writes it to
+    ``partial`` every ``beat_s`` seconds (and once more when the phase raises), and the run that finishes the phase
+    records the sum of its own time and the stopped runs'. The file is replaced whole, never left half written."""
 
-    def __init__(self, work: Path, key: dict, progress: bool = True):
-        self.file, self.progress = work / "build_state.json", progress
+    def __init__(self, work: Path, key: dict, progress: bool = True, beat_s: float = 30.0):
+        self.file, self.progress, self.beat_s = work / "build_state.json", progress, beat_s
         state = json.loads(self.file.read_text()) if self.file.is_file() else {}
         self.state = state if state.get("key") == key else {"key": key, "phases": {}}
+        self.state.setdefault("partial", {})
+        self._lock = threading.RLock()  # the heartbeat thread writes too
         work.mkdir(parents=True, exist_ok=True)
 
     def save(self) -> None:
-        self.file.write_text(json.dumps(self.state, indent=1))
+        with self._lock:
+            temporary = self.file.with_name(self.file.name + ".tmp")
+            temporary.write_text(json.dumps(self.state, indent=1))
+            os.replace(temporary, self.file)
 
     def run(self, name: str, fn) -> None:
         if name in self.state["phases"]:
             if self.progress:
                 print(f"{name}: done in an earlier run ({self.state['phases'][name]:.0f} s)", file=sys.stderr)
             return
-        t = time.perf_counter()
-        fn()
-        self.record(name, time.perf_counter() - t)
+        earlier = self.state["partial"].get(name, 0.0)
+        t, stop = time.perf_counter(), threading.Event()
+
+        def keep_partial() -> None:
+            with self._lock:
+                self.state["partial"][name] = earlier + time.perf_counter() - t
+                self.save()
+
+        def beat() -> None:
+            while not stop.wait(self.beat_s):
+                keep_partial()
+
+        heart = threading.Thread(target=beat, daemon=True)
+        heart.start()
+        try:
+            fn()
+        except BaseException:
+            keep_partial()
+            raise
+        finally:
+            stop.set()
+            heart.join()
+        with self._lock:
+            self.state["partial"].pop(name, None)
+            self.record(name, earlier + time.perf_counter() - t)
 
     def record(self, name: str, seconds: float) -> None:
-        self.state["phases"][name] = seconds
-        self.save()
+        with self._lock:
+            self.state["phases"][name] = seconds
+            self.save()
 
 
 def prepare(work: Path, phases: Phases, *, seed: int = 0, smoke: bool = False, progress: bool = True,
