@@ -66,7 +66,7 @@ def test_a_stopped_phase_keeps_the_time_it_ran(tmp_path):
     Phases(tmp_path, {"seed": 0}, progress=False).run("train_x", lambda: time.sleep(0.1))
     done = json.loads(state_file.read_text())
     assert done["partial"] == {} and done["phases"]["train_x"] >= kept["partial"]["train_x"] + 0.1
-    assert not (tmp_path / "build_state.json.tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["build_state.json"]  # no temporary file left beside it
 
 
 def assert_every_model_trained(work) -> None:

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -112,7 +113,8 @@ class Phases:
     at the first unfinished phase (training phases resume from their own checkpoints), and a reported total is the
     sum of the phases' measured times. A phase stopped part way keeps the time it ran: a heartbeat writes it to
     ``partial`` every ``beat_s`` seconds (and once more when the phase raises), and the run that finishes the phase
-    records the sum of its own time and the stopped runs'. The file is replaced whole, never left half written."""
+    records the sum of its own time and the stopped runs' (a kill loses at most ``beat_s``). The file is replaced
+    whole, never left half written."""
 
     def __init__(self, work: Path, key: dict, progress: bool = True, beat_s: float = 30.0):
         self.file, self.progress, self.beat_s = work / "build_state.json", progress, beat_s
@@ -123,9 +125,14 @@ class Phases:
         work.mkdir(parents=True, exist_ok=True)
 
     def save(self) -> None:
+        """Written to a file of its own, flushed to disk, then renamed over the state (one build per work folder at a
+        time: each holds the whole state in memory)."""
         with self._lock:
-            temporary = self.file.with_name(self.file.name + ".tmp")
-            temporary.write_text(json.dumps(self.state, indent=1))
+            fd, temporary = tempfile.mkstemp(dir=self.file.parent, prefix=self.file.name + ".")
+            with os.fdopen(fd, "w") as out:
+                out.write(json.dumps(self.state, indent=1))
+                out.flush()
+                os.fsync(out.fileno())
             os.replace(temporary, self.file)
 
     def run(self, name: str, fn) -> None:
@@ -143,7 +150,10 @@ class Phases:
 
         def beat() -> None:
             while not stop.wait(self.beat_s):
-                keep_partial()
+                try:
+                    keep_partial()
+                except OSError as err:  # a full disk must not end the phase; the time is then kept at its end
+                    print(f"{name}: could not write {self.file.name} ({err})", file=sys.stderr)
 
         heart = threading.Thread(target=beat, daemon=True)
         heart.start()
