@@ -192,11 +192,11 @@ def symbol_readout(model, world_dir: Path, clips: int = 200) -> dict:
     specs = load_clips(world_dir)["eval"][:clips]
     sampling = default_sampling(model)
     right = read = shown = found = exact = frames = 0
-    parts = Counter()
+    parts, lengths = Counter(), []
 
     def pair(symbol: int) -> tuple[int, int]:  # (colour, shape) of a symbol other than blank
         return divmod((symbol - 1) // CELLS, len(SHAPES))
-    lengths = []
+
     with torch.no_grad():
         for spec in specs:
             _, pixels = read_pixels(world_dir / "videos" / f"{spec.id}.mp4", sampling, model.image_processor)
@@ -212,10 +212,11 @@ def symbol_readout(model, world_dir: Path, clips: int = 200) -> dict:
                 exact += sorted(got) == sorted(want)
                 frames += 1
                 pairs = {pair(w) for w in objects}
-                for g in named:
-                    parts["colour"] += pair(g)[0] in {c for c, _ in pairs}
-                    parts["shape"] += pair(g)[1] in {s for _, s in pairs}
-                    parts["pair"] += pair(g) in pairs
+                colours, shapes = {c for c, _ in pairs}, {s for _, s in pairs}
+                for colour, shape in map(pair, named):
+                    parts["colour"] += colour in colours
+                    parts["shape"] += shape in shapes
+                    parts["pair"] += (colour, shape) in pairs
     return {"clips": len(specs), "precision": right / max(read, 1),
             "recall": found / max(shown, 1), "frames_exact": exact / max(frames, 1),
             **{f"{part}_shown": parts[part] / max(read, 1) for part in ("colour", "shape", "pair")},
