@@ -303,8 +303,9 @@ def test_an_unreadable_video_costs_its_questions_not_the_run(mvbench, tiny_check
 
 
 def test_likelihood_scoring_picks_the_most_likely_option_and_is_never_unparsable(mvbench, tiny_checkpoints):
-    """Each option's score is the log-likelihood of its text as the answer, recomputed here from one plain forward
-    pass over prompt + option on the same visual tokens; the choice is the best-scored option."""
+    """Each option's score is the log-likelihood of its text as the start of the answer (the reply's end not
+    scored), recomputed here from one plain forward pass over prompt + option on the same visual tokens; the
+    choice is the best-scored option."""
     import torch
 
     from vidlmm.checkpoint import load_model
@@ -323,9 +324,12 @@ def test_likelihood_scoring_picks_the_most_likely_option_and_is_never_unparsable
     visual = lmm.visual_tokens(prepared)
     prompt = lmm.prompt_ids(item.question)
     expected = []
+    end = lmm.model.tokenizer.convert_tokens_to_ids("<|endoftext|>")
     for text in item.options:
         ids = tokenizer_image_token(build_prompt(lmm.template, [(item.question, text)], add_generation_prompt=False),
                                     lmm.model.tokenizer)
+        assert ids[-1] == end
+        ids = ids[:-1]  # the reply's end is not scored: an option is the answer's start
         embeds, mask, _ = lmm.model.build_inputs([ids], [visual])
         with torch.no_grad():
             logp = torch.log_softmax(lmm.model(embeds, mask).logits[0].float(), -1)
@@ -351,7 +355,7 @@ def test_records_let_an_interrupted_run_resume(mvbench, tiny_checkpoints, tmp_pa
     settings = json.loads(lines[0])["settings"]
     assert settings == {"model": str(tiny_checkpoints["group"]), "weights": weights_fingerprint(lmm.model),
                         "sampling": "uniform 4", "style": "mvbench", "scoring": "generate", "bounds": True,
-                        "max_new_tokens": 16}
+                        "max_new_tokens": 16, "likelihood_of": None}
     assert [json.loads(line)["record"]["id"] for line in lines[1:]] == [r.id for r in straight.items]
     cut = tmp_path / "cut.jsonl"
     cut.write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])  # two records kept, the third torn
@@ -370,6 +374,12 @@ def test_records_let_an_interrupted_run_resume(mvbench, tiny_checkpoints, tmp_pa
     assert sum("record" in parsed(line) for line in cut.read_text().splitlines()) == 4
     with pytest.raises(VidlmmError, match="other settings .*scoring"):
         evaluate(lmm, items, records=cut, scoring="likelihood")
+    # likelihood records from before the reply's end was left unscored have no likelihood_of: not mixed in
+    before = {key: value for key, value in settings.items() if key != "likelihood_of"}
+    old = tmp_path / "old_likelihood.jsonl"
+    old.write_text(json.dumps({"settings": {**before, "scoring": "likelihood", "max_new_tokens": None}}) + "\n")
+    with pytest.raises(VidlmmError, match="other settings .*likelihood_of"):
+        evaluate(lmm, items, records=old, scoring="likelihood")
 
 
 def test_records_of_a_folder_are_not_kept_for_the_model_rebuilt_there(mvbench, tmp_path):

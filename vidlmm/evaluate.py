@@ -350,10 +350,17 @@ def summarize(records: list[ItemRecord], seconds: float = 0.0, style: str = "mvb
 SCORINGS = ("generate", "likelihood")
 
 
+# What the likelihood scoring scores, kept in a run's settings: records scored another way are not mixed in.
+LIKELIHOOD_OF = "the option's text as the start of the reply"
+
+
 def option_loglikelihoods(lmm, prepared, item: MCItem) -> list[float]:
-    """The `likelihood` scoring: for each option, the log-likelihood of its text as the whole answer to the bare
-    question (no options listed), teacher-forced on the video's visual tokens; the answer ends as the template
-    ends an answer, so an option is scored as a complete reply."""
+    """The `likelihood` scoring: for each option, the log-likelihood of its text as the start of the answer to
+    the bare question (no options listed), teacher-forced on the video's visual tokens. The reply's end (the
+    template's stop string) is not scored: a model that says "Two." gave its answer at "Two", and the
+    probability of ending the reply without the period it always writes (the world's answers, most chat models')
+    would outweigh which option it chose (measured on the embedded group's count questions, docs/embedded-models.md).
+    Summed over tokens, not normalised by length, like lm-evaluation-harness's multiple-choice accuracy."""
     return options_loglikelihoods(lmm, item, [lmm.visual_tokens(prepared)])[0]
 
 
@@ -361,12 +368,14 @@ def options_loglikelihoods(lmm, item: MCItem, visuals: list) -> list[list[float]
     """`option_loglikelihoods` under several visual-token variants (connector outputs, e.g. zeroed): [variant]
     [option], one batched teacher-forced pass per option."""
     from .analysis.zeroing import score_answer
-    from .conversation import build_prompt, tokenizer_image_token
+    from .conversation import build_prompt, get_template, tokenizer_image_token
 
     prompt = lmm.prompt_ids(item.question)
+    stop = get_template(lmm.template).stop_string
     per_option = []
     for text in item.options:
-        whole = tokenizer_image_token(build_prompt(lmm.template, [(item.question, text)], add_generation_prompt=False),
+        whole = build_prompt(lmm.template, [(item.question, text)], add_generation_prompt=False)
+        whole = tokenizer_image_token(whole[:len(whole) - len(stop)] if stop and whole.endswith(stop) else whole,
                                       lmm.model.tokenizer)
         if whole[:len(prompt)] != prompt or len(whole) == len(prompt):
             raise VidlmmError(f"Question {item.id}: the template does not put the answer after the prompt.")
@@ -553,7 +562,8 @@ def run_settings(lmm, sampling, style: str, scoring: str, bounds: bool, max_new_
             "weights": weights_fingerprint(model) if hasattr(model, "state_dict") else None,
             "sampling": sampling.describe() if sampling else None,
             "style": style, "scoring": scoring, "bounds": bounds,
-            "max_new_tokens": max_new_tokens if scoring == "generate" else None}
+            "max_new_tokens": max_new_tokens if scoring == "generate" else None,
+            "likelihood_of": LIKELIHOOD_OF if scoring == "likelihood" else None}
 
 
 def _score_video(lmm, video, frames, todo, scored, style, scoring, generation, records, ticker) -> list[dict]:

@@ -61,7 +61,7 @@ def zeroing_mc_records(lmm, items, *, fractions=FRACTIONS, strategies=STRATEGIES
     wrote the full model's answer to each question (`llm_attention`), so their masks differ from question to question.
     """
     from ..errors import VideoReadError
-    from ..evaluate import RecordLog, build_mc_question, group_reads, missing_entry, parse_choice
+    from ..evaluate import LIKELIHOOD_OF, RecordLog, build_mc_question, group_reads, missing_entry, parse_choice
     from ..pipeline import GenerationSettings
 
     _check_plan(fractions, strategies, seeds)
@@ -72,6 +72,8 @@ def zeroing_mc_records(lmm, items, *, fractions=FRACTIONS, strategies=STRATEGIES
     if own_log:
         settings = zeroing_settings(lmm, base, style, max_new_tokens, fractions, strategies, seeds)
         settings["zeroing"]["margin"] = bool(margin)
+        if margin:  # the margins are likelihood scores: records of another likelihood are not mixed in
+            settings["likelihood_of"] = LIKELIHOOD_OF
         records = RecordLog(records, settings, record_type=ZeroingRecord)
     generation = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False)
     reads = [group for k, group in enumerate(group_reads(items, base).items()) if k % shard[1] == shard[0]]
