@@ -472,6 +472,31 @@ def test_composed_symbol_rows_stay_sums_of_their_parts_through_training(world, s
         pretrain_llm(world, out / "tokenizer", tmp_path, symbol_init="composed", recall_steps=1)
 
 
+def test_grid_cells_are_a_rows_part_plus_a_columns_part_starting_on_a_line(world, stage0, tmp_path):
+    """`llm.symbol_cells=grid`: a cell's part is its row's + its column's, so moving one column right changes a row
+    by the same vector in every row (before and after training); the parts start on a line (middle = mean of the
+    ends); the free cells' draw is unchanged by the option's existence."""
+    from train.stage0.lm import pretrain_llm
+    from train.stage0.symbols import ComposedSymbols
+
+    grid = ComposedSymbols(32, 0.1, seed=3, cells="grid")
+    cells = grid.cell_parts().detach().reshape(3, 3, -1)
+    right = cells[:, 1:] - cells[:, :-1]  # one column to the right, in each row
+    assert torch.allclose(right, right[:1].expand_as(right), atol=1e-6) and right.norm() > 0
+    assert torch.allclose(cells[1], (cells[0] + cells[2]) / 2, atol=1e-6)  # the middle row between the others
+    assert torch.equal(ComposedSymbols(32, 0.1, seed=3).rows(), ComposedSymbols(32, 0.1, seed=3, cells="free").rows())
+    out, _ = stage0
+    pretrain_llm(world, out / "tokenizer", tmp_path, hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate=64,
+                 steps=3, batch_size=2, lr=1e-2, variants=0, symbolic_per_clip=1, symbol_init="composed",
+                 symbol_cells="grid", init_std=0.1, progress=False)
+    rows = load_file(tmp_path / "model.safetensors")["model.embed_tokens.weight"][-S.symbol_count():]
+    trained = rows[1:].reshape(-1, 3, 3, rows.shape[-1])  # [colour x shape, row, column]
+    right = trained[:, :, 1:] - trained[:, :, :-1]
+    assert torch.allclose(right, right[:1, :1].expand_as(right), atol=1e-5)
+    with pytest.raises(ValueError, match="needs symbol_init='composed'"):
+        pretrain_llm(world, out / "tokenizer", tmp_path, symbolic_per_clip=1, symbol_cells="grid")
+
+
 def test_composed_loss_is_the_lms_own_loss_with_the_composed_rows_in_its_embedding():
     """`_composed_loss` (the rows taken from the parts, in the input and the tied output layer) equals
     Qwen2ForCausalLM's own loss once those rows are written into its embedding, and differs before."""
@@ -640,3 +665,32 @@ def test_a_part_trains_at_its_own_seed_and_the_rest_at_the_runs(world, stage0, t
         (out / "tokenizer" / "merges.txt").read_text()
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in base)
     assert not all(torch.equal(runs[0][k], base[k]) for k in base)
+
+
+def test_the_lm_is_drawn_again_until_it_reads_colours_from_symbols(world, stage0, tmp_path):
+    """`llm.draws` with `llm.min_colour_read`: each draw is judged by `symbolic_read` (colours of named objects read
+    from exact symbolic videos of held-out training clips); a draw under the floor is put aside in llm.seed<N> and
+    the next seed drawn; when none reaches the floor the best comes back as llm. A floor the first draw reaches
+    trains one LM, the one a run without draws trains."""
+    out, _ = stage0
+    stats = S.run_stage0(world, tmp_path / "none", budget="smoke", seed=0, progress=False, vision=False,
+                         overrides={"llm": {"draws": 3, "min_colour_read": 1.01}})  # a floor no draw reaches
+    draws = stats["llm"]["draws"]
+    best = max(draws, key=lambda d: d["colour_read"])
+    assert [d["seed"] for d in draws] == [0, 1, 2] and stats["llm"]["seed"] == best["seed"]
+    assert all(0 <= d["colour_read"] <= 1 and "where" in d["symbolic_video_qa"] for d in draws)
+    folder = tmp_path / "none"
+    assert sorted(p.name for p in folder.glob("llm.seed*")) == [f"llm.seed{d['seed']}" for d in draws if d is not best]
+    weights = {d["seed"]: load_file(folder / ("llm" if d is best else f"llm.seed{d['seed']}") / "model.safetensors")
+               for d in draws}
+    shipped = load_file(out / "llm" / "model.safetensors")
+    assert all(torch.equal(weights[0][k], shipped[k]) for k in shipped)  # draw 0 is the run's own LM
+    assert not all(torch.equal(weights[1][k], shipped[k]) for k in shipped)
+    assert S.symbolic_read(folder / "llm", world) == best["symbolic_video_qa"]
+
+    once = S.run_stage0(world, tmp_path / "once", budget="smoke", seed=0, progress=False, vision=False,
+                        overrides={"llm": {"draws": 3, "min_colour_read": 0.0}})
+    assert [d["seed"] for d in once["llm"]["draws"]] == [0] and not list((tmp_path / "once").glob("llm.seed*"))
+    with pytest.raises(ValueError, match="needs llm.symbolic_per_clip"):
+        S.run_stage0(world, tmp_path / "plain", budget="smoke", seed=0, progress=False, vision=False,
+                     overrides={"llm": {"draws": 2, "symbolic_per_clip": 0}})

@@ -409,7 +409,7 @@ def context_reading(llm_dir: Path, world_dir: Path, limit: int = 64, seed: int =
         other = float(np.mean([caption_loss(captions[(k + shift) % len(held)], c) for k, c in enumerate(captions)]))
     with_caption = [c for c in stage0.context_conversations(held, seed + 1, per_clip=1) if SUFFIX in c[0][0]]
     lookup, several = static_lookup(model, tokenizer, held, seed)
-    symbolic = ({"symbolic_video_qa": symbolic_video_qa(model, tokenizer, held, seed)}
+    symbolic = ({"symbolic_video_qa": stage0.symbolic_video_qa(model, tokenizer, held, seed)}
                 if has_symbol_rows(model.config.vocab_size, tokenizer) else {})
     return {"static_qa": lookup, "several_objects": several, **symbolic, "clips": len(held),
             "caption_loss_own_caption_before": own, "caption_loss_other_caption_before": other,
@@ -418,33 +418,6 @@ def context_reading(llm_dir: Path, world_dir: Path, limit: int = 64, seed: int =
 
 
 LOOKUP_TYPES = WORLD_TYPES["static"]
-QUESTION_TYPES = WORLD_TYPES["static"] + WORLD_TYPES["temporal"]
-
-
-def symbolic_video_qa(model, tokenizer, specs: list, seed: int = 0) -> dict:
-    """Every question type of the world, answered greedily with the clip's symbolic video where the video goes
-    (an LM trained with `llm.symbolic_per_clip`): what this LM can read from visual tokens that say exactly what a
-    frame shows, one token per object. ``{"<type>": "right/asked"}``, and ``"where"``: where each object is at
-    first and at the end (`train.stage0.symbols.where_turns`, the cells a move's direction is read from), a reply
-    right when it is the cell's name."""
-    import numpy as np
-
-    from . import stage0, world
-    from .stage0.symbols import where_turns
-
-    right, n = Counter(), Counter()
-    for k, spec in enumerate(specs):
-        rng = np.random.default_rng([seed, 43, k])
-        video = stage0.symbolic_video(spec, len(tokenizer))
-        for q, question in world.asked_questions(spec, rng, QUESTION_TYPES):
-            reply = stage0.greedy_reply(model, tokenizer, f"<image>\n{question}", max_new_tokens=6, video=video)
-            right[q.type] += q.answer.lower() in reply.lower()
-            n[q.type] += 1
-        for question, answer in where_turns(spec, rng):  # drawn last: the questions above stay the same
-            reply = stage0.greedy_reply(model, tokenizer, f"<image>\n{question}", max_new_tokens=6, video=video)
-            right["where"] += reply.strip().rstrip(".").lower() == answer.rstrip(".").lower()
-            n["where"] += 1
-    return {t: f"{right[t]}/{n[t]}" for t in (*QUESTION_TYPES, "where") if n[t]}
 
 
 def static_lookup(model, tokenizer, specs: list, seed: int = 0) -> tuple[dict, dict]:

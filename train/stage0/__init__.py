@@ -42,7 +42,7 @@ object, for the LLM), `lm` (the LLM), `tower`
 """
 
 from .common import BUDGETS, HOLDOUT_EVERY, MC_STYLES, TEMPLATE, split_clips
-from .lm import greedy_reply, mc_check, pretrain_llm
+from .lm import greedy_reply, mc_check, pretrain_llm, symbolic_read, symbolic_video_qa
 from .run import format_summary, main, run_stage0
 from .symbols import alignment_loss, factored_rows, symbol_count, symbolic_video, write_symbol_annotations
 from .text import (
@@ -56,11 +56,12 @@ from .tower import (
 )
 
 __all__ = [
-    "BUDGETS", "DESCRIPTION_WORDS", "FrameSet", "HOLDOUT_EVERY", "MC_STYLES", "PATCH_CLASSES", "TEMPLATE",
+    "BUDGETS", "DESCRIPTION_WORDS", "HOLDOUT_EVERY", "MC_STYLES", "PATCH_CLASSES", "TEMPLATE", "FrameSet",
     "alignment_loss", "build_tokenizer", "context_conversations", "conversation_ids", "describe_objects",
-    "factored_rows", "format_summary", "frame_description", "frame_objects", "greedy_reply", "hard_negative",
-    "main", "mc_check", "mc_conversations", "patch_features", "patch_labels", "pretrain_llm", "pretrain_vision",
+    "factored_rows", "format_summary", "frame_description", "frame_objects", "greedy_reply", "hard_negative", "main",
+    "mc_check", "mc_conversations", "patch_features", "patch_labels", "pretrain_llm", "pretrain_vision",
     "render_conversation", "restatement_ids", "run_stage0", "split_clips", "symbol_count", "symbolic_ids",
-    "symbolic_video", "template_strings", "tokenizer_report", "world_conversations", "write_mc_annotations",
-    "write_lookup_annotations", "write_single_object_annotations", "write_symbol_annotations",
+    "symbolic_read", "symbolic_video", "symbolic_video_qa", "template_strings", "tokenizer_report",
+    "world_conversations", "write_lookup_annotations", "write_mc_annotations", "write_single_object_annotations",
+    "write_symbol_annotations",
 ]

@@ -24,10 +24,11 @@ BUDGETS = {
         # symbol_init composed + symbolic_extra colour: the symbols' rows are sums of a colour's, a shape's and a
         # cell's part, and every colour question is asked once more per draw, so that the LM finds an object by its
         # shape through the connector's tokens; 4,200 steps in length-sorted batches (docs/embedded-models.md,
-        # "Finding an object by its shape").
+        # "Finding an object by its shape"). draws, min_colour_read: the LM is drawn again (up to 4 seeds) until it
+        # reads 92 % of colours from exact symbols, as one draw in three does (run.drawn_llm).
         llm=dict(hidden_size=128, layers=4, heads=4, kv_heads=2, intermediate=384, steps=4200, batch_size=32,
                  lr=2e-3, variants=3, init_std=0.1, symbolic_per_clip=8, bucket=True, symbol_init="composed",
-                 symbolic_extra=["colour"]),
+                 symbolic_extra=["colour"], draws=4, min_colour_read=0.92),
         vision=dict(image_size=64, patch_size=8, hidden_size=96, layers=4, heads=4, intermediate=256, steps=1000,
                     batch_size=128, lr=1e-3, text_hidden_size=96, text_layers=2),
     ),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,10 @@ from vidlmm.conversation import build_prompt
 from vidlmm.evaluate import SUFFIX
 from vidlmm.tokenizer import EOS_TOKEN, load_tokenizer
 
+from train import world as W
+
 from .common import TEMPLATE, _count_params, _fit, split_clips
-from .symbols import ComposedSymbols, factored_rows, symbol_count
+from .symbols import ComposedSymbols, factored_rows, symbol_count, symbolic_video, where_turns
 from .text import (context_conversations, conversation_ids, lookup_conversations, mc_conversations, prompt_ids,
                    restatement_ids, symbolic_ids, world_conversations)
 
@@ -70,6 +73,42 @@ def greedy_reply(model, tokenizer, question: str, max_new_tokens: int = 12, vide
     return tokenizer.decode(reply)
 
 
+SYMBOLIC_QA_TYPES = W.QUESTION_TYPES["static"] + W.QUESTION_TYPES["temporal"]
+
+
+def symbolic_video_qa(model, tokenizer, specs: list, seed: int = 0) -> dict:
+    """Every question type of the world, answered greedily with the clip's symbolic video where the video goes
+    (an LM trained with `llm.symbolic_per_clip`): what this LM can read from visual tokens that say exactly what a
+    frame shows, one token per object. ``{"<type>": "right/asked"}``, and ``"where"``: where each object is at
+    first and at the end (`train.stage0.symbols.where_turns`, the cells a move's direction is read from), a reply
+    right when it is the cell's name."""
+    right, n = Counter(), Counter()
+    with torch.no_grad():
+        for k, spec in enumerate(specs):
+            rng = np.random.default_rng([seed, 43, k])
+            video = symbolic_video(spec, len(tokenizer))
+            for q, question in W.asked_questions(spec, rng, SYMBOLIC_QA_TYPES):
+                reply = greedy_reply(model, tokenizer, f"<image>\n{question}", max_new_tokens=6, video=video)
+                right[q.type] += q.answer.lower() in reply.lower()
+                n[q.type] += 1
+            for question, answer in where_turns(spec, rng):  # drawn last: the questions above stay the same
+                reply = greedy_reply(model, tokenizer, f"<image>\n{question}", max_new_tokens=6, video=video)
+                right["where"] += reply.strip().rstrip(".").lower() == answer.rstrip(".").lower()
+                n["where"] += 1
+    return {t: f"{right[t]}/{n[t]}" for t in (*SYMBOLIC_QA_TYPES, "where") if n[t]}
+
+
+def symbolic_read(llm_dir, world_dir, limit: int = 64, seed: int = 0) -> dict:
+    """`symbolic_video_qa` of a saved stage-0 LM on the first ``limit`` clips stage 0 held out of LM training
+    (training clips of the world, never the held-out evaluation set): what `python -m train.diagnose context`
+    reports as ``symbolic_video_qa``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llm_dir).eval()
+    _, held, _ = split_clips(world_dir)
+    return symbolic_video_qa(model, load_tokenizer(llm_dir), held[:limit], seed)
+
+
 def mc_check(model, tokenizer, convs: list, limit: int = 200, max_new_tokens: int = 12) -> dict:
     """Held-out MC prompts (generation prompt, no video): the greedy reply parsed as the evaluation parses it
     (`vidlmm.evaluate.parse_choice`). ``parsed_rate``: replies that name an option; ``accuracy_no_video``: the
@@ -94,7 +133,7 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
                  lr: float = 2e-3, seed: int = 0, variants: int = 3, context_per_clip: int = 2,
                  restatements: int = 2, lookup_per_clip: int = 0, recall_steps: int = 0, symbolic_per_clip: int = 0,
                  symbolic_temporal: bool = False, symbolic_extra: tuple = (), symbolic_where: bool = False,
-                 symbol_init: str = "random",
+                 symbol_init: str = "random", symbol_cells: str = "free",
                  bucket: bool = False, weight_decay: float = 0.05, max_length: int = 512, init_std: float = 0.02,
                  progress: bool = True) -> dict:
     """Train a Qwen2ForCausalLM on the world's training text and save it (with the tokenizer) to ``out_dir``.
@@ -115,7 +154,8 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
     move's direction is read from). ``symbol_init``: "random" (the rows drawn as every other row), "factored"
     (`train.stage0.symbols.factored_rows`: rows that start as sums of a colour's, a shape's and a cell's part) or
     "composed" (rows that stay such sums through training, only the parts learned:
-    `train.stage0.symbols.ComposedSymbols`; written into the embedding when saved). ``bucket``: batches of
+    `train.stage0.symbols.ComposedSymbols`; written into the embedding when saved); ``symbol_cells`` "grid": with
+    "composed", a cell's part is its row's plus its column's (`ComposedSymbols`' cells). ``bucket``: batches of
     sequences of similar length (`length_batches`), which pad less: the same steps in less time."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -124,6 +164,8 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
     if symbol_init == "composed" and recall_steps:
         raise ValueError("symbol_init='composed' keeps the symbols' rows outside the embedding while training; the "
                          "recall warm-up (recall_steps) would train the embedding's own rows, then lost.")
+    if symbol_cells != "free" and symbol_init != "composed":
+        raise ValueError("symbol_cells sets the composed rows' cell parts: it needs symbol_init='composed'.")
     if symbol_init != "random" and not symbolic_per_clip:
         raise ValueError(f"symbol_init={symbol_init!r} sets the symbolic video's rows: it needs symbolic_per_clip > 0.")
     t0 = time.perf_counter()
@@ -154,7 +196,7 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
     if symbol_init == "factored":
         with torch.no_grad():
             model.get_input_embeddings().weight[text_vocab:] = factored_rows(hidden_size, init_std, seed)
-    composed = ComposedSymbols(hidden_size, init_std, seed) if symbol_init == "composed" else None
+    composed = ComposedSymbols(hidden_size, init_std, seed, symbol_cells) if symbol_init == "composed" else None
     if composed is not None:
         model.composed_symbols = composed  # trained with the model; written into the embedding before saving
     model.train()

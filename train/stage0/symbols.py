@@ -42,20 +42,36 @@ class ComposedSymbols(torch.nn.Module):
     LM's other rows; the blank row is a part of its own. An LM trained on these rows (``llm.symbol_init=composed``)
     cannot tell two symbols apart by anything but their parts, so what it learns to read from a symbol (find the
     square, read its colour) it reads from the parts, which a connector's token can carry when it is unsure of the
-    rest (an object's cell, say). `rows` gives them in `symbolic_video`'s order."""
+    rest (an object's cell, say). `rows` gives them in `symbolic_video`'s order. ``cells="grid"``: a cell's part is
+    its row's plus its column's, which start on a line (top to bottom, left to right), so that which way an object
+    moved is one difference along one direction, not a comparison of two of nine unrelated parts."""
 
-    def __init__(self, width: int, std: float, seed: int = 0):
+    def __init__(self, width: int, std: float, seed: int = 0, cells: str = "free"):
         super().__init__()
+        if cells not in ("free", "grid"):
+            raise ValueError(f"cells must be 'free' or 'grid', not {cells!r}")
         gen = torch.Generator().manual_seed(seed)
         part = std / 3 ** 0.5
         self.colour = torch.nn.Parameter(torch.randn(len(W.COLOUR_NAMES), width, generator=gen) * part)
         self.shape = torch.nn.Parameter(torch.randn(len(W.SHAPES), width, generator=gen) * part)
-        self.cell = torch.nn.Parameter(torch.randn(CELLS, width, generator=gen) * part)
+        self.grid = cells == "grid"
+        if self.grid:  # a cell's part is its row's + its column's, each starting on a line: top to bottom, left to right
+            line = torch.linspace(-1.0, 1.0, len(_CELL_FRACTIONS))[:, None]
+            self.row = torch.nn.Parameter(line * torch.randn(1, width, generator=gen) * part)
+            self.col = torch.nn.Parameter(line * torch.randn(1, width, generator=gen) * part)
+        else:
+            self.cell = torch.nn.Parameter(torch.randn(CELLS, width, generator=gen) * part)
         self.blank = torch.nn.Parameter(torch.randn(1, width, generator=gen) * std)
+
+    def cell_parts(self) -> torch.Tensor:
+        """[CELLS, width] in `symbolic_video`'s cell order (row * 3 + column)."""
+        if self.grid:
+            return (self.row[:, None] + self.col[None, :]).reshape(CELLS, -1)
+        return self.cell
 
     def rows(self) -> torch.Tensor:
         """[symbol_count(), width]: the blank, then (colour, shape, cell) in `symbolic_video`'s id order."""
-        combos = self.colour[:, None, None] + self.shape[None, :, None] + self.cell[None, None, :]
+        combos = self.colour[:, None, None] + self.shape[None, :, None] + self.cell_parts()[None, None, :]
         return torch.cat([self.blank, combos.reshape(-1, combos.shape[-1])])
 
 
