@@ -41,7 +41,7 @@ def add_eval_arguments(parser) -> None:
     parser.add_argument("--progress", action="store_true", help="one line per question on stderr")
     parser.add_argument("--scoring", choices=list(SCORINGS), default="generate",
                         help="generate: the reference's prompt, a greedy reply, parsed; likelihood: the option whose "
-                             "text is most likely as the answer (nothing unparsable)")
+                             "text is the most likely start of the answer to the bare question (nothing unparsable)")
     parser.add_argument("--records", metavar="FILE.jsonl",
                         help="append every scored question to FILE as it is scored; a rerun skips those already in it")
     parser.add_argument("--ignore-bounds", action="store_true",

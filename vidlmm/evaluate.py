@@ -368,15 +368,15 @@ def options_loglikelihoods(lmm, item: MCItem, visuals: list) -> list[list[float]
     """`option_loglikelihoods` under several visual-token variants (connector outputs, e.g. zeroed): [variant]
     [option], one batched teacher-forced pass per option."""
     from .analysis.zeroing import score_answer
-    from .conversation import build_prompt, get_template, tokenizer_image_token
+    from .conversation import build_prompt, clean_answer, tokenizer_image_token
 
     prompt = lmm.prompt_ids(item.question)
-    stop = get_template(lmm.template).stop_string
     per_option = []
     for text in item.options:
-        whole = build_prompt(lmm.template, [(item.question, text)], add_generation_prompt=False)
-        whole = tokenizer_image_token(whole[:len(whole) - len(stop)] if stop and whole.endswith(stop) else whole,
-                                      lmm.model.tokenizer)
+        # the training string of the question answered by the option, its reply's end (stop string) cut off
+        whole = clean_answer(build_prompt(lmm.template, [(item.question, text)], add_generation_prompt=False),
+                             lmm.template)
+        whole = tokenizer_image_token(whole, lmm.model.tokenizer)
         if whole[:len(prompt)] != prompt or len(whole) == len(prompt):
             raise VidlmmError(f"Question {item.id}: the template does not put the answer after the prompt.")
         per_option.append([ll for ll, _ in score_answer(lmm, prompt, whole[len(prompt):], visuals)])
@@ -473,8 +473,8 @@ def evaluate(lmm, items: list[MCItem], *, generation=None, style: str = "mvbench
     """Answer every item with `lmm` (a VideoLMM) and score it; greedy, 16 new tokens unless `generation`.
     bounds: sample a bounded item's [start, end] window (MVBench's rule); False samples the whole video file, as
     TinyLLaVA-Video's MVBench script does (which keeps the window for folders of frames). scoring: "generate"
-    (the reference's prompt, a greedy reply, `parse_choice`) or "likelihood" (the option whose text is most
-    likely as the answer, `option_loglikelihoods`: never unparsable). records: a `RecordLog` (or a path for
+    (the reference's prompt, a greedy reply, `parse_choice`) or "likelihood" (the option whose text is the most
+    likely start of the answer, `option_loglikelihoods`: never unparsable). records: a `RecordLog` (or a path for
     one) that keeps every scored question and skips those scored before; restart_records: a path's file written
     with other settings is started again instead of refused (`RecordLog`'s restart). shard (rank, processes):
     score only the videos whose first-appearance index is rank modulo processes (a distributed run; merge with
