@@ -694,3 +694,68 @@ def test_the_lm_is_drawn_again_until_it_reads_colours_from_symbols(world, stage0
     with pytest.raises(ValueError, match="needs llm.symbolic_per_clip"):
         S.run_stage0(world, tmp_path / "plain", budget="smoke", seed=0, progress=False, vision=False,
                      overrides={"llm": {"draws": 2, "symbolic_per_clip": 0}})
+
+
+def test_an_lm_asked_for_at_one_seed_is_that_draw_alone(world, tmp_path, monkeypatch):
+    """With a budget that draws the LM again (`llm.draws`), `llm.seed=N` still trains the LM at seed N once, as the
+    documented runs at seeds 1 and 2 did; `llm.draws` beside it draws from N on."""
+    from train.stage0.common import BUDGETS
+
+    monkeypatch.setitem(BUDGETS["smoke"]["llm"], "draws", 2)
+    monkeypatch.setitem(BUDGETS["smoke"]["llm"], "min_colour_read", 1.01)
+    one = S.run_stage0(world, tmp_path / "one", budget="smoke", seed=0, progress=False, vision=False,
+                       overrides={"llm": {"seed": 1}})
+    assert "draws" not in one["llm"] and not list((tmp_path / "one").glob("llm.seed*"))
+    two = S.run_stage0(world, tmp_path / "two", budget="smoke", seed=0, progress=False, vision=False,
+                       overrides={"llm": {"seed": 1, "draws": 2}})
+    assert [d["seed"] for d in two["llm"]["draws"]] == [1, 2]
+
+
+def test_motion_labels_say_where_each_object_is_against_its_first_symbol(world, stage0, tmp_path):
+    """`llm.motion_weight`: each object symbol is labelled with its cell against the same object's (shape's) first
+    symbol in the sequence: a square moving left from the top right is 'left' once it has moved and 'same' before;
+    an object that turns another colour is still the same object; text and blanks are not labelled. The head that
+    learns them is not saved."""
+    from train.stage0.lm import motion_labels, pretrain_llm
+    from train.stage0.symbols import CELLS
+    from train.world import COLOUR_NAMES, SHAPES
+
+    text = 50
+
+    def symbol(colour: str, shape: str, row: int, col: int) -> int:
+        return text + 1 + (COLOUR_NAMES.index(colour) * len(SHAPES) + SHAPES.index(shape)) * CELLS + row * 3 + col
+
+    ids = torch.tensor([[7, symbol("red", "square", 0, 2), symbol("blue", "circle", 2, 0), text,
+                         symbol("red", "square", 0, 1), symbol("green", "circle", 1, 0), 9]])
+    same, left, up = 4, 1, 3  # (column sign + 1) * 3 + (row sign + 1)
+    assert motion_labels(ids, text).tolist() == [[-100, same, same, -100, left, up, -100]]
+    out, _ = stage0
+    pretrain_llm(world, out / "tokenizer", tmp_path, hidden_size=32, layers=2, heads=2, kv_heads=1, intermediate=64,
+                 steps=3, batch_size=2, lr=1e-2, variants=0, symbolic_per_clip=1, symbol_init="composed",
+                 motion_weight=1.0, motion_layer=1, init_std=0.1, progress=False)
+    assert not [k for k in load_file(tmp_path / "model.safetensors") if "motion" in k]
+    with pytest.raises(ValueError, match="motion_weight .* needs symbol_init='composed'"):
+        pretrain_llm(world, out / "tokenizer", tmp_path, symbolic_per_clip=1, motion_weight=1.0)
+
+
+def test_the_direction_probe_reads_every_object_symbol_and_one_answer_per_clip_with_a_move(world, symbolic_llm):
+    """`diagnose.direction_probe`: one sample per object symbol of each probed clip's symbolic video (cell, colour),
+    one per clip at the answer position, and one where the mover is in the last frame; an accuracy per layer (the
+    embeddings and each layer) for each probe."""
+    from transformers import AutoModelForCausalLM
+
+    from train.diagnose import direction_probe
+    from train.world import asked_questions
+
+    model = AutoModelForCausalLM.from_pretrained(symbolic_llm).eval()
+    tok = load_tokenizer(symbolic_llm)
+    clips = load_clips(world)["train"]
+    report = direction_probe(model, tok, clips[:16], clips[16:], seed=0)
+    moving = [(k, spec) for k, spec in enumerate(clips[:16])
+              if list(asked_questions(spec, np.random.default_rng([0, 47, k]), ("direction",)))]
+    symbols = sum(t > len(tok) for _, spec in moving for t in S.symbolic_video(spec, len(tok)))
+    assert moving and report["n"]["cell"][0] == report["n"]["colour"][0] == symbols
+    assert report["n"]["answer"][0] == len(moving) >= report["n"]["moved_token"][0]
+    layers = model.config.num_hidden_layers + 1
+    for name in ("cell", "colour", "moved_token", "answer"):
+        assert report[name] is None or (len(report[name]) == layers and all(0 <= v <= 1 for v in report[name]))

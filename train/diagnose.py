@@ -6,6 +6,7 @@
     python -m train.diagnose probe   --model M | --tower STAGE0/vision --world WORLD [--train-clips 1200]
     python -m train.diagnose symbols --model M --world WORLD [--clips 200]
     python -m train.diagnose context --llm STAGE0/llm --world WORLD [--limit 64]
+    python -m train.diagnose lmprobe --llm STAGE0/llm --world WORLD [--train-clips 600] [--test-clips 200]
     python -m train.diagnose recall  [--init-std 0.02 0.1] [--layout pairs bound] [--steps 1000] [--seed 0]
 
 `gap`: the mean answer loss of training-format samples with their own video, with another sample's video and with
@@ -27,6 +28,8 @@ clips of the world: the caption loss with the clip's own caption in front of it 
 where the video goes) against another clip's caption; and held-out MC prompts answered without context and with
 the clip's caption where the video goes, parsed as the evaluation parses replies; and `static_qa`, open questions
 about one object's colour or shape ("What colour is the cross?") without and with the caption in front.
+`lmprobe`: where a stage-0 LM loses the direction of a move, by linear probes of its hidden states, layer by layer
+(`lm_probe`).
 `recall`: can a freshly initialised LM of the stage-0 shape (Qwen2, width 128, 4 layers) learn a lookup at all,
 per initializer_range and per layout of the context? Multi-query associative recall on abstract tokens: six
 key-value pairs, then keys drawn from them, each query's value to be found in the context (chance 1/6); held-out
@@ -420,6 +423,99 @@ def context_reading(llm_dir: Path, world_dir: Path, limit: int = 64, seed: int =
 LOOKUP_TYPES = WORLD_TYPES["static"]
 
 
+def lm_probe(llm_dir: Path, world_dir: Path, *, train_clips: int = 600, test_clips: int = 200, seed: int = 0) -> dict:
+    """`direction_probe` of a saved stage-0 LM, fitted on LM training clips and tested on the clips stage 0 held
+    out of LM training (never the evaluation set)."""
+    from transformers import AutoModelForCausalLM
+
+    from vidlmm.tokenizer import load_tokenizer
+
+    from . import stage0
+
+    fit, held, _ = stage0.split_clips(world_dir)
+    return direction_probe(AutoModelForCausalLM.from_pretrained(llm_dir).eval(), load_tokenizer(llm_dir),
+                           fit, held, train_clips=train_clips, test_clips=test_clips, seed=seed)
+
+
+def direction_probe(model, tokenizer, fit: list, held: list, *, train_clips: int = 600, test_clips: int = 200,
+                    tokens: int = 4000, seed: int = 0) -> dict:
+    """Where a stage-0 LM loses the direction of a move, read by linear probes (ridge, argmax over the classes) of
+    its hidden states after each layer (0: the embeddings), with "Which way does the <object> move?" asked of each
+    clip's symbolic video (the first ``train_clips`` clips of ``fit`` with a move for fitting, of ``held`` for
+    testing):
+
+    - ``cell`` / ``colour``: a symbol token's cell (9) and colour (6), from that token's state (``tokens`` tokens
+      drawn for each side): is the place in the video's tokens at all, layer by layer;
+    - ``moved_token``: the direction (4) from the state of the moving object's token in the last sampled frame: has
+      that token compared itself with the object's earlier tokens;
+    - ``answer``: the direction from the state at the last prompt position, where the answer is read out.
+
+    ``{probe: [accuracy per layer]}``, with ``chance`` (each probe's majority share on the test side) and ``n``
+    (train and test samples); a probe with no samples on a side is None."""
+    import numpy as np
+    import torch
+
+    from vidlmm.conversation import build_prompt
+
+    from . import stage0, world
+    from .stage0.symbols import CELLS, SLOTS, sampled_objects
+    from .stage0.tower import ridge_predict
+
+    first = len(tokenizer)
+    directions = {d: k for k, d in enumerate(world.DIRECTIONS)}
+
+    def collect(specs, n_clips):
+        rows = {"cell": [], "colour": [], "moved_token": [], "answer": []}
+        for k, spec in enumerate(specs):
+            asked = list(world.asked_questions(spec, np.random.default_rng([seed, 47, k]), ("direction",)))
+            if not asked:
+                continue
+            if n_clips == 0:
+                break
+            n_clips -= 1
+            q, question = asked[0]
+            mover = int(q.key[len("dir"):])  # the world keys a direction question by its object: "dir<index>"
+            video = stage0.symbolic_video(spec, first)
+            ids = stage0.text.prompt_ids(build_prompt(stage0.TEMPLATE, [(f"<image>\n{question}", None)]), tokenizer,
+                                         video)
+            with torch.no_grad():
+                states = torch.stack(model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+                                     .hidden_states)[:, 0].double()  # [layers + 1, positions, width]
+            start = next(i for i, t in enumerate(ids) if t >= first)
+            label = directions[q.answer.lower().rstrip(".")]
+            for j, t in enumerate(video):
+                if t > first:
+                    rows["cell"].append((states[:, start + j], (t - first - 1) % CELLS))
+                    rows["colour"].append((states[:, start + j], (t - first - 1) // CELLS // len(world.SHAPES)))
+            last = video[-SLOTS:]  # the last sampled frame's slots
+            shape = world.SHAPES.index(spec.objects[mover].shape)
+            mine = [first + 1 + (colour * len(world.SHAPES) + shape) * CELLS + row * 3 + col
+                    for col, row, colour, i in sampled_objects(spec)[-1] if i == mover]
+            if mine and mine[0] in last:  # the mover's token in the last sampled frame
+                rows["moved_token"].append((states[:, start + len(video) - SLOTS + last.index(mine[0])], label))
+            rows["answer"].append((states[:, -1], label))
+        return rows
+
+    train, test = collect(fit, train_clips), collect(held, test_clips)
+    rng = np.random.default_rng([seed, 53])
+    out: dict = {"chance": {}, "n": {}}
+    for name in train:
+        a = [train[name][i] for i in rng.permutation(len(train[name]))[:tokens]]
+        b = [test[name][i] for i in rng.permutation(len(test[name]))[:tokens]]
+        out["n"][name] = [len(a), len(b)]
+        if not a or not b:
+            out[name] = None
+            continue
+        classes = max(y for _, y in a + b) + 1
+        ya = torch.nn.functional.one_hot(torch.tensor([y for _, y in a]), classes).double()
+        yb = torch.tensor([y for _, y in b])
+        xa, xb = torch.stack([x for x, _ in a], 1), torch.stack([x for x, _ in b], 1)  # [layers + 1, n, width]
+        out[name] = [round(float((ridge_predict(xa[layer], ya, xb[layer]).argmax(1) == yb).double().mean()), 3)
+                     for layer in range(len(xa))]
+        out["chance"][name] = round(float(torch.bincount(yb).max() / len(yb)), 3)
+    return out
+
+
 def static_lookup(model, tokenizer, specs: list, seed: int = 0) -> tuple[dict, dict]:
     """The world's static questions, answered greedily without and with the clip's caption where the video goes
     (the stage-2 template). "What colour is the cross?" or "Is there a red cross?" after "There are a red cross
@@ -554,6 +650,11 @@ def main(argv: Iterable[str] | None = None) -> int:
     symbols.add_argument("--model", required=True, help="a model whose LM has symbol rows (llm.symbolic_per_clip)")
     symbols.add_argument("--world", required=True, help="the world the model was trained on")
     symbols.add_argument("--clips", type=int, default=200)
+    lmprobe = sub.add_parser("lmprobe", help="where does a stage-0 LM lose the direction of a move?")
+    lmprobe.add_argument("--llm", required=True, help="a stage-0 LM folder trained with the symbolic video")
+    lmprobe.add_argument("--world", required=True)
+    lmprobe.add_argument("--train-clips", type=int, default=600)
+    lmprobe.add_argument("--test-clips", type=int, default=200)
     context = sub.add_parser("context", help="does a stage-0 LM read its context?")
     context.add_argument("--llm", required=True, help="a stage-0 LM folder (OUT/llm of python -m train.stage0)")
     context.add_argument("--world", required=True, help="the world it was trained on")
@@ -590,6 +691,10 @@ def main(argv: Iterable[str] | None = None) -> int:
             return 0
         if args.command == "context":
             print(json.dumps(context_reading(Path(args.llm), Path(args.world), args.limit), indent=1))
+            return 0
+        if args.command == "lmprobe":
+            print(json.dumps(lm_probe(Path(args.llm), Path(args.world), train_clips=args.train_clips,
+                                      test_clips=args.test_clips), indent=1))
             return 0
         data = Path(args.annotations if args.command == "gap" else args.data)
         items = json.loads(data.read_text())[: args.limit]

@@ -15,7 +15,8 @@ from train import world as W
 TEMPLATE = "qwen2_base"
 MC_STYLES = ("mvbench", "videomme")
 HOLDOUT_EVERY = 20  # every 20th training clip is held out of LM training for the validation loss
-# "full" takes about 22 minutes on 2 CPU cores (the LM 16, the tower 6); "smoke" a few seconds (tests).
+# "full" takes about 22 minutes on 2 CPU cores (the LM 16, the tower 6) when the LM's first draw reads its colours
+# (each further draw 16 more); "smoke" a few seconds (tests).
 BUDGETS = {
     "full": dict(
         vocab_size=1024,  # the world has ~110 distinct words: BPE stops at ~650 ids, one token per word

@@ -19,7 +19,7 @@ from vidlmm.tokenizer import EOS_TOKEN, load_tokenizer
 from train import world as W
 
 from .common import TEMPLATE, _count_params, _fit, split_clips
-from .symbols import ComposedSymbols, factored_rows, symbol_count, symbolic_video, where_turns
+from .symbols import CELLS, ComposedSymbols, factored_rows, symbol_count, symbolic_video, where_turns
 from .text import (context_conversations, conversation_ids, lookup_conversations, mc_conversations, prompt_ids,
                    restatement_ids, symbolic_ids, world_conversations)
 
@@ -133,7 +133,8 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
                  lr: float = 2e-3, seed: int = 0, variants: int = 3, context_per_clip: int = 2,
                  restatements: int = 2, lookup_per_clip: int = 0, recall_steps: int = 0, symbolic_per_clip: int = 0,
                  symbolic_temporal: bool = False, symbolic_extra: tuple = (), symbolic_where: bool = False,
-                 symbol_init: str = "random", symbol_cells: str = "free",
+                 symbol_init: str = "random", symbol_cells: str = "free", motion_weight: float = 0.0,
+                 motion_layer: int = 2,
                  bucket: bool = False, weight_decay: float = 0.05, max_length: int = 512, init_std: float = 0.02,
                  progress: bool = True) -> dict:
     """Train a Qwen2ForCausalLM on the world's training text and save it (with the tokenizer) to ``out_dir``.
@@ -155,8 +156,11 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
     (`train.stage0.symbols.factored_rows`: rows that start as sums of a colour's, a shape's and a cell's part) or
     "composed" (rows that stay such sums through training, only the parts learned:
     `train.stage0.symbols.ComposedSymbols`; written into the embedding when saved); ``symbol_cells`` "grid": with
-    "composed", a cell's part is its row's plus its column's (`ComposedSymbols`' cells). ``bucket``: batches of
-    sequences of similar length (`length_batches`), which pad less: the same steps in less time."""
+    "composed", a cell's part is its row's plus its column's (`ComposedSymbols`' cells). ``motion_weight``: with
+    "composed", a linear head on the states after layer ``motion_layer`` learns, at each object symbol, where the
+    object is against its first symbol (`motion_labels`; the head is not saved): the comparison across frames a
+    move's direction needs, asked of every token. ``bucket``: batches of sequences of similar length
+    (`length_batches`), which pad less: the same steps in less time."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     if symbol_init not in ("random", "factored", "composed"):
@@ -164,6 +168,10 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
     if symbol_init == "composed" and recall_steps:
         raise ValueError("symbol_init='composed' keeps the symbols' rows outside the embedding while training; the "
                          "recall warm-up (recall_steps) would train the embedding's own rows, then lost.")
+    if motion_weight and symbol_init != "composed":
+        raise ValueError("motion_weight reads the composed symbols' states: it needs symbol_init='composed'.")
+    if motion_weight and not 1 <= motion_layer <= layers:
+        raise ValueError(f"motion_layer must name a layer, 1 to {layers}, not {motion_layer}.")
     if symbol_cells != "free" and symbol_init != "composed":
         raise ValueError("symbol_cells sets the composed rows' cell parts: it needs symbol_init='composed'.")
     if symbol_init != "random" and not symbolic_per_clip:
@@ -199,6 +207,10 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
     composed = ComposedSymbols(hidden_size, init_std, seed, symbol_cells) if symbol_init == "composed" else None
     if composed is not None:
         model.composed_symbols = composed  # trained with the model; written into the embedding before saving
+    motion = None
+    if motion_weight:  # a linear head trained with the model and dropped before saving
+        model.motion_head = torch.nn.Linear(hidden_size, MOTIONS)
+        motion = (model.motion_head, motion_layer, motion_weight)
     model.train()
     rng = np.random.default_rng([seed, 1])
     lengths = np.array([len(s) for s in train]) if bucket else None  # only the length batches read them
@@ -222,7 +234,7 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
         fed[1] += mask.numel()
         if composed is None:
             return model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        return _composed_loss(model, composed, ids, mask, labels, text_vocab)
+        return _composed_loss(model, composed, ids, mask, labels, text_vocab, motion)
 
     recall = _recall_warmup(model, train, tokenizer, recall_steps, batch_size, lr, weight_decay, seed, progress) \
         if recall_steps else None
@@ -231,6 +243,8 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
         with torch.no_grad():
             model.get_input_embeddings().weight[text_vocab:] = composed.rows()
         del model.composed_symbols
+    if motion is not None:
+        del model.motion_head
     model.eval()
     val_after = _lm_eval_loss(model, val, eos) if val else float("nan")
     mc = mc_check(model, tokenizer, mc_conversations(held, seed + 1))
@@ -253,15 +267,41 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
             **({"recall": recall} if recall else {})}
 
 
+MOTIONS = 9  # where an object is against its first token: (column change sign + 1) * 3 + (row change sign + 1)
+
+
+def motion_labels(ids: torch.Tensor, text_vocab: int) -> torch.Tensor:
+    """[batch, positions]: for each object symbol of a symbolic video, where the object is against its first symbol
+    in the sequence, one of `MOTIONS` classes (4: the same cell); -100 elsewhere. An object is its shape: a clip's
+    objects have distinct shapes, and an object may change colour."""
+    out = torch.full_like(ids, -100)
+    rel = ids - text_vocab - 1  # >= 0 for an object symbol, in `symbolic_video`'s id order
+    first: dict = {}
+    for b, t in torch.nonzero(rel >= 0).tolist():  # row-major: each sequence's symbols in order
+        k = int(rel[b, t])
+        row, col = divmod(k % CELLS, 3)
+        r0, c0 = first.setdefault((b, k // CELLS % len(W.SHAPES)), (row, col))
+        out[b, t] = (int(np.sign(col - c0)) + 1) * 3 + int(np.sign(row - r0)) + 1
+    return out
+
+
 def _composed_loss(model, composed: ComposedSymbols, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
-                   text_vocab: int) -> torch.Tensor:
+                   text_vocab: int, motion: tuple | None = None) -> torch.Tensor:
     """The LM's loss with the symbolic video's rows taken from ``composed`` in its input and in its (tied) output
-    layer, so the rows the LM is trained with are the ones saved."""
+    layer, so the rows the LM is trained with are the ones saved. ``motion`` (head, layer, weight): plus weight x
+    the cross-entropy of `motion_labels` read by a linear head from the states after that layer."""
     table = torch.cat([model.get_input_embeddings().weight[:text_vocab], composed.rows()])
-    hidden = model.model(inputs_embeds=table[ids], attention_mask=mask).last_hidden_state
-    logits = hidden[:, :-1] @ table.T
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+    out = model.model(inputs_embeds=table[ids], attention_mask=mask, output_hidden_states=motion is not None)
+    logits = out.last_hidden_state[:, :-1] @ table.T
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                              ignore_index=-100)
+    if motion is not None:
+        head, layer, weight = motion
+        target = motion_labels(ids, text_vocab)
+        if bool((target >= 0).any()):
+            loss = loss + weight * torch.nn.functional.cross_entropy(
+                head(out.hidden_states[layer]).reshape(-1, MOTIONS), target.reshape(-1), ignore_index=-100)
+    return loss
 
 
 def length_batches(rng: np.random.Generator, lengths: np.ndarray, batch_size: int, chunk: int = 64

@@ -28,7 +28,7 @@ DRAW_SETTINGS = {"draws", "min_colour_read"}  # the LM's settings `drawn_llm` re
 def settable(part: str) -> set[str]:
     """The settings of a stage-0 part a budget or an override may set: its trainer's keyword arguments (and the
     LM's `DRAW_SETTINGS`). ``seed`` among them: a part at its own seed ("llm.seed=1", the LM's weights and data
-    draws; the run's seed otherwise)."""
+    draws; the run's seed otherwise); an LM at its own seed is that one draw unless ``llm.draws`` is set too."""
     own = {"progress", "siglip_dir"}  # set by run_stage0 itself
     return {name for name, p in inspect.signature(TRAINERS[part]).parameters.items()
             if p.kind is p.KEYWORD_ONLY and name not in own} | (DRAW_SETTINGS if part == "llm" else set())
@@ -102,6 +102,8 @@ def run_stage0(world_dir, out_dir, *, budget: str = "full", seed: int = 0, progr
         if unknown:
             raise ValueError(f"unknown stage-0 setting(s): {part}.{', '.join(sorted(unknown))}")
         b[part].update(changes)
+        if part == "llm" and "seed" in changes and "draws" not in changes:
+            b[part]["draws"] = 1  # an LM asked for at one seed is that draw, kept whatever it reads
     threads = torch.get_num_threads()
     if b.get("threads"):
         torch.set_num_threads(b["threads"])
