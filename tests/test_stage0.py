@@ -738,6 +738,35 @@ def test_motion_labels_say_where_each_object_is_against_its_first_symbol(world, 
         pretrain_llm(world, out / "tokenizer", tmp_path, symbolic_per_clip=1, motion_weight=1.0)
 
 
+def test_a_detached_motion_loss_trains_the_layers_but_not_the_symbols_parts():
+    """`llm.motion_detach`: the motion head's loss reaches the LM's layers but leaves the composed symbols' parts
+    as the LM's own loss trains them; without it, the parts take the motion loss's gradient too."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from train.stage0.lm import MOTIONS, _composed_loss
+    from train.stage0.symbols import CELLS, ComposedSymbols, symbol_count
+
+    text = 40
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=text + symbol_count(), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
+    composed, head = ComposedSymbols(16, 0.1), torch.nn.Linear(16, MOTIONS)
+    ids = torch.tensor([[3, text + 1 + 2, text + 1 + CELLS + 4, 5, text + 1 + 1, text + 1 + CELLS + 7, 6]])
+    mask, labels = torch.ones_like(ids), ids.masked_fill(ids >= text, -100)
+
+    def grads(motion):
+        model.zero_grad(), composed.zero_grad(), head.zero_grad()
+        _composed_loss(model, composed, ids, mask, labels, text, motion).backward()
+        layer = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+        return composed.cell.grad.clone(), layer
+
+    parts, layer = grads(None)
+    detached_parts, detached_layer = grads((head, 1, 1.0, True))
+    torch.testing.assert_close(detached_parts, parts)
+    assert not torch.allclose(detached_layer, layer)
+    assert not torch.allclose(grads((head, 1, 1.0, False))[0], parts)
+
+
 def test_the_direction_probe_reads_every_object_symbol_and_one_answer_per_clip_with_a_move(world, symbolic_llm):
     """`diagnose.direction_probe`: one sample per object symbol of each probed clip's symbolic video (cell, colour),
     one per clip at the answer position, and one where the mover is in the last frame; an accuracy per layer (the
@@ -759,3 +788,22 @@ def test_the_direction_probe_reads_every_object_symbol_and_one_answer_per_clip_w
     layers = model.config.num_hidden_layers + 1
     for name in ("cell", "colour", "moved_token", "answer"):
         assert report[name] is None or (len(report[name]) == layers and all(0 <= v <= 1 for v in report[name]))
+
+
+def test_part_lengths_recover_the_composed_parts_and_see_a_longer_cell_part():
+    """`symbols.part_lengths` (in `diagnose lmprobe`): composed rows are fitted exactly; doubling the cell parts
+    doubles the cells' spread, leaves the colours' alone, and sets two symbols in different cells further apart
+    (a lower cosine), two of different colours closer; rows that are not sums leave a residual."""
+    from train.stage0.symbols import ComposedSymbols, part_lengths
+
+    symbols = ComposedSymbols(32, 0.5, seed=0)
+    with torch.no_grad():
+        base = part_lengths(symbols.rows())
+        symbols.cell.mul_(2)
+        longer = part_lengths(symbols.rows())
+    assert base["residual"] < 1e-3 and longer["residual"] < 1e-3
+    assert longer["cell"]["spread"] == pytest.approx(2 * base["cell"]["spread"], rel=0.01)
+    assert longer["colour"]["spread"] == pytest.approx(base["colour"]["spread"], rel=0.01)
+    assert longer["cell"]["cos_other"] < base["cell"]["cos_other"]
+    assert longer["colour"]["cos_other"] > base["colour"]["cos_other"]
+    assert part_lengths(torch.randn_like(symbols.rows()))["residual"] > 0.5

@@ -425,16 +425,19 @@ LOOKUP_TYPES = WORLD_TYPES["static"]
 
 def lm_probe(llm_dir: Path, world_dir: Path, *, train_clips: int = 600, test_clips: int = 200, seed: int = 0) -> dict:
     """`direction_probe` of a saved stage-0 LM, fitted on LM training clips and tested on the clips stage 0 held
-    out of LM training (never the evaluation set)."""
+    out of LM training (never the evaluation set), and its symbol rows' `part_lengths` (``parts``)."""
     from transformers import AutoModelForCausalLM
 
     from vidlmm.tokenizer import load_tokenizer
 
     from . import stage0
+    from .stage0.symbols import part_lengths
 
     fit, held, _ = stage0.split_clips(world_dir)
-    return direction_probe(AutoModelForCausalLM.from_pretrained(llm_dir).eval(), load_tokenizer(llm_dir),
-                           fit, held, train_clips=train_clips, test_clips=test_clips, seed=seed)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(llm_dir).eval(), load_tokenizer(llm_dir)
+    rows = model.get_input_embeddings().weight[len(tokenizer):len(tokenizer) + stage0.symbol_count()].detach()
+    return {**direction_probe(model, tokenizer, fit, held, train_clips=train_clips, test_clips=test_clips, seed=seed),
+            "parts": part_lengths(rows)}
 
 
 def direction_probe(model, tokenizer, fit: list, held: list, *, train_clips: int = 600, test_clips: int = 200,

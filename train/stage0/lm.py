@@ -134,7 +134,7 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
                  restatements: int = 2, lookup_per_clip: int = 0, recall_steps: int = 0, symbolic_per_clip: int = 0,
                  symbolic_temporal: bool = False, symbolic_extra: tuple = (), symbolic_where: bool = False,
                  symbol_init: str = "random", symbol_cells: str = "free", motion_weight: float = 0.0,
-                 motion_layer: int = 2,
+                 motion_layer: int = 2, motion_detach: bool = False,
                  bucket: bool = False, weight_decay: float = 0.05, max_length: int = 512, init_std: float = 0.02,
                  progress: bool = True) -> dict:
     """Train a Qwen2ForCausalLM on the world's training text and save it (with the tokenizer) to ``out_dir``.
@@ -159,7 +159,9 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
     "composed", a cell's part is its row's plus its column's (`ComposedSymbols`' cells). ``motion_weight``: with
     "composed", a linear head on the states after layer ``motion_layer`` learns, at each object symbol, where the
     object is against its first symbol (`motion_labels`; the head is not saved): the comparison across frames a
-    move's direction needs, asked of every token. ``bucket``: batches of sequences of similar length
+    move's direction needs, asked of every token; ``motion_detach``: that loss does not train the symbols' parts
+    (a second pass on the rows detached), so the LM's layers, not longer cell parts, must carry the cell to that
+    layer. ``bucket``: batches of sequences of similar length
     (`length_batches`), which pad less: the same steps in less time."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -210,7 +212,7 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
     motion = None
     if motion_weight:  # a linear head trained with the model and dropped before saving
         model.motion_head = torch.nn.Linear(hidden_size, MOTIONS)
-        motion = (model.motion_head, motion_layer, motion_weight)
+        motion = (model.motion_head, motion_layer, motion_weight, motion_detach)
     model.train()
     rng = np.random.default_rng([seed, 1])
     lengths = np.array([len(s) for s in train]) if bucket else None  # only the length batches read them
@@ -288,19 +290,24 @@ def motion_labels(ids: torch.Tensor, text_vocab: int) -> torch.Tensor:
 def _composed_loss(model, composed: ComposedSymbols, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
                    text_vocab: int, motion: tuple | None = None) -> torch.Tensor:
     """The LM's loss with the symbolic video's rows taken from ``composed`` in its input and in its (tied) output
-    layer, so the rows the LM is trained with are the ones saved. ``motion`` (head, layer, weight): plus weight x
-    the cross-entropy of `motion_labels` read by a linear head from the states after that layer."""
+    layer, so the rows the LM is trained with are the ones saved. ``motion`` (head, layer, weight, detach): plus
+    weight x the cross-entropy of `motion_labels` read by a linear head from the states after that layer; with
+    detach, those states come from a second pass on the rows detached, so that loss trains the layers only."""
     table = torch.cat([model.get_input_embeddings().weight[:text_vocab], composed.rows()])
-    out = model.model(inputs_embeds=table[ids], attention_mask=mask, output_hidden_states=motion is not None)
+    detach = motion is not None and motion[3]
+    out = model.model(inputs_embeds=table[ids], attention_mask=mask,
+                      output_hidden_states=motion is not None and not detach)
     logits = out.last_hidden_state[:, :-1] @ table.T
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                              ignore_index=-100)
     if motion is not None:
-        head, layer, weight = motion
+        head, layer, weight, _ = motion
         target = motion_labels(ids, text_vocab)
         if bool((target >= 0).any()):
+            states = (model.model(inputs_embeds=table.detach()[ids], attention_mask=mask, output_hidden_states=True)
+                      if detach else out).hidden_states[layer]
             loss = loss + weight * torch.nn.functional.cross_entropy(
-                head(out.hidden_states[layer]).reshape(-1, MOTIONS), target.reshape(-1), ignore_index=-100)
+                head(states).reshape(-1, MOTIONS), target.reshape(-1), ignore_index=-100)
     return loss
 
 
