@@ -1,6 +1,6 @@
 """The one-command rebuild of the embedded models and the ablations, in smoke mode (a tiny world, minimal
-budgets; 23 s on 2 cores with the groups ablation). It runs in CI: the full rebuild takes 83 minutes, the smoke one
-checks the same chain of phases."""
+budgets; 23 s on 2 cores with the groups ablation). It runs in CI: the full rebuild takes about three hours (README),
+the smoke one checks the same chain of phases."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from train.build_embedded import Phases, build
+from train.build_embedded import Phases, Variant, build
 from vidlmm.checkpoint import load_model
 
 
@@ -33,8 +33,18 @@ def test_smoke_rebuild_writes_loadable_models_and_a_table(tmp_path):
     # too: the rerun reads the kept records in a moment, and that moment is not the scoring's time)
     state = json.loads((tmp_path / "work" / "build_state.json").read_text())
     again = build(tmp_path / "models", tmp_path / "work", seed=0, smoke=True, progress=False)
-    for phase in ("world", "stage0", "train_group", "train_naive", "train_image", "eval_group", "eval_naive"):
+    for phase in ("world", "stage0", "stage1_group", "train_group", "train_naive", "train_image", "eval_group",
+                  "eval_naive"):
         assert again["timings_s"][phase] == state["phases"][phase]
+    # a variant that changes only stage 2 (one MC question per clip, the shipped recipe has three) trains stage 2
+    # alone on the shared stage 1, whose time its table counts once
+    one = build(tmp_path / "one", tmp_path / "work", seed=0, smoke=True, progress=False, connectors=("group",),
+                variant=Variant(mc_per_clip=1))
+    done = json.loads((tmp_path / "work" / "build_state.json").read_text())["phases"]
+    assert done["stage1_group"] == state["phases"]["stage1_group"] and "train_group+mc1" in done
+    assert one["timings_s"]["total"] == pytest.approx(sum(done[k] for k in (
+        "world", "stage0", "stage1_group", "train_group+mc1", "eval_group+mc1")))
+    assert "| group (+mc1) |" in (tmp_path / "one" / "results.md").read_text()
     # the ablations reuse the world, stage 0 and the embedded runs they share, and train the rest
     from train.ablations import run_ablations
 
@@ -72,7 +82,8 @@ def test_a_stopped_phase_keeps_the_time_it_ran(tmp_path):
 def assert_every_model_trained(work) -> None:
     """Each shipped model trained in both stages: stage 1 moved the connector from the initialisation the trainer
     started from (and left the LLM and the tower), stage 2 moved the connector and the LLM from stage 1's (and
-    left the tower), and stage 2's loss fell (smoke: 6 logged steps; the last 3 below the first 3)."""
+    left the tower), and stage 2's loss fell (smoke: 12 logged steps, 24 clips' QA and three multiple-choice
+    questions each at 8 a step; the last 3 below the first 3)."""
     from accelerate.utils import set_seed
 
     from tests.test_train import logged_losses
@@ -97,8 +108,8 @@ def assert_every_model_trained(work) -> None:
         assert moved(after_two, after_one, "language_model") > 1e-3, name
         assert moved(after_two, after_one, "vision_tower") == 0.0, name
         losses = logged_losses(work / name / "stage2")
-        assert sorted(losses) == list(range(1, 7)), (name, losses)
-        assert sum(losses[s] for s in (4, 5, 6)) < sum(losses[s] for s in (1, 2, 3)), (name, losses)
+        assert sorted(losses) == list(range(1, 13)), (name, losses)
+        assert sum(losses[s] for s in (10, 11, 12)) < sum(losses[s] for s in (1, 2, 3)), (name, losses)
 
 
 def test_a_partial_rebuild_keeps_the_other_models_rows(tmp_path):
@@ -138,9 +149,11 @@ def test_the_total_counts_only_the_phases_behind_the_table(tmp_path):
     phases = {"world": 1.0, "stage0": 2.0, "train_group": 3.0, "eval_group": 1.0, "train_group+single": 10.0,
               "eval_group+single": 1.0, "train_naive": 5.0, "eval_naive": 1.0}
     row = {"accuracy": 0.5, "chance": 0.25, "unparsable": 0, "per_category": {}}
-    both = {"group": {**row, "single_object_qa": True}, "naive": {**row, "single_object_qa": False}}
+    phases |= {"stage1_group": 4.0, "stage1_group+epochs=1": 8.0}
+    both = {"group": {**row, "single_object_qa": True, "stage1_phase": "stage1_group"},
+            "naive": {**row, "single_object_qa": False}}  # a row written before stage 1 was a phase of its own
     summary = _write_results(tmp_path, {"phases": phases}, 0, False, both)
-    assert summary["timings_s"]["total"] == 1 + 2 + 10 + 1 + 5 + 1  # not the other variant's group phases
+    assert summary["timings_s"]["total"] == 1 + 2 + 4 + 10 + 1 + 5 + 1  # not the other variants' group phases
     assert "| group (+single) |" in (tmp_path / "results.md").read_text()  # the variant names its row
 
 
@@ -154,6 +167,9 @@ def test_the_default_rebuild_ships_seven_models_and_the_fusion_variant_is_opt_in
     assert CONNECTORS["llava_mini_fusion"]["connector_options"]["prefusion_layers"] == 1
     with pytest.raises(SystemExit):
         main(["--connectors", "no_such_model"])
+    # the shipped stage 2 names no phase suffix; what differs from it does
+    assert Variant().suffix() == "" and Variant().mc_per_clip == 3
+    assert Variant(mc_per_clip=1, mc_letter=True, stage2=("epochs=4",)).suffix() == "+mc1+mcletter+epochs=4"
 
 
 def test_every_shipped_model_reads_the_same_64_visual_tokens():

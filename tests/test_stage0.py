@@ -4,6 +4,7 @@ same seed gives the same weights."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -152,6 +153,16 @@ def test_mc_training_annotations_cover_training_clips_only(world, tmp_path):
         assert len(options) == 4 and texts.count(gpt) == 1
         assert parse_choice(gpt, texts) == "ABCD"[texts.index(gpt)]
     assert write_mc_annotations(world, tmp_path / "again.json", seed=0, per_clip=3).read_text() == path.read_text()
+    # with the letter: the same questions, each answer its text then its letter, which the parser reads first,
+    # so that even a reply whose text is not among the options names one
+    lettered = json.loads(write_mc_annotations(world, tmp_path / "l.json", seed=0, per_clip=3, letter=True).read_text())
+    assert [r["conversations"][0] for r in lettered] == [r["conversations"][0] for r in records]
+    for r, plain in zip(lettered, records):
+        text = plain["conversations"][1]["value"]
+        texts = [line.split(" ", 1)[1] for line in r["conversations"][0]["value"].splitlines()[-5:-1]]
+        letter = "ABCD"[texts.index(text)]
+        assert r["conversations"][1]["value"] == f"{text} ({letter})"
+        assert parse_choice(f"Not an option ({letter})", texts) == letter
 
 
 def test_single_object_annotations_ask_the_lone_objects_colour_and_shape(world, tmp_path):
@@ -350,7 +361,7 @@ def test_recall_batches_ask_each_pair_once_either_way_and_score_only_the_answers
 def test_a_symbolic_video_is_one_token_per_visible_object_of_each_sampled_frame(world):
     """`train.stage0.symbols`: 16 frames x 4 slots; a frame's visible objects as the ids of their (colour, shape,
     cell), left to right, the other slots blank; an object that blinks or vanishes leaves its slot."""
-    from train.stage0.symbols import CELLS, FRAMES, SLOTS
+    from train.stage0.symbols import CELLS, FRAMES, SLOTS, symbol_index, symbol_parts
     from train.world import COLOUR_NAMES, SHAPES
     from vidlmm.video import FrameSampling, sample_frame_indices
 
@@ -360,12 +371,17 @@ def test_a_symbolic_video_is_one_token_per_visible_object_of_each_sampled_frame(
         assert len(video) == FRAMES * SLOTS and all(first <= i < first + S.symbol_count() for i in video)
         tl = timeline(spec)
         for f, t in enumerate(sample_frame_indices(spec.frames, spec.fps, FrameSampling.uniform(FRAMES))):
-            slots = [i - first - 1 for i in video[f * SLOTS:(f + 1) * SLOTS] if i != first]
-            shown = sorted((COLOUR_NAMES[c // CELLS // len(SHAPES)], SHAPES[c // CELLS % len(SHAPES)]) for c in slots)
+            slots = [symbol_parts(i - first - 1) for i in video[f * SLOTS:(f + 1) * SLOTS] if i != first]
+            shown = sorted((COLOUR_NAMES[colour], SHAPES[shape]) for colour, shape, _, _ in slots)
             truth = sorted((tl.colour_name(i, t), spec.objects[i].shape) for i in np.flatnonzero(tl.visible[:, t]))
             assert shown == truth
-            cols = [c % CELLS % 3 for c in slots]
+            cols = [col for *_, col in slots]
             assert cols == sorted(cols)
+    # every (colour, shape, row, column) has its own index past the blank, and `symbol_parts` reads it back
+    everything = list(itertools.product(range(len(COLOUR_NAMES)), range(len(SHAPES)), range(3), range(3)))
+    assert len(everything) == CELLS * len(COLOUR_NAMES) * len(SHAPES) == S.symbol_count() - 1
+    assert sorted(symbol_index(*p) for p in everything) == list(range(len(everything)))
+    assert all(symbol_parts(symbol_index(*p)) == p for p in everything)
 
 
 def test_symbolic_sequences_put_the_video_where_the_image_goes_and_score_only_text(world, stage0):
@@ -743,7 +759,7 @@ def test_a_detached_motion_loss_trains_the_layers_but_not_the_symbols_parts():
     as the LM's own loss trains them; without it, the parts take the motion loss's gradient too."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from train.stage0.lm import MOTIONS, _composed_loss
+    from train.stage0.lm import MOTIONS, MotionLoss, _composed_loss
     from train.stage0.symbols import CELLS, ComposedSymbols, symbol_count
 
     text = 40
@@ -761,10 +777,10 @@ def test_a_detached_motion_loss_trains_the_layers_but_not_the_symbols_parts():
         return composed.cell.grad.clone(), layer
 
     parts, layer = grads(None)
-    detached_parts, detached_layer = grads((head, 1, 1.0, True))
+    detached_parts, detached_layer = grads(MotionLoss(head, 1, 1.0, True))
     torch.testing.assert_close(detached_parts, parts)
     assert not torch.allclose(detached_layer, layer)
-    assert not torch.allclose(grads((head, 1, 1.0, False))[0], parts)
+    assert not torch.allclose(grads(MotionLoss(head, 1, 1.0, False))[0], parts)
 
 
 def test_the_direction_probe_reads_every_object_symbol_and_one_answer_per_clip_with_a_move(world, symbolic_llm):

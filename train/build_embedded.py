@@ -77,6 +77,11 @@ def ship_heldout(world: Path, dest: Path, examples: int = 3, clips: int = SHIPPE
         shutil.copy2(world / rel, gallery / f"world_{Path(rel).name}")
 
 
+# Multiple-choice questions per training clip in the shipped stage 2: three against one gave group +5.6 points
+# on temporal questions, with the twice longer stage 2 they bring (docs/embedded-models.md)
+MC_PER_CLIP = 3
+
+
 @dataclass(frozen=True)
 class Variant:
     """What a run changes from the shipped recipe (the default is the shipped recipe): stage-2 data
@@ -86,7 +91,8 @@ class Variant:
 
     single_object_qa: bool = False
     lookup_qa: bool = False
-    mc_per_clip: int = 1
+    mc_per_clip: int = MC_PER_CLIP
+    mc_letter: bool = False  # the MC answers end with the option's letter ("Red (B)")
     stage1: tuple = ()
     stage2: tuple = ()
     stage0: tuple = ()  # "llm.<key>=<value>" / "vision.<key>=<value>": stage-0 settings (train/stage0/common.py)
@@ -105,7 +111,9 @@ class Variant:
     def suffix(self) -> str:
         return (self.stage1_suffix() + ("+single" if self.single_object_qa else "")
                 + ("+lookup" if self.lookup_qa else "")
-                + (f"+mc{self.mc_per_clip}" if self.mc_per_clip != 1 else "") + "".join(f"+{o}" for o in self.stage2))
+                + (f"+mc{self.mc_per_clip}" if self.mc_per_clip != MC_PER_CLIP else "")
+                + ("+mcletter" if self.mc_letter else "")
+                + "".join(f"+{o}" for o in self.stage2))
 
 
 class Phases:
@@ -201,7 +209,8 @@ def prepare(work: Path, phases: Phases, *, seed: int = 0, smoke: bool = False, p
 def train_and_score(name: str, spec: dict, work: Path, phases: Phases, *, seed: int = 0, smoke: bool = False,
                     variant: Variant = Variant(), progress: bool = True):
     """Stage 1 + 2 of one connector ``spec`` (a `CONNECTORS` entry) on a prepared work folder, then its held-out
-    score: (its results row, the trained model's folder). Phases ``train_<name><suffix>``, ``eval_<name><suffix>``."""
+    score: (its results row, the trained model's folder). Phases ``stage1_<name><stage-1 suffix>`` (shared by the
+    variants that change only stage 2), ``train_<name><suffix>`` (stage 2) and ``eval_<name><suffix>``."""
     from vidlmm.checkpoint import load_model
     from vidlmm.evaluate import evaluate, load_mc_items
     from vidlmm.pipeline import VideoLMM
@@ -210,8 +219,10 @@ def train_and_score(name: str, spec: dict, work: Path, phases: Phases, *, seed: 
     from .trainer import run
 
     world = work / "world"
-    mc_name = "mc_train.json" if variant.mc_per_clip == 1 else f"mc_train{variant.mc_per_clip}.json"
-    mc_train = write_mc_annotations(world, world / mc_name, seed=seed, per_clip=variant.mc_per_clip)
+    mc_name = ("mc_train" + (str(variant.mc_per_clip) if variant.mc_per_clip != 1 else "")
+               + ("_letter" if variant.mc_letter else "") + ".json")
+    mc_train = write_mc_annotations(world, world / mc_name, seed=seed, per_clip=variant.mc_per_clip,
+                                    letter=variant.mc_letter)
     stage2_data = [str(world / "qa.json"), str(mc_train)]
     if variant.single_object_qa:
         stage2_data.append(str(write_single_object_annotations(world, world / "single_train.json", seed=seed)))
@@ -243,7 +254,10 @@ def train_and_score(name: str, spec: dict, work: Path, phases: Phases, *, seed: 
     if f"train_{name}{suffix}" not in phases.state["phases"]:
         records.unlink(missing_ok=True)  # scored by an earlier model of that name
         phases.state["phases"].pop(scoring, None)
-    phases.run(f"train_{name}{suffix}", lambda: (run(stage1, progress=progress), run(stage2, progress=progress)))
+    # stage 1 is a phase of its own: variants that change only stage 2 share it, and its time once
+    stage1_phase = f"stage1_{name}{variant.stage1_suffix()}"
+    phases.run(stage1_phase, lambda: run(stage1, progress=progress))
+    phases.run(f"train_{name}{suffix}", lambda: run(stage2, progress=progress))
     t = time.perf_counter()
     model = load_model(model_dir)
     qs = questions(world / "eval_mc.json")
@@ -253,7 +267,7 @@ def train_and_score(name: str, spec: dict, work: Path, phases: Phases, *, seed: 
     if scoring not in phases.state["phases"]:  # a rerun that reads the kept records keeps the scoring's own time
         phases.record(scoring, time.perf_counter() - t)
     row = {**model_row(result, qs), "variant": suffix, "stage0_phase": f"stage0{variant.stage0_suffix()}",
-           "visual_tokens": visual_tokens(model)}
+           "stage1_phase": stage1_phase, "visual_tokens": visual_tokens(model)}
     return row, model_dir
 
 
@@ -319,6 +333,7 @@ def _write_results(out: Path, state: dict, seed: int, smoke: bool, results: dict
     timings = dict(state["phases"])
     # the total counts the phases that made the table's models (a work folder may also hold the other variant's)
     made = {"world", "stage0"} | {r.get("stage0_phase", "stage0") for r in results.values()} | {
+        r["stage1_phase"] for r in results.values() if "stage1_phase" in r} | {
         f"{step}_{name}{_suffix(r)}" for name, r in results.items() for step in ("train", "eval")}
     timings["total"] = sum(v for k, v in timings.items() if k in made)
     summary = {"seed": seed, "smoke": smoke, "timings_s": timings, "results": results}
@@ -354,8 +369,11 @@ def main(argv=None) -> int:
     parser.add_argument("--lookup-qa", action="store_true",
                         help="add every colour/shape question about each several-object clip, one conversation per "
                              "clip, to stage 2 (see docs/embedded-models.md)")
-    parser.add_argument("--mc-per-clip", type=int, default=1,
-                        help="multiple-choice questions per training clip in stage 2 (default 1)")
+    parser.add_argument("--mc-per-clip", type=int, default=MC_PER_CLIP,
+                        help="multiple-choice questions per training clip in stage 2 (default %(default)s)")
+    parser.add_argument("--mc-letter", action="store_true",
+                        help="stage 2's multiple-choice answers end with the option's letter, \"Red (B)\" (default: "
+                             "the option's text alone)")
     parser.add_argument("--stage0", nargs="*", default=[], metavar="PART.KEY=VALUE",
                         help="stage-0 settings to change: the budget's (train/stage0/common.py) or any keyword of "
                              "pretrain_llm / pretrain_vision, e.g. vision.set_weight=1 (the shipped stage 0 is made "
@@ -371,8 +389,8 @@ def main(argv=None) -> int:
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     variant = Variant(single_object_qa=args.single_object_qa, lookup_qa=args.lookup_qa,
-                      mc_per_clip=args.mc_per_clip, stage1=tuple(args.stage1), stage2=tuple(args.stage2),
-                      stage0=tuple(args.stage0))
+                      mc_per_clip=args.mc_per_clip, mc_letter=args.mc_letter, stage1=tuple(args.stage1),
+                      stage2=tuple(args.stage2), stage0=tuple(args.stage0))
     summary = build(out, work, seed=args.seed, smoke=args.smoke, connectors=args.connectors,
                     heldout=Path(args.heldout) if args.heldout else None, variant=variant)
     print(results_table(summary))

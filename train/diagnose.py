@@ -188,8 +188,8 @@ def symbol_readout(model, world_dir: Path, clips: int = 200) -> dict:
     from vidlmm.pipeline import default_sampling
     from vidlmm.preprocess import read_pixels
 
-    from .stage0.symbols import CELLS, SLOTS, symbol_rows, symbolic_video
-    from .world import SHAPES, load_clips
+    from .stage0.symbols import SLOTS, symbol_parts, symbol_rows, symbolic_video
+    from .world import load_clips
 
     symbols = symbol_rows(model).detach()
     specs = load_clips(world_dir)["eval"][:clips]
@@ -198,7 +198,7 @@ def symbol_readout(model, world_dir: Path, clips: int = 200) -> dict:
     parts, lengths = Counter(), []
 
     def pair(symbol: int) -> tuple[int, int]:  # (colour, shape) of a symbol other than blank
-        return divmod((symbol - 1) // CELLS, len(SHAPES))
+        return symbol_parts(symbol - 1)[:2]
 
     with torch.no_grad():
         for spec in specs:
@@ -431,13 +431,12 @@ def lm_probe(llm_dir: Path, world_dir: Path, *, train_clips: int = 600, test_cli
     from vidlmm.tokenizer import load_tokenizer
 
     from . import stage0
-    from .stage0.symbols import part_lengths
+    from .stage0.symbols import part_lengths, symbol_rows
 
     fit, held, _ = stage0.split_clips(world_dir)
     model, tokenizer = AutoModelForCausalLM.from_pretrained(llm_dir).eval(), load_tokenizer(llm_dir)
-    rows = model.get_input_embeddings().weight[len(tokenizer):len(tokenizer) + stage0.symbol_count()].detach()
     return {**direction_probe(model, tokenizer, fit, held, train_clips=train_clips, test_clips=test_clips, seed=seed),
-            "parts": part_lengths(rows)}
+            "parts": part_lengths(symbol_rows(model, tokenizer).detach())}
 
 
 def direction_probe(model, tokenizer, fit: list, held: list, *, train_clips: int = 600, test_clips: int = 200,
@@ -461,7 +460,7 @@ def direction_probe(model, tokenizer, fit: list, held: list, *, train_clips: int
     from vidlmm.conversation import build_prompt
 
     from . import stage0, world
-    from .stage0.symbols import CELLS, SLOTS, sampled_objects
+    from .stage0.symbols import SLOTS, sampled_objects, symbol_index, symbol_parts
     from .stage0.tower import ridge_predict
 
     first = len(tokenizer)
@@ -488,11 +487,12 @@ def direction_probe(model, tokenizer, fit: list, held: list, *, train_clips: int
             label = directions[q.answer.lower().rstrip(".")]
             for j, t in enumerate(video):
                 if t > first:
-                    rows["cell"].append((states[:, start + j], (t - first - 1) % CELLS))
-                    rows["colour"].append((states[:, start + j], (t - first - 1) // CELLS // len(world.SHAPES)))
+                    colour, _, row, col = symbol_parts(t - first - 1)
+                    rows["cell"].append((states[:, start + j], row * 3 + col))
+                    rows["colour"].append((states[:, start + j], colour))
             last = video[-SLOTS:]  # the last sampled frame's slots
             shape = world.SHAPES.index(spec.objects[mover].shape)
-            mine = [first + 1 + (colour * len(world.SHAPES) + shape) * CELLS + row * 3 + col
+            mine = [first + 1 + symbol_index(colour, shape, row, col)
                     for col, row, colour, i in sampled_objects(spec)[-1] if i == mover]
             if mine and mine[0] in last:  # the mover's token in the last sampled frame
                 rows["moved_token"].append((states[:, start + len(video) - SLOTS + last.index(mine[0])], label))

@@ -8,6 +8,7 @@ import shutil
 import time
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from vidlmm.tokenizer import EOS_TOKEN, load_tokenizer
 from train import world as W
 
 from .common import TEMPLATE, _count_params, _fit, split_clips
-from .symbols import CELLS, ComposedSymbols, factored_rows, symbol_count, symbolic_video, where_turns
+from .symbols import ComposedSymbols, factored_rows, symbol_count, symbol_parts, symbolic_video, where_turns
 from .text import (context_conversations, conversation_ids, lookup_conversations, mc_conversations, prompt_ids,
                    restatement_ids, symbolic_ids, world_conversations)
 
@@ -212,7 +213,7 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
     motion = None
     if motion_weight:  # a linear head trained with the model and dropped before saving
         model.motion_head = torch.nn.Linear(hidden_size, MOTIONS)
-        motion = (model.motion_head, motion_layer, motion_weight, motion_detach)
+        motion = MotionLoss(model.motion_head, motion_layer, motion_weight, motion_detach)
     model.train()
     rng = np.random.default_rng([seed, 1])
     lengths = np.array([len(s) for s in train]) if bucket else None  # only the length batches read them
@@ -272,42 +273,48 @@ def pretrain_llm(world_dir, tokenizer_dir, out_dir, *, hidden_size: int = 128, l
 MOTIONS = 9  # where an object is against its first token: (column change sign + 1) * 3 + (row change sign + 1)
 
 
+class MotionLoss(NamedTuple):
+    """`pretrain_llm`'s motion head and its settings (``motion_layer``, ``motion_weight``, ``motion_detach``)."""
+    head: torch.nn.Module
+    layer: int
+    weight: float
+    detach: bool
+
+
 def motion_labels(ids: torch.Tensor, text_vocab: int) -> torch.Tensor:
     """[batch, positions]: for each object symbol of a symbolic video, where the object is against its first symbol
     in the sequence, one of `MOTIONS` classes (4: the same cell); -100 elsewhere. An object is its shape: a clip's
     objects have distinct shapes, and an object may change colour."""
     out = torch.full_like(ids, -100)
-    rel = ids - text_vocab - 1  # >= 0 for an object symbol, in `symbolic_video`'s id order
+    rel = ids - text_vocab - 1  # >= 0 for an object symbol: its `symbol_index`
     first: dict = {}
     for b, t in torch.nonzero(rel >= 0).tolist():  # row-major: each sequence's symbols in order
-        k = int(rel[b, t])
-        row, col = divmod(k % CELLS, 3)
-        r0, c0 = first.setdefault((b, k // CELLS % len(W.SHAPES)), (row, col))
+        _, shape, row, col = symbol_parts(int(rel[b, t]))
+        r0, c0 = first.setdefault((b, shape), (row, col))
         out[b, t] = (int(np.sign(col - c0)) + 1) * 3 + int(np.sign(row - r0)) + 1
     return out
 
 
 def _composed_loss(model, composed: ComposedSymbols, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
-                   text_vocab: int, motion: tuple | None = None) -> torch.Tensor:
+                   text_vocab: int, motion: MotionLoss | None = None) -> torch.Tensor:
     """The LM's loss with the symbolic video's rows taken from ``composed`` in its input and in its (tied) output
-    layer, so the rows the LM is trained with are the ones saved. ``motion`` (head, layer, weight, detach): plus
+    layer, so the rows the LM is trained with are the ones saved. With ``motion``: plus its
     weight x the cross-entropy of `motion_labels` read by a linear head from the states after that layer; with
     detach, those states come from a second pass on the rows detached, so that loss trains the layers only."""
     table = torch.cat([model.get_input_embeddings().weight[:text_vocab], composed.rows()])
-    detach = motion is not None and motion[3]
+    detach = motion is not None and motion.detach
     out = model.model(inputs_embeds=table[ids], attention_mask=mask,
                       output_hidden_states=motion is not None and not detach)
     logits = out.last_hidden_state[:, :-1] @ table.T
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                              ignore_index=-100)
     if motion is not None:
-        head, layer, weight, _ = motion
         target = motion_labels(ids, text_vocab)
         if bool((target >= 0).any()):
             states = (model.model(inputs_embeds=table.detach()[ids], attention_mask=mask, output_hidden_states=True)
-                      if detach else out).hidden_states[layer]
-            loss = loss + weight * torch.nn.functional.cross_entropy(
-                head(states).reshape(-1, MOTIONS), target.reshape(-1), ignore_index=-100)
+                      if detach else out).hidden_states[motion.layer]
+            loss = loss + motion.weight * torch.nn.functional.cross_entropy(
+                motion.head(states).reshape(-1, MOTIONS), target.reshape(-1), ignore_index=-100)
     return loss
 
 

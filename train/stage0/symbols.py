@@ -36,6 +36,18 @@ def symbol_count() -> int:
     return 1 + len(W.COLOUR_NAMES) * len(W.SHAPES) * CELLS
 
 
+def symbol_index(colour: int, shape: int, row: int, col: int) -> int:
+    """The index of a (colour, shape, cell) symbol among the symbols past the blank: a symbolic video writes it as
+    ``first_id + 1 + index``."""
+    return (colour * len(W.SHAPES) + shape) * CELLS + row * len(_CELL_FRACTIONS) + col
+
+
+def symbol_parts(index: int) -> tuple[int, int, int, int]:
+    """(colour, shape, row, col) of a symbol's index past the blank: `symbol_index` undone."""
+    pair, cell = divmod(index, CELLS)
+    return (*divmod(pair, len(W.SHAPES)), *divmod(cell, len(_CELL_FRACTIONS)))
+
+
 class ComposedSymbols(torch.nn.Module):
     """The symbolic video's embedding rows as sums of learned parts: each (colour, shape, cell) row is its colour's
     + its shape's + its cell's part, each part ~ N(0, std / sqrt(3)) at the start, so a row starts as long as the
@@ -103,8 +115,8 @@ def symbolic_video(spec, first_id: int, *, frames: int = FRAMES, slots: int = SL
     right (then top to bottom), each as the id of its (colour, shape, cell), the rest of the slots blank."""
     ids: list[int] = []
     for here in sampled_objects(spec, frames):
-        frame = sorted((col, row, first_id + 1 + (colour * len(W.SHAPES) + W.SHAPES.index(spec.objects[i].shape))
-                        * CELLS + row * len(_CELL_FRACTIONS) + col) for col, row, colour, i in here)
+        frame = sorted((col, row, first_id + 1 + symbol_index(colour, W.SHAPES.index(spec.objects[i].shape), row, col))
+                       for col, row, colour, i in here)
         ids += [s for _, _, s in frame][:slots] + [first_id] * max(0, slots - len(frame))
     return ids
 
@@ -145,12 +157,14 @@ def has_symbol_rows(rows: int, tokenizer) -> bool:
     return rows >= len(tokenizer) + symbol_count()
 
 
-def symbol_rows(model) -> torch.Tensor:
-    """A TinyLLaVA model's LM embedding rows of the symbolic video ([symbol_count(), D], past its tokenizer);
-    ValueError with one sentence when its LM has none (it was not trained with `llm.symbolic_per_clip`)."""
-    table = model.language_model.get_input_embeddings().weight
-    first = len(model.tokenizer)
-    if not has_symbol_rows(table.shape[0], model.tokenizer):
+def symbol_rows(model, tokenizer=None) -> torch.Tensor:
+    """The LM embedding rows of the symbolic video ([symbol_count(), D], past the tokenizer) of a TinyLLaVA model,
+    or of a bare LM given its ``tokenizer``; ValueError with one sentence when the LM has none (it was not trained
+    with `llm.symbolic_per_clip`)."""
+    lm, tokenizer = (model, tokenizer) if tokenizer is not None else (model.language_model, model.tokenizer)
+    table = lm.get_input_embeddings().weight
+    first = len(tokenizer)
+    if not has_symbol_rows(table.shape[0], tokenizer):
         raise ValueError("This model's LM has no embedding rows for the symbolic video (a stage-0 LM trained with "
                          "llm.symbolic_per_clip has them).")
     return table[first:first + symbol_count()]

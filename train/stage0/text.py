@@ -41,13 +41,15 @@ def _mc_item(d: dict) -> MCItem:
                   category=d.get("category", "all"))
 
 
-def _mc_answer(item: MCItem) -> str:
+def _mc_answer(item: MCItem, letter: bool = False) -> str:
     """The correct option's text ("Red"), which `vidlmm.evaluate.parse_choice` reads as that option, as the
     reference's parser does. Not the letter: a 0.9 M-parameter LM does not learn to bind an option's text to its
     letter in this budget (`python -m train.diagnose context`: 29.7 % right with letter answers even with the
     clip's caption in context; one constant letter after stage 2), while answering with the content is the same
-    skill as open-ended QA."""
-    return item.answer_text
+    skill as open-ended QA. With ``letter``, the text then its letter ("Red (B)"): the letter is then copied from
+    the option line that holds the text just written, and a reply whose text is not among the options still
+    names one."""
+    return f"{item.answer_text} ({item.answer_letter})" if letter else item.answer_text
 
 
 def _mc_prompts(spec, rng: np.random.Generator, per_clip: int, first: str = "static"):
@@ -57,31 +59,33 @@ def _mc_prompts(spec, rng: np.random.Generator, per_clip: int, first: str = "sta
         yield item, build_mc_question(item, MC_STYLES[int(rng.integers(len(MC_STYLES)))])
 
 
-def mc_conversations(specs: Iterable, seed: int, *, per_clip: int = 2,
-                     first: str = "static") -> list[list[tuple[str, str]]]:
+def mc_conversations(specs: Iterable, seed: int, *, per_clip: int = 2, first: str = "static",
+                     letter: bool = False) -> list[list[tuple[str, str]]]:
     """Multiple-choice (question, answer) conversations of the given clips (pass TRAINING clips only), in both
     evaluation prompt styles, built with the world's own MC generator and :func:`vidlmm.evaluate.build_mc_question`.
-    Each clip's first question is of category ``first`` (static or temporal), its second of the other."""
+    Each clip's first question is of category ``first`` (static or temporal), its second of the other; ``letter``:
+    the answers end with the option's letter (`_mc_answer`)."""
     convs = []
     for k, spec in enumerate(specs):
         rng = np.random.default_rng([seed, 7, k])
-        convs += [[(prompt, _mc_answer(item))] for item, prompt in _mc_prompts(spec, rng, per_clip, first)]
+        convs += [[(prompt, _mc_answer(item, letter))] for item, prompt in _mc_prompts(spec, rng, per_clip, first)]
     return convs
 
 
-def write_mc_annotations(world_dir, out_file, *, seed: int = 0, per_clip: int = 3) -> Path:
+def write_mc_annotations(world_dir, out_file, *, seed: int = 0, per_clip: int = 3, letter: bool = False) -> Path:
     """Multiple-choice QA on every TRAINING clip in the reference annotation format (``<image>`` first), for
     stage 2: the paper's mix has multiple-choice QA beside open-ended QA, and the held-out set is multiple-choice.
     Clips alternate which category comes first, so that even ``per_clip=1`` asks static and temporal questions
     (half each), as the held-out set does (with static first everywhere, a model never saw a temporal question with
-    options and answered "Which object moves?" with a colour)."""
+    options and answered "Which object moves?" with a colour). ``letter``: answers end with the option's letter."""
     train = W.load_clips(world_dir)["train"]
     records = []
     for n, spec in enumerate(train):
         # a seed per clip (not the LM's: these draws are new questions and letter orders for the same clips)
         for k, ((question, answer),) in enumerate(mc_conversations([spec], seed=1_000_003 * (seed + 1) + n,
                                                                   per_clip=per_clip,
-                                                                  first=("static", "temporal")[n % 2])):
+                                                                  first=("static", "temporal")[n % 2],
+                                                                  letter=letter)):
             records.append(_record(spec, f"mc{k}", [(question, answer)]))
     return _write_records(records, out_file)
 
