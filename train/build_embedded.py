@@ -373,7 +373,8 @@ def main(argv=None) -> int:
                         help="multiple-choice questions per training clip in stage 2 (default %(default)s)")
     parser.add_argument("--mc-letter", action="store_true",
                         help="stage 2's multiple-choice answers end with the option's letter, \"Red (B)\" (default: "
-                             "the option's text alone)")
+                             "the option's text alone; tried on group: the letter is mostly wrong, see "
+                             "docs/embedded-models.md)")
     parser.add_argument("--stage0", nargs="*", default=[], metavar="PART.KEY=VALUE",
                         help="stage-0 settings to change: the budget's (train/stage0/common.py) or any keyword of "
                              "pretrain_llm / pretrain_vision, e.g. vision.set_weight=1 (the shipped stage 0 is made "
