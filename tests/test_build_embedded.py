@@ -36,15 +36,23 @@ def test_smoke_rebuild_writes_loadable_models_and_a_table(tmp_path):
     for phase in ("world", "stage0", "stage1_group", "train_group", "train_naive", "train_image", "eval_group",
                   "eval_naive"):
         assert again["timings_s"][phase] == state["phases"][phase]
-    # a variant that changes only stage 2 (one MC question per clip, the shipped recipe has three) trains stage 2
-    # alone on the shared stage 1, whose time its table counts once
+    # a variant that changes only stage 2 (one MC question per clip, the shipped recipe has three, and one asked of
+    # another clip's video, trained by the option loss) trains stage 2 alone on the shared stage 1, whose time its
+    # table counts once
+    with pytest.raises(ValueError, match="option_weight"):  # questions with no loss to train them
+        build(tmp_path / "one", tmp_path / "work", seed=0, smoke=True, progress=False, connectors=("group",),
+              variant=Variant(mc_other_video=1))
+    variant = Variant(mc_per_clip=1, mc_other_video=1, stage2=("option_weight=1",))
     one = build(tmp_path / "one", tmp_path / "work", seed=0, smoke=True, progress=False, connectors=("group",),
-                variant=Variant(mc_per_clip=1))
+                variant=variant)
     done = json.loads((tmp_path / "work" / "build_state.json").read_text())["phases"]
-    assert done["stage1_group"] == state["phases"]["stage1_group"] and "train_group+mc1" in done
+    name = "group+mc1+other1+option_weight=1"
+    assert done["stage1_group"] == state["phases"]["stage1_group"] and f"train_{name}" in done
     assert one["timings_s"]["total"] == pytest.approx(sum(done[k] for k in (
-        "world", "stage0", "stage1_group", "train_group+mc1", "eval_group+mc1")))
-    assert "| group (+mc1) |" in (tmp_path / "one" / "results.md").read_text()
+        "world", "stage0", "stage1_group", f"train_{name}", f"eval_{name}")))
+    assert "| group (+mc1+other1+option_weight=1) |" in (tmp_path / "one" / "results.md").read_text()
+    other = json.loads((tmp_path / "work" / "world" / "mc_other1.json").read_text())
+    assert other and all(r["answer_known"] is False for r in other)
     # the ablations reuse the world, stage 0 and the embedded runs they share, and train the rest
     from train.ablations import run_ablations
 
@@ -170,6 +178,7 @@ def test_the_default_rebuild_ships_seven_models_and_the_fusion_variant_is_opt_in
     # the shipped stage 2 names no phase suffix; what differs from it does
     assert Variant().suffix() == "" and Variant().mc_per_clip == 3
     assert Variant(mc_per_clip=1, mc_letter=True, stage2=("epochs=4",)).suffix() == "+mc1+mcletter+epochs=4"
+    assert Variant(mc_other_video=2, stage2=("option_weight=1",)).suffix() == "+other2+option_weight=1"
 
 
 def test_every_shipped_model_reads_the_same_64_visual_tokens():

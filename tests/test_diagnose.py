@@ -32,6 +32,19 @@ def test_gap_compares_own_other_and_no_video(tiny_checkpoints, mc_set, capsys):
     assert 0 < out["video_dependent_share"] < 1
 
 
+def test_gap_as_asked_reports_the_option_loss(tiny_checkpoints, mc_set, capsys):
+    """--as-asked: the held-out questions with their options, as the evaluation asks them, and the option loss
+    beside the answer's loss (a share of the answer's probability, so between 0 and its own loss)."""
+    assert diagnose.main(["gap", "--model", str(tiny_checkpoints["group"]), "--annotations", str(mc_set),
+                          "--as-asked"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["samples"] == 3
+    for video in ("right_video", "wrong_video", "zero_features"):
+        assert 0 < out[f"option_loss_{video}"] < out[video]
+    assert diagnose.main(["gap", "--model", str(tiny_checkpoints["group"]), "--annotations", str(mc_set)]) == 0
+    assert "option_loss_right_video" not in json.loads(capsys.readouterr().out)  # the bare question has none
+
+
 def test_open_ended_scores_by_option_text(tiny_checkpoints, mc_set, capsys):
     assert diagnose.main(["open", "--model", str(tiny_checkpoints["naive"]), "--data", str(mc_set)]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -152,6 +152,7 @@ def test_mc_training_annotations_cover_training_clips_only(world, tmp_path):
         texts = [line.split(" ", 1)[1] for line in options]
         assert len(options) == 4 and texts.count(gpt) == 1
         assert parse_choice(gpt, texts) == "ABCD"[texts.index(gpt)]
+        assert r["options"] == texts  # the answer each option would be, for stage 2's option_weight
     assert write_mc_annotations(world, tmp_path / "again.json", seed=0, per_clip=3).read_text() == path.read_text()
     # with the letter: the same questions, each answer its text then its letter, which the parser reads first,
     # so that even a reply whose text is not among the options names one
@@ -162,7 +163,24 @@ def test_mc_training_annotations_cover_training_clips_only(world, tmp_path):
         texts = [line.split(" ", 1)[1] for line in r["conversations"][0]["value"].splitlines()[-5:-1]]
         letter = "ABCD"[texts.index(text)]
         assert r["conversations"][1]["value"] == f"{text} ({letter})"
+        assert r["options"] == [f"{t} ({c})" for t, c in zip(texts, "ABCD")]
         assert parse_choice(f"Not an option ({letter})", texts) == letter
+
+
+def test_other_video_questions_are_asked_of_another_clips_video(world, tmp_path):
+    from train.stage0 import write_other_video_annotations
+
+    path = write_other_video_annotations(world, tmp_path / "other.json", seed=0)
+    records = json.loads(path.read_text())
+    train_ids = [s.id for s in load_clips(world)["train"]]
+    assert [r["id"].rsplit("_other", 1)[0] for r in records] == train_ids  # one question per training clip
+    for r in records:
+        asked_of = r["id"].rsplit("_other", 1)[0]
+        assert r["video"] != f"videos/{asked_of}.mp4" and (world / r["video"]).is_file()
+        assert r["answer_known"] is False and r["conversations"][1]["value"] in r["options"]
+        assert len(r["options"]) == 4 and all(f") {o}\n" in r["conversations"][0]["value"]
+                                              or f". {o}\n" in r["conversations"][0]["value"] for o in r["options"])
+    assert write_other_video_annotations(world, tmp_path / "again.json", seed=0).read_text() == path.read_text()
 
 
 def test_single_object_annotations_ask_the_lone_objects_colour_and_shape(world, tmp_path):

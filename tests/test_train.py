@@ -403,3 +403,70 @@ def test_visual_token_count_matches_the_connector_at_every_frame_count(connector
     assert [count(t) for t in range(1, 17)] == [model.num_visual_tokens(t) for t in range(1, 17)]
     if options:
         assert count(16) == options["token_budget"]  # 9 (pool: a square) x 16 frames, 4 x 16
+
+
+# ---- stage 2's option_weight -------------------------------------------------------------------------------
+def test_option_continuations_follow_the_options_that_share_the_answers_prefix():
+    from train.data import option_continuations
+
+    ignore = -100
+    labels = [ignore, ignore, 5, 6, 7, 2]  # the answer 5 6 7 <eos> after an unsupervised prompt
+    options = [[ignore, ignore, 5, 6, 7, 2], [ignore, ignore, 5, 6, 8, 2], [ignore, ignore, 5, 9, 2],
+               [ignore, ignore, 4, 2], [ignore, ignore, 5, 6, 7, 3, 2]]  # the last one extends the answer
+    # after "5 6", options 1 and 2 go on with 7 or 8; after "5", with 6 or 9; the answer's own token comes first
+    assert option_continuations(labels, options) == [[5, 4], [6, 9], [7, 8], [2, 3]]
+
+
+def test_option_loss_is_minus_the_log_probability_kept_on_the_options():
+    from train.trainer import option_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 10, requires_grad=True)
+    labels = torch.full((2, 6), -100)
+    labels[0, 3:] = torch.tensor([4, 5, 6])  # positions 2, 3 and 4 predict them
+    allowed = [[[4, 1], [5], [6, 0, 9]], None]
+    loss = option_loss(logits, labels, allowed)
+    p = logits.softmax(-1)
+    expected = -(p[0, 2, [4, 1]].sum().log() + p[0, 3, 5].log() + p[0, 4, [6, 0, 9]].sum().log()) / 3
+    assert torch.allclose(loss[0], expected) and loss[1] == 0
+    # where every token is allowed, nothing is asked
+    assert option_loss(logits, labels, [[list(range(10))] * 3, None]).abs().max() < 1e-6
+    # its gradient moves probability onto the allowed tokens, not between them
+    loss[0].backward()
+    grad = logits.grad[0, 2]
+    assert (grad[[4, 1]] < 0).all() and (grad[[0, 2, 3, 5, 6, 7, 8, 9]] > 0).all()
+
+
+def test_option_weight_adds_the_option_loss_to_multiple_choice_samples_only(tmp_path, tiny_world):
+    """A stage-2 dataset with options: each answer token's allowed set starts with that token, in the order the
+    spliced labels supervise them, and the step's loss grows by the option loss on the samples with options; one
+    whose answer is not known (`answer_known: false`) has that loss alone."""
+    from train.data import collate
+    from train.trainer import TrainingStep, _dataset
+
+    mc = {"id": "mc", "video": "videos/clip0.mp4", "options": ["a square", "a circle", "a cross", "two"],
+          "conversations": [{"from": "human", "value": "<image>\nWhat moves?\nA. a square\nB. a circle\nC. a cross"
+                             "\nD. two"}, {"from": "gpt", "value": "a square"}]}
+    plain = json.loads((tiny_world["root"] / "qa.json").read_text())[0]
+    other = {**mc, "id": "other", "video": "videos/clip1.mp4", "answer_known": False}  # asked of another clip
+    (tmp_path / "mc.json").write_text(json.dumps([mc, plain, other]))
+    recipe = load_recipe(write_recipe(tmp_path / "s2.yaml", stage="finetune", template="qwen2_base",
+                                      llm=str(tiny_world["llm"]), vision_tower=str(tiny_world["vision"]),
+                                      annotations=[str(tmp_path / "mc.json")],
+                                      video_roots=[str(tiny_world["root"])], option_weight=1.0))
+    model = build_model(recipe)
+    dataset, _, _ = _dataset(model, recipe)
+    batch = collate([dataset[0], dataset[1], dataset[2]])
+    mc_allowed, plain_allowed, _ = batch["allowed"]
+    assert plain_allowed is None and len(mc_allowed[0]) > 1 and mc_allowed[-1] == mc_allowed[-1][:1]  # eos only
+    visual = [model.connect(model.vision_tower(p)) for p in batch["pixel_values"]]
+    _, _, labels = model.build_inputs(batch["input_ids"], visual, batch["labels"], padding_side="right")
+    assert [int(t) for t in labels[0][labels[0] != -100]] == [tokens[0] for tokens in mc_allowed]
+    args = (batch["pixel_values"], batch["input_ids"], batch["labels"], None, None, None, batch["allowed"],
+            batch["answer_weights"])
+    with torch.no_grad():
+        weighted = TrainingStep(model, option_weight=1.0)(*args)
+        unweighted = TrainingStep(model)(*args)
+    assert weighted[0] > unweighted[0] and weighted[1] == unweighted[1]
+    # the question asked of another clip's video trains its option loss alone
+    assert batch["answer_weights"].tolist() == [1.0, 1.0, 0.0] and unweighted[2] == 0 < weighted[2]

@@ -93,6 +93,7 @@ class Variant:
     lookup_qa: bool = False
     mc_per_clip: int = MC_PER_CLIP
     mc_letter: bool = False  # the MC answers end with the option's letter ("Red (B)")
+    mc_other_video: int = 0  # MC questions per clip asked of another clip's video, trained by the option loss alone
     stage1: tuple = ()
     stage2: tuple = ()
     stage0: tuple = ()  # "llm.<key>=<value>" / "vision.<key>=<value>": stage-0 settings (train/stage0/common.py)
@@ -113,6 +114,7 @@ class Variant:
                 + ("+lookup" if self.lookup_qa else "")
                 + (f"+mc{self.mc_per_clip}" if self.mc_per_clip != MC_PER_CLIP else "")
                 + ("+mcletter" if self.mc_letter else "")
+                + (f"+other{self.mc_other_video}" if self.mc_other_video else "")
                 + "".join(f"+{o}" for o in self.stage2))
 
 
@@ -215,7 +217,8 @@ def train_and_score(name: str, spec: dict, work: Path, phases: Phases, *, seed: 
     from vidlmm.evaluate import evaluate, load_mc_items
     from vidlmm.pipeline import VideoLMM
 
-    from .stage0 import write_lookup_annotations, write_mc_annotations, write_single_object_annotations
+    from .stage0 import (write_lookup_annotations, write_mc_annotations, write_other_video_annotations,
+                         write_single_object_annotations)
     from .trainer import run
 
     world = work / "world"
@@ -228,6 +231,9 @@ def train_and_score(name: str, spec: dict, work: Path, phases: Phases, *, seed: 
         stage2_data.append(str(write_single_object_annotations(world, world / "single_train.json", seed=seed)))
     if variant.lookup_qa:
         stage2_data.append(str(write_lookup_annotations(world, world / "lookup_train.json", seed=seed)))
+    if variant.mc_other_video:
+        stage2_data.append(str(write_other_video_annotations(world, world / f"mc_other{variant.mc_other_video}.json",
+                                                             seed=seed, per_clip=variant.mc_other_video)))
     common = [f"seed={seed}", f"video_roots=[{json.dumps(str(world))}]"]
     if smoke:
         common += ["epochs=1", "global_batch_size=8", "per_device_batch_size=4"]
@@ -247,6 +253,9 @@ def train_and_score(name: str, spec: dict, work: Path, phases: Phases, *, seed: 
                                              f"annotations={json.dumps(stage2_data)}",
                                              f"output_dir={work / name / ('stage2' + variant.suffix())}",
                                              *variant.stage2])
+    if variant.mc_other_video and not stage2.option_weight:
+        raise ValueError("--mc-other-video trains its questions by the option loss alone: give it a weight "
+                         "(--stage2 option_weight=1).")
     model_dir = Path(stage2.output_dir) / "model"
     suffix = variant.suffix()
     records = work / name / f"heldout{suffix}.jsonl"
@@ -375,6 +384,9 @@ def main(argv=None) -> int:
                         help="stage 2's multiple-choice answers end with the option's letter, \"Red (B)\" (default: "
                              "the option's text alone; tried on group: the letter is mostly wrong, see "
                              "docs/embedded-models.md)")
+    parser.add_argument("--mc-other-video", type=int, default=0, metavar="N",
+                        help="add N multiple-choice questions per training clip asked of another clip's video, "
+                             "trained only to keep the reply on the options (needs --stage2 option_weight=W)")
     parser.add_argument("--stage0", nargs="*", default=[], metavar="PART.KEY=VALUE",
                         help="stage-0 settings to change: the budget's (train/stage0/common.py) or any keyword of "
                              "pretrain_llm / pretrain_vision, e.g. vision.set_weight=1 (the shipped stage 0 is made "
@@ -390,7 +402,8 @@ def main(argv=None) -> int:
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     variant = Variant(single_object_qa=args.single_object_qa, lookup_qa=args.lookup_qa,
-                      mc_per_clip=args.mc_per_clip, mc_letter=args.mc_letter, stage1=tuple(args.stage1),
+                      mc_per_clip=args.mc_per_clip, mc_letter=args.mc_letter, mc_other_video=args.mc_other_video,
+                      stage1=tuple(args.stage1),
                       stage2=tuple(args.stage2), stage0=tuple(args.stage0))
     summary = build(out, work, seed=args.seed, smoke=args.smoke, connectors=args.connectors,
                     heldout=Path(args.heldout) if args.heldout else None, variant=variant)

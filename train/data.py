@@ -1,9 +1,12 @@
 """Training data in the reference's annotation format, read with the same frame sampler as inference.
 
 An annotation file is a JSON list of `{"id", "video": relative path, "conversations": [{"from": "human"|"gpt",
-"value": ...}, ...]}`. `<video>` placeholders and user/assistant roles are normalised (with a warning). A video
-that cannot be read (or whose decoder hangs or crashes, see `decode_worker`) is dropped from the run and logged
-with its path: it never stops a run.
+"value": ...}, ...]}`. `<video>` placeholders and user/assistant roles are normalised (with a warning). Our own
+files may add `"symbols"` (the clip's symbolic video, for stage 1's `symbol_weight`) and, on a one-turn
+multiple-choice record, `"options"` (the answer each option would be, for stage 2's `option_weight`), with
+`"answer_known": false` where only the option loss is to be trained (a question asked of another clip's video). A
+video that cannot be read (or whose decoder hangs or crashes, see `decode_worker`) is dropped from the run and
+logged with its path: it never stops a run.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vidlmm.conversation import make_training_example, normalize_conversations
+from vidlmm.conversation import IGNORE_INDEX, make_training_example, normalize_conversations
 from vidlmm.errors import VideoReadError
 from vidlmm.preprocess import read_pixels
 from vidlmm.video import FrameSampling
@@ -59,6 +62,8 @@ class Sample:
     video: Path
     conversations: list
     symbols: list | None = None  # the clip's symbolic video (`train.stage0.symbols`), for stage 1's symbol_weight
+    options: list | None = None  # a multiple-choice record's answer for each option, for stage 2's option_weight
+    answer_known: bool = True  # False: the answer's own loss is not trained, only the option loss
 
 
 def load_annotations(files: list[str | Path], video_roots: list[str | Path]) -> tuple[list[Sample], Counter]:
@@ -84,7 +89,8 @@ def load_annotations(files: list[str | Path], video_roots: list[str | Path]) -> 
                 problems["missing video"] += 1
                 log.warning("%s item %d: video '%s' not found under the video roots; skipped", file.name, n, rel)
                 continue
-            samples.append(Sample(str(item.get("id", n)), path, item["conversations"], item.get("symbols")))
+            samples.append(Sample(str(item.get("id", n)), path, item["conversations"], item.get("symbols"),
+                                  item.get("options"), bool(item.get("answer_known", True))))
     return samples, problems
 
 
@@ -131,6 +137,24 @@ def shared_feature_cache(max_bytes: int) -> FeatureCache:
     return _SHARED_CACHES.setdefault(max_bytes, FeatureCache(max_bytes))
 
 
+def option_continuations(labels: list[int], answers: list[list[int]]) -> list[list[int]]:
+    """For each supervised token of a multiple-choice answer (`labels`, IGNORE_INDEX elsewhere), in order: the
+    tokens that keep the reply on some option there, given the answer's tokens before it. `answers`: each
+    option's labels as that option's answer (same prompt). The answer's own token comes first."""
+    target = [t for t in labels if t != IGNORE_INDEX]
+    others = [[t for t in a if t != IGNORE_INDEX] for a in answers]
+    return [list(dict.fromkeys([token] + [o[j] for o in others if len(o) > j and o[:j] == target[:j]]))
+            for j, token in enumerate(target)]
+
+
+def sample_option_continuations(conversations: list, options: list[str], labels_of) -> list[list[int]]:
+    """`option_continuations` of a one-turn multiple-choice sample: ``labels_of(conversations)`` gives a
+    conversation's training labels; each option's are those of the same prompt answered with that option."""
+    *prompt, last = conversations
+    return option_continuations(labels_of(conversations), [labels_of([*prompt, {**last, "value": answer}])
+                                                           for answer in options])
+
+
 def _decode_pixels(path, sampling: FrameSampling, image_processor) -> torch.Tensor:
     """A video file -> the model's pixel tensor [T, 3, S, S]: the one place training turns a video into pixels."""
     return read_pixels(path, sampling, image_processor)[1]
@@ -138,8 +162,8 @@ def _decode_pixels(path, sampling: FrameSampling, image_processor) -> torch.Tens
 
 class VideoConversationDataset(torch.utils.data.Dataset):
     """Items: {"pixel_values" [T,3,S,S] or None, "features" [T,N,C] or None, "cache_key", "input_ids", "labels",
-    "id", "index", "video", "weight", "skipped", "num_visual_tokens", "symbols"}. With a feature cache that already
-    holds a clip, the clip is not decoded at all.
+    "id", "index", "video", "weight", "skipped", "num_visual_tokens", "symbols", "allowed", "answer_weight"}. With a
+    feature cache that already holds a clip, the clip is not decoded at all.
 
     A sample whose video cannot be read is dropped, not replaced by the next readable one: its item is a
     placeholder (a blank one-frame clip with the sample's own text) of weight 0 and `skipped` says why. Every
@@ -150,13 +174,17 @@ class VideoConversationDataset(torch.utils.data.Dataset):
     whether or not its file has since been repaired.
 
     decode_time_limit_s > 0 decodes in a child process (`DecodeWorker`), so a hang or a crash costs the sample;
-    0 decodes in this process.
+    0 decodes in this process. ``options``: a sample with options gets ``allowed``, its answer tokens'
+    `option_continuations` (None otherwise). ``answer_weight`` is 0 for a sample whose answer is not known (its
+    option loss only), else 1.
     """
 
     def __init__(self, samples: list[Sample], *, tokenizer, image_processor, template: str,
                  sampling: FrameSampling, visual_tokens_for, max_length: int = 3072,
-                 feature_cache: FeatureCache | None = None, decode_time_limit_s: float = 0.0):
+                 feature_cache: FeatureCache | None = None, decode_time_limit_s: float = 0.0,
+                 options: bool = False):
         self.samples = samples
+        self.options = options
         self.feature_cache = feature_cache
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.template, self.sampling = template, sampling
@@ -197,12 +225,21 @@ class VideoConversationDataset(torch.utils.data.Dataset):
             pixels, key = self.placeholder, None
         frames = len(features if features is not None else pixels)
         num_visual = self.visual_tokens_for(frames)
-        example = make_training_example(self.template, sample.conversations, self.tokenizer,
-                                        max_length=self.max_length, num_visual_tokens=num_visual)
+
+        def example_of(conversations):
+            return make_training_example(self.template, conversations, self.tokenizer, max_length=self.max_length,
+                                         num_visual_tokens=num_visual)
+
+        example = example_of(sample.conversations)
+        allowed = None
+        if self.options and sample.options:
+            allowed = sample_option_continuations(sample.conversations, sample.options,
+                                                  lambda conv: example_of(conv).labels)
         return {"pixel_values": pixels, "features": features, "cache_key": key, "input_ids": example.input_ids,
                 "labels": example.labels, "id": sample.id, "index": index, "video": str(sample.video),
                 "weight": float(read), "skipped": why, "num_visual_tokens": num_visual,
-                "symbols": sample.symbols if read else None}  # a placeholder's one frame has no symbols
+                "symbols": sample.symbols if read else None,  # a placeholder's one frame has no symbols
+                "allowed": allowed, "answer_weight": float(sample.answer_known)}
 
 
 def collate(batch: list) -> dict:
@@ -211,7 +248,8 @@ def collate(batch: list) -> dict:
     return {"pixel_values": [b["pixel_values"] for b in batch], "features": [b["features"] for b in batch],
             "cache_keys": [b["cache_key"] for b in batch], "input_ids": [b["input_ids"] for b in batch],
             "labels": [b["labels"] for b in batch], "ids": [b["id"] for b in batch],
-            "symbols": [b["symbols"] for b in batch],
+            "symbols": [b["symbols"] for b in batch], "allowed": [b["allowed"] for b in batch],
+            "answer_weights": torch.tensor([b["answer_weight"] for b in batch]),
             "weights": torch.tensor([b["weight"] for b in batch]),
             "visual_tokens": sum(b["num_visual_tokens"] for b in batch if b["weight"]),
             "skipped": [{"index": b["index"], "id": b["id"], "video": b["video"], "why": b["skipped"]}

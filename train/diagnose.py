@@ -1,6 +1,6 @@
 """Does a trained model read the video? Checks for when accuracy sits at chance.
 
-    python -m train.diagnose gap     --model M --annotations qa.json --video-root DIR [--limit 48]
+    python -m train.diagnose gap     --model M --annotations qa.json --video-root DIR [--limit 48] [--as-asked]
     python -m train.diagnose open    --model M --data eval_mc.json [--video-root DIR] [--limit 200]
     python -m train.diagnose types   --model M --data eval_mc.json [--video-root DIR] [--world WORLD] [--records R]
     python -m train.diagnose probe   --model M | --tower STAGE0/vision --world WORLD [--train-clips 1200]
@@ -12,7 +12,8 @@
 `gap`: the mean answer loss of training-format samples with their own video, with another sample's video and with
 all-zero tower features. A model that uses the video has a clearly lower loss with its own; equal losses mean the
 LLM answers from the text alone. It also prints how much of the connector's output changes from video to video
-(the across-video spread of the tokens relative to their norm).
+(the across-video spread of the tokens relative to their norm), and for multiple-choice records (stage 2's, or an
+MC JSON `--as-asked`) the mean option loss: -log of the probability the answer's tokens keep on the options.
 `open`: the multiple-choice questions asked open-ended (no options); an answer counts as right when it contains
 the correct option's text. This separates "cannot read the video" from "cannot map an answer to a letter".
 `types`: the multiple-choice evaluation (`vidlmm.evaluate`) broken down by the items' question ``type`` (and, with
@@ -51,34 +52,54 @@ from .world.text import QUESTION_TYPES as WORLD_TYPES
 
 
 def video_gap(model, samples: list[dict], video_root: Path, template: str, shift: int = 7) -> dict:
-    """Mean answer loss with the right video, a wrong one (the sample `shift` places on) and zero features."""
+    """Mean answer loss with the right video, a wrong one (the sample `shift` places on) and zero features; for
+    samples with ``options`` (multiple-choice records), also the mean `option_loss`: how much probability the
+    answer's tokens leave off the options (`train.trainer.option_loss`)."""
     import torch
 
     from vidlmm.conversation import make_training_example
     from vidlmm.pipeline import default_sampling
     from vidlmm.preprocess import read_pixels
 
+    from .data import sample_option_continuations
+    from .trainer import option_loss
+
     sampling = default_sampling(model)
     with torch.no_grad():
         feats = [model.encode_frames(read_pixels(video_root / s["video"], sampling, model.image_processor)[1])
                  for s in samples]
 
-        def mean_loss(features_of) -> float:
-            total = 0.0
+        def mean_losses(features_of) -> tuple[float, float | None]:
+            total, options, with_options = 0.0, 0.0, 0
             for i, sample in enumerate(samples):
                 out = model.connect(features_of(i))
-                ex = make_training_example(template, sample["conversations"], model.tokenizer, max_length=3072,
-                                           num_visual_tokens=out.tokens.shape[1])
-                embeds, mask, labels = model.build_inputs([ex.input_ids], [out], [ex.labels], padding_side="right")
-                total += model(embeds, mask, labels=labels).loss.item()
-            return total / len(samples)
+
+                def example_of(conversations):
+                    return make_training_example(template, conversations, model.tokenizer, max_length=3072,
+                                                 num_visual_tokens=out.tokens.shape[1])
+
+                ex = example_of(sample["conversations"])
+                embeds, mask, lab = model.build_inputs([ex.input_ids], [out], [ex.labels], padding_side="right")
+                result = model(embeds, mask, labels=lab)
+                total += result.loss.item()
+                if sample.get("options"):
+                    allowed = sample_option_continuations(sample["conversations"], sample["options"],
+                                                          lambda conv: example_of(conv).labels)
+                    options += option_loss(result.logits, lab, [allowed]).item()
+                    with_options += 1
+            return total / len(samples), (options / with_options if with_options else None)
 
         tokens = torch.stack([model.connect(f).tokens[0] for f in feats])  # [N, Q, D]
         norm = tokens.norm(dim=-1).mean().item()
-        return {"samples": len(samples), "right_video": mean_loss(lambda i: feats[i]),
-                "wrong_video": mean_loss(lambda i: feats[(i + shift) % len(feats)]),
-                "zero_features": mean_loss(lambda i: torch.zeros_like(feats[i])),
-                "token_norm": norm, "video_dependent_share": tokens.std(0).norm(dim=-1).mean().item() / norm}
+        result = {"samples": len(samples)}
+        for name, features_of in (("right_video", lambda i: feats[i]),
+                                  ("wrong_video", lambda i: feats[(i + shift) % len(feats)]),
+                                  ("zero_features", lambda i: torch.zeros_like(feats[i]))):
+            result[name], off = mean_losses(features_of)
+            if off is not None:
+                result[f"option_loss_{name}"] = off
+        return {**result, "token_norm": norm,
+                "video_dependent_share": tokens.std(0).norm(dim=-1).mean().item() / norm}
 
 
 def _frame_pairs(spec, tl, t: int):
@@ -231,6 +252,16 @@ def mc_as_conversations(items: list[dict]) -> list[dict]:
     return [{"video": it["video"], "conversations": [
         {"from": "human", "value": f"<image>\n{it['question']}"},
         {"from": "gpt", "value": _gold(it) + "."}]} for it in items]
+
+
+def mc_as_asked(items: list) -> list[dict]:
+    """MC items (`vidlmm.evaluate.MCItem`) as stage 2's multiple-choice records: the prompt the evaluation asks
+    (MVBench's style), answered with the correct option's text, with every option's text as ``options``."""
+    from vidlmm.evaluate import build_mc_question
+
+    return [{"video": str(Path(item.video).resolve()), "options": item.options, "conversations": [
+        {"from": "human", "value": f"<image>\n{build_mc_question(item)}"},
+        {"from": "gpt", "value": item.answer_text}]} for item in items]
 
 
 def _gold(item: dict) -> str:
@@ -630,6 +661,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     gap.add_argument("--annotations", required=True,
                      help="annotations (reference format), or an MC JSON (answered with the correct option's text)")
     gap.add_argument("--template", default=None, help="default: the model's conv_version")
+    gap.add_argument("--as-asked", action="store_true",
+                     help="an MC JSON's questions as the evaluation asks them (with options), answered with the "
+                          "option's text; also reports the option loss")
     opened = sub.add_parser("open", help="the MC questions asked open-ended")
     opened.add_argument("--data", required=True, help="multiple-choice JSON (options 'A. text')")
     types = sub.add_parser("types", help="multiple-choice accuracy per question type")
@@ -704,7 +738,11 @@ def main(argv: Iterable[str] | None = None) -> int:
         root = Path(args.video_root) if args.video_root else data.parent
         model = load_model(args.model, dtype="fp32", device="cpu").eval()
         if args.command == "gap":
-            items = mc_as_conversations(items) if items and "options" in items[0] else items
+            if items and "conversations" not in items[0]:  # held-out MC items, not training records
+                from vidlmm.evaluate import load_mc_items
+
+                items = (mc_as_asked(load_mc_items(data, root)[: args.limit]) if args.as_asked
+                         else mc_as_conversations(items))
             result = video_gap(model, items, root, args.template or model.config.conv_version)
         elif args.command == "types":
             from vidlmm.evaluate import evaluate, load_mc_items

@@ -81,6 +81,9 @@ class Recipe:
     # > 0: each sample's loss adds this times `train.stage0.symbols.alignment_loss`, how well its visual tokens
     # name its clip's symbolic video among the LM's symbol embeddings (annotations with "symbols"; an LM with them)
     symbol_weight: float = 0.0
+    # > 0: each multiple-choice sample's loss adds this times `train.trainer.option_loss`, how much of the LM's
+    # probability at each answer token goes to tokens that continue one of the options (annotations with "options")
+    option_weight: float = 0.0
     # shapes of the named backbones, for planning without downloading them
     llm_shape: dict | None = None
     vision_shape: dict | None = None
@@ -149,7 +152,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
     if unknown:
         raise ValueError(f"Unknown recipe field(s) in {path.name}: {', '.join(sorted(unknown))}.")
     # the same for the YAML files
-    for name in ("learning_rate", "warmup_ratio", "weight_decay", "epochs", "decode_time_limit_s", "symbol_weight"):
+    for name in ("learning_rate", "warmup_ratio", "weight_decay", "epochs", "decode_time_limit_s", "symbol_weight",
+                 "option_weight"):
         if isinstance(data.get(name), str) and _NUMBER.match(data[name].strip()):
             data[name] = float(data[name])
     recipe = Recipe(**data)

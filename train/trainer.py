@@ -40,14 +40,15 @@ class TrainingStep(nn.Module):
     """Wraps the model so one forward = the whole step (vision -> connector -> LLM loss per sample [B]); the
     distributed wrapper then sees every trainable parameter used inside its own forward."""
 
-    def __init__(self, model, feature_cache=None, symbol_weight: float = 0.0):
+    def __init__(self, model, feature_cache=None, symbol_weight: float = 0.0, option_weight: float = 0.0):
         super().__init__()
         self.model = model
         self.feature_cache = feature_cache  # only when the tower is frozen
-        self.symbol_weight = symbol_weight
+        self.symbol_weight, self.option_weight = symbol_weight, option_weight
 
     def forward(self, pixel_values: list, input_ids: list, labels: list, features: list | None = None,
-                cache_keys: list | None = None, symbols: list | None = None):
+                cache_keys: list | None = None, symbols: list | None = None, allowed: list | None = None,
+                answer_weights: torch.Tensor | None = None):
         m = self.model
         visual = []
         for i, pixels in enumerate(pixel_values):
@@ -60,7 +61,12 @@ class TrainingStep(nn.Module):
             # the whole output (batch 1): a fusing connector (LLaVA-Mini) also rewrites the prompt's embeddings
             visual.append(m.connect(feats))
         embeds, mask, lab = m.build_inputs(input_ids, visual, labels, padding_side="right")
-        loss = per_sample_loss(m(embeds, mask).logits, lab)
+        logits = m(embeds, mask).logits
+        loss = per_sample_loss(logits, lab)
+        if answer_weights is not None:  # 0: a sample trained by its option loss alone
+            loss = loss * answer_weights.to(loss.device)
+        if self.option_weight:
+            loss = loss + self.option_weight * option_loss(logits, lab, allowed or [None] * len(visual))
         if self.symbol_weight:
             loss = loss + self.symbol_weight * self.symbol_distance(visual, symbols or [None] * len(visual))
         return loss
@@ -90,6 +96,24 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     tokens = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
                              reduction="none")
     return tokens.sum(1) / (targets != IGNORE_INDEX).sum(1).clamp(min=1)
+
+
+def option_loss(logits: torch.Tensor, labels: torch.Tensor, allowed: list) -> torch.Tensor:
+    """[B]: each multiple-choice sample's mean over its answer tokens of -log P(a token that keeps the reply on
+    some option), `allowed` holding those tokens per supervised label in order (`train.data.option_continuations`;
+    None: 0). Where the options part, the LM is asked to keep its probability on them, whichever it believes;
+    the usual loss then says which one."""
+    out = []
+    for row, (sets, lab) in enumerate(zip(allowed, labels)):
+        if not sets:
+            out.append(logits.new_zeros((), dtype=torch.float32))
+            continue
+        # the logits at position p predict the label at p + 1; splicing the video in adds no supervised label
+        where = (lab[1:] != IGNORE_INDEX).nonzero().flatten()[:len(sets)]
+        logp = F.log_softmax(logits[row, where].float(), dim=-1)
+        out.append(torch.stack([-torch.logsumexp(logp[j, tokens], dim=0)
+                                for j, tokens in enumerate(sets[:len(where)])]).mean())
+    return torch.stack(out)
 
 
 def quantized_base(recipe: Recipe) -> str | None:
@@ -439,7 +463,7 @@ def run(recipe: Recipe, *, max_steps: int | None = None, progress: bool = True) 
     schedule = get_cosine_schedule_with_warmup if recipe.lr_scheduler == "cosine" else \
         get_linear_schedule_with_warmup
     scheduler = schedule(optimizer, recipe.warmup_steps(len(dataset)), total_steps)
-    step_module = TrainingStep(model, cache, recipe.symbol_weight)
+    step_module = TrainingStep(model, cache, recipe.symbol_weight, recipe.option_weight)
     step_module, optimizer, scheduler = accelerator.prepare(step_module, optimizer, scheduler)
 
     # skipped: {"index", "id", "video", "why", "epoch", "batch", "step"} per sample dropped so far
@@ -475,7 +499,8 @@ def run(recipe: Recipe, *, max_steps: int | None = None, progress: bool = True) 
             state["batches_in_epoch"] += 1
             with accelerator.accumulate(step_module):
                 losses = step_module(batch["pixel_values"], batch["input_ids"], batch["labels"], batch["features"],
-                                     batch["cache_keys"], batch["symbols"])
+                                     batch["cache_keys"], batch["symbols"], batch["allowed"],
+                                     batch["answer_weights"])
                 weights = batch["weights"].to(losses.device)
                 # a sum over the nominal global batch; rescaled below once the step's read count is known
                 accelerator.backward((losses * weights).sum() / recipe.per_device_batch_size)
@@ -531,7 +556,8 @@ def _dataset(model, recipe: Recipe):
                                        template=recipe.template, sampling=sampling,
                                        visual_tokens_for=VisualTokenCount.of(model, sampling.max_frames_taken()),
                                        max_length=recipe.max_length, feature_cache=cache,
-                                       decode_time_limit_s=recipe.decode_time_limit_s)
+                                       decode_time_limit_s=recipe.decode_time_limit_s,
+                                       options=recipe.option_weight > 0)
     return dataset, problems, cache
 
 

@@ -48,7 +48,7 @@ from .symbols import alignment_loss, factored_rows, symbol_count, symbolic_video
 from .text import (
     build_tokenizer, context_conversations, conversation_ids, mc_conversations, render_conversation,
     restatement_ids, symbolic_ids, template_strings, tokenizer_report, world_conversations, write_lookup_annotations,
-    write_mc_annotations, write_single_object_annotations,
+    write_mc_annotations, write_other_video_annotations, write_single_object_annotations,
 )
 from .tower import (
     DESCRIPTION_WORDS, FrameSet, PATCH_CLASSES, describe_objects, frame_description, frame_objects, hard_negative,
@@ -62,6 +62,7 @@ __all__ = [
     "mc_check", "mc_conversations", "patch_features", "patch_labels", "pretrain_llm", "pretrain_vision",
     "render_conversation", "restatement_ids", "run_stage0", "split_clips", "symbol_count", "symbolic_ids",
     "symbolic_read", "symbolic_video", "symbolic_video_qa", "template_strings", "tokenizer_report",
-    "world_conversations", "write_lookup_annotations", "write_mc_annotations", "write_single_object_annotations",
+    "world_conversations", "write_lookup_annotations", "write_mc_annotations", "write_other_video_annotations",
+    "write_single_object_annotations",
     "write_symbol_annotations",
 ]

@@ -4,6 +4,7 @@ renders them) and the BPE tokenizer built for them."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable
 
@@ -59,17 +60,19 @@ def _mc_prompts(spec, rng: np.random.Generator, per_clip: int, first: str = "sta
         yield item, build_mc_question(item, MC_STYLES[int(rng.integers(len(MC_STYLES)))])
 
 
+def _mc_asked(specs: Iterable, seed: int, per_clip: int, first: str):
+    """(MC item, prompt) for `per_clip` questions of each clip, one random stream per clip."""
+    for k, spec in enumerate(specs):
+        yield from _mc_prompts(spec, np.random.default_rng([seed, 7, k]), per_clip, first)
+
+
 def mc_conversations(specs: Iterable, seed: int, *, per_clip: int = 2, first: str = "static",
                      letter: bool = False) -> list[list[tuple[str, str]]]:
     """Multiple-choice (question, answer) conversations of the given clips (pass TRAINING clips only), in both
     evaluation prompt styles, built with the world's own MC generator and :func:`vidlmm.evaluate.build_mc_question`.
     Each clip's first question is of category ``first`` (static or temporal), its second of the other; ``letter``:
     the answers end with the option's letter (`_mc_answer`)."""
-    convs = []
-    for k, spec in enumerate(specs):
-        rng = np.random.default_rng([seed, 7, k])
-        convs += [[(prompt, _mc_answer(item, letter))] for item, prompt in _mc_prompts(spec, rng, per_clip, first)]
-    return convs
+    return [[(prompt, _mc_answer(item, letter))] for item, prompt in _mc_asked(specs, seed, per_clip, first)]
 
 
 def write_mc_annotations(world_dir, out_file, *, seed: int = 0, per_clip: int = 3, letter: bool = False) -> Path:
@@ -77,16 +80,35 @@ def write_mc_annotations(world_dir, out_file, *, seed: int = 0, per_clip: int = 
     stage 2: the paper's mix has multiple-choice QA beside open-ended QA, and the held-out set is multiple-choice.
     Clips alternate which category comes first, so that even ``per_clip=1`` asks static and temporal questions
     (half each), as the held-out set does (with static first everywhere, a model never saw a temporal question with
-    options and answered "Which object moves?" with a colour). ``letter``: answers end with the option's letter."""
+    options and answered "Which object moves?" with a colour). ``letter``: answers end with the option's letter.
+    Each record's ``options`` lists the answer each option would be (stage 2's ``option_weight``)."""
     train = W.load_clips(world_dir)["train"]
     records = []
     for n, spec in enumerate(train):
         # a seed per clip (not the LM's: these draws are new questions and letter orders for the same clips)
-        for k, ((question, answer),) in enumerate(mc_conversations([spec], seed=1_000_003 * (seed + 1) + n,
-                                                                  per_clip=per_clip,
-                                                                  first=("static", "temporal")[n % 2],
-                                                                  letter=letter)):
-            records.append(_record(spec, f"mc{k}", [(question, answer)]))
+        asked = _mc_asked([spec], 1_000_003 * (seed + 1) + n, per_clip, ("static", "temporal")[n % 2])
+        for k, (item, question) in enumerate(asked):
+            records.append({**_record(spec, f"mc{k}", [(question, _mc_answer(item, letter))]),
+                            "options": [_mc_answer(replace(item, answer_letter=c), letter) for c in item.letters]})
+    return _write_records(records, out_file)
+
+
+def write_other_video_annotations(world_dir, out_file, *, seed: int = 0, per_clip: int = 1) -> Path:
+    """Multiple-choice questions about each TRAINING clip, asked of another clip's video (the one half the
+    training set on): the options say what the answer may be, the video says something else. Each record has its
+    ``options`` and ``"answer_known": false``, so stage 2 trains it with the option loss alone (`option_weight`):
+    whatever the video shows, the reply stays on one of the options. On stage 2's own clips the model's answer
+    is nearly always right and on the options (`python -m train.diagnose gap`), so they teach that little; a
+    held-out clip read wrongly is where a reply leaves them."""
+    train = W.load_clips(world_dir)["train"]
+    records = []
+    for n, spec in enumerate(train):
+        other = train[(n + len(train) // 2) % len(train)]
+        asked = _mc_asked([spec], 2_000_003 * (seed + 1) + n, per_clip, ("static", "temporal")[n % 2])
+        for k, (item, question) in enumerate(asked):
+            record = _record(spec, f"other{k}", [(question, _mc_answer(item))])
+            records.append({**record, "video": f"videos/{other.id}.mp4", "answer_known": False,
+                            "options": [_mc_answer(replace(item, answer_letter=c)) for c in item.letters]})
     return _write_records(records, out_file)
 
 
