@@ -386,7 +386,9 @@ def main(argv=None) -> int:
                              "docs/embedded-models.md)")
     parser.add_argument("--mc-other-video", type=int, default=0, metavar="N",
                         help="add N multiple-choice questions per training clip asked of another clip's video, "
-                             "trained only to keep the reply on the options (needs --stage2 option_weight=W)")
+                             "trained only to keep the reply on the options (needs --stage2 option_weight=W; tried "
+                             "on group: 77 unparsable replies against 90, accuracy not shown apart, see "
+                             "docs/embedded-models.md)")
     parser.add_argument("--stage0", nargs="*", default=[], metavar="PART.KEY=VALUE",
                         help="stage-0 settings to change: the budget's (train/stage0/common.py) or any keyword of "
                              "pretrain_llm / pretrain_vision, e.g. vision.set_weight=1 (the shipped stage 0 is made "

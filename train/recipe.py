@@ -82,7 +82,9 @@ class Recipe:
     # name its clip's symbolic video among the LM's symbol embeddings (annotations with "symbols"; an LM with them)
     symbol_weight: float = 0.0
     # > 0: each multiple-choice sample's loss adds this times `train.trainer.option_loss`, how much of the LM's
-    # probability at each answer token goes to tokens that continue one of the options (annotations with "options")
+    # probability at each answer token goes to tokens that continue one of the options (annotations with "options");
+    # tried on the embedded group model: its unparsable replies 90 -> 94, and 77 with questions asked of other clips'
+    # videos (build_embedded --mc-other-video), far from the goal (docs/embedded-models.md)
     option_weight: float = 0.0
     # shapes of the named backbones, for planning without downloading them
     llm_shape: dict | None = None

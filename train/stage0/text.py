@@ -53,6 +53,11 @@ def _mc_answer(item: MCItem, letter: bool = False) -> str:
     return f"{item.answer_text} ({item.answer_letter})" if letter else item.answer_text
 
 
+def _option_answers(item: MCItem, letter: bool = False) -> list[str]:
+    """The answer each option would be (`_mc_answer` with that option right), for stage 2's option loss."""
+    return [_mc_answer(replace(item, answer_letter=c), letter) for c in item.letters]
+
+
 def _mc_prompts(spec, rng: np.random.Generator, per_clip: int, first: str = "static"):
     """(MC item, its prompt in a random evaluation style) for `per_clip` of the clip's questions."""
     for d in W.mc_items(spec, rng, n=per_clip, first=first):
@@ -89,7 +94,7 @@ def write_mc_annotations(world_dir, out_file, *, seed: int = 0, per_clip: int = 
         asked = _mc_asked([spec], 1_000_003 * (seed + 1) + n, per_clip, ("static", "temporal")[n % 2])
         for k, (item, question) in enumerate(asked):
             records.append({**_record(spec, f"mc{k}", [(question, _mc_answer(item, letter))]),
-                            "options": [_mc_answer(replace(item, answer_letter=c), letter) for c in item.letters]})
+                            "options": _option_answers(item, letter)})
     return _write_records(records, out_file)
 
 
@@ -99,7 +104,8 @@ def write_other_video_annotations(world_dir, out_file, *, seed: int = 0, per_cli
     ``options`` and ``"answer_known": false``, so stage 2 trains it with the option loss alone (`option_weight`):
     whatever the video shows, the reply stays on one of the options. On stage 2's own clips the model's answer
     is nearly always right and on the options (`python -m train.diagnose gap`), so they teach that little; a
-    held-out clip read wrongly is where a reply leaves them."""
+    held-out clip read wrongly is where a reply leaves them. Tried on group with weight 1: 77 unparsable replies
+    against 90, the accuracy not shown apart; with weight 4, 11.6 points less (docs/embedded-models.md). Off."""
     train = W.load_clips(world_dir)["train"]
     records = []
     for n, spec in enumerate(train):
@@ -108,7 +114,7 @@ def write_other_video_annotations(world_dir, out_file, *, seed: int = 0, per_cli
         for k, (item, question) in enumerate(asked):
             record = _record(spec, f"other{k}", [(question, _mc_answer(item))])
             records.append({**record, "video": f"videos/{other.id}.mp4", "answer_known": False,
-                            "options": [_mc_answer(replace(item, answer_letter=c)) for c in item.letters]})
+                            "options": _option_answers(item)})
     return _write_records(records, out_file)
 
 
