@@ -159,7 +159,7 @@ def test_an_ablation_run_trains_only_the_settings_asked_for_and_keeps_reporting_
         called.append(name)
         phases.record(f"train_{name}", 60.0)
         phases.record(f"eval_{name}", 6.0)
-        return _row(qs, 0.6, 0.4, len(called)), None
+        return {**_row(qs, 0.6, 0.4, len(called)), "phases": [f"train_{name}", f"eval_{name}"]}, None
 
     monkeypatch.setattr(ablations, "prepare", lambda work, phases, **kw: tmp_path / "world")
     monkeypatch.setattr(ablations, "train_and_score", train_and_score)

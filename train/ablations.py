@@ -57,9 +57,6 @@ def run_name(spec: dict) -> str:
     return f"group_g{spec['group']}_q{spec['num_queries']}"
 
 
-STEPS = ("stage1", "train", "eval")  # a setting's phases (`train_and_score`)
-
-
 def run_ablations(work: Path, out: Path, *, studies=tuple(STUDIES), settings=None, seed: int = 0,
                   smoke: bool = False, progress: bool = True) -> dict:
     """Train and score every setting of ``studies`` (each distinct setting once) in the work folder; with
@@ -79,11 +76,12 @@ def run_ablations(work: Path, out: Path, *, studies=tuple(STUDIES), settings=Non
                 continue  # neither asked for nor trained by an earlier run
             if name not in rows:
                 rows[name], _ = train_and_score(name, spec, work, phases, seed=seed, smoke=smoke, progress=progress)
-            seconds = sum(phases.state["phases"].get(f"{step}_{name}", 0.0) for step in STEPS)
+            seconds = sum(phases.state["phases"].get(phase, 0.0) for phase in rows[name]["phases"])
             entries.append({"value": value, "run": name, "seconds": seconds, **_summary(rows[name])})
         report["studies"][study] = {"label": label, "entries": entries,
                                     "comparisons": comparisons(rows, qs, neighbour_pairs(entries))}
-    report["wall_time_s"] = sum(phases.state["phases"].get(f"{step}_{name}", 0.0) for name in rows for step in STEPS)
+    report["wall_time_s"] = sum(phases.state["phases"].get(phase, 0.0)
+                                for row in rows.values() for phase in row["phases"])
     report["questions"] = len(qs)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablations.json").write_text(json.dumps(report, indent=1))

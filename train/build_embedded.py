@@ -212,7 +212,8 @@ def train_and_score(name: str, spec: dict, work: Path, phases: Phases, *, seed: 
                     variant: Variant = Variant(), progress: bool = True):
     """Stage 1 + 2 of one connector ``spec`` (a `CONNECTORS` entry) on a prepared work folder, then its held-out
     score: (its results row, the trained model's folder). Phases ``stage1_<name><stage-1 suffix>`` (shared by the
-    variants that change only stage 2), ``train_<name><suffix>`` (stage 2) and ``eval_<name><suffix>``."""
+    variants that change only stage 2), ``train_<name><suffix>`` (stage 2) and ``eval_<name><suffix>``, which the
+    row lists as ``phases``."""
     from vidlmm.checkpoint import load_model
     from vidlmm.evaluate import evaluate, load_mc_items
     from vidlmm.pipeline import VideoLMM
@@ -259,14 +260,14 @@ def train_and_score(name: str, spec: dict, work: Path, phases: Phases, *, seed: 
     model_dir = Path(stage2.output_dir) / "model"
     suffix = variant.suffix()
     records = work / name / f"heldout{suffix}.jsonl"
-    scoring = f"eval_{name}{suffix}"
-    if f"train_{name}{suffix}" not in phases.state["phases"]:
+    training, scoring = f"train_{name}{suffix}", f"eval_{name}{suffix}"
+    if training not in phases.state["phases"]:
         records.unlink(missing_ok=True)  # scored by an earlier model of that name
         phases.state["phases"].pop(scoring, None)
     # stage 1 is a phase of its own: variants that change only stage 2 share it, and its time once
     stage1_phase = f"stage1_{name}{variant.stage1_suffix()}"
     phases.run(stage1_phase, lambda: run(stage1, progress=progress))
-    phases.run(f"train_{name}{suffix}", lambda: run(stage2, progress=progress))
+    phases.run(training, lambda: run(stage2, progress=progress))
     t = time.perf_counter()
     model = load_model(model_dir)
     qs = questions(world / "eval_mc.json")
@@ -276,7 +277,8 @@ def train_and_score(name: str, spec: dict, work: Path, phases: Phases, *, seed: 
     if scoring not in phases.state["phases"]:  # a rerun that reads the kept records keeps the scoring's own time
         phases.record(scoring, time.perf_counter() - t)
     row = {**model_row(result, qs), "variant": suffix, "stage0_phase": f"stage0{variant.stage0_suffix()}",
-           "stage1_phase": stage1_phase, "visual_tokens": visual_tokens(model)}
+           "stage1_phase": stage1_phase, "phases": [stage1_phase, training, scoring],
+           "visual_tokens": visual_tokens(model)}
     return row, model_dir
 
 
