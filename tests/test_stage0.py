@@ -685,6 +685,110 @@ def test_stage1_symbol_weight_teaches_the_connector_its_clips_symbols(world, sta
         symbol_readout(build_model(recipe(plain_llm, "no_rows")).eval(), world, clips=1)
 
 
+def test_patch_symbols_name_the_object_on_each_patch_as_the_symbolic_video_names_it(world):
+    """`patch_symbols`: per sampled frame, each cell of the tower's patch grid holds the symbol the frame's symbolic
+    video gives the object on it (its colour and shape those of the tower's dense labels, `patch_labels`), the blank
+    where the dense labels see background; every object the symbolic video lists that covers a patch is found."""
+    from train.stage0.symbols import FRAMES, SLOTS, symbol_parts
+    from train.stage0.tower import patch_labels
+    from train.world import COLOUR_NAMES, SHAPES
+    from vidlmm.video import FrameSampling, sample_frame_indices
+
+    grid, found = 8, 0
+    for spec in load_clips(world)["train"][:6]:
+        ids = np.asarray(S.patch_symbols(spec, grid)).reshape(FRAMES, grid * grid)
+        frames = np.asarray(S.symbolic_video(spec, 0)).reshape(FRAMES, SLOTS)
+        tl = timeline(spec)
+        for f, t in enumerate(sample_frame_indices(spec.frames, spec.fps, FrameSampling.uniform(FRAMES))):
+            labels = patch_labels(spec, tl, int(t), grid)
+            assert ((ids[f] == 0) == (labels == 0)).all()
+            assert set(ids[f][ids[f] > 0]) <= set(frames[f][frames[f] > 0])
+            for symbol, label in zip(ids[f][ids[f] > 0], labels[labels > 0]):
+                colour, shape, _, _ = symbol_parts(int(symbol) - 1)
+                assert label == 1 + colour * len(SHAPES) + shape < 1 + len(COLOUR_NAMES) * len(SHAPES)
+            found += len(set(ids[f][ids[f] > 0]))
+    assert found
+
+
+def test_the_patch_alignment_loss_scores_each_patch_against_its_objects_symbol():
+    """`patch_alignment_loss`: patches that are their objects' symbols (the blank on background) score far better
+    than the same tokens on other patches, or random ones; lengths count; the background, however large, weighs as
+    much as the objects."""
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(S.symbol_count(), 32, generator=gen)
+    ids = torch.randint(1, S.symbol_count(), (12,), generator=gen)
+    ids[6:] = 0  # half the patches on objects, half background
+    exact = table[ids]
+    loss = {name: float(S.patch_alignment_loss(t, table, ids)) for name, t in
+            {"exact": exact, "other": exact.roll(1, 0), "random": torch.randn(exact.shape, generator=gen),
+             "long": 3 * exact}.items()}
+    assert loss["exact"] < 0.5 * loss["random"] and loss["exact"] < 0.5 * loss["other"], loss
+    assert loss["long"] > loss["exact"] + 1.0  # log(3)^2 per patch
+    more_background = torch.cat([ids, torch.zeros(24, dtype=ids.dtype)])
+    wrong = exact.clone()
+    wrong[:6] = torch.randn(6, 32, generator=gen)  # the objects' patches missed, the background right
+    assert float(S.patch_alignment_loss(torch.cat([wrong, table[[0] * 24]]), table, more_background)) == \
+        pytest.approx(float(S.patch_alignment_loss(wrong, table, ids)), rel=1e-5)
+
+
+def test_stage1_patch_symbol_weight_teaches_a_compressor_the_symbols_of_its_patches(world, stage0, symbolic_llm,
+                                                                                  tmp_path):
+    """The recipe's `patch_symbol_weight` on a compressor whose tokens are kept patches (top-k): stage 1 on
+    caption annotations that carry each patch's symbol lowers its patches' `patch_alignment_loss` on those clips
+    and leaves the scorer that picks the kept patches as it was; annotations for another patch grid, or a connector
+    that does not pass patches on, are refused in one sentence."""
+    from train.diagnose import patch_readout
+    from train.recipe import load_recipe
+    from train.trainer import TrainingStep, build_model, run
+    from vidlmm.checkpoint import load_model
+    from vidlmm.pipeline import default_sampling
+    from vidlmm.preprocess import read_pixels
+
+    out, _ = stage0
+    tower = json.loads((out / "vision" / "config.json").read_text())
+    grid = tower["image_size"] // tower["patch_size"]
+    annotations = S.write_symbol_annotations(world, world / "captions.json", tmp_path / "captions_patches.json",
+                                             patch_grid=grid)
+    items = json.loads(annotations.read_text())
+    assert all(len(item["patch_symbols"]) == 16 * grid * grid for item in items)
+    trained = load_recipe("toy_stage1.yaml", [
+        f"llm={symbolic_llm}", f"vision_tower={out / 'vision'}", f"annotations=[{json.dumps(str(annotations))}]",
+        f"video_roots=[{json.dumps(str(world))}]", f"output_dir={tmp_path / 'topk'}", "global_batch_size=8",
+        "per_device_batch_size=8", "epochs=12", "learning_rate=1e-2", "decode_time_limit_s=0", "symbol_weight=0",
+        "patch_symbol_weight=1", "connector_type=topk", "group=null", 'connector_options={"token_budget": 64}'])
+
+    def distance(model, items) -> float:
+        step = TrainingStep(model.eval(), patch_symbol_weight=1.0)
+        with torch.no_grad():
+            feats = [model.encode_frames(read_pixels(world / item["video"], default_sampling(model),
+                                                     model.image_processor)[1]) for item in items]
+            return float(step.patch_symbol_distance(feats, [item["patch_symbols"] for item in items]).mean())
+
+    untrained = build_model(trained)
+    before = distance(untrained, items)
+    model = load_model(run(trained, progress=False), dtype="fp32", device="cpu").eval()
+    after = distance(model, items)
+    assert after < before - 1.0, (before, after)
+    # its gradient reaches the projector, not the scorer that picks the kept patches (the LM's loss trains that)
+    feats = untrained.encode_frames(read_pixels(world / items[0]["video"], default_sampling(untrained),
+                                                untrained.image_processor)[1])
+    TrainingStep(untrained.train(), patch_symbol_weight=1.0).patch_symbol_distance(
+        [feats], [items[0]["patch_symbols"]]).sum().backward()
+    grads = {name: p.grad for name, p in untrained.connector.named_parameters()}
+    assert all(grads[n] is not None and grads[n].abs().sum() > 0 for n in grads if n.startswith("projector"))
+    assert [n for n in grads if n.startswith("scorer")] and all(grads[n] is None for n in grads
+                                                                if n.startswith("scorer"))
+    # `python -m train.diagnose patches`: where the kept patches lie and whether their tokens name their objects
+    readout = patch_readout(model, world, clips=3)
+    assert readout["clips"] == 3 and 0.0 < readout["object_patches"] < 1.0
+    assert all(0.0 <= readout[k] <= 1.0 for k in ("on_objects", "objects_reached", "named"))
+    group = build_model(load_recipe("toy_stage1.yaml", [f"llm={symbolic_llm}", f"vision_tower={out / 'vision'}"]))
+    with pytest.raises(ValueError, match="does not pass the tower's patches on"):
+        distance(group, items[:1])
+    with pytest.raises(ValueError, match=f"patch_symbols has {grid * grid + 1} cells per frame"):
+        distance(model, [{**items[0], "patch_symbols": [0] * (16 * (grid * grid + 1))}])
+
+
 def test_a_part_trains_at_its_own_seed_and_the_rest_at_the_runs(world, stage0, tmp_path):
     """`llm.seed=1`: the LM's weights and draws at seed 1, the tokenizer the run's (seed 0), so the LM is another
     draw of the same recipe over the same vocabulary; the same override twice trains the same LM."""

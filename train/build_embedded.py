@@ -244,11 +244,15 @@ def train_and_score(name: str, spec: dict, work: Path, phases: Phases, *, seed: 
                                              f"annotations=[{json.dumps(str(world / 'captions.json'))}]",
                                              f"output_dir={work / name / ('stage1' + variant.stage1_suffix())}",
                                              *variant.stage1])
-    if stage1.symbol_weight:
+    if stage1.symbol_weight or stage1.patch_symbol_weight:
         from .stage0 import write_symbol_annotations
 
-        stage1.annotations = [str(write_symbol_annotations(world, world / "captions.json",
-                                                           world / "captions_symbols.json"))]
+        grid = None
+        if stage1.patch_symbol_weight:  # the tower's patches per side
+            tower = json.loads((stage0 / "vision" / "config.json").read_text())
+            grid = tower["image_size"] // tower["patch_size"]
+        stage1.annotations = [str(write_symbol_annotations(
+            world, world / "captions.json", world / f"captions_{'patch_' if grid else ''}symbols.json", grid))]
     stage2 = load_recipe("toy_stage2.yaml", [*common, f"name={name}-stage2",
                                              f"init={Path(stage1.output_dir) / 'model'}",
                                              f"annotations={json.dumps(stage2_data)}",

@@ -2,7 +2,8 @@
 
 An annotation file is a JSON list of `{"id", "video": relative path, "conversations": [{"from": "human"|"gpt",
 "value": ...}, ...]}`. `<video>` placeholders and user/assistant roles are normalised (with a warning). Our own
-files may add `"symbols"` (the clip's symbolic video, for stage 1's `symbol_weight`) and, on a one-turn
+files may add `"symbols"` (the clip's symbolic video, for stage 1's `symbol_weight`), `"patch_symbols"` (the
+symbol on each of the tower's patches per frame, for `patch_symbol_weight`) and, on a one-turn
 multiple-choice record, `"options"` (the answer each option would be, for stage 2's `option_weight`), with
 `"answer_known": false` where only the option loss is to be trained (a question asked of another clip's video). A
 video that cannot be read (or whose decoder hangs or crashes, see `decode_worker`) is dropped from the run and
@@ -64,6 +65,7 @@ class Sample:
     symbols: list | None = None  # the clip's symbolic video (`train.stage0.symbols`), for stage 1's symbol_weight
     options: list | None = None  # a multiple-choice record's answer for each option, for stage 2's option_weight
     answer_known: bool = True  # False: the answer's own loss is not trained, only the option loss
+    patch_symbols: list | None = None  # each frame's symbol per patch (`train.stage0.symbols`), for patch_symbol_weight
 
 
 def load_annotations(files: list[str | Path], video_roots: list[str | Path]) -> tuple[list[Sample], Counter]:
@@ -90,7 +92,8 @@ def load_annotations(files: list[str | Path], video_roots: list[str | Path]) -> 
                 log.warning("%s item %d: video '%s' not found under the video roots; skipped", file.name, n, rel)
                 continue
             samples.append(Sample(str(item.get("id", n)), path, item["conversations"], item.get("symbols"),
-                                  item.get("options"), bool(item.get("answer_known", True))))
+                                  item.get("options"), bool(item.get("answer_known", True)),
+                                  item.get("patch_symbols")))
     return samples, problems
 
 
@@ -162,8 +165,8 @@ def _decode_pixels(path, sampling: FrameSampling, image_processor) -> torch.Tens
 
 class VideoConversationDataset(torch.utils.data.Dataset):
     """Items: {"pixel_values" [T,3,S,S] or None, "features" [T,N,C] or None, "cache_key", "input_ids", "labels",
-    "id", "index", "video", "weight", "skipped", "num_visual_tokens", "symbols", "allowed", "answer_weight"}. With a
-    feature cache that already holds a clip, the clip is not decoded at all.
+    "id", "index", "video", "weight", "skipped", "num_visual_tokens", "symbols", "patch_symbols", "allowed",
+    "answer_weight"}. With a feature cache that already holds a clip, the clip is not decoded at all.
 
     A sample whose video cannot be read is dropped, not replaced by the next readable one: its item is a
     placeholder (a blank one-frame clip with the sample's own text) of weight 0 and `skipped` says why. Every
@@ -239,6 +242,7 @@ class VideoConversationDataset(torch.utils.data.Dataset):
                 "labels": example.labels, "id": sample.id, "index": index, "video": str(sample.video),
                 "weight": float(read), "skipped": why, "num_visual_tokens": num_visual,
                 "symbols": sample.symbols if read else None,  # a placeholder's one frame has no symbols
+                "patch_symbols": sample.patch_symbols if read else None,
                 "allowed": allowed, "answer_weight": float(sample.answer_known)}
 
 
@@ -248,7 +252,8 @@ def collate(batch: list) -> dict:
     return {"pixel_values": [b["pixel_values"] for b in batch], "features": [b["features"] for b in batch],
             "cache_keys": [b["cache_key"] for b in batch], "input_ids": [b["input_ids"] for b in batch],
             "labels": [b["labels"] for b in batch], "ids": [b["id"] for b in batch],
-            "symbols": [b["symbols"] for b in batch], "allowed": [b["allowed"] for b in batch],
+            "symbols": [b["symbols"] for b in batch], "patch_symbols": [b["patch_symbols"] for b in batch],
+            "allowed": [b["allowed"] for b in batch],
             "answer_weights": torch.tensor([b["answer_weight"] for b in batch]),
             "weights": torch.tensor([b["weight"] for b in batch]),
             "visual_tokens": sum(b["num_visual_tokens"] for b in batch if b["weight"]),

@@ -247,6 +247,59 @@ def symbol_readout(model, world_dir: Path, clips: int = 200) -> dict:
             "token_length": float(torch.stack(lengths).mean()), "symbol_length": float(symbols.norm(dim=-1).mean())}
 
 
+def patch_readout(model, world_dir: Path, clips: int = 60) -> dict:
+    """Where the visual tokens of a connector that passes the tower's patches on (pool, ToMe, top-k) come from and
+    what they name, on the first ``clips`` held-out clips. ``on_objects``: the share of the tokens' weight over the
+    patches (`token_sources`) that lies on objects, beside ``object_patches``, the share of the patches that do;
+    ``objects_reached``: a frame's objects with a token mostly on them; ``named``: of those tokens, the ones whose
+    nearest symbol among the LM's rows has their object's colour and shape (None for an LM without symbol rows)."""
+    import torch
+    import torch.nn.functional as F
+
+    from vidlmm.pipeline import default_sampling
+    from vidlmm.preprocess import read_pixels
+
+    from .stage0.symbols import (patch_symbols, patch_symbols_of_tokens, symbol_count, symbol_parts,
+                                 symbol_rows)
+    from .world import load_clips
+
+    try:
+        symbols = symbol_rows(model).detach()
+    except ValueError:
+        symbols = None
+    specs = load_clips(world_dir)["eval"][:clips]
+    sampling = default_sampling(model)
+    on = total = patches_on = patches = reached = objects = named = mostly_on = 0
+    with torch.no_grad():
+        for spec in specs:
+            _, pixels = read_pixels(world_dir / "videos" / f"{spec.id}.mp4", sampling, model.image_processor)
+            out = model.connect(model.encode_frames(pixels))
+            layout = model.token_layout(len(pixels))
+            ids = patch_symbols_of_tokens(patch_symbols(spec, layout.grid[0], len(pixels)), layout)
+            sources = model.connector.token_sources(out, layout).float()  # [N, T * P]
+            weights = sources @ F.one_hot(ids, symbol_count()).float()  # [N, symbols]
+            on += float(weights[:, 1:].sum())
+            total += float(weights.sum())
+            patches_on += int((ids > 0).sum())
+            patches += len(ids)
+            main = weights[:, 1:].argmax(-1) + 1
+            mostly = weights.gather(1, main[:, None])[:, 0] > 0.5 * weights.sum(-1)
+            frame = layout.frame[sources.argmax(-1)]
+            for f in range(len(pixels)):
+                shown = set(ids[layout.frame == f].tolist()) - {0}
+                objects += len(shown)
+                reached += len(shown & set(main[mostly & (frame == f)].tolist()))
+            if symbols is not None and mostly.any():
+                nearest = (F.normalize(out.tokens[0][mostly].float(), dim=-1)
+                           @ F.normalize(symbols.float(), dim=-1).T).argmax(-1)
+                named += sum(g > 0 and symbol_parts(g - 1)[:2] == symbol_parts(w - 1)[:2]
+                             for g, w in zip(nearest.tolist(), main[mostly].tolist()))
+            mostly_on += int(mostly.sum())
+    return {"clips": len(specs), "on_objects": on / max(total, 1e-9), "object_patches": patches_on / max(patches, 1),
+            "objects_reached": reached / max(objects, 1),
+            "named": named / max(mostly_on, 1) if symbols is not None else None}
+
+
 def mc_as_conversations(items: list[dict]) -> list[dict]:
     """MC items as one-turn samples answered with the correct option's text (so `gap` runs on held-out clips)."""
     return [{"video": it["video"], "conversations": [
@@ -687,6 +740,10 @@ def main(argv: Iterable[str] | None = None) -> int:
     symbols.add_argument("--model", required=True, help="a model whose LM has symbol rows (llm.symbolic_per_clip)")
     symbols.add_argument("--world", required=True, help="the world the model was trained on")
     symbols.add_argument("--clips", type=int, default=200)
+    patches = sub.add_parser("patches", help="do a compressor's tokens come from objects' patches, and name them?")
+    patches.add_argument("--model", required=True, help="a pool, ToMe or top-k model")
+    patches.add_argument("--world", required=True, help="the world the model was trained on")
+    patches.add_argument("--clips", type=int, default=60)
     lmprobe = sub.add_parser("lmprobe", help="where does a stage-0 LM lose the direction of a move?")
     lmprobe.add_argument("--llm", required=True, help="a stage-0 LM folder trained with the symbolic video")
     lmprobe.add_argument("--world", required=True)
@@ -725,6 +782,10 @@ def main(argv: Iterable[str] | None = None) -> int:
         if args.command == "symbols":
             model = load_model(args.model, dtype="fp32", device="cpu").eval()
             print(json.dumps(symbol_readout(model, Path(args.world), args.clips), indent=1))
+            return 0
+        if args.command == "patches":
+            model = load_model(args.model, dtype="fp32", device="cpu").eval()
+            print(json.dumps(patch_readout(model, Path(args.world), args.clips), indent=1))
             return 0
         if args.command == "context":
             print(json.dumps(context_reading(Path(args.llm), Path(args.world), args.limit), indent=1))

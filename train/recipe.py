@@ -86,6 +86,10 @@ class Recipe:
     # tried on the embedded group model: its unparsable replies 90 -> 94, and 77 with questions asked of other clips'
     # videos (build_embedded --mc-other-video), far from the goal (docs/embedded-models.md)
     option_weight: float = 0.0
+    # > 0: each sample's loss adds this times `train.stage0.symbols.patch_alignment_loss`, how well each visual token
+    # of a connector that passes the tower's patches on (pool, ToMe, top-k) names the symbols of the objects on the
+    # patches it came from (annotations with "patch_symbols"; an LM with symbol embeddings)
+    patch_symbol_weight: float = 0.0
     # shapes of the named backbones, for planning without downloading them
     llm_shape: dict | None = None
     vision_shape: dict | None = None
@@ -155,7 +159,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
         raise ValueError(f"Unknown recipe field(s) in {path.name}: {', '.join(sorted(unknown))}.")
     # the same for the YAML files
     for name in ("learning_rate", "warmup_ratio", "weight_decay", "epochs", "decode_time_limit_s", "symbol_weight",
-                 "option_weight"):
+                 "option_weight", "patch_symbol_weight"):
         if isinstance(data.get(name), str) and _NUMBER.match(data[name].strip()):
             data[name] = float(data[name])
     recipe = Recipe(**data)

@@ -40,17 +40,19 @@ class TrainingStep(nn.Module):
     """Wraps the model so one forward = the whole step (vision -> connector -> LLM loss per sample [B]); the
     distributed wrapper then sees every trainable parameter used inside its own forward."""
 
-    def __init__(self, model, feature_cache=None, symbol_weight: float = 0.0, option_weight: float = 0.0):
+    def __init__(self, model, feature_cache=None, symbol_weight: float = 0.0, option_weight: float = 0.0,
+                 patch_symbol_weight: float = 0.0):
         super().__init__()
         self.model = model
         self.feature_cache = feature_cache  # only when the tower is frozen
         self.symbol_weight, self.option_weight = symbol_weight, option_weight
+        self.patch_symbol_weight = patch_symbol_weight
 
     def forward(self, pixel_values: list, input_ids: list, labels: list, features: list | None = None,
                 cache_keys: list | None = None, symbols: list | None = None, allowed: list | None = None,
-                answer_weights: torch.Tensor | None = None):
+                answer_weights: torch.Tensor | None = None, patch_symbols: list | None = None):
         m = self.model
-        visual = []
+        visual, features_used = [], []
         for i, pixels in enumerate(pixel_values):
             feats = features[i] if features else None
             if feats is None:
@@ -60,6 +62,7 @@ class TrainingStep(nn.Module):
                     self.feature_cache.put(cache_keys[i], feats.cpu())
             # the whole output (batch 1): a fusing connector (LLaVA-Mini) also rewrites the prompt's embeddings
             visual.append(m.connect(feats))
+            features_used.append(feats)
         embeds, mask, lab = m.build_inputs(input_ids, visual, labels, padding_side="right")
         logits = m(embeds, mask).logits
         loss = per_sample_loss(logits, lab)
@@ -69,6 +72,9 @@ class TrainingStep(nn.Module):
             loss = loss + self.option_weight * option_loss(logits, lab, allowed or [None] * len(visual))
         if self.symbol_weight:
             loss = loss + self.symbol_weight * self.symbol_distance(visual, symbols or [None] * len(visual))
+        if self.patch_symbol_weight:
+            loss = loss + self.patch_symbol_weight * self.patch_symbol_distance(
+                features_used, patch_symbols or [None] * len(visual))
         return loss
 
     def symbol_distance(self, visual: list, symbols: list) -> torch.Tensor:
@@ -86,6 +92,23 @@ class TrainingStep(nn.Module):
                 raise ValueError(f"symbol_weight needs one visual token per symbol ({len(ids)}); this connector "
                                  f"gives {tokens.shape[0]}.")
             out.append(alignment_loss(tokens, table, ids))
+        return torch.stack(out)
+
+    def patch_symbol_distance(self, features: list, patch_symbols: list) -> torch.Tensor:
+        """[B]: each sample's `patch_alignment_loss`, every patch of its clip (``features`` [T, P, Dv]) as the
+        connector would pass it on alone (`patch_tokens`) against the clip's ``patch_symbols`` (per frame, over
+        the tower's whole patch grid), 0 without."""
+        from .stage0.symbols import patch_alignment_loss, patch_symbols_of_tokens, symbol_rows
+
+        table = symbol_rows(self.model).detach()
+        out = []
+        for feats, ids in zip(features, patch_symbols):
+            if ids is None:
+                out.append(table.new_zeros(()))
+                continue
+            per_patch = patch_symbols_of_tokens(ids, self.model.token_layout(feats.shape[0]))
+            tokens = self.model.connector.patch_tokens(feats.to(self.model.device))
+            out.append(patch_alignment_loss(tokens.reshape(len(per_patch), -1), table, per_patch))
         return torch.stack(out)
 
 
@@ -463,7 +486,7 @@ def run(recipe: Recipe, *, max_steps: int | None = None, progress: bool = True) 
     schedule = get_cosine_schedule_with_warmup if recipe.lr_scheduler == "cosine" else \
         get_linear_schedule_with_warmup
     scheduler = schedule(optimizer, recipe.warmup_steps(len(dataset)), total_steps)
-    step_module = TrainingStep(model, cache, recipe.symbol_weight, recipe.option_weight)
+    step_module = TrainingStep(model, cache, recipe.symbol_weight, recipe.option_weight, recipe.patch_symbol_weight)
     step_module, optimizer, scheduler = accelerator.prepare(step_module, optimizer, scheduler)
 
     # skipped: {"index", "id", "video", "why", "epoch", "batch", "step"} per sample dropped so far
@@ -500,7 +523,7 @@ def run(recipe: Recipe, *, max_steps: int | None = None, progress: bool = True) 
             with accelerator.accumulate(step_module):
                 losses = step_module(batch["pixel_values"], batch["input_ids"], batch["labels"], batch["features"],
                                      batch["cache_keys"], batch["symbols"], batch["allowed"],
-                                     batch["answer_weights"])
+                                     batch["answer_weights"], batch["patch_symbols"])
                 weights = batch["weights"].to(losses.device)
                 # a sum over the nominal global batch; rescaled below once the step's read count is known
                 accelerator.backward((losses * weights).sum() / recipe.per_device_batch_size)

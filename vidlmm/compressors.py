@@ -138,6 +138,9 @@ class _BudgetCompressor(ConnectorModule):
     def budget_controls(self) -> BudgetControls:
         return BudgetControls(frame_tokens=str(self.frame_tokens or f"{self.token_budget} // frames"))
 
+    def patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(x)
+
     def settings(self) -> dict:
         """The constructor arguments that rebuild this module."""
         return dict(vision_hidden_size=self.projector[0].in_features, hidden_size=self.projector[2].out_features,

@@ -208,6 +208,12 @@ class ConnectorModule(nn.Module):
         """(constructor arguments at this budget, own parameters to use instead of the shared ones)."""
         raise NotImplementedError
 
+    def patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., P, Dv] -> [..., P, D]: each patch as this connector would pass it on to the LLM alone (its
+        projection), for a connector whose tokens are the tower's patches pooled, merged or kept."""
+        raise ValueError(f"The {self.registry_name} connector does not pass the tower's patches on: its tokens "
+                         "have no per-patch form.")
+
     def picture_grids(self, picture: dict, layout: "TokenLayout", tokens_per_frame_out: int) -> dict:
         """The forward pass's `picture` tensors (batch 1) as numpy arrays over each frame's patch grid (see
         `analysis.connector_picture`); only for connectors with a picture_kind."""

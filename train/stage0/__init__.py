@@ -44,7 +44,8 @@ object, for the LLM), `lm` (the LLM), `tower`
 from .common import BUDGETS, HOLDOUT_EVERY, MC_STYLES, TEMPLATE, split_clips
 from .lm import greedy_reply, mc_check, pretrain_llm, symbolic_read, symbolic_video_qa
 from .run import format_summary, main, run_stage0
-from .symbols import alignment_loss, factored_rows, symbol_count, symbolic_video, write_symbol_annotations
+from .symbols import (alignment_loss, factored_rows, patch_alignment_loss, patch_symbols, symbol_count, symbolic_video,
+                      write_symbol_annotations)
 from .text import (
     build_tokenizer, context_conversations, conversation_ids, mc_conversations, render_conversation,
     restatement_ids, symbolic_ids, template_strings, tokenizer_report, world_conversations, write_lookup_annotations,
@@ -52,14 +53,15 @@ from .text import (
 )
 from .tower import (
     DESCRIPTION_WORDS, FrameSet, PATCH_CLASSES, describe_objects, frame_description, frame_objects, hard_negative,
-    patch_features, patch_labels, pretrain_vision,
+    patch_features, patch_labels, patch_objects, pretrain_vision,
 )
 
 __all__ = [
     "BUDGETS", "DESCRIPTION_WORDS", "HOLDOUT_EVERY", "MC_STYLES", "PATCH_CLASSES", "TEMPLATE", "FrameSet",
     "alignment_loss", "build_tokenizer", "context_conversations", "conversation_ids", "describe_objects",
     "factored_rows", "format_summary", "frame_description", "frame_objects", "greedy_reply", "hard_negative", "main",
-    "mc_check", "mc_conversations", "patch_features", "patch_labels", "pretrain_llm", "pretrain_vision",
+    "mc_check", "mc_conversations", "patch_alignment_loss", "patch_features", "patch_labels", "patch_objects",
+    "patch_symbols", "pretrain_llm", "pretrain_vision",
     "render_conversation", "restatement_ids", "run_stage0", "split_clips", "symbol_count", "symbolic_ids",
     "symbolic_read", "symbolic_video", "symbolic_video_qa", "template_strings", "tokenizer_report",
     "world_conversations", "write_lookup_annotations", "write_mc_annotations", "write_other_video_annotations",

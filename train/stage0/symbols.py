@@ -121,6 +121,37 @@ def symbolic_video(spec, first_id: int, *, frames: int = FRAMES, slots: int = SL
     return ids
 
 
+def patch_symbols(spec, grid: int, frames: int = FRAMES) -> list[int]:
+    """``frames`` x ``grid * grid`` ids: per uniformly sampled frame, the symbol of the object on each cell of the
+    tower's patch grid (raster order; `train.stage0.tower.patch_objects`), as `symbolic_video` writes that object
+    with ``first_id=0``, and 0 (the blank) where no object covers the cell. The targets of `patch_alignment_loss`."""
+    from .tower import patch_objects
+
+    tl = timeline(spec)
+    ids: list[int] = []
+    sampled = sample_frame_indices(spec.frames, spec.fps, FrameSampling.uniform(frames))
+    for t, here in zip(sampled, sampled_objects(spec, frames)):
+        symbol = {i: 1 + symbol_index(colour, W.SHAPES.index(spec.objects[i].shape), row, col)
+                  for col, row, colour, i in here}
+        ids += [symbol.get(int(i), 0) for i in patch_objects(spec, tl, int(t), grid)]
+    return ids
+
+
+def patch_symbols_of_tokens(ids, layout) -> torch.Tensor:
+    """A clip's `patch_symbols` (per frame, over the tower's whole patch grid) for the tokens the tower passes on
+    (a `vidlmm.connectors.TokenLayout`): [T * P] long, the blank for a token that is not a patch. ValueError with
+    one sentence when the grids differ."""
+    rows, cols = layout.grid
+    cells = torch.as_tensor(ids).reshape(layout.num_frames, -1)
+    if cells.shape[1] != rows * cols:
+        raise ValueError(f"patch_symbols has {cells.shape[1]} cells per frame; the tower's patch grid has "
+                         f"{rows} x {cols}.")
+    patch = layout.row >= 0
+    out = torch.zeros(len(layout.frame), dtype=torch.long)
+    out[patch] = cells[layout.frame[patch], layout.row[patch] * cols + layout.col[patch]]
+    return out
+
+
 ROWS, COLUMNS = ("top", "middle", "bottom"), ("left", "middle", "right")
 
 
@@ -138,15 +169,18 @@ def where_turns(spec, rng: np.random.Generator, frames: int = FRAMES) -> list[tu
     return [turns[k] for k in rng.permutation(len(turns))]
 
 
-def write_symbol_annotations(world_dir: Path, source: Path, out: Path) -> Path:
+def write_symbol_annotations(world_dir: Path, source: Path, out: Path, patch_grid: int | None = None) -> Path:
     """``source`` (annotations of the world's clips) with each item's symbolic video as ``"symbols"``: ids relative
-    to the first symbolic id (0 is the blank slot), as `symbolic_video` gives them with ``first_id=0``."""
+    to the first symbolic id (0 is the blank slot), as `symbolic_video` gives them with ``first_id=0``; with a
+    ``patch_grid`` (the tower's patches per side) also each patch's symbol as ``"patch_symbols"`` (`patch_symbols`)."""
     from train.world import load_clips
 
     specs = {f"videos/{spec.id}.mp4": spec for split in load_clips(world_dir).values() for spec in split}
     items = json.loads(Path(source).read_text())
     for item in items:
         item["symbols"] = symbolic_video(specs[item["video"]], 0)
+        if patch_grid:
+            item["patch_symbols"] = patch_symbols(specs[item["video"]], patch_grid)
     out.write_text(json.dumps(items))
     return out
 
@@ -212,3 +246,21 @@ def alignment_loss(tokens: torch.Tensor, table: torch.Tensor, ids) -> torch.Tens
     cost = nll + length  # [frame, token, symbol of the frame]
     per_order = cost[:, torch.arange(SLOTS)[None], _ORDERS.to(cost.device)].sum(-1)  # [frame, orders]
     return per_order.min(-1).values.mean() / SLOTS
+
+
+def patch_alignment_loss(tokens: torch.Tensor, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """How far the tower's patches, each as a connector that passes patches on would give it to the LM alone
+    ([M, D], `ConnectorModule.patch_tokens`), are from the symbols of the objects on them (``ids`` [M],
+    `patch_symbols`; 0, the blank, for background). Each patch is scored as `alignment_loss` scores a token
+    (cross-entropy of its symbol among all, from cosine logits, plus the squared log ratio of its length to the
+    symbol's); the mean over the patches on objects and the mean over the background weigh the same (an object
+    covers about a seventh of a frame). Per patch, not per output token: a loss on the tokens a connector kept would
+    teach top-k's scorer to keep the background, whose blank is the easiest symbol to name."""
+    t, table = tokens.float(), table.float()
+    ids = ids.to(t.device)
+    logits = SCALE * F.normalize(t, dim=-1) @ F.normalize(table, dim=-1).T
+    nll = -logits.log_softmax(-1).gather(1, ids[:, None])[:, 0]
+    length = (t.norm(dim=-1).clamp_min(1e-6) / table.norm(dim=-1)[ids]).log().pow(2)
+    cost = nll + length
+    on = ids > 0
+    return torch.stack([cost[part].mean() for part in (on, ~on) if part.any()]).mean()

@@ -103,25 +103,31 @@ _FACT_GROUPS = {"count": slice(0, 4), "colour": slice(4, 10), "shape": slice(10,
 PATCH_CLASSES = 1 + len(W.COLOUR_NAMES) * len(W.SHAPES)  # background, then every (colour, shape) pair
 
 
-def patch_labels(spec, tl, t: int, grid: int, min_cover: float = 0.2) -> np.ndarray:
-    """The (colour, shape) class of the object covering most of each cell of a ``grid`` x ``grid`` patch grid over
-    frame ``t`` (0 = background: no object covers ``min_cover`` of the cell), raster order, int64 [grid * grid].
-
-    These are the dense targets of the tower's auxiliary loss: they make every patch feature say which object it
-    sits on, colour and shape together, so a connector that pools patches keeps shape bound to colour."""
+def patch_objects(spec, tl, t: int, grid: int, min_cover: float = 0.2) -> np.ndarray:
+    """The index (in ``spec.objects``) of the object covering most of each cell of a ``grid`` x ``grid`` patch grid
+    over frame ``t``, -1 where no object covers ``min_cover`` of the cell; raster order, int64 [grid * grid]."""
     S = spec.size
     placed = list(W.sprite_placements(spec, tl, t))
     cover = np.zeros((len(placed) + 1, S, S), np.float32)
     cover[0] = min_cover * 0.999  # background wins unless an object covers enough of the cell
-    labels = [0]
-    for k, (i, (ya, yb, xa, xb), alpha) in enumerate(placed, start=1):
+    for k, (_, (ya, yb, xa, xb), alpha) in enumerate(placed, start=1):
         cover[k, ya:yb, xa:xb] = alpha
-        labels.append(1 + W.COLOUR_NAMES.index(tl.colour_name(i, t)) * len(W.SHAPES)
-                      + W.SHAPES.index(spec.objects[i].shape))
     edges = np.linspace(0, S, grid + 1).round().astype(np.int64)
     cells = np.add.reduceat(np.add.reduceat(cover, edges[:-1], axis=1), edges[:-1], axis=2)
     area = np.diff(edges)[:, None] * np.diff(edges)[None, :]
-    return np.asarray(labels)[(cells / area).argmax(0)].reshape(-1)
+    return np.asarray([-1] + [i for i, _, _ in placed])[(cells / area).argmax(0)].reshape(-1)
+
+
+def patch_labels(spec, tl, t: int, grid: int, min_cover: float = 0.2) -> np.ndarray:
+    """The (colour, shape) class of the object covering most of each cell of a ``grid`` x ``grid`` patch grid over
+    frame ``t`` (0 = background: no object covers ``min_cover`` of the cell, `patch_objects`), raster order, int64
+    [grid * grid].
+
+    These are the dense targets of the tower's auxiliary loss: they make every patch feature say which object it
+    sits on, colour and shape together, so a connector that pools patches keeps shape bound to colour."""
+    classes = [0] + [1 + W.COLOUR_NAMES.index(tl.colour_name(i, t)) * len(W.SHAPES)
+                     + W.SHAPES.index(spec.objects[i].shape) for i in range(len(spec.objects))]
+    return np.asarray(classes)[patch_objects(spec, tl, t, grid, min_cover) + 1]
 
 
 class FrameSet:
