@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -107,6 +108,11 @@ def assert_every_model_trained(work) -> None:
     for name in SHIPPED:
         one, two = work / name / "stage1" / "model", work / name / "stage2" / "model"
         recipe = Recipe(**json.loads((one / "trainer_state.json").read_text())["recipe"])
+        # the symbols' loss for the connectors whose tokens match a frame's symbols, the per-patch one for top-k's
+        assert bool(recipe.patch_symbol_weight) == (name == "topk"), name
+        if recipe.symbol_weight or recipe.patch_symbol_weight:
+            first = json.loads(Path(recipe.annotations[0]).read_text())[0]
+            assert "symbols" in first and ("patch_symbols" in first) == bool(recipe.patch_symbol_weight), name
         set_seed(recipe.seed)  # as the trainer does before it builds the model
         start, after_one, after_two = (build_model(recipe).state_dict(), load_model(one).state_dict(),
                                        load_model(two).state_dict())

@@ -39,9 +39,12 @@ CONNECTORS = {
     "pool": {"connector_type": "pool", "group": None, "symbol_weight": 0,
              "connector_options": {"token_budget": 64, "train_token_budget": 144, "min_frame_tokens": 4}},
     # ToMe and top-k answer better without the symbols' loss (static +4.0 and +24.9 points in the rebuild of
-    # docs/embedded-models.md, "The symbols' recipe in one rebuild"): their tokens are patches, merged or kept
+    # docs/embedded-models.md, "The symbols' recipe in one rebuild"): their tokens are patches, merged or kept.
+    # Top-k learns each patch's symbol instead (patch_symbol_weight: static +6.6 points; pool and ToMe did not gain
+    # from it: docs/embedded-models.md, "Stage 1's per-patch symbols' loss")
     "tome": {"connector_type": "tome", "group": None, "symbol_weight": 0, "connector_options": {"token_budget": 64}},
-    "topk": {"connector_type": "topk", "group": None, "symbol_weight": 0, "connector_options": {"token_budget": 64}},
+    "topk": {"connector_type": "topk", "group": None, "symbol_weight": 0, "patch_symbol_weight": 4,
+             "connector_options": {"token_budget": 64}},
 }
 # not shipped (the default --connectors are SHIPPED): the same LLaVA-Mini with one pre-fusion layer
 CONNECTORS["llava_mini_fusion"] = {**CONNECTORS["llava_mini"], "connector_options": {"prefusion_layers": 1}}
