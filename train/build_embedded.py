@@ -247,15 +247,21 @@ def train_and_score(name: str, spec: dict, work: Path, phases: Phases, *, seed: 
                                              f"annotations=[{json.dumps(str(world / 'captions.json'))}]",
                                              f"output_dir={work / name / ('stage1' + variant.stage1_suffix())}",
                                              *variant.stage1])
+    symbol_file = grid = None
     if stage1.symbol_weight or stage1.patch_symbol_weight:
-        from .stage0 import write_symbol_annotations
-
-        grid = None
         if stage1.patch_symbol_weight:  # the tower's patches per side
             tower = json.loads((stage0 / "vision" / "config.json").read_text())
             grid = tower["image_size"] // tower["patch_size"]
-        stage1.annotations = [str(write_symbol_annotations(
-            world, world / "captions.json", world / f"captions_{'patch_' if grid else ''}symbols.json", grid))]
+        symbol_file = world / f"captions_{'patch_' if grid else ''}symbols.json"
+        stage1.annotations = [str(symbol_file)]
+
+    def train_stage1():
+        if symbol_file is not None:  # written when stage 1 runs, not again on every resume that finds it done
+            from .stage0 import write_symbol_annotations
+
+            write_symbol_annotations(world, world / "captions.json", symbol_file, grid)
+        return run(stage1, progress=progress)
+
     stage2 = load_recipe("toy_stage2.yaml", [*common, f"name={name}-stage2",
                                              f"init={Path(stage1.output_dir) / 'model'}",
                                              f"annotations={json.dumps(stage2_data)}",
@@ -273,7 +279,7 @@ def train_and_score(name: str, spec: dict, work: Path, phases: Phases, *, seed: 
         phases.state["phases"].pop(scoring, None)
     # stage 1 is a phase of its own: variants that change only stage 2 share it, and its time once
     stage1_phase = f"stage1_{name}{variant.stage1_suffix()}"
-    phases.run(stage1_phase, lambda: run(stage1, progress=progress))
+    phases.run(stage1_phase, train_stage1)
     phases.run(training, lambda: run(stage2, progress=progress))
     t = time.perf_counter()
     model = load_model(model_dir)
