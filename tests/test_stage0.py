@@ -834,6 +834,32 @@ def test_the_lm_is_drawn_again_until_it_reads_colours_from_symbols(world, stage0
                      overrides={"llm": {"draws": 2, "symbolic_per_clip": 0}})
 
 
+def test_a_stopped_stage0_keeps_the_draws_it_judged(world, tmp_path, monkeypatch):
+    """Each judged draw keeps its stats and read beside its weights: a stage 0 run again after two draws (as a kill
+    during the third leaves it, here the best of two put back as llm) trains only the third, and a run that finds
+    every draw judged trains none and keeps the same one."""
+    import train.stage0.run as R
+
+    trained = []
+    real = R.pretrain_llm
+    monkeypatch.setattr(R, "pretrain_llm", lambda *a, **k: trained.append(k["seed"]) or real(*a, **k))
+    unreachable = {"llm": {"draws": 2, "min_colour_read": 1.01}}
+    two = S.run_stage0(world, tmp_path / "s0", budget="smoke", seed=0, progress=False, vision=False,
+                       overrides=unreachable)
+    assert trained == [0, 1]
+    three = S.run_stage0(world, tmp_path / "s0", budget="smoke", seed=0, progress=False, vision=False,
+                         overrides={"llm": {**unreachable["llm"], "draws": 3}})
+    assert trained == [0, 1, 2] and three["llm"]["draws"][:2] == two["llm"]["draws"]
+    best = max(three["llm"]["draws"], key=lambda d: d["colour_read"])
+    assert three["llm"]["seed"] == best["seed"]
+    assert S.symbolic_read(tmp_path / "s0" / "llm", world) == best["symbolic_video_qa"]
+    again = S.run_stage0(world, tmp_path / "s0", budget="smoke", seed=0, progress=False, vision=False,
+                         overrides={"llm": {**unreachable["llm"], "draws": 3}})
+    assert trained == [0, 1, 2] and again["llm"] == three["llm"]
+    assert sorted(p.name for p in (tmp_path / "s0").glob("llm.seed*")) == sorted(
+        f"llm.seed{d['seed']}" for d in three["llm"]["draws"] if d is not best)
+
+
 def test_an_lm_asked_for_at_one_seed_is_that_draw_alone(world, tmp_path, monkeypatch):
     """With a budget that draws the LM again (`llm.draws`), `llm.seed=N` still trains the LM at seed N once, as the
     documented runs at seeds 1 and 2 did; `llm.draws` beside it draws from N on."""

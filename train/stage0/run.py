@@ -22,6 +22,7 @@ from .tower import pretrain_vision
 TRAINERS = {"llm": pretrain_llm, "vision": pretrain_vision}
 
 
+DRAW_RECORD = "draw.json"  # a judged draw's stats and read, beside its weights
 DRAW_SETTINGS = {"draws", "min_colour_read"}  # the LM's settings `drawn_llm` reads, not `pretrain_llm`
 
 
@@ -47,31 +48,52 @@ def drawn_llm(world_dir, out: Path, settings: dict, progress: bool) -> dict:
     far worse (docs/embedded-models.md, "A third draw of stage 0's LM": reads of 107, 90 and 58 of 108 gave group
     97, 63 and 65 % of its colour questions). A rejected draw stays in ``out/llm.seed<N>``; when none reaches the
     floor, the best is kept. Returns the kept draw's `pretrain_llm` stats with its ``seed`` and ``draws``: every
-    draw's seed, read and seconds."""
+    draw's seed, read and seconds.
+
+    Each judged draw keeps its stats and read in its folder (``draw.json``), so a stage 0 stopped after some draws
+    (a draw is about 16-20 min on 2 cores) starts again at the first draw it had not finished."""
     settings = dict(settings)
     draws, floor, first = settings.pop("draws", 1), settings.pop("min_colour_read", 0.0), settings.pop("seed")
     if draws > 1 and not settings.get("symbolic_per_clip"):
         raise ValueError("llm.draws > 1 judges each draw by reading symbolic videos: it needs llm.symbolic_per_clip.")
     tried, kept = [], None
     for seed in range(first, first + max(1, draws)):
-        stats = pretrain_llm(world_dir, out / "tokenizer", out / "llm", progress=progress, seed=seed, **settings)
         if draws <= 1:
-            return stats
-        read = symbolic_read(out / "llm", world_dir)
-        tried.append({"seed": seed, "colour_read": _colour_read(read), "symbolic_video_qa": read,
-                      "seconds": stats["seconds"]})
+            return pretrain_llm(world_dir, out / "tokenizer", out / "llm", progress=progress, seed=seed, **settings)
+        put_aside = out / f"llm.seed{seed}"
+        done = _judged_draw(put_aside, seed) or _judged_draw(out / "llm", seed)
+        if done is None:
+            stats = pretrain_llm(world_dir, out / "tokenizer", out / "llm", progress=progress, seed=seed, **settings)
+            read = symbolic_read(out / "llm", world_dir)
+            done = {"stats": stats, "draw": {"seed": seed, "colour_read": _colour_read(read),
+                                             "symbolic_video_qa": read, "seconds": stats["seconds"]}}
+            (out / "llm" / DRAW_RECORD).write_text(json.dumps(done, indent=1) + "\n")
+        elif progress:
+            print(f"llm draw at seed {seed}: trained and read by an earlier run", file=sys.stderr, flush=True)
+        stats, entry = done["stats"], done["draw"]
+        tried.append(entry)
         if progress:
-            print(f"llm draw at seed {seed}: colours read {read.get('colour')} (floor {floor:.2f})", file=sys.stderr,
-                  flush=True)
-        if kept is None or tried[-1]["colour_read"] > kept[1]["colour_read"]:
-            kept = (stats, tried[-1])
-        if tried[-1]["colour_read"] >= floor:
+            print(f"llm draw at seed {seed}: colours read {entry['symbolic_video_qa'].get('colour')} (floor "
+                  f"{floor:.2f})", file=sys.stderr, flush=True)
+        if kept is None or entry["colour_read"] > kept[1]["colour_read"]:
+            kept = (stats, entry)
+        if entry["colour_read"] >= floor:
             break
-        shutil.rmtree(out / f"llm.seed{seed}", ignore_errors=True)
-        (out / "llm").rename(out / f"llm.seed{seed}")
+        if _judged_draw(out / "llm", seed) is not None:  # not put aside yet
+            shutil.rmtree(put_aside, ignore_errors=True)
+            (out / "llm").rename(put_aside)
     else:  # no draw reached the floor: the best comes back
         (out / f"llm.seed{kept[1]['seed']}").rename(out / "llm")
     return {**kept[0], "seed": kept[1]["seed"], "draws": tried}
+
+
+def _judged_draw(folder: Path, seed: int) -> dict | None:
+    """``{"stats", "draw"}`` of the LM in ``folder`` if it is the draw at ``seed``, trained and read; else None."""
+    record = folder / DRAW_RECORD
+    if not record.is_file():
+        return None
+    done = json.loads(record.read_text())
+    return done if done["draw"]["seed"] == seed else None
 
 
 def parse_settings(options: Iterable[str]) -> dict:
