@@ -33,7 +33,10 @@ def test_smoke_rebuild_writes_loadable_models_and_a_table(tmp_path):
     # a second run finds every phase done: nothing is retrained, the recorded phase times are reused (the scoring's
     # too: the rerun reads the kept records in a moment, and that moment is not the scoring's time)
     state = json.loads((tmp_path / "work" / "build_state.json").read_text())
+    written = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "work" / "world").glob("*.json")}
     again = build(tmp_path / "models", tmp_path / "work", seed=0, smoke=True, progress=False)
+    # nor are the stages' annotation files written again
+    assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / "work" / "world").glob("*.json")} == written
     for phase in ("world", "stage0", "stage1_group", "train_group", "train_naive", "train_image", "eval_group",
                   "eval_naive"):
         assert again["timings_s"][phase] == state["phases"][phase]
@@ -43,6 +46,9 @@ def test_smoke_rebuild_writes_loadable_models_and_a_table(tmp_path):
     with pytest.raises(ValueError, match="option_weight"):  # questions with no loss to train them
         build(tmp_path / "one", tmp_path / "work", seed=0, smoke=True, progress=False, connectors=("group",),
               variant=Variant(mc_other_video=1))
+    with pytest.raises(ValueError, match="--mc-turns"):  # an option loss scores one answer, turns are several
+        build(tmp_path / "one", tmp_path / "work", seed=0, smoke=True, progress=False, connectors=("group",),
+              variant=Variant(mc_turns=True, stage2=("option_weight=1",)))
     variant = Variant(mc_per_clip=1, mc_other_video=1, stage2=("option_weight=1",))
     one = build(tmp_path / "one", tmp_path / "work", seed=0, smoke=True, progress=False, connectors=("group",),
                 variant=variant)
@@ -185,6 +191,7 @@ def test_the_default_rebuild_ships_seven_models_and_the_fusion_variant_is_opt_in
     assert Variant().suffix() == "" and Variant().mc_per_clip == 3
     assert Variant(mc_per_clip=1, mc_letter=True, stage2=("epochs=4",)).suffix() == "+mc1+mcletter+epochs=4"
     assert Variant(mc_other_video=2, stage2=("option_weight=1",)).suffix() == "+other2+option_weight=1"
+    assert Variant(mc_turns=True).suffix() == "+mcturns" and Variant(mc_turns=True).stage1_suffix() == ""
 
 
 def test_every_shipped_model_reads_the_same_64_visual_tokens():

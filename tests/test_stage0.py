@@ -165,6 +165,19 @@ def test_mc_training_annotations_cover_training_clips_only(world, tmp_path):
         assert r["conversations"][1]["value"] == f"{text} ({letter})"
         assert r["options"] == [f"{t} ({c})" for t, c in zip(texts, "ABCD")]
         assert parse_choice(f"Not an option ({letter})", texts) == letter
+    # as turns: one conversation per clip asking the same questions in the same order, the video before the first
+    by_clip = {}
+    for r in records:
+        turns = by_clip.setdefault(r["id"].rsplit("_mc", 1)[0], [])
+        question, answer = r["conversations"]
+        turns += [{**question, "value": question["value"].removeprefix("<image>\n" if turns else "")}, answer]
+    turned = json.loads(write_mc_annotations(world, tmp_path / "t.json", seed=0, per_clip=3, turns=True).read_text())
+    assert [r["id"] for r in turned] == [f"{clip}_mc" for clip in by_clip]
+    for r in turned:
+        normalize_conversations(r["conversations"])
+        assert "options" not in r and len(r["conversations"]) == 6
+        assert sum("<image>" in turn["value"] for turn in r["conversations"]) == 1
+        assert r["conversations"] == by_clip[r["id"][:-3]]
 
 
 def test_other_video_questions_are_asked_of_another_clips_video(world, tmp_path):

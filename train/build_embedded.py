@@ -96,6 +96,7 @@ class Variant:
     lookup_qa: bool = False
     mc_per_clip: int = MC_PER_CLIP
     mc_letter: bool = False  # the MC answers end with the option's letter ("Red (B)")
+    mc_turns: bool = False  # a clip's MC questions as the turns of one conversation, not one sample each
     mc_other_video: int = 0  # MC questions per clip asked of another clip's video, trained by the option loss alone
     stage1: tuple = ()
     stage2: tuple = ()
@@ -117,6 +118,7 @@ class Variant:
                 + ("+lookup" if self.lookup_qa else "")
                 + (f"+mc{self.mc_per_clip}" if self.mc_per_clip != MC_PER_CLIP else "")
                 + ("+mcletter" if self.mc_letter else "")
+                + ("+mcturns" if self.mc_turns else "")
                 + (f"+other{self.mc_other_video}" if self.mc_other_video else "")
                 + "".join(f"+{o}" for o in self.stage2))
 
@@ -227,17 +229,19 @@ def train_and_score(name: str, spec: dict, work: Path, phases: Phases, *, seed: 
 
     world = work / "world"
     mc_name = ("mc_train" + (str(variant.mc_per_clip) if variant.mc_per_clip != 1 else "")
-               + ("_letter" if variant.mc_letter else "") + ".json")
-    mc_train = write_mc_annotations(world, world / mc_name, seed=seed, per_clip=variant.mc_per_clip,
-                                    letter=variant.mc_letter)
-    stage2_data = [str(world / "qa.json"), str(mc_train)]
+               + ("_letter" if variant.mc_letter else "") + ("_turns" if variant.mc_turns else "") + ".json")
+    # stage 2's annotation files and their writers: written when stage 2 runs, not on every call that finds it done
+    stage2_writes = {world / mc_name: lambda path: write_mc_annotations(
+        world, path, seed=seed, per_clip=variant.mc_per_clip, letter=variant.mc_letter, turns=variant.mc_turns)}
     if variant.single_object_qa:
-        stage2_data.append(str(write_single_object_annotations(world, world / "single_train.json", seed=seed)))
+        stage2_writes[world / "single_train.json"] = lambda path: write_single_object_annotations(world, path,
+                                                                                                  seed=seed)
     if variant.lookup_qa:
-        stage2_data.append(str(write_lookup_annotations(world, world / "lookup_train.json", seed=seed)))
+        stage2_writes[world / "lookup_train.json"] = lambda path: write_lookup_annotations(world, path, seed=seed)
     if variant.mc_other_video:
-        stage2_data.append(str(write_other_video_annotations(world, world / f"mc_other{variant.mc_other_video}.json",
-                                                             seed=seed, per_clip=variant.mc_other_video)))
+        stage2_writes[world / f"mc_other{variant.mc_other_video}.json"] = lambda path: write_other_video_annotations(
+            world, path, seed=seed, per_clip=variant.mc_other_video)
+    stage2_data = [str(world / "qa.json"), *map(str, stage2_writes)]
     common = [f"seed={seed}", f"video_roots=[{json.dumps(str(world))}]"]
     if smoke:
         common += ["epochs=1", "global_batch_size=8", "per_device_batch_size=4"]
@@ -267,6 +271,9 @@ def train_and_score(name: str, spec: dict, work: Path, phases: Phases, *, seed: 
                                              f"annotations={json.dumps(stage2_data)}",
                                              f"output_dir={work / name / ('stage2' + variant.suffix())}",
                                              *variant.stage2])
+    if variant.mc_turns and stage2.option_weight:
+        raise ValueError("The option loss scores one answer per sample; --mc-turns asks several in one "
+                         "conversation: use one of them.")
     if variant.mc_other_video and not stage2.option_weight:
         raise ValueError("--mc-other-video trains its questions by the option loss alone: give it a weight "
                          "(--stage2 option_weight=1).")
@@ -280,7 +287,13 @@ def train_and_score(name: str, spec: dict, work: Path, phases: Phases, *, seed: 
     # stage 1 is a phase of its own: variants that change only stage 2 share it, and its time once
     stage1_phase = f"stage1_{name}{variant.stage1_suffix()}"
     phases.run(stage1_phase, train_stage1)
-    phases.run(training, lambda: run(stage2, progress=progress))
+
+    def train_stage2():
+        for path, write in stage2_writes.items():
+            write(path)
+        return run(stage2, progress=progress)
+
+    phases.run(training, train_stage2)
     t = time.perf_counter()
     model = load_model(model_dir)
     qs = questions(world / "eval_mc.json")
@@ -399,6 +412,9 @@ def main(argv=None) -> int:
                         help="stage 2's multiple-choice answers end with the option's letter, \"Red (B)\" (default: "
                              "the option's text alone; tried on group: the letter is mostly wrong, see "
                              "docs/embedded-models.md)")
+    parser.add_argument("--mc-turns", action="store_true",
+                        help="ask each training clip's multiple-choice questions as the turns of one conversation "
+                             "(one sample per clip, the clip read once) instead of one sample per question")
     parser.add_argument("--mc-other-video", type=int, default=0, metavar="N",
                         help="add N multiple-choice questions per training clip asked of another clip's video, "
                              "trained only to keep the reply on the options (needs --stage2 option_weight=W; tried "
@@ -419,7 +435,8 @@ def main(argv=None) -> int:
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     variant = Variant(single_object_qa=args.single_object_qa, lookup_qa=args.lookup_qa,
-                      mc_per_clip=args.mc_per_clip, mc_letter=args.mc_letter, mc_other_video=args.mc_other_video,
+                      mc_per_clip=args.mc_per_clip, mc_letter=args.mc_letter, mc_turns=args.mc_turns,
+                      mc_other_video=args.mc_other_video,
                       stage1=tuple(args.stage1),
                       stage2=tuple(args.stage2), stage0=tuple(args.stage0))
     summary = build(out, work, seed=args.seed, smoke=args.smoke, connectors=args.connectors,

@@ -80,18 +80,24 @@ def mc_conversations(specs: Iterable, seed: int, *, per_clip: int = 2, first: st
     return [[(prompt, _mc_answer(item, letter))] for item, prompt in _mc_asked(specs, seed, per_clip, first)]
 
 
-def write_mc_annotations(world_dir, out_file, *, seed: int = 0, per_clip: int = 3, letter: bool = False) -> Path:
+def write_mc_annotations(world_dir, out_file, *, seed: int = 0, per_clip: int = 3, letter: bool = False,
+                         turns: bool = False) -> Path:
     """Multiple-choice QA on every TRAINING clip in the reference annotation format (``<image>`` first), for
     stage 2: the paper's mix has multiple-choice QA beside open-ended QA, and the held-out set is multiple-choice.
     Clips alternate which category comes first, so that even ``per_clip=1`` asks static and temporal questions
     (half each), as the held-out set does (with static first everywhere, a model never saw a temporal question with
     options and answered "Which object moves?" with a colour). ``letter``: answers end with the option's letter.
-    Each record's ``options`` lists the answer each option would be (stage 2's ``option_weight``)."""
+    Each record is one question, its ``options`` the answer each option would be (stage 2's ``option_weight``);
+    with ``turns``, a clip's questions are the turns of one record instead (the same questions: stage 2 reads the
+    clip once for all of them), without ``options``, which scores one answer."""
     train = W.load_clips(world_dir)["train"]
     records = []
     for n, spec in enumerate(train):
         # a seed per clip (not the LM's: these draws are new questions and letter orders for the same clips)
-        asked = _mc_asked([spec], 1_000_003 * (seed + 1) + n, per_clip, ("static", "temporal")[n % 2])
+        asked = list(_mc_asked([spec], 1_000_003 * (seed + 1) + n, per_clip, ("static", "temporal")[n % 2]))
+        if turns:
+            records.append(_record(spec, "mc", [(question, _mc_answer(item, letter)) for item, question in asked]))
+            continue
         for k, (item, question) in enumerate(asked):
             records.append({**_record(spec, f"mc{k}", [(question, _mc_answer(item, letter))]),
                             "options": _option_answers(item, letter)})
