@@ -145,6 +145,19 @@ def test_bench_finetune_measures_full_lora_and_qlora(tmp_path):
     assert qlora["lm_weights_mb"] < 0.5 * lora["lm_weights_mb"]
 
 
+def test_bench_train_step_times_the_parts_and_the_turns(tmp_path):
+    """Each model's step, its connector's and LM's parts, and the same clips' two questions as turns of one
+    sample, each measured; the turns samples do hold both questions of a clip."""
+    out_json = tmp_path / "step.json"
+    run_bench("bench_train_step.py", "--model", "group=assets/models/group", "--model", "topk=assets/models/topk",
+              "--clips", "2", "--steps", "1", "--batch", "2", "--json", str(out_json))
+    data = json.loads(out_json.read_text())
+    for name in ("group", "topk"):
+        r = data[name]
+        assert r["questions_per_turns_sample"] == 2
+        assert all(r[k] > 0 for k in ("step_s", "connector_s", "lm_s", "turns_step_s", "turns_questions_per_s"))
+
+
 def test_bench_eval_compares_grouped_and_distributed_evaluation(tmp_path):
     """The grouped eval answers exactly as re-reading per question (the script asserts it), the two-process run
     merges to the one-process answers, and every rate is measured."""
