@@ -871,6 +871,15 @@ def test_a_stopped_stage0_keeps_the_draws_it_judged(world, tmp_path, monkeypatch
     assert trained == [0, 1, 2] and again["llm"] == three["llm"]
     assert sorted(p.name for p in (tmp_path / "s0").glob("llm.seed*")) == sorted(
         f"llm.seed{d['seed']}" for d in three["llm"]["draws"] if d is not best)
+    # drawn from seed 1 with a floor it reaches: that draw, put aside by the runs before, is the LM again
+    aside = [d for d in three["llm"]["draws"] if d is not best][0]
+    weights = load_file(tmp_path / "s0" / f"llm.seed{aside['seed']}" / "model.safetensors")
+    again = S.run_stage0(world, tmp_path / "s0", budget="smoke", seed=0, progress=False, vision=False,
+                         overrides={"llm": {"seed": aside["seed"], "draws": 2, "min_colour_read": 0.0}})
+    assert trained == [0, 1, 2] and again["llm"]["seed"] == aside["seed"] and again["llm"]["draws"] == [aside]
+    kept = load_file(tmp_path / "s0" / "llm" / "model.safetensors")
+    assert all(torch.equal(kept[k], weights[k]) for k in weights)
+    assert (tmp_path / "s0" / f"llm.seed{best['seed']}" / "model.safetensors").is_file()  # the other, put aside
 
 
 def test_an_lm_asked_for_at_one_seed_is_that_draw_alone(world, tmp_path, monkeypatch):

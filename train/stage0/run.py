@@ -60,9 +60,9 @@ def drawn_llm(world_dir, out: Path, settings: dict, progress: bool) -> dict:
     for seed in range(first, first + max(1, draws)):
         if draws <= 1:
             return pretrain_llm(world_dir, out / "tokenizer", out / "llm", progress=progress, seed=seed, **settings)
-        put_aside = out / f"llm.seed{seed}"
-        done = _judged_draw(put_aside, seed) or _judged_draw(out / "llm", seed)
+        done = _judged_draw(out / f"llm.seed{seed}", seed) or _judged_draw(out / "llm", seed)
         if done is None:
+            _put_aside(out)  # an earlier run's judged draw of another seed, not trained over
             stats = pretrain_llm(world_dir, out / "tokenizer", out / "llm", progress=progress, seed=seed, **settings)
             read = symbolic_read(out / "llm", world_dir)
             done = {"stats": stats, "draw": {"seed": seed, "colour_read": _colour_read(read),
@@ -78,12 +78,11 @@ def drawn_llm(world_dir, out: Path, settings: dict, progress: bool) -> dict:
         if kept is None or entry["colour_read"] > kept[1]["colour_read"]:
             kept = (stats, entry)
         if entry["colour_read"] >= floor:
+            _bring_back(out, seed)
             break
-        if _judged_draw(out / "llm", seed) is not None:  # not put aside yet
-            shutil.rmtree(put_aside, ignore_errors=True)
-            (out / "llm").rename(put_aside)
+        _put_aside(out)
     else:  # no draw reached the floor: the best comes back
-        (out / f"llm.seed{kept[1]['seed']}").rename(out / "llm")
+        _bring_back(out, kept[1]["seed"])
     return {**kept[0], "seed": kept[1]["seed"], "draws": tried}
 
 
@@ -94,6 +93,22 @@ def _judged_draw(folder: Path, seed: int) -> dict | None:
         return None
     done = json.loads(record.read_text())
     return done if done["draw"]["seed"] == seed else None
+
+
+def _put_aside(out: Path) -> None:
+    """The judged draw in ``out/llm``, if any, to ``out/llm.seed<its seed>``."""
+    record = out / "llm" / DRAW_RECORD
+    if record.is_file():
+        aside = out / f"llm.seed{json.loads(record.read_text())['draw']['seed']}"
+        shutil.rmtree(aside, ignore_errors=True)
+        (out / "llm").rename(aside)
+
+
+def _bring_back(out: Path, seed: int) -> None:
+    """Make the draw at ``seed`` the stage's LM (``out/llm``), wherever a run left it."""
+    if _judged_draw(out / "llm", seed) is None:
+        _put_aside(out)
+        (out / f"llm.seed{seed}").rename(out / "llm")
 
 
 def parse_settings(options: Iterable[str]) -> dict:
