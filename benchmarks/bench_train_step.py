@@ -86,7 +86,8 @@ def measure(model_dir: str, clips: int, steps: int, batch: int, tmp: str) -> dic
         items = [dataset[i] for i in range(len(dataset))]
         return [collate(items[k:k + batch]) for k in range(0, len(items) - batch + 1, batch)]
 
-    def train_steps(bs: list[dict]) -> tuple[float, list[float]]:
+    def train_steps(bs: list[dict]) -> float:
+        """The median step over `steps` steps after an untimed first."""
         times = []
         for b in (bs * (steps // len(bs) + 2))[:steps + 1]:
             start = time.perf_counter()
@@ -95,10 +96,10 @@ def measure(model_dir: str, clips: int, steps: int, batch: int, tmp: str) -> dic
             optimizer.step()
             optimizer.zero_grad()
             times.append(time.perf_counter() - start)
-        return statistics.median(times[1:]), times
+        return statistics.median(times[1:])
 
     single = batches(recipe)
-    step_s, _ = train_steps(single)
+    step_s = train_steps(single)
     b = single[0]
     # the parts on one batch: the connector alone, then the LM on the same spliced inputs
     parts = {"connector": [], "lm": []}
@@ -118,7 +119,7 @@ def measure(model_dir: str, clips: int, steps: int, batch: int, tmp: str) -> dic
     turns = prepared(True)
     records = json.load(open(turns.annotations[0]))
     questions_per_sample = sum(len(r["conversations"]) // 2 for r in records) / len(records)
-    turns_step_s, _ = train_steps(batches(turns))
+    turns_step_s = train_steps(batches(turns))
     return {"step_s": step_s, "connector_s": statistics.median(parts["connector"]),
             "lm_s": statistics.median(parts["lm"]), "questions_per_s": batch / step_s,
             "turns_step_s": turns_step_s, "turns_questions_per_s": batch * questions_per_sample / turns_step_s,
