@@ -79,37 +79,37 @@ class TrainingStep(nn.Module):
 
     def symbol_distance(self, visual: list, symbols: list) -> torch.Tensor:
         """[B]: each sample's `alignment_loss` against the LM's embeddings of its clip's symbols (0 without)."""
-        from .stage0.symbols import alignment_loss, symbol_rows
+        from .stage0.symbols import alignment_loss
 
-        table = symbol_rows(self.model).detach()
-        out = []
-        for out_i, ids in zip(visual, symbols):
-            if ids is None:
-                out.append(table.new_zeros(()))
-                continue
+        def loss(out_i, ids, table):
             tokens = out_i.tokens[0]
             if tokens.shape[0] != len(ids):
                 raise ValueError(f"symbol_weight needs one visual token per symbol ({len(ids)}); this connector "
                                  f"gives {tokens.shape[0]}.")
-            out.append(alignment_loss(tokens, table, ids))
-        return torch.stack(out)
+            return alignment_loss(tokens, table, ids)
+
+        return self._per_sample(visual, symbols, loss)
 
     def patch_symbol_distance(self, features: list, patch_symbols: list) -> torch.Tensor:
         """[B]: each sample's `patch_alignment_loss`, every patch of its clip (``features`` [T, P, Dv]) as the
         connector would pass it on alone (`patch_tokens`) against the clip's ``patch_symbols`` (per frame, over
         the tower's whole patch grid), 0 without."""
-        from .stage0.symbols import patch_alignment_loss, patch_symbols_of_tokens, symbol_rows
+        from .stage0.symbols import patch_alignment_loss, patch_symbols_of_tokens
 
-        table = symbol_rows(self.model).detach()
-        out = []
-        for feats, ids in zip(features, patch_symbols):
-            if ids is None:
-                out.append(table.new_zeros(()))
-                continue
+        def loss(feats, ids, table):
             per_patch = patch_symbols_of_tokens(ids, self.model.token_layout(feats.shape[0]))
             tokens = self.model.connector.patch_tokens(feats.to(self.model.device))
-            out.append(patch_alignment_loss(tokens.reshape(len(per_patch), -1), table, per_patch))
-        return torch.stack(out)
+            return patch_alignment_loss(tokens.reshape(len(per_patch), -1), table, per_patch)
+
+        return self._per_sample(features, patch_symbols, loss)
+
+    def _per_sample(self, inputs: list, targets: list, loss) -> torch.Tensor:
+        """[B]: ``loss(input, target, symbol table)`` per sample against the LM's symbol rows, 0 without target."""
+        from .stage0.symbols import symbol_rows
+
+        table = symbol_rows(self.model).detach()
+        return torch.stack([table.new_zeros(()) if ids is None else loss(x, ids, table)
+                            for x, ids in zip(inputs, targets)])
 
 
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
